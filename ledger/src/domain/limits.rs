@@ -1,0 +1,30 @@
+//! Every limit of the domain, named with its unit last. Requests beyond them
+//! are `validation_failed` naming the field; with these bounds no derived
+//! value (a proration in `i128`, an overage line) can overflow `i64`.
+
+use chrono::Duration;
+
+/// Credit amounts in commands: grants, usage, debits, reservations.
+pub const COMMAND_CREDITS_MAX: i64 = 1_000_000_000;
+/// Plan credit fields: `monthly_credits`, `max_credits`, `limit_credits`.
+pub const PLAN_CREDITS_MAX: i64 = 1_000_000_000;
+/// Prices, in minor units.
+pub const PRICE_MINOR_MAX: i64 = 1_000_000_000_000;
+/// The overage price of one credit, in minor units.
+pub const UNIT_PRICE_MINOR_MAX: i64 = 1_000_000;
+pub const PRIORITY_MAX: u8 = 100;
+pub const QUANTITY_MAX: i64 = 1_000_000_000;
+pub const RATE_LIMIT_PER_MINUTE_MAX: u32 = 1_000_000;
+/// How far in the past a caller may date usage (`occurred_at`).
+pub const OCCURRED_AT_PAST_MAX: Duration = Duration::days(7);
+/// How far in the future a caller may date usage, for clock skew.
+pub const OCCURRED_AT_FUTURE_MAX: Duration = Duration::minutes(5);
+pub const RESERVATION_TIMEOUT_DEFAULT_S: i64 = 600;
+pub const RESERVATION_TIMEOUT_MAX_S: i64 = 86_400;
+/// Identifiers chosen by callers: member ids, plan ids, usage ids, metrics.
+pub const ID_LENGTH_MAX: usize = 128;
+/// Free text: plan names, reasons.
+pub const TEXT_LENGTH_MAX: usize = 500;
+/// The most due instants one member may process in one decision: ten years
+/// of monthly periods with expiries and timeouts on each. More means a bug.
+pub const DUE_STEPS_MAX: usize = 100_000;

@@ -1,0 +1,379 @@
+//! The events of a member stream (`member-{member_id}`), version 1.
+//!
+//! Each event says everything its consumers need: a projection or an audit
+//! never has to re-run a rule to know which grant paid for what.
+
+use crate::domain::amount::{Credits, MinorUnits};
+use crate::domain::catalog::PlanTerms;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub type Timestamp = DateTime<Utc>;
+
+/// Where a grant's credits came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantSource {
+    MonthlyAllocation,
+    Rollover,
+    Purchase,
+    Promotional,
+    Refund,
+    Adjustment,
+}
+
+impl GrantSource {
+    /// Credits that expire or were free burn before credits paid for.
+    pub fn default_priority(self) -> u8 {
+        match self {
+            GrantSource::Rollover => 10,
+            GrantSource::MonthlyAllocation => 20,
+            GrantSource::Promotional => 30,
+            GrantSource::Refund | GrantSource::Adjustment => 40,
+            GrantSource::Purchase => 50,
+        }
+    }
+
+    pub fn default_category(self) -> GrantCategory {
+        match self {
+            GrantSource::Promotional => GrantCategory::Promotional,
+            _ => GrantCategory::Paid,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantSource::MonthlyAllocation => "monthly_allocation",
+            GrantSource::Rollover => "rollover",
+            GrantSource::Purchase => "purchase",
+            GrantSource::Promotional => "promotional",
+            GrantSource::Refund => "refund",
+            GrantSource::Adjustment => "adjustment",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantCategory {
+    /// Burns first among equals: free credit goes before credit paid for.
+    Promotional,
+    Paid,
+}
+
+/// A part of an amount taken from (or held on) one grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantPart {
+    pub grant_id: String,
+    pub amount: Credits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Trialing,
+    Active,
+    PastDue,
+    Canceled,
+}
+
+/// Who owns billing periods, fees and invoices of a subscription.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Billing {
+    /// tally renews, prorates and issues invoices itself.
+    #[default]
+    Tally,
+    /// Stripe owns periods and invoices; tally follows its webhooks.
+    Stripe,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    Released,
+    Expired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvoiceLineKind {
+    Fee,
+    Proration,
+    Purchase,
+    Overage,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceLine {
+    pub kind: InvoiceLineKind,
+    pub description: String,
+    pub quantity: i64,
+    pub unit_amount: MinorUnits,
+    pub amount: MinorUnits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryStatus {
+    Succeeded,
+    Failed,
+}
+
+/// One execution of an integration's saved query, charged by a settlement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryExecution {
+    pub integration_id: String,
+    pub query_id: String,
+    pub status: QueryStatus,
+    pub duration_ms: i64,
+    pub rows: i64,
+}
+
+/// What a grant is before it exists: the part of `CreditsGranted` a caller
+/// chooses. Kept whole in `CreditsGrantScheduled` until it falls due.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantTerms {
+    pub source: GrantSource,
+    pub category: GrantCategory,
+    pub amount: Credits,
+    pub priority: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What the member paid for a purchase, in the member's currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<MinorUnits>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum MemberEvent {
+    MemberRegistered {
+        member_id: String,
+        time_zone: String,
+        currency: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_customer_id: Option<String>,
+    },
+    /// The whole profile after the change.
+    MemberProfileChanged {
+        time_zone: String,
+        currency: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_customer_id: Option<String>,
+    },
+
+    SubscriptionStarted {
+        terms: PlanTerms,
+        status: SubscriptionStatus,
+        billing: Billing,
+        period_start: Timestamp,
+        period_end: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_subscription_id: Option<String>,
+    },
+    /// An upgrade, in force at once. The prorated credits come as a
+    /// `monthly_allocation` grant in the same append; the prorated price
+    /// difference goes on the period's invoice.
+    SubscriptionPlanChanged {
+        terms: PlanTerms,
+        proration_credits: Credits,
+        proration_amount: MinorUnits,
+        remaining_seconds: i64,
+        period_seconds: i64,
+    },
+    SubscriptionDowngradeScheduled {
+        terms: PlanTerms,
+        effective_at: Timestamp,
+    },
+    SubscriptionCancelScheduled {
+        effective_at: Timestamp,
+    },
+    /// A new period begins, on the terms it names (a scheduled downgrade or a
+    /// plan revision takes effect here).
+    SubscriptionRenewed {
+        terms: PlanTerms,
+        period_start: Timestamp,
+        period_end: Timestamp,
+    },
+    /// A Stripe-managed period ended on tally's clock.
+    SubscriptionPeriodClosed {
+        period_start: Timestamp,
+        period_end: Timestamp,
+        /// Overage handed to Stripe as invoice items, cleared here.
+        debt_cleared: Credits,
+    },
+    SubscriptionPastDue {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invoice_id: Option<String>,
+    },
+    SubscriptionCanceled {
+        canceled_at: Timestamp,
+        /// True for "cancel now", false when a scheduled cancel took effect.
+        immediately: bool,
+    },
+    SubscriptionReactivated {},
+
+    CreditsGranted {
+        grant_id: String,
+        #[serde(flatten)]
+        terms: GrantTerms,
+        /// For a rollover: the allocation grants whose rest it carries over.
+        /// Rolled credit is a transfer, not new credit.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        transferred_from: Vec<GrantPart>,
+        /// For a refund: the usage it gives back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage_id: Option<String>,
+    },
+    CreditsGrantScheduled {
+        schedule_id: String,
+        effective_at: Timestamp,
+        #[serde(flatten)]
+        terms: GrantTerms,
+    },
+    /// Usage paid for by these grants, plus any part that became debt.
+    CreditsDeducted {
+        usage_id: String,
+        amount: Credits,
+        parts: Vec<GrantPart>,
+        debt: Credits,
+        /// The overage price of one credit of `debt`, in force when incurred.
+        unit_price: MinorUnits,
+    },
+    /// An admin takes credits back, in burn order, never into debt.
+    CreditsDebited {
+        amount: Credits,
+        parts: Vec<GrantPart>,
+        reason: String,
+    },
+    /// The rest of a grant lapsed (breakage). Marks the grant expired.
+    CreditsExpired {
+        grant_id: String,
+        amount: Credits,
+    },
+    CreditsReserved {
+        reservation_id: String,
+        amount: Credits,
+        holds: Vec<GrantPart>,
+        deadline: Timestamp,
+    },
+    ReservationSettled {
+        reservation_id: String,
+        charged: Credits,
+        parts: Vec<GrantPart>,
+        released: Credits,
+        released_parts: Vec<GrantPart>,
+    },
+    ReservationReleased {
+        reservation_id: String,
+        reason: ReleaseReason,
+        released: Credits,
+        released_parts: Vec<GrantPart>,
+    },
+
+    UsageRecorded {
+        usage_id: String,
+        metric: String,
+        quantity: i64,
+        credits: Credits,
+        occurred_at: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        integration_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        query_id: Option<String>,
+    },
+    /// Reduces open debt first (newest first); the rest comes back as a
+    /// `refund` grant in the same append.
+    UsageReversed {
+        usage_id: String,
+        credits: Credits,
+        debt_reduced: Credits,
+        refunded: Credits,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    QueryExecuted {
+        reservation_id: String,
+        #[serde(flatten)]
+        execution: QueryExecution,
+        credits: Credits,
+    },
+
+    /// An invoice leaves draft: its lines and total are fixed, debt is billed.
+    InvoiceIssued {
+        invoice_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        period_start: Option<Timestamp>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        period_end: Option<Timestamp>,
+        currency: String,
+        lines: Vec<InvoiceLine>,
+        total: MinorUnits,
+        debt_cleared: Credits,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_invoice_id: Option<String>,
+    },
+    PaymentSucceeded {
+        invoice_id: String,
+        amount: MinorUnits,
+    },
+    PaymentFailed {
+        invoice_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    InvoiceVoided {
+        invoice_id: String,
+    },
+    InvoiceMarkedUncollectible {
+        invoice_id: String,
+    },
+}
+
+impl MemberEvent {
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            MemberEvent::MemberRegistered { .. } => "MemberRegistered",
+            MemberEvent::MemberProfileChanged { .. } => "MemberProfileChanged",
+            MemberEvent::SubscriptionStarted { .. } => "SubscriptionStarted",
+            MemberEvent::SubscriptionPlanChanged { .. } => "SubscriptionPlanChanged",
+            MemberEvent::SubscriptionDowngradeScheduled { .. } => "SubscriptionDowngradeScheduled",
+            MemberEvent::SubscriptionCancelScheduled { .. } => "SubscriptionCancelScheduled",
+            MemberEvent::SubscriptionRenewed { .. } => "SubscriptionRenewed",
+            MemberEvent::SubscriptionPeriodClosed { .. } => "SubscriptionPeriodClosed",
+            MemberEvent::SubscriptionPastDue { .. } => "SubscriptionPastDue",
+            MemberEvent::SubscriptionCanceled { .. } => "SubscriptionCanceled",
+            MemberEvent::SubscriptionReactivated { .. } => "SubscriptionReactivated",
+            MemberEvent::CreditsGranted { .. } => "CreditsGranted",
+            MemberEvent::CreditsGrantScheduled { .. } => "CreditsGrantScheduled",
+            MemberEvent::CreditsDeducted { .. } => "CreditsDeducted",
+            MemberEvent::CreditsDebited { .. } => "CreditsDebited",
+            MemberEvent::CreditsExpired { .. } => "CreditsExpired",
+            MemberEvent::CreditsReserved { .. } => "CreditsReserved",
+            MemberEvent::ReservationSettled { .. } => "ReservationSettled",
+            MemberEvent::ReservationReleased { .. } => "ReservationReleased",
+            MemberEvent::UsageRecorded { .. } => "UsageRecorded",
+            MemberEvent::UsageReversed { .. } => "UsageReversed",
+            MemberEvent::QueryExecuted { .. } => "QueryExecuted",
+            MemberEvent::InvoiceIssued { .. } => "InvoiceIssued",
+            MemberEvent::PaymentSucceeded { .. } => "PaymentSucceeded",
+            MemberEvent::PaymentFailed { .. } => "PaymentFailed",
+            MemberEvent::InvoiceVoided { .. } => "InvoiceVoided",
+            MemberEvent::InvoiceMarkedUncollectible { .. } => "InvoiceMarkedUncollectible",
+        }
+    }
+}
+
+/// An event with the instant it took effect: the caller's time for a
+/// command, the instant it fell due for an effect of time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Occurred<E> {
+    pub occurred_at: Timestamp,
+    /// True for an effect of time (an expiry, a timeout, a renewal) that a
+    /// decision ran before its command: its actor is the scheduler.
+    pub by_time: bool,
+    pub event: E,
+}

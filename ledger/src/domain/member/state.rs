@@ -1,0 +1,455 @@
+//! A member's state: the fold of its stream. `evolve` holds no rules; it only
+//! records what the events say.
+
+use super::commands::MemberProfile;
+use super::events::*;
+use crate::domain::amount::{Credits, MinorUnits};
+use crate::domain::catalog::PlanTerms;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub grant_id: String,
+    pub source: GrantSource,
+    pub category: GrantCategory,
+    pub priority: u8,
+    pub amount: Credits,
+    /// What is left, including what is held on it.
+    pub remaining: Credits,
+    pub held: Credits,
+    pub expires_at: Option<Timestamp>,
+    /// Set by `CreditsExpired`: nothing of it is spendable any more; a held
+    /// part lives on until its reservation ends.
+    pub expired: bool,
+    /// The stream version of its `CreditsGranted`: "oldest first".
+    pub granted_version: u64,
+}
+
+impl Grant {
+    pub fn spendable(&self) -> Credits {
+        if self.expired { Credits::ZERO } else { self.remaining.minus(self.held) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub reservation_id: String,
+    pub amount: Credits,
+    pub holds: Vec<GrantPart>,
+    pub deadline: Timestamp,
+}
+
+/// How a reservation ended, so that a retried settle or release gets the
+/// same answer and a late one gets `reservation_expired`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClosedReservation {
+    Settled { charged: Credits },
+    Released,
+    Expired,
+}
+
+/// Overage not yet billed, at the unit price in force when it was incurred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebtEntry {
+    pub credits: Credits,
+    pub unit_price: MinorUnits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub terms: PlanTerms,
+    pub status: SubscriptionStatus,
+    pub billing: Billing,
+    /// The start instant: periods are calendar months from it.
+    pub anchor: Timestamp,
+    /// 0 for the first period.
+    pub period_index: u32,
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    /// The fee of the current period: the plan's price at period start.
+    pub period_price: MinorUnits,
+    pub scheduled_change: Option<PlanTerms>,
+    pub cancel_at_period_end: bool,
+    /// A Stripe-managed period that ended and awaits Stripe's renewal.
+    pub period_closed: bool,
+    pub stripe_subscription_id: Option<String>,
+}
+
+impl Subscription {
+    /// Active or past due: it still renews and owns a billing period.
+    pub fn is_live(&self) -> bool {
+        self.status != SubscriptionStatus::Canceled
+    }
+
+    /// Overage is allowed only while the member is in good standing.
+    pub fn allows_overage(&self) -> bool {
+        matches!(self.status, SubscriptionStatus::Active | SubscriptionStatus::Trialing)
+            && self.terms.plan.overage.allowed
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvoiceStatus {
+    Open,
+    Paid,
+    Void,
+    Uncollectible,
+}
+
+impl InvoiceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvoiceStatus::Open => "open",
+            InvoiceStatus::Paid => "paid",
+            InvoiceStatus::Void => "void",
+            InvoiceStatus::Uncollectible => "uncollectible",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvoiceRecord {
+    pub status: InvoiceStatus,
+    pub total: MinorUnits,
+}
+
+/// Running totals for the conservation invariant:
+/// `granted + debt_incurred = used + debited + expired + remaining`
+/// (rollover transfers are in none of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub granted: Credits,
+    pub used: Credits,
+    pub debited: Credits,
+    pub expired: Credits,
+    /// Gross: debt a reversal later cut stays counted.
+    pub debt_incurred: Credits,
+    pub debt_reduced: Credits,
+    pub debt_billed: Credits,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberState {
+    /// `None` until `MemberRegistered`.
+    pub member_id: Option<String>,
+    pub profile: MemberProfile,
+    /// The stream version: how many events were folded.
+    pub version: u64,
+    pub grants: BTreeMap<String, Grant>,
+    pub scheduled_grants: BTreeMap<String, (Timestamp, GrantTerms)>,
+    pub reservations: BTreeMap<String, Reservation>,
+    pub closed_reservations: BTreeMap<String, ClosedReservation>,
+    /// Oldest first; a reversal cuts the newest first.
+    pub debt: Vec<DebtEntry>,
+    pub subscription: Option<Subscription>,
+    /// Lines of the open period's draft invoice beyond its fee.
+    pub period_lines: Vec<InvoiceLine>,
+    pub invoices: BTreeMap<String, InvoiceRecord>,
+    pub invoices_issued: u64,
+    pub totals: Totals,
+}
+
+impl MemberState {
+    pub fn is_registered(&self) -> bool {
+        self.member_id.is_some()
+    }
+
+    /// What can be spent now: the unheld rest of every unexpired grant.
+    pub fn available(&self) -> Credits {
+        self.grants.values().map(Grant::spendable).sum()
+    }
+
+    pub fn held(&self) -> Credits {
+        self.grants.values().map(|grant| grant.held).sum()
+    }
+
+    pub fn debt(&self) -> Credits {
+        self.debt.iter().map(|entry| entry.credits).sum()
+    }
+
+    /// available + held − debt; negative when debt exceeds credit.
+    pub fn balance(&self) -> Credits {
+        self.available().plus(self.held()).minus(self.debt())
+    }
+
+    /// The sum of every grant's remaining (held included, expired-but-held
+    /// included): the right-hand side of the conservation invariant.
+    pub fn remaining(&self) -> Credits {
+        self.grants.values().map(|grant| grant.remaining).sum()
+    }
+
+    /// Whether a purchase's price goes on the open period's invoice (true) or
+    /// on a one-off invoice issued at once (false).
+    pub fn has_billing_period(&self) -> bool {
+        self.subscription.as_ref().is_some_and(|sub| sub.is_live() && sub.billing == Billing::Tally)
+    }
+
+    pub fn evolve(mut self, event: &MemberEvent) -> MemberState {
+        self.apply(event);
+        self
+    }
+
+    /// Fold one event. Panics only when the stream contradicts itself (a
+    /// part taken from a grant that does not exist), which a decider never
+    /// writes: replaying a corrupt log must stop, not guess.
+    pub fn apply(&mut self, event: &MemberEvent) {
+        self.version += 1;
+        match event {
+            MemberEvent::MemberRegistered { member_id, time_zone, currency, stripe_customer_id } => {
+                self.member_id = Some(member_id.clone());
+                self.profile = MemberProfile {
+                    time_zone: time_zone.clone(),
+                    currency: currency.clone(),
+                    stripe_customer_id: stripe_customer_id.clone(),
+                };
+            }
+            MemberEvent::MemberProfileChanged { time_zone, currency, stripe_customer_id } => {
+                self.profile = MemberProfile {
+                    time_zone: time_zone.clone(),
+                    currency: currency.clone(),
+                    stripe_customer_id: stripe_customer_id.clone(),
+                };
+            }
+            MemberEvent::SubscriptionStarted {
+                terms,
+                status,
+                billing,
+                period_start,
+                period_end,
+                stripe_subscription_id,
+            } => {
+                self.subscription = Some(Subscription {
+                    terms: terms.clone(),
+                    status: *status,
+                    billing: *billing,
+                    anchor: *period_start,
+                    period_index: 0,
+                    period_start: *period_start,
+                    period_end: *period_end,
+                    period_price: terms.plan.price,
+                    scheduled_change: None,
+                    cancel_at_period_end: false,
+                    period_closed: false,
+                    stripe_subscription_id: stripe_subscription_id.clone(),
+                });
+            }
+            MemberEvent::SubscriptionPlanChanged { terms, proration_amount, .. } => {
+                let subscription = self.subscription_mut();
+                subscription.terms = terms.clone();
+                subscription.scheduled_change = None;
+                if !proration_amount.is_zero() {
+                    self.period_lines.push(InvoiceLine {
+                        kind: InvoiceLineKind::Proration,
+                        description: format!("Upgrade to {} (prorated)", terms.plan.name),
+                        quantity: 1,
+                        unit_amount: *proration_amount,
+                        amount: *proration_amount,
+                    });
+                }
+            }
+            MemberEvent::SubscriptionDowngradeScheduled { terms, .. } => {
+                self.subscription_mut().scheduled_change = Some(terms.clone());
+            }
+            MemberEvent::SubscriptionCancelScheduled { .. } => {
+                self.subscription_mut().cancel_at_period_end = true;
+            }
+            MemberEvent::SubscriptionRenewed { terms, period_start, period_end } => {
+                let subscription = self.subscription_mut();
+                subscription.terms = terms.clone();
+                subscription.period_index += 1;
+                subscription.period_start = *period_start;
+                subscription.period_end = *period_end;
+                subscription.period_price = terms.plan.price;
+                subscription.scheduled_change = None;
+                subscription.period_closed = false;
+            }
+            MemberEvent::SubscriptionPeriodClosed { debt_cleared, .. } => {
+                self.subscription_mut().period_closed = true;
+                if debt_cleared.is_positive() {
+                    self.debt.clear();
+                    self.totals.debt_billed = self.totals.debt_billed.plus(*debt_cleared);
+                }
+            }
+            MemberEvent::SubscriptionPastDue { .. } => {
+                self.subscription_mut().status = SubscriptionStatus::PastDue;
+            }
+            MemberEvent::SubscriptionCanceled { .. } => {
+                let subscription = self.subscription_mut();
+                subscription.status = SubscriptionStatus::Canceled;
+                subscription.scheduled_change = None;
+                subscription.cancel_at_period_end = false;
+            }
+            MemberEvent::SubscriptionReactivated {} => {
+                self.subscription_mut().status = SubscriptionStatus::Active;
+            }
+            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id: _ } => {
+                if transferred_from.is_empty() {
+                    self.totals.granted = self.totals.granted.plus(terms.amount);
+                }
+                for part in transferred_from {
+                    self.grant_mut(&part.grant_id).remaining =
+                        self.grant_mut(&part.grant_id).remaining.minus(part.amount);
+                }
+                if terms.source == GrantSource::Purchase
+                    && let Some(price) = terms.price.filter(|price| price.is_positive())
+                    && self.has_billing_period()
+                {
+                    self.period_lines.push(purchase_line(terms.amount, price));
+                }
+                self.grants.insert(
+                    grant_id.clone(),
+                    Grant {
+                        grant_id: grant_id.clone(),
+                        source: terms.source,
+                        category: terms.category,
+                        priority: terms.priority,
+                        amount: terms.amount,
+                        remaining: terms.amount,
+                        held: Credits::ZERO,
+                        expires_at: terms.expires_at,
+                        expired: false,
+                        granted_version: self.version,
+                    },
+                );
+                self.drop_empty_grants();
+            }
+            MemberEvent::CreditsGrantScheduled { schedule_id, effective_at, terms } => {
+                self.scheduled_grants.insert(schedule_id.clone(), (*effective_at, terms.clone()));
+            }
+            MemberEvent::CreditsDeducted { amount, parts, debt, unit_price, .. } => {
+                self.take_parts(parts);
+                self.totals.used = self.totals.used.plus(*amount);
+                if debt.is_positive() {
+                    self.totals.debt_incurred = self.totals.debt_incurred.plus(*debt);
+                    self.debt.push(DebtEntry { credits: *debt, unit_price: *unit_price });
+                }
+            }
+            MemberEvent::CreditsDebited { amount, parts, .. } => {
+                self.take_parts(parts);
+                self.totals.debited = self.totals.debited.plus(*amount);
+            }
+            MemberEvent::CreditsExpired { grant_id, amount } => {
+                let grant = self.grant_mut(grant_id);
+                grant.remaining = grant.remaining.minus(*amount);
+                grant.expired = true;
+                self.totals.expired = self.totals.expired.plus(*amount);
+                self.drop_empty_grants();
+            }
+            MemberEvent::CreditsReserved { reservation_id, amount, holds, deadline } => {
+                for hold in holds {
+                    let grant = self.grant_mut(&hold.grant_id);
+                    grant.held = grant.held.plus(hold.amount);
+                }
+                self.reservations.insert(
+                    reservation_id.clone(),
+                    Reservation {
+                        reservation_id: reservation_id.clone(),
+                        amount: *amount,
+                        holds: holds.clone(),
+                        deadline: *deadline,
+                    },
+                );
+            }
+            MemberEvent::ReservationSettled { reservation_id, charged, parts, released_parts, .. } => {
+                self.unhold(parts);
+                self.unhold(released_parts);
+                self.take_parts(parts);
+                self.totals.used = self.totals.used.plus(*charged);
+                self.reservations.remove(reservation_id);
+                self.closed_reservations
+                    .insert(reservation_id.clone(), ClosedReservation::Settled { charged: *charged });
+                self.drop_empty_grants();
+            }
+            MemberEvent::ReservationReleased { reservation_id, reason, released_parts, .. } => {
+                self.unhold(released_parts);
+                self.reservations.remove(reservation_id);
+                let closed = match reason {
+                    ReleaseReason::Released => ClosedReservation::Released,
+                    ReleaseReason::Expired => ClosedReservation::Expired,
+                };
+                self.closed_reservations.insert(reservation_id.clone(), closed);
+                self.drop_empty_grants();
+            }
+            MemberEvent::UsageRecorded { .. } => {}
+            MemberEvent::UsageReversed { debt_reduced, .. } => {
+                let mut to_cut = *debt_reduced;
+                while to_cut.is_positive() {
+                    let newest = self.debt.last_mut().expect("a reversal cuts only existing debt");
+                    let cut = newest.credits.min(to_cut);
+                    newest.credits = newest.credits.minus(cut);
+                    to_cut = to_cut.minus(cut);
+                    if newest.credits.is_zero() {
+                        self.debt.pop();
+                    }
+                }
+                self.totals.debt_reduced = self.totals.debt_reduced.plus(*debt_reduced);
+            }
+            MemberEvent::QueryExecuted { .. } => {}
+            MemberEvent::InvoiceIssued { invoice_id, period_start, total, debt_cleared, .. } => {
+                if period_start.is_some() {
+                    self.period_lines.clear();
+                }
+                if debt_cleared.is_positive() {
+                    self.debt.clear();
+                    self.totals.debt_billed = self.totals.debt_billed.plus(*debt_cleared);
+                }
+                let status = if total.is_zero() { InvoiceStatus::Paid } else { InvoiceStatus::Open };
+                self.invoices.insert(invoice_id.clone(), InvoiceRecord { status, total: *total });
+                self.invoices_issued += 1;
+            }
+            MemberEvent::PaymentSucceeded { invoice_id, .. } => {
+                self.set_invoice_status(invoice_id, InvoiceStatus::Paid)
+            }
+            MemberEvent::PaymentFailed { .. } => {}
+            MemberEvent::InvoiceVoided { invoice_id } => self.set_invoice_status(invoice_id, InvoiceStatus::Void),
+            MemberEvent::InvoiceMarkedUncollectible { invoice_id } => {
+                self.set_invoice_status(invoice_id, InvoiceStatus::Uncollectible)
+            }
+        }
+    }
+
+    fn subscription_mut(&mut self) -> &mut Subscription {
+        self.subscription.as_mut().expect("a subscription event without a subscription")
+    }
+
+    fn grant_mut(&mut self, grant_id: &str) -> &mut Grant {
+        self.grants.get_mut(grant_id).unwrap_or_else(|| panic!("event names unknown grant {grant_id}"))
+    }
+
+    fn take_parts(&mut self, parts: &[GrantPart]) {
+        for part in parts {
+            let grant = self.grant_mut(&part.grant_id);
+            grant.remaining = grant.remaining.minus(part.amount);
+        }
+        self.drop_empty_grants();
+    }
+
+    fn unhold(&mut self, parts: &[GrantPart]) {
+        for part in parts {
+            let grant = self.grant_mut(&part.grant_id);
+            grant.held = grant.held.minus(part.amount);
+        }
+    }
+
+    fn set_invoice_status(&mut self, invoice_id: &str, status: InvoiceStatus) {
+        if let Some(invoice) = self.invoices.get_mut(invoice_id) {
+            invoice.status = status;
+        }
+    }
+
+    /// A grant with nothing left and nothing held can never matter again;
+    /// dropping it keeps member state bounded.
+    fn drop_empty_grants(&mut self) {
+        self.grants.retain(|_, grant| grant.remaining.is_positive() || grant.held.is_positive());
+    }
+}
+
+pub(crate) fn purchase_line(amount: Credits, price: MinorUnits) -> InvoiceLine {
+    InvoiceLine {
+        kind: InvoiceLineKind::Purchase,
+        description: format!("Purchase of {amount} credits"),
+        quantity: 1,
+        unit_amount: price,
+        amount: price,
+    }
+}

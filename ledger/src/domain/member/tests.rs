@@ -1,0 +1,1029 @@
+//! Decider tests: given a member's life so far, when a command arrives at an
+//! instant, then these events (or this rejection). One helper, [`Life`],
+//! runs commands through `decide` and folds their events, as the shell does.
+
+use super::*;
+use crate::domain::amount::{Credits, MinorUnits};
+use crate::domain::catalog::{Catalog, CatalogCommand, Interval, Overage, Plan, Rollover};
+use crate::domain::error::DomainError;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use std::collections::BTreeMap;
+
+const MEMBER: &str = "m1";
+
+fn at(year: i32, month: u32, day: u32) -> Timestamp {
+    Utc.with_ymd_and_hms(year, month, day, 0, 0, 0).unwrap()
+}
+
+fn plan(plan_id: &str, price: i64, monthly_credits: i64) -> Plan {
+    Plan {
+        plan_id: plan_id.to_owned(),
+        name: plan_id.to_uppercase(),
+        price: MinorUnits(price),
+        currency: "USD".to_owned(),
+        interval: Interval::Month,
+        monthly_credits: Credits(monthly_credits),
+        rollover: Rollover { enabled: false, max_credits: Credits(0) },
+        overage: Overage { allowed: false, limit_credits: Credits(0), unit_price: MinorUnits(0) },
+        rate_limit_per_minute: 60,
+        stripe_price_id: None,
+    }
+}
+
+/// free: 100 credits; starter: $10, 1,000 credits, rollover up to 500;
+/// pro: $50, 10,000 credits, rollover up to 5,000, overage up to 2,000 at 2¢;
+/// euro: priced in EUR.
+fn catalog() -> Catalog {
+    let mut starter = plan("starter", 1_000, 1_000);
+    starter.rollover = Rollover { enabled: true, max_credits: Credits(500) };
+    let mut pro = plan("pro", 5_000, 10_000);
+    pro.rollover = Rollover { enabled: true, max_credits: Credits(5_000) };
+    pro.overage = Overage { allowed: true, limit_credits: Credits(2_000), unit_price: MinorUnits(2) };
+    let mut euro = plan("euro", 900, 900);
+    euro.currency = "EUR".to_owned();
+    let mut catalog = Catalog::default();
+    for plan in [plan("free", 0, 100), starter, pro, euro, plan("legacy", 300, 300)] {
+        for event in catalog.decide(&CatalogCommand::PublishPlan(plan)).unwrap() {
+            catalog.apply(&event);
+        }
+    }
+    for event in catalog.decide(&CatalogCommand::RetirePlan { plan_id: "legacy".to_owned() }).unwrap() {
+        catalog.apply(&event);
+    }
+    catalog
+}
+
+/// A member's life: commands decided and folded in order, as the shell does.
+struct Life {
+    catalog: Catalog,
+    state: MemberState,
+    now: Timestamp,
+    usages: BTreeMap<String, UsageFacts>,
+    history: Vec<Occurred<MemberEvent>>,
+}
+
+impl Life {
+    fn new(now: Timestamp) -> Life {
+        Life { catalog: catalog(), state: MemberState::default(), now, usages: BTreeMap::new(), history: Vec::new() }
+    }
+
+    fn at(&mut self, now: Timestamp) -> &mut Life {
+        self.now = now;
+        self
+    }
+
+    fn when(&mut self, command: MemberCommand) -> Result<Vec<MemberEvent>, DomainError> {
+        let usage_id = match &command {
+            MemberCommand::RecordUsage(usage) => Some(usage.usage_id.clone()),
+            MemberCommand::ReverseUsage { usage_id, .. } => Some(usage_id.clone()),
+            _ => None,
+        };
+        let context = Context {
+            member_id: MEMBER,
+            now: self.now,
+            catalog: &self.catalog,
+            usage: usage_id.as_ref().and_then(|id| self.usages.get(id).copied()),
+        };
+        let decision = decide(&self.state, &command, &context)?;
+        for occurred in &decision {
+            self.state.apply(&occurred.event);
+            match &occurred.event {
+                MemberEvent::UsageRecorded { usage_id, credits, .. } => {
+                    self.usages.insert(usage_id.clone(), UsageFacts { credits: *credits, reversed: false });
+                }
+                MemberEvent::UsageReversed { usage_id, .. } => {
+                    self.usages.get_mut(usage_id).unwrap().reversed = true;
+                }
+                _ => {}
+            }
+        }
+        self.history.extend(decision.iter().cloned());
+        Ok(decision.into_iter().map(|occurred| occurred.event).collect())
+    }
+
+    /// Run a command that must succeed.
+    fn run(&mut self, command: MemberCommand) -> Vec<MemberEvent> {
+        self.when(command.clone()).unwrap_or_else(|error| panic!("{command:?} was refused: {error}"))
+    }
+
+    fn rejection(&mut self, command: MemberCommand) -> DomainError {
+        let before = self.state.clone();
+        let error = self.when(command).expect_err("the command should be refused");
+        assert_eq!(self.state, before, "a rejection changes nothing");
+        error
+    }
+
+    fn check_invariants(&self) {
+        let totals = self.state.totals;
+        assert_eq!(
+            totals.granted.plus(totals.debt_incurred),
+            totals.used.plus(totals.debited).plus(totals.expired).plus(self.state.remaining()),
+            "conservation"
+        );
+        assert!(self.state.available() >= Credits::ZERO);
+        let replayed =
+            self.history.iter().fold(MemberState::default(), |state, occurred| state.evolve(&occurred.event));
+        assert_eq!(replayed, self.state, "replay equals live state");
+    }
+}
+
+fn start(plan_id: &str) -> MemberCommand {
+    MemberCommand::StartSubscription {
+        plan_id: plan_id.to_owned(),
+        billing: Billing::Tally,
+        stripe_subscription_id: None,
+    }
+}
+
+fn usage(usage_id: &str, credits: i64) -> MemberCommand {
+    MemberCommand::RecordUsage(RecordUsage {
+        usage_id: usage_id.to_owned(),
+        metric: "api_calls".to_owned(),
+        quantity: 1,
+        credits: Credits(credits),
+        occurred_at: None,
+        integration_id: None,
+        query_id: None,
+    })
+}
+
+fn grant(source: GrantSource, amount: i64) -> MemberCommand {
+    MemberCommand::GrantCredits(GrantCredits::new(source, amount))
+}
+
+fn grant_with(source: GrantSource, amount: i64, edit: impl FnOnce(&mut GrantCredits)) -> MemberCommand {
+    let mut command = GrantCredits::new(source, amount);
+    edit(&mut command);
+    MemberCommand::GrantCredits(command)
+}
+
+fn part(grant_id: &str, amount: i64) -> GrantPart {
+    GrantPart { grant_id: grant_id.to_owned(), amount: Credits(amount) }
+}
+
+fn code(error: DomainError) -> &'static str {
+    error.code()
+}
+
+fn field(error: DomainError) -> Option<&'static str> {
+    error.field()
+}
+
+// --- registration ---------------------------------------------------------
+
+#[test]
+fn commands_other_than_start_grant_and_register_need_an_existing_member() {
+    let mut life = Life::new(at(2026, 1, 1));
+    assert_eq!(life.rejection(usage("u1", 1)), DomainError::MemberNotFound);
+    assert_eq!(life.rejection(MemberCommand::Reserve { amount: Credits(1), ttl_s: None }), DomainError::MemberNotFound);
+    assert_eq!(life.rejection(MemberCommand::AdvanceTime), DomainError::MemberNotFound);
+}
+
+#[test]
+fn a_first_grant_registers_the_member_with_defaults_in_the_same_append() {
+    let mut life = Life::new(at(2026, 1, 1));
+    let events = life.run(grant(GrantSource::Promotional, 50));
+    assert_eq!(
+        events[0],
+        MemberEvent::MemberRegistered {
+            member_id: MEMBER.to_owned(),
+            time_zone: "UTC".to_owned(),
+            currency: "USD".to_owned(),
+            stripe_customer_id: None
+        }
+    );
+    assert!(matches!(&events[1], MemberEvent::CreditsGranted { grant_id, .. } if grant_id == "g2"));
+}
+
+#[test]
+fn register_validates_the_profile_and_an_unchanged_profile_writes_nothing() {
+    let mut life = Life::new(at(2026, 1, 1));
+    let profile = MemberProfile { time_zone: "Mars/Olympus".to_owned(), ..MemberProfile::default() };
+    assert_eq!(field(life.rejection(MemberCommand::Register(profile))), Some("time_zone"));
+    let profile = MemberProfile { currency: "usd".to_owned(), ..MemberProfile::default() };
+    assert_eq!(field(life.rejection(MemberCommand::Register(profile))), Some("currency"));
+
+    let profile = MemberProfile { time_zone: "Europe/Paris".to_owned(), ..MemberProfile::default() };
+    assert_eq!(life.run(MemberCommand::Register(profile.clone())).len(), 1);
+    assert_eq!(life.run(MemberCommand::Register(profile.clone())), vec![]);
+    let changed = MemberProfile { stripe_customer_id: Some("cus_123".to_owned()), ..profile };
+    assert!(matches!(life.run(MemberCommand::Register(changed))[..], [MemberEvent::MemberProfileChanged { .. }]));
+}
+
+#[test]
+fn currency_cannot_change_under_a_live_subscription() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("starter"));
+    let profile = MemberProfile { currency: "EUR".to_owned(), ..MemberProfile::default() };
+    assert_eq!(field(life.rejection(MemberCommand::Register(profile))), Some("currency"));
+}
+
+// --- grants and burn-down ---------------------------------------------------
+
+#[test]
+fn grants_take_default_priority_and_category_per_source() {
+    let mut life = Life::new(at(2026, 1, 1));
+    let events = life.run(grant(GrantSource::Promotional, 10));
+    let MemberEvent::CreditsGranted { terms, .. } = &events[1] else { panic!() };
+    assert_eq!((terms.priority, terms.category), (30, GrantCategory::Promotional));
+    let events = life.run(grant_with(GrantSource::Purchase, 10, |g| g.price = Some(MinorUnits(0))));
+    let MemberEvent::CreditsGranted { terms, .. } = &events[0] else { panic!() };
+    assert_eq!((terms.priority, terms.category), (50, GrantCategory::Paid));
+    let events = life.run(grant_with(GrantSource::Adjustment, 10, |g| {
+        g.reason = Some("goodwill".to_owned());
+        g.category = Some(GrantCategory::Promotional);
+    }));
+    let MemberEvent::CreditsGranted { terms, .. } = &events[0] else { panic!() };
+    assert_eq!((terms.priority, terms.category), (40, GrantCategory::Promotional));
+}
+
+#[test]
+fn grant_rejections_name_their_field() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(grant(GrantSource::Promotional, 1));
+    let now = life.now;
+    let cases: Vec<(MemberCommand, &str)> = vec![
+        (grant(GrantSource::Promotional, 0), "amount"),
+        (grant(GrantSource::Promotional, -5), "amount"),
+        (grant(GrantSource::Promotional, 1_000_000_001), "amount"),
+        (grant(GrantSource::MonthlyAllocation, 5), "source"),
+        (grant(GrantSource::Refund, 5), "source"),
+        (grant(GrantSource::Rollover, 5), "source"),
+        (grant_with(GrantSource::Promotional, 5, |g| g.priority = Some(101)), "priority"),
+        (grant_with(GrantSource::Promotional, 5, |g| g.category = Some(GrantCategory::Paid)), "category"),
+        (grant(GrantSource::Adjustment, 5), "reason"),
+        (grant_with(GrantSource::Adjustment, 5, |g| g.reason = Some("  ".to_owned())), "reason"),
+        (grant_with(GrantSource::Promotional, 5, |g| g.price = Some(MinorUnits(10))), "price"),
+        (grant_with(GrantSource::Purchase, 5, |g| g.price = Some(MinorUnits(-1))), "price"),
+        (grant_with(GrantSource::Promotional, 5, |g| g.expires_at = Some(now)), "expires_at"),
+        (
+            grant_with(GrantSource::Promotional, 5, |g| {
+                g.effective_at = Some(now + Duration::days(3));
+                g.expires_at = Some(now + Duration::days(2));
+            }),
+            "expires_at",
+        ),
+    ];
+    for (command, expected_field) in cases {
+        let error = life.rejection(command.clone());
+        assert_eq!((error.code(), error.field()), ("validation_failed", Some(expected_field)), "{command:?}");
+    }
+}
+
+#[test]
+fn deductions_burn_lowest_priority_then_soonest_expiry_then_promotional_then_oldest() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(grant(GrantSource::Purchase, 10)); // g2: priority 50, no expiry
+    life.run(grant_with(GrantSource::Adjustment, 10, |g| g.reason = Some("r".into()))); // g3: 40, paid, no expiry
+    life.run(grant_with(GrantSource::Adjustment, 10, |g| {
+        g.reason = Some("r".into());
+        g.category = Some(GrantCategory::Promotional);
+    })); // g4: 40, promotional, no expiry
+    life.run(grant_with(GrantSource::Adjustment, 10, |g| {
+        g.reason = Some("r".into());
+        g.expires_at = Some(now + Duration::days(30));
+    })); // g5: 40, expires in 30 days
+    life.run(grant_with(GrantSource::Adjustment, 10, |g| {
+        g.reason = Some("r".into());
+        g.expires_at = Some(now + Duration::days(10));
+    })); // g6: 40, expires in 10 days
+    life.run(grant(GrantSource::Promotional, 10)); // g7: priority 30
+    life.run(grant_with(GrantSource::Adjustment, 10, |g| g.reason = Some("r".into()))); // g8: 40, paid, newer than g3
+
+    let events = life.run(usage("u1", 65));
+    assert_eq!(
+        events[1],
+        MemberEvent::CreditsDeducted {
+            usage_id: "u1".to_owned(),
+            amount: Credits(65),
+            parts: vec![
+                part("g7", 10),
+                part("g6", 10),
+                part("g5", 10),
+                part("g4", 10),
+                part("g3", 10),
+                part("g8", 10),
+                part("g2", 5)
+            ],
+            debt: Credits(0),
+            unit_price: MinorUnits(0),
+        }
+    );
+    life.check_invariants();
+}
+
+#[test]
+fn a_scheduled_grant_is_granted_when_it_falls_due() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    let events = life.run(grant_with(GrantSource::Promotional, 40, |g| g.effective_at = Some(now + Duration::days(2))));
+    assert!(matches!(&events[1], MemberEvent::CreditsGrantScheduled { schedule_id, .. } if schedule_id == "sg2"));
+    assert_eq!(life.state.available(), Credits(0));
+    life.at(now + Duration::days(2) - Duration::seconds(1));
+    assert_eq!(life.run(MemberCommand::AdvanceTime), vec![]);
+    life.at(now + Duration::days(2));
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert!(matches!(&events[..], [MemberEvent::CreditsGranted { terms, .. }] if terms.amount == Credits(40)));
+    assert_eq!(life.history.last().unwrap().occurred_at, now + Duration::days(2));
+    life.check_invariants();
+}
+
+#[test]
+fn a_grant_is_spendable_until_just_before_it_expires() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(grant_with(GrantSource::Promotional, 40, |g| g.expires_at = Some(now + Duration::hours(1))));
+    life.at(now + Duration::hours(1) - Duration::seconds(1));
+    life.run(usage("u1", 15));
+    life.at(now + Duration::hours(1));
+    assert_eq!(
+        life.rejection(usage("u2", 1)),
+        DomainError::InsufficientCredits { requested: Credits(1), available: Credits(0) }
+    );
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert_eq!(events, vec![MemberEvent::CreditsExpired { grant_id: "g2".to_owned(), amount: Credits(25) }]);
+    assert_eq!(life.state.totals.expired, Credits(25));
+    life.check_invariants();
+}
+
+// --- usage, overage, debit, reversal ------------------------------------
+
+#[test]
+fn usage_is_recorded_with_its_deduction_in_one_decision() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(grant(GrantSource::Purchase, 100));
+    let events = life.run(usage("u1", 30));
+    assert_eq!(events.len(), 2);
+    assert!(
+        matches!(&events[0], MemberEvent::UsageRecorded { usage_id, credits, .. } if usage_id == "u1" && *credits == Credits(30))
+    );
+    assert!(matches!(&events[1], MemberEvent::CreditsDeducted { parts, .. } if *parts == vec![part("g2", 30)]));
+    assert_eq!(life.state.balance(), Credits(70));
+}
+
+#[test]
+fn usage_beyond_available_is_refused_without_overage() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("starter"));
+    assert_eq!(
+        life.rejection(usage("u1", 1_001)),
+        DomainError::InsufficientCredits { requested: Credits(1_001), available: Credits(1_000) }
+    );
+    assert_eq!(code(life.rejection(usage("u1", 1_001))), "insufficient_credits");
+}
+
+#[test]
+fn overage_becomes_debt_up_to_the_plan_limit() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    let events = life.run(usage("u1", 11_500));
+    assert!(
+        matches!(&events[1], MemberEvent::CreditsDeducted { debt, unit_price, .. } if *debt == Credits(1_500) && *unit_price == MinorUnits(2))
+    );
+    assert_eq!(
+        (life.state.available(), life.state.debt(), life.state.balance()),
+        (Credits(0), Credits(1_500), Credits(-1_500))
+    );
+    // 500 more fits the 2,000 limit exactly; one more does not.
+    assert_eq!(
+        life.rejection(usage("u2", 501)),
+        DomainError::InsufficientCredits { requested: Credits(501), available: Credits(0) }
+    );
+    life.run(usage("u2", 500));
+    assert_eq!(life.state.debt(), Credits(2_000));
+    // A later grant does not repay debt.
+    life.run(grant(GrantSource::Promotional, 300));
+    assert_eq!((life.state.available(), life.state.debt()), (Credits(300), Credits(2_000)));
+    life.check_invariants();
+}
+
+#[test]
+fn past_due_members_may_spend_but_not_into_overage() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(usage("u1", 10_100));
+    life.at(at(2026, 2, 1));
+    life.run(MemberCommand::AdvanceTime);
+    life.run(MemberCommand::RecordPaymentFailed { invoice_id: "inv_m1_1".into(), reason: None });
+    assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::PastDue);
+    life.run(usage("u2", 10_000));
+    assert_eq!(code(life.rejection(usage("u3", 1))), "insufficient_credits");
+    life.run(MemberCommand::PayInvoice { invoice_id: "inv_m1_1".into() });
+    assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::Active);
+    life.run(usage("u3", 1));
+    assert_eq!(life.state.debt(), Credits(1));
+    life.check_invariants();
+}
+
+#[test]
+fn usage_rejections_name_their_field() {
+    let now = at(2026, 1, 10);
+    let mut life = Life::new(now);
+    life.run(grant(GrantSource::Purchase, 100));
+    life.run(usage("u1", 1));
+    let with = |edit: fn(&mut RecordUsage)| {
+        let MemberCommand::RecordUsage(mut record) = usage("u2", 1) else { unreachable!() };
+        edit(&mut record);
+        MemberCommand::RecordUsage(record)
+    };
+    let mut cases: Vec<(MemberCommand, &str)> = vec![
+        (usage("u1", 1), "usage_id"),
+        (usage("u2", 0), "credits"),
+        (usage("u2", 1_000_000_001), "credits"),
+        (usage("", 1), "usage_id"),
+        (usage("has space", 1), "usage_id"),
+        (usage(&"x".repeat(129), 1), "usage_id"),
+        (with(|r| r.metric = String::new()), "metric"),
+        (with(|r| r.quantity = 0), "quantity"),
+        (with(|r| r.quantity = 1_000_000_001), "quantity"),
+        (with(|r| r.integration_id = Some("bad id".into())), "integration_id"),
+    ];
+    let MemberCommand::RecordUsage(mut old) = usage("u2", 1) else { unreachable!() };
+    old.occurred_at = Some(now - Duration::days(7) - Duration::seconds(1));
+    cases.push((MemberCommand::RecordUsage(old.clone()), "occurred_at"));
+    old.occurred_at = Some(now + Duration::minutes(5) + Duration::seconds(1));
+    cases.push((MemberCommand::RecordUsage(old.clone()), "occurred_at"));
+    for (command, expected_field) in cases {
+        let error = life.rejection(command.clone());
+        assert_eq!((error.code(), error.field()), ("validation_failed", Some(expected_field)), "{command:?}");
+    }
+    old.occurred_at = Some(now - Duration::days(7));
+    life.run(MemberCommand::RecordUsage(old));
+}
+
+#[test]
+fn admin_debit_takes_in_burn_order_and_never_into_debt() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(grant(GrantSource::Purchase, 50));
+    assert_eq!(
+        life.rejection(MemberCommand::DebitCredits { amount: Credits(10_051), reason: "fraud".into() }),
+        DomainError::InsufficientCredits { requested: Credits(10_051), available: Credits(10_050) }
+    );
+    assert_eq!(
+        field(life.rejection(MemberCommand::DebitCredits { amount: Credits(5), reason: String::new() })),
+        Some("reason")
+    );
+    let events = life.run(MemberCommand::DebitCredits { amount: Credits(10_010), reason: "fraud".into() });
+    assert_eq!(
+        events,
+        vec![MemberEvent::CreditsDebited {
+            amount: Credits(10_010),
+            parts: vec![part("g3", 10_000), part("g4", 10)],
+            reason: "fraud".into()
+        }]
+    );
+    life.check_invariants();
+}
+
+#[test]
+fn reversal_cuts_debt_first_then_refunds_the_rest() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(usage("u1", 9_000));
+    life.run(usage("u2", 1_600)); // 1,000 from the allocation, 600 debt
+    let events = life.run(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: Some("bug".into()) });
+    assert_eq!(
+        events[0],
+        MemberEvent::UsageReversed {
+            usage_id: "u1".into(),
+            credits: Credits(9_000),
+            debt_reduced: Credits(600),
+            refunded: Credits(8_400),
+            reason: Some("bug".into())
+        }
+    );
+    let MemberEvent::CreditsGranted { terms, usage_id, .. } = &events[1] else { panic!("{events:?}") };
+    assert_eq!(
+        (terms.source, terms.category, terms.amount, terms.expires_at, usage_id.as_deref()),
+        (GrantSource::Refund, GrantCategory::Paid, Credits(8_400), None, Some("u1"))
+    );
+    assert_eq!(
+        (life.state.debt(), life.state.available(), life.state.totals.used),
+        (Credits(0), Credits(8_400), Credits(10_600))
+    );
+    assert_eq!(
+        field(life.rejection(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })),
+        Some("usage_id")
+    );
+    assert_eq!(
+        life.rejection(MemberCommand::ReverseUsage { usage_id: "nope".into(), reason: None }),
+        DomainError::UsageNotFound { usage_id: "nope".into() }
+    );
+    life.check_invariants();
+}
+
+// --- reservations -------------------------------------------------------
+
+#[test]
+fn reservations_hold_in_burn_order_and_settle_part_releasing_the_rest() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(grant(GrantSource::Promotional, 30));
+    life.run(grant(GrantSource::Purchase, 100));
+    let events = life.run(MemberCommand::Reserve { amount: Credits(50), ttl_s: Some(60) });
+    assert_eq!(
+        events,
+        vec![MemberEvent::CreditsReserved {
+            reservation_id: "rsv_4".into(),
+            amount: Credits(50),
+            holds: vec![part("g2", 30), part("g3", 20)],
+            deadline: now + Duration::seconds(60)
+        }]
+    );
+    assert_eq!(
+        (life.state.available(), life.state.held(), life.state.balance()),
+        (Credits(80), Credits(50), Credits(130))
+    );
+    assert_eq!(code(life.rejection(usage("u1", 81))), "insufficient_credits");
+
+    let query = QueryExecution {
+        integration_id: "int1".into(),
+        query_id: "q1".into(),
+        status: QueryStatus::Succeeded,
+        duration_ms: 120,
+        rows: 7,
+    };
+    let events = life.run(MemberCommand::Settle {
+        reservation_id: "rsv_4".into(),
+        amount: Credits(35),
+        query: Some(query.clone()),
+    });
+    assert_eq!(
+        events,
+        vec![
+            MemberEvent::ReservationSettled {
+                reservation_id: "rsv_4".into(),
+                charged: Credits(35),
+                parts: vec![part("g2", 30), part("g3", 5)],
+                released: Credits(15),
+                released_parts: vec![part("g3", 15)]
+            },
+            MemberEvent::QueryExecuted { reservation_id: "rsv_4".into(), execution: query, credits: Credits(35) },
+        ]
+    );
+    assert_eq!((life.state.available(), life.state.held()), (Credits(95), Credits(0)));
+    // The same settle again is answered without change; another amount is refused.
+    assert_eq!(
+        life.run(MemberCommand::Settle { reservation_id: "rsv_4".into(), amount: Credits(35), query: None }),
+        vec![]
+    );
+    assert_eq!(
+        field(life.rejection(MemberCommand::Settle {
+            reservation_id: "rsv_4".into(),
+            amount: Credits(36),
+            query: None
+        })),
+        Some("amount")
+    );
+    assert_eq!(
+        field(life.rejection(MemberCommand::Release { reservation_id: "rsv_4".into() })),
+        Some("reservation_id")
+    );
+    life.check_invariants();
+}
+
+#[test]
+fn reservation_rules_and_rejections() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(start("pro"));
+    // Never into overage, even on a plan that allows it.
+    assert_eq!(
+        code(life.rejection(MemberCommand::Reserve { amount: Credits(10_001), ttl_s: None })),
+        "insufficient_credits"
+    );
+    assert_eq!(field(life.rejection(MemberCommand::Reserve { amount: Credits(0), ttl_s: None })), Some("amount"));
+    assert_eq!(field(life.rejection(MemberCommand::Reserve { amount: Credits(5), ttl_s: Some(0) })), Some("ttl_s"));
+    assert_eq!(
+        field(life.rejection(MemberCommand::Reserve { amount: Credits(5), ttl_s: Some(86_401) })),
+        Some("ttl_s")
+    );
+    assert_eq!(code(life.rejection(MemberCommand::Release { reservation_id: "rsv_99".into() })), "not_found");
+
+    let events = life.run(MemberCommand::Reserve { amount: Credits(100), ttl_s: None });
+    let MemberEvent::CreditsReserved { reservation_id, deadline, .. } = &events[0] else { panic!() };
+    assert_eq!(*deadline, now + Duration::seconds(600));
+    let reservation_id = reservation_id.clone();
+    assert_eq!(
+        field(life.rejection(MemberCommand::Settle {
+            reservation_id: reservation_id.clone(),
+            amount: Credits(101),
+            query: None
+        })),
+        Some("amount")
+    );
+    life.run(MemberCommand::Release { reservation_id: reservation_id.clone() });
+    assert_eq!(life.run(MemberCommand::Release { reservation_id: reservation_id.clone() }), vec![]);
+    assert_eq!(life.state.available(), Credits(10_000));
+    life.check_invariants();
+}
+
+#[test]
+fn a_reservation_times_out_at_its_deadline_and_late_settles_are_expired() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(grant(GrantSource::Purchase, 100));
+    life.run(MemberCommand::Reserve { amount: Credits(40), ttl_s: Some(30) });
+    life.at(now + Duration::seconds(30));
+    assert_eq!(
+        life.rejection(MemberCommand::Settle { reservation_id: "rsv_3".into(), amount: Credits(10), query: None }),
+        DomainError::ReservationExpired { reservation_id: "rsv_3".into() }
+    );
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert_eq!(
+        events,
+        vec![MemberEvent::ReservationReleased {
+            reservation_id: "rsv_3".into(),
+            reason: ReleaseReason::Expired,
+            released: Credits(40),
+            released_parts: vec![part("g2", 40)]
+        }]
+    );
+    assert_eq!(code(life.rejection(MemberCommand::Release { reservation_id: "rsv_3".into() })), "reservation_expired");
+    assert_eq!(life.state.available(), Credits(100));
+}
+
+#[test]
+fn a_held_part_outlives_its_grants_expiry_and_expires_when_released() {
+    let now = at(2026, 1, 1);
+    let mut life = Life::new(now);
+    life.run(grant_with(GrantSource::Promotional, 100, |g| g.expires_at = Some(now + Duration::seconds(100))));
+    life.run(MemberCommand::Reserve { amount: Credits(60), ttl_s: Some(600) });
+    life.at(now + Duration::seconds(100));
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert_eq!(events, vec![MemberEvent::CreditsExpired { grant_id: "g2".into(), amount: Credits(40) }]);
+    assert_eq!((life.state.available(), life.state.held()), (Credits(0), Credits(60)));
+    // Settle 25 of the 60 held: charged from the expired grant, the rest expires.
+    let events = life.run(MemberCommand::Settle { reservation_id: "rsv_3".into(), amount: Credits(25), query: None });
+    assert_eq!(events[1], MemberEvent::CreditsExpired { grant_id: "g2".into(), amount: Credits(35) });
+    assert_eq!(
+        (life.state.available(), life.state.held(), life.state.totals.expired),
+        (Credits(0), Credits(0), Credits(75))
+    );
+    assert!(life.state.grants.is_empty());
+    life.check_invariants();
+}
+
+// --- subscriptions ----------------------------------------------------------
+
+#[test]
+fn starting_a_subscription_grants_the_monthly_allocation_until_period_end() {
+    let now = at(2026, 1, 31);
+    let mut life = Life::new(now);
+    let events = life.run(start("starter"));
+    assert!(matches!(&events[0], MemberEvent::MemberRegistered { .. }));
+    let MemberEvent::SubscriptionStarted { period_start, period_end, status, .. } = &events[1] else { panic!() };
+    assert_eq!((*period_start, *period_end, *status), (now, at(2026, 2, 28), SubscriptionStatus::Active));
+    let MemberEvent::CreditsGranted { terms, .. } = &events[2] else { panic!() };
+    assert_eq!(
+        (terms.source, terms.amount, terms.expires_at, terms.priority),
+        (GrantSource::MonthlyAllocation, Credits(1_000), Some(at(2026, 2, 28)), 20)
+    );
+}
+
+#[test]
+fn periods_are_calendar_months_from_the_anchor_with_the_day_clamped() {
+    let anchor = at(2026, 1, 31);
+    let ends: Vec<Timestamp> = (0..4).map(|index| period_end(anchor, index)).collect();
+    assert_eq!(ends, vec![at(2026, 2, 28), at(2026, 3, 31), at(2026, 4, 30), at(2026, 5, 31)]);
+    let leap: Vec<Timestamp> = (0..2).map(|index| period_end(at(2028, 1, 30), index)).collect();
+    assert_eq!(leap, vec![at(2028, 2, 29), at(2028, 3, 30)]);
+}
+
+#[test]
+fn subscription_rejections() {
+    let mut life = Life::new(at(2026, 1, 1));
+    assert_eq!(code(life.rejection(start("nope"))), "not_found");
+    assert_eq!(field(life.rejection(start("legacy"))), Some("plan_id"));
+    life.run(start("starter"));
+    assert_eq!(field(life.rejection(start("pro"))), Some("plan_id"));
+    assert_eq!(field(life.rejection(MemberCommand::ChangePlan { plan_id: "starter".into() })), Some("plan_id"));
+    assert_eq!(field(life.rejection(MemberCommand::ChangePlan { plan_id: "euro".into() })), Some("plan_id"));
+    assert_eq!(code(life.rejection(MemberCommand::ChangePlan { plan_id: "gold".into() })), "not_found");
+    life.run(MemberCommand::CancelSubscription { at_period_end: false });
+    assert_eq!(life.rejection(MemberCommand::ChangePlan { plan_id: "pro".into() }), DomainError::SubscriptionNotFound);
+    assert_eq!(
+        life.rejection(MemberCommand::CancelSubscription { at_period_end: true }),
+        DomainError::SubscriptionNotFound
+    );
+
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(MemberCommand::Register(MemberProfile::default()));
+    assert_eq!(field(life.rejection(start("euro"))), Some("currency"));
+}
+
+#[test]
+fn an_upgrade_takes_effect_at_once_with_prorated_credits_and_price() {
+    let mut life = Life::new(at(2026, 4, 1)); // April: 30 days
+    life.run(start("starter"));
+    life.run(MemberCommand::ChangePlan { plan_id: "free".into() }); // a downgrade, scheduled
+    life.at(at(2026, 4, 21)); // 10 of 30 days remain
+    let events = life.run(MemberCommand::ChangePlan { plan_id: "pro".into() });
+    let MemberEvent::SubscriptionPlanChanged {
+        proration_credits,
+        proration_amount,
+        remaining_seconds,
+        period_seconds,
+        ..
+    } = &events[0]
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!((*remaining_seconds, *period_seconds), (864_000, 2_592_000));
+    assert_eq!(*proration_credits, Credits(3_000)); // (10,000 − 1,000) × 1/3
+    assert_eq!(*proration_amount, MinorUnits(1_333)); // (5,000 − 1,000) × 1/3, floored
+    let MemberEvent::CreditsGranted { terms, .. } = &events[1] else { panic!() };
+    assert_eq!(
+        (terms.source, terms.amount, terms.expires_at),
+        (GrantSource::MonthlyAllocation, Credits(3_000), Some(at(2026, 5, 1)))
+    );
+    let subscription = life.state.subscription.as_ref().unwrap();
+    assert_eq!((subscription.terms.plan.plan_id.as_str(), subscription.scheduled_change.is_none()), ("pro", true));
+    assert_eq!(subscription.period_end, at(2026, 5, 1), "an upgrade keeps the anchor");
+    life.check_invariants();
+}
+
+#[test]
+fn an_upgrade_to_fewer_credits_grants_none() {
+    let mut cheap_many = plan("cheap_many", 100, 5_000);
+    cheap_many.rollover.enabled = false;
+    let mut life = Life::new(at(2026, 4, 1));
+    for event in life.catalog.decide(&CatalogCommand::PublishPlan(cheap_many)).unwrap() {
+        life.catalog.apply(&event);
+    }
+    life.run(start("cheap_many"));
+    let events = life.run(MemberCommand::ChangePlan { plan_id: "starter".into() });
+    assert_eq!(events.len(), 1);
+    assert!(
+        matches!(&events[0], MemberEvent::SubscriptionPlanChanged { proration_credits, .. } if proration_credits.is_zero())
+    );
+}
+
+#[test]
+fn a_downgrade_waits_for_renewal_and_a_later_change_replaces_it() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    let events = life.run(MemberCommand::ChangePlan { plan_id: "free".into() });
+    assert!(
+        matches!(&events[..], [MemberEvent::SubscriptionDowngradeScheduled { effective_at, .. }] if *effective_at == at(2026, 2, 1))
+    );
+    life.run(MemberCommand::ChangePlan { plan_id: "starter".into() });
+    assert_eq!(life.state.subscription.as_ref().unwrap().terms.plan.plan_id, "pro");
+    life.at(at(2026, 2, 1));
+    life.run(MemberCommand::AdvanceTime);
+    let subscription = life.state.subscription.as_ref().unwrap();
+    assert_eq!(
+        (subscription.terms.plan.plan_id.as_str(), subscription.period_start, subscription.period_end),
+        ("starter", at(2026, 2, 1), at(2026, 3, 1))
+    );
+    assert_eq!(subscription.period_price, MinorUnits(1_000));
+    life.check_invariants();
+}
+
+#[test]
+fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("starter"));
+    life.run(usage("u1", 300)); // 700 left of the allocation
+    life.run(grant(GrantSource::Promotional, 50)); // no expiry: untouched by renewal
+    life.at(at(2026, 2, 1));
+    let events = life.run(MemberCommand::AdvanceTime);
+    let expected = vec![
+        MemberEvent::CreditsGranted {
+            grant_id: "g7".into(),
+            terms: GrantTerms {
+                source: GrantSource::Rollover,
+                category: GrantCategory::Paid,
+                amount: Credits(500),
+                priority: 10,
+                expires_at: Some(at(2026, 3, 1)),
+                reason: None,
+                price: None,
+            },
+            transferred_from: vec![part("g3", 500)],
+            usage_id: None,
+        },
+        MemberEvent::CreditsExpired { grant_id: "g3".into(), amount: Credits(200) },
+    ];
+    assert_eq!(events[..2], expected[..]);
+    let MemberEvent::InvoiceIssued { invoice_id, lines, total, period_start, period_end, .. } = &events[2] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (invoice_id.as_str(), *total, *period_start, *period_end),
+        ("inv_m1_1", MinorUnits(1_000), Some(at(2026, 1, 1)), Some(at(2026, 2, 1)))
+    );
+    assert_eq!(lines.len(), 1);
+    assert!(
+        matches!(&events[3], MemberEvent::SubscriptionRenewed { period_start, period_end, .. } if *period_start == at(2026, 2, 1) && *period_end == at(2026, 3, 1))
+    );
+    assert!(
+        matches!(&events[4], MemberEvent::CreditsGranted { terms, .. } if terms.source == GrantSource::MonthlyAllocation && terms.amount == Credits(1_000))
+    );
+    assert_eq!(events.len(), 5);
+    assert_eq!(life.state.available(), Credits(1_550));
+    assert!(life.history.iter().rev().take(5).all(|occurred| occurred.occurred_at == at(2026, 2, 1)));
+
+    // A month later the rollover grant expires with the period: it never rolls again.
+    life.run(usage("u2", 100)); // burns the rollover first (priority 10)
+    life.at(at(2026, 3, 1));
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert!(events.contains(&MemberEvent::CreditsExpired { grant_id: "g7".into(), amount: Credits(400) }));
+    assert!(events.iter().any(|event| matches!(event, MemberEvent::CreditsGranted { terms, transferred_from, .. } if terms.source == GrantSource::Rollover && transferred_from == &vec![part("g11", 500)])));
+    life.check_invariants();
+}
+
+#[test]
+fn an_idle_member_catches_up_on_every_period_in_order() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("free"));
+    life.at(at(2026, 4, 15));
+    life.run(MemberCommand::AdvanceTime);
+    let renewals: Vec<Timestamp> = life
+        .history
+        .iter()
+        .filter_map(|occurred| match &occurred.event {
+            MemberEvent::SubscriptionRenewed { period_start, .. } => Some(*period_start),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(renewals, vec![at(2026, 2, 1), at(2026, 3, 1), at(2026, 4, 1)]);
+    assert_eq!(life.state.invoices_issued, 3);
+    assert_eq!(
+        life.state.invoices.get("inv_m1_1").unwrap().status,
+        InvoiceStatus::Paid,
+        "a zero invoice is issued paid"
+    );
+    assert_eq!(life.state.available(), Credits(100));
+    life.check_invariants();
+}
+
+#[test]
+fn overage_is_billed_at_period_close_one_line_per_unit_price() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(usage("u1", 10_300));
+    let mut revised = life.catalog.plan("pro").unwrap().terms.plan.clone();
+    revised.overage.unit_price = MinorUnits(3);
+    for event in life.catalog.decide(&CatalogCommand::RevisePlan(revised)).unwrap() {
+        life.catalog.apply(&event);
+    }
+    life.at(at(2026, 2, 1));
+    life.run(MemberCommand::AdvanceTime);
+    // The revision reaches the subscriber at renewal; this period's debt is at 2¢.
+    let subscription = life.state.subscription.as_ref().unwrap();
+    assert_eq!((subscription.terms.plan_version, subscription.terms.plan.overage.unit_price), (2, MinorUnits(3)));
+    life.run(usage("u2", 10_200));
+    life.at(at(2026, 3, 1));
+    life.run(MemberCommand::AdvanceTime);
+    let invoices: Vec<(MinorUnits, Vec<InvoiceLine>, Credits)> = life
+        .history
+        .iter()
+        .filter_map(|occurred| match &occurred.event {
+            MemberEvent::InvoiceIssued { total, lines, debt_cleared, .. } => {
+                Some((*total, lines.clone(), *debt_cleared))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(invoices[0].0, MinorUnits(5_000 + 600));
+    assert_eq!(invoices[0].2, Credits(300));
+    assert_eq!(invoices[0].1[1].kind, InvoiceLineKind::Overage);
+    assert_eq!(
+        (invoices[0].1[1].quantity, invoices[0].1[1].unit_amount, invoices[0].1[1].amount),
+        (300, MinorUnits(2), MinorUnits(600))
+    );
+    assert_eq!(invoices[1].0, MinorUnits(5_000 + 600), "200 × 3¢");
+    assert_eq!(life.state.debt(), Credits(0));
+    life.check_invariants();
+}
+
+#[test]
+fn cancel_now_closes_the_period_and_expires_allocation_and_rollover_only() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(grant(GrantSource::Purchase, 70));
+    life.run(usage("u1", 10_100)); // 10,000 allocation + 70 purchase + 30 debt
+    life.run(grant(GrantSource::Promotional, 20));
+    life.at(at(2026, 1, 11));
+    let events = life.run(MemberCommand::CancelSubscription { at_period_end: false });
+    let MemberEvent::InvoiceIssued { total, debt_cleared, .. } = &events[events.len() - 2] else {
+        panic!("{events:?}")
+    };
+    assert_eq!((*total, *debt_cleared), (MinorUnits(5_000 + 60), Credits(30)));
+    assert!(matches!(events.last(), Some(MemberEvent::SubscriptionCanceled { immediately: true, .. })));
+    assert_eq!((life.state.available(), life.state.debt()), (Credits(20), Credits(0)));
+    // Still spendable, without overage.
+    assert_eq!(code(life.rejection(usage("u2", 21))), "insufficient_credits");
+    life.run(usage("u2", 20));
+    // A canceled subscription never renews.
+    life.at(at(2026, 3, 1));
+    assert_eq!(life.run(MemberCommand::AdvanceTime), vec![]);
+    life.check_invariants();
+}
+
+#[test]
+fn cancel_at_period_end_skips_rollover_and_renewal() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("starter"));
+    let events = life.run(MemberCommand::CancelSubscription { at_period_end: true });
+    assert_eq!(events, vec![MemberEvent::SubscriptionCancelScheduled { effective_at: at(2026, 2, 1) }]);
+    assert_eq!(field(life.rejection(MemberCommand::CancelSubscription { at_period_end: true })), Some("at_period_end"));
+    // A plan change keeps the pending cancel.
+    life.run(MemberCommand::ChangePlan { plan_id: "pro".into() });
+    assert!(life.state.subscription.as_ref().unwrap().cancel_at_period_end);
+    life.at(at(2026, 2, 1));
+    let events = life.run(MemberCommand::AdvanceTime);
+    assert!(!events.iter().any(|event| matches!(event, MemberEvent::CreditsGranted { .. })), "{events:?}");
+    assert!(matches!(events.last(), Some(MemberEvent::SubscriptionCanceled { immediately: false, .. })));
+    assert_eq!(life.state.available(), Credits(0));
+    // A new subscription may start after a cancel.
+    life.run(start("starter"));
+    life.check_invariants();
+}
+
+// --- invoices and payments ---------------------------------------------
+
+#[test]
+fn a_purchase_goes_on_the_period_invoice_or_on_a_one_off_invoice() {
+    let mut life = Life::new(at(2026, 1, 1));
+    let events = life.run(grant_with(GrantSource::Purchase, 500, |g| g.price = Some(MinorUnits(499))));
+    let MemberEvent::InvoiceIssued { invoice_id, total, period_start, .. } = &events[2] else { panic!("{events:?}") };
+    assert_eq!((invoice_id.as_str(), *total, *period_start), ("inv_m1_1", MinorUnits(499), None));
+
+    life.run(start("starter"));
+    life.run(grant_with(GrantSource::Purchase, 500, |g| g.price = Some(MinorUnits(450))));
+    life.at(at(2026, 2, 1));
+    life.run(MemberCommand::AdvanceTime);
+    let MemberEvent::InvoiceIssued { invoice_id, total, lines, .. } = life
+        .history
+        .iter()
+        .rev()
+        .map(|occurred| &occurred.event)
+        .find(|event| matches!(event, MemberEvent::InvoiceIssued { .. }))
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!((invoice_id.as_str(), *total, lines.len()), ("inv_m1_2", MinorUnits(1_450), 2));
+    assert_eq!(lines.iter().map(|line| line.amount).sum::<MinorUnits>(), *total);
+}
+
+#[test]
+fn invoice_status_transitions() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(grant_with(GrantSource::Purchase, 5, |g| g.price = Some(MinorUnits(5))));
+    life.run(grant_with(GrantSource::Purchase, 5, |g| g.price = Some(MinorUnits(5))));
+    life.run(grant_with(GrantSource::Purchase, 5, |g| g.price = Some(MinorUnits(5))));
+    assert_eq!(code(life.rejection(MemberCommand::PayInvoice { invoice_id: "inv_m1_9".into() })), "not_found");
+    life.run(MemberCommand::PayInvoice { invoice_id: "inv_m1_1".into() });
+    assert_eq!(field(life.rejection(MemberCommand::PayInvoice { invoice_id: "inv_m1_1".into() })), Some("invoice_id"));
+    assert_eq!(field(life.rejection(MemberCommand::VoidInvoice { invoice_id: "inv_m1_1".into() })), Some("invoice_id"));
+    life.run(MemberCommand::VoidInvoice { invoice_id: "inv_m1_2".into() });
+    assert_eq!(
+        field(life.rejection(MemberCommand::MarkInvoiceUncollectible { invoice_id: "inv_m1_2".into() })),
+        Some("invoice_id")
+    );
+    life.run(MemberCommand::MarkInvoiceUncollectible { invoice_id: "inv_m1_3".into() });
+    life.run(MemberCommand::PayInvoice { invoice_id: "inv_m1_3".into() });
+    let statuses: Vec<InvoiceStatus> = life.state.invoices.values().map(|invoice| invoice.status).collect();
+    assert_eq!(statuses, vec![InvoiceStatus::Paid, InvoiceStatus::Void, InvoiceStatus::Paid]);
+}
+
+#[test]
+fn check_answers_without_writing() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    let context = Context { member_id: MEMBER, now: life.now, catalog: &life.catalog, usage: None };
+    assert_eq!(
+        check(&life.state, Credits(10_500), &context),
+        Ok(CheckOutcome { allowed: true, available: Credits(10_000), debt: Credits(500) })
+    );
+    assert_eq!(
+        check(&life.state, Credits(12_001), &context),
+        Ok(CheckOutcome { allowed: false, available: Credits(10_000), debt: Credits(0) })
+    );
+    let later = Context { now: at(2026, 2, 1), ..context };
+    let outcome = check(&life.state, Credits(1), &later).unwrap();
+    assert_eq!(outcome.available, Credits(15_000), "check sees the renewal due at its instant");
+    assert_eq!(check(&MemberState::default(), Credits(1), &context), Err(DomainError::MemberNotFound));
+}
+
+#[test]
+fn events_round_trip_through_json() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(start("pro"));
+    life.run(MemberCommand::Reserve { amount: Credits(10), ttl_s: None });
+    life.run(usage("u1", 10_100));
+    life.at(at(2026, 2, 1));
+    life.run(MemberCommand::AdvanceTime);
+    for occurred in &life.history {
+        let json = serde_json::to_string(&occurred.event).unwrap();
+        let back: MemberEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, occurred.event, "{json}");
+        assert!(json.starts_with(&format!("{{\"type\":\"{}\"", occurred.event.event_type())), "{json}");
+    }
+    let _: DateTime<Utc> = life.now;
+}

@@ -1,0 +1,14 @@
+//! The pure domain: catalog and member deciders, their events and commands.
+//! Nothing here does I/O or reads a clock.
+
+pub mod amount;
+pub mod catalog;
+pub mod error;
+pub mod limits;
+pub mod member;
+pub mod validate;
+
+pub use amount::{Credits, MinorUnits, Overflow};
+pub use catalog::*;
+pub use error::DomainError;
+pub use member::*;

@@ -1,0 +1,810 @@
+//! The command path: a single writer with group commit.
+//!
+//! One thread owns the write connection. It drains the queued commands,
+//! decides each against the member's in-memory state, appends every
+//! accepted command's events inside its own SAVEPOINT of one transaction,
+//! commits once (one fsync for the whole batch), and only then answers the
+//! callers. A rejected command rolls back its savepoint and writes nothing.
+//!
+//! The in-memory states are a cache: every append still names the stream's
+//! expected version, so a second process writing the same file (the CLI
+//! beside a running server) makes the append conflict, and the writer
+//! reloads that member and decides again.
+
+use crate::codec::{self, CodecError};
+use crate::domain::*;
+use crate::store::{
+    Batch, EventMetadata, EventReader, EventStore, ExpectedVersion, IdempotencyRecord, NewEvent, StoreError,
+    StoreOptions,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use uuid::Uuid;
+
+/// The source of `now` for the writer. Pure code never reads a clock; the
+/// shell asks this one, so tests and `--test-clock` can drive time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that moves only when told to: tests and `serve --test-clock`.
+pub struct ManualClock {
+    now: Mutex<DateTime<Utc>>,
+}
+
+impl ManualClock {
+    pub fn new(start: DateTime<Utc>) -> ManualClock {
+        ManualClock { now: Mutex::new(start) }
+    }
+
+    /// Move the clock to `to`; refused (returns false) if that is earlier.
+    pub fn advance_to(&self, to: DateTime<Utc>) -> bool {
+        let mut now = self.now.lock().expect("clock lock");
+        if to < *now {
+            return false;
+        }
+        *now = to;
+        true
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().expect("clock lock")
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LedgerOptions {
+    pub store: StoreOptions,
+    /// The most commands one transaction (one fsync) carries.
+    pub batch_commands_max: usize,
+    /// Commands waiting for the writer before submitters get `Overloaded`.
+    pub queue_commands_max: usize,
+    /// Member states kept in memory; beyond it, states are evicted and
+    /// reloaded from the log when next needed.
+    pub member_cache_max: usize,
+    /// Reload-and-decide-again attempts after a version conflict.
+    pub conflict_retries_max: u32,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            store: StoreOptions::default(),
+            batch_commands_max: 512,
+            queue_commands_max: 16_384,
+            member_cache_max: 100_000,
+            conflict_retries_max: 8,
+        }
+    }
+}
+
+/// How a command's idempotency key is kept: scoped to (principal, member,
+/// route) by the caller, with a fingerprint of the request.
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    /// The status the caller answers on success, stored for replays.
+    pub status: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request<C> {
+    pub command: C,
+    /// `admin`, `member_key:<id>`, `stripe`, `scheduler`.
+    pub actor: String,
+    pub idempotency: Option<Idempotency>,
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+}
+
+impl<C> Request<C> {
+    pub fn new(command: C, actor: &str) -> Request<C> {
+        Request { command, actor: actor.to_owned(), idempotency: None, correlation_id: None, causation_id: None }
+    }
+
+    pub fn with_idempotency(mut self, idempotency: Idempotency) -> Request<C> {
+        self.idempotency = Some(idempotency);
+        self
+    }
+}
+
+/// A member's money position, as the writer sees it right after a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceView {
+    pub balance: Credits,
+    pub available: Credits,
+    pub held: Credits,
+    pub debt: Credits,
+}
+
+impl BalanceView {
+    pub fn of(state: &MemberState) -> BalanceView {
+        BalanceView { balance: state.balance(), available: state.available(), held: state.held(), debt: state.debt() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedEvent {
+    pub position: u64,
+    pub event: serde_json::Value,
+}
+
+/// What an accepted command did. Stored whole as the idempotency record's
+/// response, so a retry gets exactly the original answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub stream_id: String,
+    /// The position of the command's last event, or the log's head when it
+    /// wrote none: a read with `min_position` this value sees its effect.
+    pub position: u64,
+    pub events: Vec<AppendedEvent>,
+    /// For member commands: the balance right after the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceView>,
+}
+
+impl CommandOutcome {
+    /// The member events of this outcome, decoded.
+    pub fn member_events(&self) -> Vec<MemberEvent> {
+        self.events.iter().filter_map(|appended| serde_json::from_value(appended.event.clone()).ok()).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Executed {
+    pub outcome: CommandOutcome,
+    /// True when the idempotency key had been used with the same request:
+    /// nothing new was written and `outcome` is the original one.
+    pub replayed: bool,
+    pub status: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A business rule refused the command; nothing was written. Map with
+    /// [`DomainError::code`].
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// The idempotency key was used before with a different request. 409/422
+    /// `idempotency_key_reused`; use a new key for a new request.
+    #[error("the idempotency key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// Another writer kept changing the member faster than we could retry.
+    /// 409 `version_conflict`; the client may retry.
+    #[error("version conflict on {stream_id} after {attempts} attempts")]
+    VersionConflict { stream_id: String, attempts: u32 },
+    /// The queue is full. 503; retry with backoff.
+    #[error("the ledger is overloaded: {queued} commands queued")]
+    Overloaded { queued: usize },
+    /// The writer stopped (shutdown or a fatal error). 503.
+    #[error("the ledger writer is not running")]
+    Unavailable,
+    /// Storage failed; nothing of the command was committed. 503 for busy
+    /// or full disks, 500 otherwise.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event does not decode. 500; run `tally audit verify`.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl LedgerError {
+    /// Errors from the storage layer (not the request): the caller should
+    /// answer 5xx and may retry.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            LedgerError::Store(_) | LedgerError::Codec(_) | LedgerError::Unavailable | LedgerError::Overloaded { .. }
+        )
+    }
+}
+
+/// What a sweep of due work did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepReport {
+    pub members: u64,
+    pub events: u64,
+    /// The log's head after the sweep.
+    pub position: u64,
+}
+
+type Reply<T> = SyncSender<Result<T, LedgerError>>;
+
+enum Job {
+    Member { member_id: String, request: Request<MemberCommand>, reply: Reply<Executed> },
+    Catalog { request: Request<CatalogCommand>, reply: Reply<Executed> },
+    Check { member_id: String, credits: Credits, reply: Reply<CheckOutcome> },
+    State { member_id: String, reply: Reply<MemberState> },
+    Sweep { members_max: usize, reply: Reply<SweepReport> },
+}
+
+/// The embedded ledger: submit commands from any thread; one writer thread
+/// applies them.
+pub struct Ledger {
+    jobs: Option<SyncSender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
+    clock: Arc<dyn Clock>,
+    path: PathBuf,
+}
+
+impl Ledger {
+    pub fn open(path: &Path, options: LedgerOptions, clock: Arc<dyn Clock>) -> Result<Ledger, LedgerError> {
+        let store = EventStore::open(path, options.store)?;
+        let reader = store.reader()?;
+        let catalog = load_catalog(&reader)?;
+        let last_now =
+            reader.read_all(reader.head()?.position.saturating_sub(1), 1)?.first().map(|event| event.recorded_at);
+        let catalog = Arc::new(RwLock::new(Arc::new(catalog)));
+        let (jobs, queue) = sync_channel(options.queue_commands_max);
+        let mut writer = Writer {
+            store,
+            options,
+            clock: clock.clone(),
+            last_now: last_now.unwrap_or(DateTime::<Utc>::MIN_UTC),
+            members: HashMap::new(),
+            catalog: Arc::clone(&catalog.read().expect("catalog lock")),
+            published_catalog: catalog.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("tally-writer".to_owned())
+            .spawn(move || writer.run(queue))
+            .map_err(|error| StoreError::Corrupt(format!("cannot start the writer thread: {error}")))?;
+        Ok(Ledger { jobs: Some(jobs), writer: Some(writer), catalog, clock, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// A new read connection on the log.
+    pub fn reader(&self) -> Result<EventReader, LedgerError> {
+        Ok(EventReader::open(&self.path)?)
+    }
+
+    /// The catalog as of the last committed batch.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog.read().expect("catalog lock"))
+    }
+
+    fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, LedgerError> {
+        let (reply, answer) = sync_channel(1);
+        let jobs = self.jobs.as_ref().ok_or(LedgerError::Unavailable)?;
+        match jobs.try_send(make(reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(LedgerError::Overloaded { queued: 0 }),
+            Err(TrySendError::Disconnected(_)) => return Err(LedgerError::Unavailable),
+        }
+        answer.recv().map_err(|_| LedgerError::Unavailable)?
+    }
+
+    /// Decide and durably append a member command. Returns once its batch
+    /// is committed.
+    pub fn execute(&self, member_id: &str, request: Request<MemberCommand>) -> Result<Executed, LedgerError> {
+        self.submit(|reply| Job::Member { member_id: member_id.to_owned(), request, reply })
+    }
+
+    pub fn execute_catalog(&self, request: Request<CatalogCommand>) -> Result<Executed, LedgerError> {
+        self.submit(|reply| Job::Catalog { request, reply })
+    }
+
+    /// Would a deduction of `credits` be allowed now? Answered from the
+    /// writer's state, never from a read model; writes nothing.
+    pub fn check(&self, member_id: &str, credits: Credits) -> Result<CheckOutcome, LedgerError> {
+        self.submit(|reply| Job::Check { member_id: member_id.to_owned(), credits, reply })
+    }
+
+    /// The member's state as the writer holds it (as of its last event).
+    pub fn member_state(&self, member_id: &str) -> Result<MemberState, LedgerError> {
+        self.submit(|reply| Job::State { member_id: member_id.to_owned(), reply })
+    }
+
+    /// Run what fell due up to now for every member with due work: renewals,
+    /// allocations, rollovers, expiries, reservation timeouts. Loops until
+    /// nothing is due, each round one batch of at most `members_max` members.
+    pub fn run_due(&self) -> Result<SweepReport, LedgerError> {
+        let mut total = SweepReport::default();
+        loop {
+            let round = self.submit(|reply| Job::Sweep { members_max: 256, reply })?;
+            total.members += round.members;
+            total.events += round.events;
+            total.position = round.position;
+            if round.members == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Stop accepting commands, let the writer finish what is queued, and
+    /// wait for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn load_catalog(reader: &EventReader) -> Result<Catalog, LedgerError> {
+    let mut catalog = Catalog::default();
+    for recorded in reader.stream_events(CATALOG_STREAM, None, 1_000) {
+        catalog.apply(&codec::decode_catalog(&recorded?)?);
+    }
+    Ok(catalog)
+}
+
+struct Writer {
+    store: EventStore,
+    options: LedgerOptions,
+    clock: Arc<dyn Clock>,
+    /// `now` never goes back: a clock that steps back never rejects commands.
+    last_now: DateTime<Utc>,
+    members: HashMap<String, MemberState>,
+    catalog: Arc<Catalog>,
+    published_catalog: Arc<RwLock<Arc<Catalog>>>,
+}
+
+/// An answer to send once the batch's fate is known.
+enum Pending {
+    Executed(Reply<Executed>, Box<Result<Executed, LedgerError>>),
+    Checked(Reply<CheckOutcome>, Result<CheckOutcome, LedgerError>),
+    State(Reply<MemberState>, Result<Box<MemberState>, LedgerError>),
+    Swept(Reply<SweepReport>, Result<SweepReport, LedgerError>),
+}
+
+impl Pending {
+    fn send(self) {
+        // A caller that gave up waiting is not an error of the ledger, so
+        // failed sends are ignored.
+        match self {
+            Pending::Executed(reply, result) => drop(reply.send(*result)),
+            Pending::Checked(reply, result) => drop(reply.send(result)),
+            Pending::State(reply, result) => drop(reply.send(result.map(|state| *state))),
+            Pending::Swept(reply, result) => drop(reply.send(result)),
+        }
+    }
+
+    fn fail(self, error: &StoreError) {
+        let failure = || LedgerError::Store(StoreError::Corrupt(format!("the batch was not committed: {error}")));
+        match self {
+            Pending::Executed(reply, _) => drop(reply.send(Err(failure()))),
+            Pending::Checked(reply, _) => drop(reply.send(Err(failure()))),
+            Pending::State(reply, _) => drop(reply.send(Err(failure()))),
+            Pending::Swept(reply, _) => drop(reply.send(Err(failure()))),
+        }
+    }
+}
+
+fn job_reply_error(job: Job, error: LedgerError) {
+    match job {
+        Job::Member { reply, .. } | Job::Catalog { reply, .. } => drop(reply.send(Err(error))),
+        Job::Check { reply, .. } => drop(reply.send(Err(error))),
+        Job::State { reply, .. } => drop(reply.send(Err(error))),
+        Job::Sweep { reply, .. } => drop(reply.send(Err(error))),
+    }
+}
+
+impl Writer {
+    fn run(&mut self, queue: Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < self.options.batch_commands_max {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(jobs);
+        }
+    }
+
+    fn now(&mut self) -> DateTime<Utc> {
+        self.last_now = self.last_now.max(self.clock.now());
+        self.last_now
+    }
+
+    fn run_batch(&mut self, jobs: Vec<Job>) {
+        let now = self.now();
+        let mut batch = match self.store.begin_batch() {
+            Ok(batch) => batch,
+            Err(error) => {
+                let message = error.to_string();
+                for job in jobs {
+                    job_reply_error(job, LedgerError::Store(StoreError::Corrupt(message.clone())));
+                }
+                return;
+            }
+        };
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut pending = Vec::with_capacity(jobs.len());
+        let mut catalog = Arc::clone(&self.catalog);
+        let members = &mut self.members;
+        let options = &self.options;
+        let catalog_ok = refresh_catalog(&mut batch, &mut catalog);
+        for job in jobs {
+            if let Err(error) = &catalog_ok {
+                job_reply_error(job, LedgerError::Store(StoreError::Corrupt(error.to_string())));
+                continue;
+            }
+            let mut shell = Shell { batch: &mut batch, members, catalog: &mut catalog, options, now };
+            pending.push(match job {
+                Job::Member { member_id, request, reply } => {
+                    touched.insert(member_id.clone());
+                    Pending::Executed(
+                        reply,
+                        Box::new(shell.in_savepoint(|shell| shell.member_command(&member_id, &request))),
+                    )
+                }
+                Job::Catalog { request, reply } => {
+                    Pending::Executed(reply, Box::new(shell.in_savepoint(|shell| shell.catalog_command(&request))))
+                }
+                Job::Check { member_id, credits, reply } => Pending::Checked(reply, shell.check(&member_id, credits)),
+                Job::State { member_id, reply } => {
+                    Pending::State(reply, shell.state(&member_id).map(|state| Box::new(state.clone())))
+                }
+                Job::Sweep { members_max, reply } => {
+                    let result = shell.sweep(members_max, &mut touched);
+                    Pending::Swept(reply, result)
+                }
+            });
+        }
+        match batch.commit() {
+            Ok(()) => {
+                if !Arc::ptr_eq(&catalog, &self.catalog) {
+                    *self.published_catalog.write().expect("catalog lock") = Arc::clone(&catalog);
+                    self.catalog = catalog;
+                }
+                pending.into_iter().for_each(Pending::send);
+            }
+            Err(error) => {
+                // What we folded into the cache never reached the disk.
+                for member_id in &touched {
+                    self.members.remove(member_id);
+                }
+                tracing::error!(%error, "batch commit failed; its commands were answered with an error");
+                for answer in pending {
+                    answer.fail(&error);
+                }
+            }
+        }
+        self.evict_if_needed();
+    }
+
+    fn evict_if_needed(&mut self) {
+        if self.members.len() > self.options.member_cache_max {
+            let excess = self.members.len() - self.options.member_cache_max / 2;
+            let victims: Vec<String> = self.members.keys().take(excess).cloned().collect();
+            for member_id in victims {
+                self.members.remove(&member_id);
+            }
+        }
+    }
+}
+
+/// The catalog may have been changed by another process: compare versions.
+fn refresh_catalog(batch: &mut Batch<'_>, catalog: &mut Arc<Catalog>) -> Result<(), LedgerError> {
+    if batch.stream_version(CATALOG_STREAM)? == catalog.version {
+        return Ok(());
+    }
+    let mut fresh = Catalog::default();
+    loop {
+        let page = batch.read_stream(CATALOG_STREAM, fresh.version + 1, STREAM_PAGE_SIZE)?;
+        for recorded in &page {
+            fresh.apply(&codec::decode_catalog(recorded)?);
+        }
+        if page.len() < STREAM_PAGE_SIZE {
+            *catalog = Arc::new(fresh);
+            return Ok(());
+        }
+    }
+}
+
+/// One batch's view for deciding commands: its transaction, the member
+/// cache and the catalog.
+struct Shell<'batch, 'store> {
+    batch: &'batch mut Batch<'store>,
+    members: &'batch mut HashMap<String, MemberState>,
+    catalog: &'batch mut Arc<Catalog>,
+    options: &'batch LedgerOptions,
+    now: DateTime<Utc>,
+}
+
+const STREAM_PAGE_SIZE: usize = 1_000;
+
+impl Shell<'_, '_> {
+    /// Run one command inside its own savepoint: kept on success, rolled
+    /// back on any error so that a rejection writes nothing.
+    fn in_savepoint<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+        self.batch.begin_command()?;
+        match run(self) {
+            Ok(value) => {
+                self.batch.commit_command()?;
+                Ok(value)
+            }
+            Err(error) => {
+                self.batch.rollback_command()?;
+                Err(error)
+            }
+        }
+    }
+
+    fn load_member(&mut self, member_id: &str) -> Result<MemberState, LedgerError> {
+        let stream_id = member_stream(member_id);
+        let mut state = MemberState::default();
+        loop {
+            let page = self.batch.read_stream(&stream_id, state.version + 1, STREAM_PAGE_SIZE)?;
+            for recorded in &page {
+                state.apply(&codec::decode_member(recorded)?);
+            }
+            if page.len() < STREAM_PAGE_SIZE {
+                return Ok(state);
+            }
+        }
+    }
+
+    fn state(&mut self, member_id: &str) -> Result<&MemberState, LedgerError> {
+        validate::identifier("member_id", member_id)?;
+        if !self.members.contains_key(member_id) {
+            let state = self.load_member(member_id)?;
+            self.members.insert(member_id.to_owned(), state);
+        }
+        Ok(&self.members[member_id])
+    }
+
+    fn check(&mut self, member_id: &str, credits: Credits) -> Result<CheckOutcome, LedgerError> {
+        let now = self.now;
+        let catalog = Arc::clone(self.catalog);
+        let state = self.state(member_id)?;
+        Ok(check(state, credits, &Context { member_id, now, catalog: &catalog, usage: None })?)
+    }
+
+    fn replayed(idempotency: &Idempotency, record: IdempotencyRecord) -> Result<Executed, LedgerError> {
+        if record.fingerprint != idempotency.fingerprint {
+            return Err(LedgerError::IdempotencyKeyReused);
+        }
+        let outcome = serde_json::from_str(&record.response)
+            .map_err(|error| StoreError::Corrupt(format!("stored idempotent response does not decode: {error}")))?;
+        Ok(Executed { outcome, replayed: true, status: record.status })
+    }
+
+    fn usage_facts(&mut self, stream_id: &str, command: &MemberCommand) -> Result<Option<UsageFacts>, LedgerError> {
+        let usage_id = match command {
+            MemberCommand::RecordUsage(usage) => &usage.usage_id,
+            MemberCommand::ReverseUsage { usage_id, .. } => usage_id,
+            _ => return Ok(None),
+        };
+        Ok(self
+            .batch
+            .usage(stream_id, usage_id)?
+            .map(|entry| UsageFacts { credits: Credits(entry.credits), reversed: entry.reversed_position.is_some() }))
+    }
+
+    fn member_command(&mut self, member_id: &str, request: &Request<MemberCommand>) -> Result<Executed, LedgerError> {
+        validate::identifier("member_id", member_id)?;
+        if let Some(idempotency) = &request.idempotency
+            && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
+        {
+            return Self::replayed(idempotency, record);
+        }
+        let stream_id = member_stream(member_id);
+        for _attempt in 0..=self.options.conflict_retries_max {
+            let state = self.state(member_id)?.clone();
+            let usage = self.usage_facts(&stream_id, &request.command)?;
+            let catalog = Arc::clone(self.catalog);
+            let context = Context { member_id, now: self.now, catalog: &catalog, usage };
+            let decision = decide(&state, &request.command, &context)?;
+            match self.append_member(&stream_id, &state, &decision, request) {
+                Ok(positions) => {
+                    let mut state = state;
+                    for occurred in &decision {
+                        state.apply(&occurred.event);
+                    }
+                    self.index_member(&stream_id, &state, &decision, &positions)?;
+                    let outcome = self.outcome(&stream_id, &decision, &positions, Some(BalanceView::of(&state)));
+                    self.members.insert(member_id.to_owned(), state);
+                    return self.finish(request, outcome);
+                }
+                Err(LedgerError::Store(StoreError::VersionConflict { .. })) => {
+                    self.members.remove(member_id);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(LedgerError::VersionConflict { stream_id, attempts: self.options.conflict_retries_max + 1 })
+    }
+
+    /// Append a decision's events; returns each event's position.
+    fn append_member<C>(
+        &mut self,
+        stream_id: &str,
+        state: &MemberState,
+        decision: &Decision,
+        request: &Request<C>,
+    ) -> Result<Vec<u64>, LedgerError> {
+        if decision.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events = decision
+            .iter()
+            .map(|occurred| {
+                let encoded = codec::encode_member(&occurred.event);
+                let actor = if occurred.by_time { "scheduler" } else { request.actor.as_str() };
+                new_event(encoded, metadata(request, actor, Some(occurred.occurred_at)))
+            })
+            .collect();
+        let appended = self.batch.append(stream_id, ExpectedVersion::Exact(state.version), events, self.now)?;
+        Ok((appended.first_position..=appended.last_position).collect())
+    }
+
+    /// Keep the store's indexes in step with the events: usage ids (unique
+    /// for ever) and each member's next due instant (for the scheduler).
+    fn index_member(
+        &mut self,
+        stream_id: &str,
+        state: &MemberState,
+        decision: &Decision,
+        positions: &[u64],
+    ) -> Result<(), LedgerError> {
+        for (occurred, position) in decision.iter().zip(positions) {
+            match &occurred.event {
+                MemberEvent::UsageRecorded { usage_id, credits, .. } => {
+                    self.batch.record_usage(stream_id, usage_id, *position, credits.0)?;
+                }
+                MemberEvent::UsageReversed { usage_id, .. } => {
+                    self.batch.mark_usage_reversed(stream_id, usage_id, *position)?;
+                }
+                _ => {}
+            }
+        }
+        if !decision.is_empty() {
+            self.batch.set_due(stream_id, next_due(state))?;
+        }
+        Ok(())
+    }
+
+    fn outcome(
+        &self,
+        stream_id: &str,
+        decision: &Decision,
+        positions: &[u64],
+        balance: Option<BalanceView>,
+    ) -> CommandOutcome {
+        let events = decision
+            .iter()
+            .zip(positions)
+            .map(|(occurred, position)| AppendedEvent {
+                position: *position,
+                event: serde_json::to_value(&occurred.event).expect("events serialise"),
+            })
+            .collect();
+        CommandOutcome {
+            stream_id: stream_id.to_owned(),
+            position: positions.last().copied().unwrap_or(self.batch.head().position),
+            events,
+            balance,
+        }
+    }
+
+    fn finish<C>(&mut self, request: &Request<C>, outcome: CommandOutcome) -> Result<Executed, LedgerError> {
+        let status = request.idempotency.as_ref().map_or(200, |idempotency| idempotency.status);
+        if let Some(idempotency) = &request.idempotency {
+            let record = IdempotencyRecord {
+                fingerprint: idempotency.fingerprint,
+                status,
+                response: serde_json::to_string(&outcome).expect("outcomes serialise"),
+                position: outcome.position,
+                recorded_at: self.now,
+            };
+            self.batch.record_idempotency(&idempotency.scope, &idempotency.key, &record)?;
+        }
+        Ok(Executed { outcome, replayed: false, status })
+    }
+
+    fn catalog_command(&mut self, request: &Request<CatalogCommand>) -> Result<Executed, LedgerError> {
+        if let Some(idempotency) = &request.idempotency
+            && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
+        {
+            return Self::replayed(idempotency, record);
+        }
+        let events = self.catalog.decide(&request.command)?;
+        let new_events = events
+            .iter()
+            .map(|event| new_event(codec::encode_catalog(event), metadata(request, &request.actor, Some(self.now))))
+            .collect();
+        let appended =
+            self.batch.append(CATALOG_STREAM, ExpectedVersion::Exact(self.catalog.version), new_events, self.now)?;
+        let mut catalog = (**self.catalog).clone();
+        for event in &events {
+            catalog.apply(event);
+        }
+        *self.catalog = Arc::new(catalog);
+        let positions: Vec<u64> = (appended.first_position..=appended.last_position).collect();
+        let outcome = CommandOutcome {
+            stream_id: CATALOG_STREAM.to_owned(),
+            position: appended.last_position,
+            events: events
+                .iter()
+                .zip(&positions)
+                .map(|(event, position)| AppendedEvent {
+                    position: *position,
+                    event: serde_json::to_value(event).expect("events serialise"),
+                })
+                .collect(),
+            balance: None,
+        };
+        self.finish(request, outcome)
+    }
+
+    /// Run due work for up to `members_max` members whose next due instant
+    /// has come. Each member's time effects go in its own savepoint.
+    fn sweep(&mut self, members_max: usize, touched: &mut HashSet<String>) -> Result<SweepReport, LedgerError> {
+        let due = self.batch.due_streams(self.now, members_max)?;
+        let mut report = SweepReport::default();
+        for stream_id in due {
+            let Some(member_id) = stream_id.strip_prefix("member-") else { continue };
+            touched.insert(member_id.to_owned());
+            let request = Request::new(MemberCommand::AdvanceTime, "scheduler");
+            let executed = self.in_savepoint(|shell| shell.member_command(member_id, &request))?;
+            report.members += 1;
+            report.events += executed.outcome.events.len() as u64;
+            if executed.outcome.events.is_empty() {
+                // Nothing was due after all (a stale index entry): refresh it.
+                let state = self.state(member_id)?.clone();
+                self.batch.set_due(&stream_id, next_due(&state))?;
+            }
+        }
+        report.position = self.batch.head().position;
+        Ok(report)
+    }
+}
+
+fn metadata<C>(request: &Request<C>, actor: &str, occurred_at: Option<DateTime<Utc>>) -> EventMetadata {
+    EventMetadata {
+        occurred_at,
+        causation_id: request.causation_id,
+        correlation_id: request.correlation_id,
+        actor: actor.to_owned(),
+        idempotency_key: request.idempotency.as_ref().map(|idempotency| idempotency.key.clone()),
+    }
+}
+
+fn new_event(encoded: codec::Encoded, metadata: EventMetadata) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: encoded.event_type.to_owned(),
+        schema_version: encoded.schema_version,
+        payload: encoded.payload,
+        metadata,
+    }
+}

@@ -1,0 +1,351 @@
+//! Opening a file as an event log: refusing anything that is not one, and
+//! creating the schema in a file that is new.
+//!
+//! A mistyped `--data-dir` must never turn someone else's database into a
+//! tally log, so every check that can refuse a file runs before the first
+//! write to it (even `journal_mode=WAL` rewrites the header).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::StoreError;
+
+/// The tally schema version, kept in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Every SQLite 3 database file starts with these 16 bytes.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// The tables a tally log has; a file with other tables and not these is foreign.
+const LEDGER_TABLES: [&str; 4] = ["events", "idempotency", "schedule", "usages"];
+
+/// The columns of `events`, in order, as created below.
+const EVENT_COLUMNS: [&str; 10] = [
+    "position",
+    "stream_id",
+    "version",
+    "event_type",
+    "schema_version",
+    "event_id",
+    "payload",
+    "metadata",
+    "recorded_at",
+    "hash",
+];
+
+/// The triggers that make `events` append-only. The writer refuses a log
+/// without them: someone removed them, and the log may have been altered.
+const APPEND_ONLY_TRIGGERS: [&str; 3] = ["events_append_at_head", "events_no_delete", "events_no_update"];
+
+/// Version 1 of the schema. Tables are STRICT so that a value of the wrong
+/// type is refused rather than stored (the hash covers stored bytes, and a
+/// silently coerced value would be a second source of truth).
+const CREATE_SCHEMA_SQL: &str = "
+CREATE TABLE events (
+    position       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    event_id       BLOB    NOT NULL UNIQUE CHECK (length(event_id) = 16),
+    payload        TEXT    NOT NULL,
+    metadata       TEXT    NOT NULL,
+    recorded_at    TEXT    NOT NULL,
+    hash           BLOB    NOT NULL CHECK (length(hash) = 32),
+    UNIQUE (stream_id, version)
+) STRICT;
+
+-- Positions and versions are gapless because the database refuses any other
+-- insert, not only because the store computes them right.
+CREATE TRIGGER events_append_at_head BEFORE INSERT ON events
+WHEN NEW.position IS NOT (SELECT coalesce(max(position), 0) + 1 FROM events)
+  OR NEW.version IS NOT (SELECT coalesce(max(version), 0) + 1 FROM events WHERE stream_id = NEW.stream_id)
+BEGIN
+    SELECT RAISE(ABORT, 'events are appended at the next position and the next version of their stream');
+END;
+
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
+
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
+
+CREATE TABLE idempotency (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint BLOB    NOT NULL CHECK (length(fingerprint) = 32),
+    status      INTEGER NOT NULL,
+    response    TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    recorded_at TEXT    NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID, STRICT;
+
+CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);
+
+CREATE TABLE usages (
+    stream_id         TEXT    NOT NULL,
+    usage_id          TEXT    NOT NULL,
+    position          INTEGER NOT NULL,
+    credits           INTEGER NOT NULL,
+    reversed_position INTEGER,
+    PRIMARY KEY (stream_id, usage_id)
+) WITHOUT ROWID, STRICT;
+
+-- When each stream next has time-driven work (an expiry, a renewal, a
+-- reservation timeout), so that a sweep finds due members without loading
+-- them all. Derived from the events, and written in the same transaction.
+CREATE TABLE schedule (
+    stream_id TEXT NOT NULL PRIMARY KEY,
+    due_at    TEXT NOT NULL
+) WITHOUT ROWID, STRICT;
+
+CREATE INDEX schedule_by_due_at ON schedule (due_at, stream_id);
+
+PRAGMA user_version = 1;
+";
+
+/// What a SQLite file holds, as far as tally is concerned.
+#[derive(Debug, PartialEq, Eq)]
+enum Contents {
+    /// No tables and no user version: a new file, or an empty database.
+    Empty,
+    /// A tally log of the supported schema version.
+    Ledger,
+}
+
+/// Opens (creating if needed) the log for writing: WAL, the configured
+/// `synchronous`, the busy timeout, and the schema in a new file.
+pub(super) fn open_for_writing(
+    path: &Path,
+    synchronous_full: bool,
+    busy_timeout_ms: u32,
+) -> Result<Connection, StoreError> {
+    refuse_non_sqlite_file(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection = Connection::open_with_flags(path, flags)
+        .map_err(|source| StoreError::CannotOpen { path: path.to_path_buf(), source })?;
+    connection.busy_timeout(Duration::from_millis(u64::from(busy_timeout_ms)))?;
+    // Checked before the first write: a foreign database stays untouched.
+    let contents = inspect_in_one_snapshot(&connection, path)?;
+
+    switch_to_wal(&connection, path, busy_timeout_ms)?;
+    let synchronous = if synchronous_full { "FULL" } else { "NORMAL" };
+    connection.pragma_update(None, "synchronous", synchronous)?;
+    connection.set_prepared_statement_cache_capacity(32);
+
+    if contents == Contents::Empty {
+        create_schema(&connection, path)?;
+    }
+    refuse_missing_triggers(&connection)?;
+    Ok(connection)
+}
+
+/// Puts the file in WAL mode (a persistent setting), unless it already is.
+///
+/// The switch needs an exclusive lock and SQLite answers `SQLITE_BUSY` at once
+/// rather than through the busy handler, so two processes opening a new file
+/// together would fail; the switch is retried until the busy timeout instead.
+fn switch_to_wal(connection: &Connection, path: &Path, busy_timeout_ms: u32) -> Result<(), StoreError> {
+    const RETRY_PAUSE_MS: u64 = 5;
+    let journal_mode = |sql: &str| -> rusqlite::Result<String> { connection.query_row(sql, [], |row| row.get(0)) };
+    if journal_mode("PRAGMA journal_mode")?.eq_ignore_ascii_case("wal") {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_millis(u64::from(busy_timeout_ms));
+    let mode = loop {
+        match journal_mode("PRAGMA journal_mode = WAL") {
+            Ok(mode) => break mode,
+            Err(error)
+                if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(RETRY_PAUSE_MS));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NotALedger {
+            path: path.to_path_buf(),
+            reason: format!("SQLite refused WAL mode (journal mode is {mode})"),
+        });
+    }
+    Ok(())
+}
+
+/// Opens the log read-only. Never creates a file.
+pub(super) fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
+    refuse_non_sqlite_file(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection = Connection::open_with_flags(path, flags)
+        .map_err(|source| StoreError::CannotOpen { path: path.to_path_buf(), source })?;
+    // Readers rarely wait (WAL), but they do while a crashed writer's WAL is
+    // recovered.
+    connection.busy_timeout(Duration::from_secs(5))?;
+    connection.set_prepared_statement_cache_capacity(32);
+    match inspect_in_one_snapshot(&connection, path)? {
+        Contents::Ledger => Ok(connection),
+        Contents::Empty => Err(StoreError::NotALedger {
+            path: path.to_path_buf(),
+            reason: "the database is empty (no tally schema yet)".to_string(),
+        }),
+    }
+}
+
+/// Refuses a non-empty file that does not start with the SQLite header,
+/// before SQLite opens it at all. A missing or empty file passes: SQLite
+/// treats both as a new database.
+fn refuse_non_sqlite_file(path: &Path) -> Result<(), StoreError> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::Io { path: path.to_path_buf(), source });
+        }
+    };
+    let mut header = Vec::with_capacity(SQLITE_HEADER.len());
+    file.by_ref()
+        .take(SQLITE_HEADER.len() as u64)
+        .read_to_end(&mut header)
+        .map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
+    if header.is_empty() || header == SQLITE_HEADER {
+        return Ok(());
+    }
+    Err(StoreError::NotALedger {
+        path: path.to_path_buf(),
+        reason: "the file is not a SQLite database (its header is not \"SQLite format 3\")".to_string(),
+    })
+}
+
+/// Classifies the database from one read snapshot. Its checks are several
+/// statements, and a process creating the schema at the same moment must not
+/// commit between two of them (tables seen, `user_version` not yet).
+fn inspect_in_one_snapshot(connection: &Connection, path: &Path) -> Result<Contents, StoreError> {
+    let snapshot = connection.unchecked_transaction()?;
+    let contents = inspect_contents(&snapshot, path);
+    // A read-only transaction: ending it cannot lose anything.
+    drop(snapshot);
+    contents
+}
+
+/// Classifies an open database without writing to it. The caller holds a
+/// transaction, so that every check sees the same state.
+fn inspect_contents(connection: &Connection, path: &Path) -> Result<Contents, StoreError> {
+    let not_a_ledger = |reason: String| StoreError::NotALedger { path: path.to_path_buf(), reason };
+    let unreadable = |error: rusqlite::Error| match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            not_a_ledger(format!("SQLite cannot read it as a database ({error})"))
+        }
+        _ => StoreError::from(error),
+    };
+
+    let user_version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(unreadable)?;
+    let tables = table_names(connection).map_err(unreadable)?;
+
+    if user_version == 0 && tables.is_empty() {
+        return Ok(Contents::Empty);
+    }
+    let has_ledger_tables = LEDGER_TABLES.iter().all(|table| tables.iter().any(|name| name == table));
+    if !has_ledger_tables {
+        return Err(not_a_ledger(format!(
+            "it is a SQLite database with other tables ({}) and no tally schema",
+            if tables.is_empty() { "none".to_string() } else { tables.join(", ") }
+        )));
+    }
+    if user_version > SCHEMA_VERSION {
+        return Err(StoreError::UnsupportedSchemaVersion {
+            path: path.to_path_buf(),
+            found: user_version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if user_version != SCHEMA_VERSION {
+        return Err(not_a_ledger(format!(
+            "it has tally's table names but user_version {user_version}, not {SCHEMA_VERSION}"
+        )));
+    }
+    let columns = event_column_names(connection).map_err(unreadable)?;
+    if columns != EVENT_COLUMNS {
+        return Err(not_a_ledger(format!(
+            "its events table has columns ({}), not tally's ({})",
+            columns.join(", "),
+            EVENT_COLUMNS.join(", ")
+        )));
+    }
+    Ok(Contents::Ledger)
+}
+
+fn table_names(connection: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = connection.prepare(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+    )?;
+    let names = statement.query_map([], |row| row.get(0))?;
+    names.collect()
+}
+
+fn event_column_names(connection: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = connection.prepare("SELECT name FROM pragma_table_info('events') ORDER BY cid")?;
+    let names = statement.query_map([], |row| row.get(0))?;
+    names.collect()
+}
+
+/// Creates the schema in an empty file. Two processes may open a new file at
+/// once, so the emptiness is checked again under the write lock.
+fn create_schema(connection: &Connection, path: &Path) -> Result<(), StoreError> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let created = inspect_contents(connection, path).and_then(|contents| {
+        if contents == Contents::Empty {
+            connection.execute_batch(CREATE_SCHEMA_SQL)?;
+        }
+        Ok(())
+    });
+    match created {
+        Ok(()) => {
+            if let Err(error) = connection.execute_batch("COMMIT") {
+                rollback_quietly(connection);
+                return Err(error.into());
+            }
+            tracing::info!(path = %path.display(), "created a new tally event log");
+            Ok(())
+        }
+        Err(error) => {
+            rollback_quietly(connection);
+            Err(error)
+        }
+    }
+}
+
+fn refuse_missing_triggers(connection: &Connection) -> Result<(), StoreError> {
+    let mut statement = connection
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = 'events' ORDER BY name")?;
+    let names = statement.query_map([], |row| row.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+    let missing: Vec<&str> =
+        APPEND_ONLY_TRIGGERS.iter().copied().filter(|trigger| !names.iter().any(|name| name == trigger)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt(format!(
+        "the append-only triggers {} on events are missing, so the log may have been altered; run `tally audit verify`",
+        missing.join(", ")
+    )))
+}
+
+/// Rolls back an open transaction, logging (not returning) a failure: it is
+/// only called on a path that already returns an error.
+pub(super) fn rollback_quietly(connection: &Connection) {
+    if connection.is_autocommit() {
+        return;
+    }
+    if let Err(error) = connection.execute_batch("ROLLBACK") {
+        tracing::error!(%error, "rolling back the event log transaction failed");
+    }
+}

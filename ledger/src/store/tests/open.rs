@@ -1,0 +1,156 @@
+//! Opening files: a new log gets the schema, anything else is refused untouched.
+
+use super::{append_many, open_store, raw, temp_log};
+use crate::store::{EventReader, EventStore, Head, SCHEMA_VERSION, StoreError, StoreOptions};
+
+#[test]
+fn a_new_file_gets_the_schema_in_wal_mode() {
+    let log = temp_log();
+    let store = open_store(&log.path);
+    assert_eq!(store.head(), Head::EMPTY);
+    assert_eq!(store.path(), log.path.as_path());
+
+    let connection = raw(&log.path);
+    let user_version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("user_version");
+    let journal_mode: String = connection.query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("journal_mode");
+    assert_eq!(user_version, SCHEMA_VERSION);
+    assert_eq!(journal_mode, "wal");
+}
+
+#[test]
+fn the_write_connection_uses_synchronous_full_by_default_and_normal_when_asked() {
+    let log = temp_log();
+    let store = open_store(&log.path);
+    let synchronous: i64 = store.connection.query_row("PRAGMA synchronous", [], |row| row.get(0)).expect("synchronous");
+    assert_eq!(synchronous, 2, "FULL");
+    drop(store);
+
+    let options = StoreOptions { synchronous_full: false, busy_timeout_ms: 100 };
+    let store = EventStore::open(&log.path, options).expect("open");
+    let synchronous: i64 = store.connection.query_row("PRAGMA synchronous", [], |row| row.get(0)).expect("synchronous");
+    assert_eq!(synchronous, 1, "NORMAL");
+}
+
+#[test]
+fn reopening_a_log_loads_its_head() {
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    append_many(&mut store, "member-1", 3);
+    let head = store.head();
+    assert_eq!(head.position, 3);
+    drop(store);
+
+    let store = open_store(&log.path);
+    assert_eq!(store.head(), head);
+}
+
+#[test]
+fn an_empty_file_is_a_new_log() {
+    let log = temp_log();
+    std::fs::write(&log.path, b"").expect("an empty file");
+    let mut store = open_store(&log.path);
+    append_many(&mut store, "member-1", 1);
+    assert_eq!(store.head().position, 1);
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_refused_and_left_unchanged() {
+    let log = temp_log();
+    // Deterministic noise: a linear congruential generator, not the clock.
+    let mut state: u32 = 0x2545_f491;
+    let noise: Vec<u8> = (0..8192)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        })
+        .collect();
+    std::fs::write(&log.path, &noise).expect("the noise file");
+
+    let writer_error = EventStore::open(&log.path, StoreOptions::default()).expect_err("noise is not a log");
+    let reader_error = EventReader::open(&log.path).expect_err("noise is not a log");
+
+    for error in [&writer_error, &reader_error] {
+        assert!(matches!(error, StoreError::NotALedger { .. }), "unexpected error: {error:?}");
+        let message = error.to_string();
+        assert!(message.contains(&log.path.display().to_string()), "{message}");
+        assert!(message.contains("not a SQLite database"), "{message}");
+    }
+    assert_eq!(std::fs::read(&log.path).expect("read back"), noise);
+    assert!(!log.path.with_extension("sqlite-wal").exists());
+    assert!(!log.path.with_extension("sqlite-shm").exists());
+}
+
+#[test]
+fn a_foreign_sqlite_database_is_refused_and_left_unchanged() {
+    let log = temp_log();
+    {
+        let connection = raw(&log.path);
+        connection
+            .execute_batch(
+                "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);
+                 INSERT INTO customers (name) VALUES ('Ada');",
+            )
+            .expect("a foreign database");
+    }
+    let before = std::fs::read(&log.path).expect("read");
+
+    let error = EventStore::open(&log.path, StoreOptions::default()).expect_err("a foreign database is not a log");
+    let message = error.to_string();
+    assert!(matches!(error, StoreError::NotALedger { .. }), "{error:?}");
+    assert!(message.contains(&log.path.display().to_string()), "{message}");
+    assert!(message.contains("customers"), "{message}");
+    assert!(matches!(EventReader::open(&log.path), Err(StoreError::NotALedger { .. })));
+
+    assert_eq!(std::fs::read(&log.path).expect("read back"), before);
+    let journal_mode: String =
+        raw(&log.path).query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("journal_mode");
+    assert_eq!(journal_mode, "delete", "the foreign file was not switched to WAL");
+}
+
+#[test]
+fn a_log_from_a_newer_schema_is_refused() {
+    let log = temp_log();
+    drop(open_store(&log.path));
+    raw(&log.path).execute_batch("PRAGMA user_version = 2").expect("bump the schema version");
+
+    let error = EventStore::open(&log.path, StoreOptions::default()).expect_err("a newer schema");
+    assert!(matches!(error, StoreError::UnsupportedSchemaVersion { found: 2, supported: 1, .. }), "{error:?}");
+}
+
+#[test]
+fn a_reader_does_not_create_a_missing_file() {
+    let log = temp_log();
+    let error = EventReader::open(&log.path).expect_err("no file");
+    assert!(matches!(error, StoreError::CannotOpen { .. }), "{error:?}");
+    assert!(!log.path.exists());
+}
+
+#[test]
+fn a_reader_refuses_an_empty_database() {
+    let log = temp_log();
+    std::fs::write(&log.path, b"").expect("an empty file");
+    let error = EventReader::open(&log.path).expect_err("no schema yet");
+    assert!(matches!(error, StoreError::NotALedger { .. }), "{error:?}");
+}
+
+#[test]
+fn the_writer_refuses_a_log_whose_triggers_were_dropped() {
+    let log = temp_log();
+    drop(open_store(&log.path));
+    raw(&log.path).execute_batch("DROP TRIGGER events_no_update").expect("drop a trigger");
+
+    let error = EventStore::open(&log.path, StoreOptions::default()).expect_err("missing trigger");
+    assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");
+    assert!(error.to_string().contains("events_no_update"), "{error}");
+    // Reading (to audit it) is still allowed.
+    EventReader::open(&log.path).expect("a reader opens a damaged log");
+}
+
+#[test]
+fn a_missing_directory_is_a_clear_error() {
+    let log = temp_log();
+    let path = log.path.with_file_name("missing").join("events.sqlite");
+    let error = EventStore::open(&path, StoreOptions::default()).expect_err("no directory");
+    assert!(matches!(error, StoreError::CannotOpen { .. }), "{error:?}");
+    assert!(error.to_string().contains(&path.display().to_string()));
+}

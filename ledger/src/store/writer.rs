@@ -1,0 +1,585 @@
+//! The write side: one connection, and batches that group many commands into
+//! one transaction (one fsync).
+//!
+//! Nothing here trusts a cache across transactions. The head and every
+//! stream version are read from the file after `BEGIN IMMEDIATE` has taken
+//! SQLite's write lock, so that another process appending to the same file
+//! between two batches (the CLI beside a running server) is seen, not
+//! overwritten. Inside one batch the head is carried in memory from append to
+//! append, and restored when a command's savepoint is rolled back.
+//!
+//! A batch must never fall back to autocommit: SQLite ends a transaction by
+//! itself on some errors (a full disk, an I/O error), after which each
+//! further statement would commit on its own. Every batch operation checks
+//! that the transaction is still open and otherwise refuses with
+//! [`StoreError::BatchAborted`].
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, Utc};
+use rusqlite::{Connection, ffi, params};
+
+use super::error::is_constraint;
+use super::hash::{ChainLink, chain_hash, format_recorded_at};
+use super::rows::{self, Tip, to_sql_integer};
+use super::schema::{open_for_writing, rollback_quietly};
+use super::{
+    APPEND_EVENTS_MAX, AppendOutcome, EVENT_PAYLOAD_BYTES_MAX, EVENT_TYPE_BYTES_MAX, EventReader, ExpectedVersion,
+    Head, IDEMPOTENCY_RESPONSE_BYTES_MAX, IdempotencyRecord, KEY_BYTES_MAX, NewEvent, RecordedEvent,
+    STREAM_ID_BYTES_MAX, StoreError, StoreOptions, UsageIndexEntry,
+};
+
+/// Idempotency records are kept at least this long, so that a client
+/// retrying within a week always gets the original answer.
+pub const IDEMPOTENCY_RETENTION_MIN_DAYS: i64 = 7;
+
+/// Largest serialised metadata, in bytes. Metadata is a few ids and a key.
+const EVENT_METADATA_BYTES_MAX: usize = 16 * 1024;
+
+const INSERT_EVENT_SQL: &str = "INSERT INTO events (position, stream_id, version, event_type, schema_version, event_id, payload, metadata, recorded_at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+/// Owns the single write connection to one event log file.
+pub struct EventStore {
+    pub(super) connection: Connection,
+    path: PathBuf,
+    /// The head after the last committed batch (or as reloaded after a
+    /// failed one). A hint for callers; appends re-read it from the file.
+    tip: Tip,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EventStore")
+            .field("path", &self.path)
+            .field("head", &self.tip.head)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStore {
+    /// Opens the log at `path`, creating the file and its schema if it does
+    /// not exist. A file that is not a tally log is refused, unchanged.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let connection = open_for_writing(path, options.synchronous_full, options.busy_timeout_ms)?;
+        let tip = rows::read_tip(&connection)?;
+        Ok(EventStore { connection, path: path.to_path_buf(), tip })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The head as of this store's last commit (or reload). Another process
+    /// may have appended since; [`EventReader::head`] reads the file.
+    pub fn head(&self) -> Head {
+        self.tip.head
+    }
+
+    /// A separate read-only connection on the same file.
+    pub fn reader(&self) -> Result<EventReader, StoreError> {
+        EventReader::open(&self.path)
+    }
+
+    /// Appends `events` to `stream_id` in a transaction of its own.
+    pub fn append(
+        &mut self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let mut batch = self.begin_batch()?;
+        let outcome = batch.append(stream_id, expected, events, recorded_at)?;
+        batch.commit()?;
+        Ok(outcome)
+    }
+
+    /// Starts a group commit: `BEGIN IMMEDIATE` (waiting up to the busy
+    /// timeout for another writer), then re-reads the head from the file.
+    pub fn begin_batch(&mut self) -> Result<Batch<'_>, StoreError> {
+        if !self.connection.is_autocommit() {
+            // Only reachable if a rollback failed earlier; never build on it.
+            tracing::warn!("a transaction was left open on the event log; rolling it back");
+            rollback_quietly(&self.connection);
+        }
+        self.connection.execute_batch("BEGIN IMMEDIATE")?;
+        let tip = match rows::read_tip(&self.connection) {
+            Ok(tip) => tip,
+            Err(error) => {
+                rollback_quietly(&self.connection);
+                return Err(error);
+            }
+        };
+        self.tip = tip;
+        Ok(Batch { store: self, tip, command_tips: Vec::new(), aborted: false, finished: false })
+    }
+
+    /// Deletes idempotency records accepted before `now - retention`, and
+    /// returns how many. `retention` must be at least
+    /// [`IDEMPOTENCY_RETENTION_MIN_DAYS`].
+    pub fn purge_idempotency(&mut self, now: DateTime<Utc>, retention: TimeDelta) -> Result<usize, StoreError> {
+        if retention < TimeDelta::days(IDEMPOTENCY_RETENTION_MIN_DAYS) {
+            return Err(StoreError::InvalidArgument(format!(
+                "idempotency records are kept at least {IDEMPOTENCY_RETENTION_MIN_DAYS} days, not {retention}"
+            )));
+        }
+        let cutoff = now
+            .checked_sub_signed(retention)
+            .ok_or_else(|| StoreError::InvalidArgument(format!("{now} minus {retention} is out of range")))?;
+        let mut statement = self.connection.prepare_cached("DELETE FROM idempotency WHERE recorded_at < ?1")?;
+        Ok(statement.execute(params![format_recorded_at(cutoff)])?)
+    }
+
+    /// Rolls back whatever transaction is open and reloads the head from the
+    /// file, after a batch failed or was dropped.
+    fn rollback_and_reload(&mut self) {
+        rollback_quietly(&self.connection);
+        match rows::read_tip(&self.connection) {
+            Ok(tip) => self.tip = tip,
+            // The next batch re-reads the head anyway; this only leaves the hint stale.
+            Err(error) => tracing::warn!(%error, "reloading the event log head failed"),
+        }
+    }
+}
+
+/// One transaction holding several commands, each in its own savepoint.
+///
+/// Dropping a batch without [`Batch::commit`] rolls all of it back.
+pub struct Batch<'store> {
+    store: &'store mut EventStore,
+    /// The head including this batch's appends so far.
+    tip: Tip,
+    /// The head at each open command's savepoint, innermost last.
+    command_tips: Vec<Tip>,
+    /// SQLite ended the transaction on its own; nothing more may run.
+    aborted: bool,
+    /// Committed or rolled back already; `Drop` has nothing to do.
+    finished: bool,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Batch")
+            .field("head", &self.tip.head)
+            .field("open_commands", &self.command_tips.len())
+            .field("aborted", &self.aborted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batch<'_> {
+    /// The head including this batch's appends so far.
+    pub fn head(&self) -> Head {
+        self.tip.head
+    }
+
+    /// Starts a command: a savepoint that [`Batch::rollback_command`] can
+    /// return to without touching the batch's other commands.
+    pub fn begin_command(&mut self) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let result = self.connection().execute_batch("SAVEPOINT command");
+        self.after(result)?;
+        self.command_tips.push(self.tip);
+        Ok(())
+    }
+
+    /// Keeps the current command's writes in the batch.
+    pub fn commit_command(&mut self) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        if self.command_tips.is_empty() {
+            return Err(StoreError::Misuse("commit_command without begin_command"));
+        }
+        let result = self.connection().execute_batch("RELEASE command");
+        self.after(result)?;
+        self.command_tips.pop();
+        Ok(())
+    }
+
+    /// Undoes the current command's writes, and its appends to the head.
+    pub fn rollback_command(&mut self) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let Some(command_tip) = self.command_tips.pop() else {
+            return Err(StoreError::Misuse("rollback_command without begin_command"));
+        };
+        let result = self.connection().execute_batch("ROLLBACK TO command; RELEASE command");
+        if let Err(error) = result {
+            // The savepoint's state is unknown now; only a full rollback is safe.
+            self.aborted = true;
+            return Err(error.into());
+        }
+        self.tip = command_tip;
+        Ok(())
+    }
+
+    /// The stream's current version, including this batch's appends (0 = no stream).
+    pub fn stream_version(&mut self, stream_id: &str) -> Result<u64, StoreError> {
+        self.ensure_open()?;
+        let result = rows::stream_version(self.connection(), stream_id);
+        self.after(result)
+    }
+
+    /// Appends `events` to `stream_id` after checking `expected` against the
+    /// stream's version in this transaction. All or nothing: on any error
+    /// none of the events is written and the head is unchanged.
+    ///
+    /// `recorded_at` is truncated to microseconds and raised to the last
+    /// event's `recorded_at` if it is earlier, so that `recorded_at` never
+    /// decreases along the log and an as-of read is a prefix of a stream.
+    pub fn append(
+        &mut self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.ensure_open()?;
+        validate_append(stream_id, &events, recorded_at)?;
+        let actual = self.after(rows::stream_version(self.connection(), stream_id))?;
+        if !expected.accepts(actual) {
+            return Err(StoreError::VersionConflict { stream_id: stream_id.to_string(), expected, actual });
+        }
+        let recorded_at = match self.tip.recorded_at {
+            Some(last) => recorded_at.trunc_subsecs(6).max(last),
+            None => recorded_at.trunc_subsecs(6),
+        };
+
+        let first_position = self.tip.head.position + 1;
+        self.after(self.connection().execute_batch("SAVEPOINT append"))?;
+        match insert_events(self.connection(), self.tip.head, stream_id, actual, &events, recorded_at) {
+            Ok(head) => {
+                self.after(self.connection().execute_batch("RELEASE append"))?;
+                self.tip = Tip { head, recorded_at: Some(recorded_at) };
+                Ok(AppendOutcome {
+                    first_position,
+                    last_position: head.position,
+                    last_version: actual + events.len() as u64,
+                    recorded_at,
+                })
+            }
+            Err(error) => {
+                let undone = self.connection().execute_batch("ROLLBACK TO append; RELEASE append");
+                if undone.is_err() || self.store.connection.is_autocommit() {
+                    self.aborted = true;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The stored result of an earlier command with this key in this scope.
+    pub fn idempotency(&mut self, scope: &str, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.ensure_open()?;
+        let result = rows::idempotency(self.connection(), scope, key);
+        self.after(result)
+    }
+
+    /// Records an accepted command's result under its key. A key already
+    /// recorded in this scope is [`StoreError::Duplicate`]: look it up first.
+    pub fn record_idempotency(&mut self, scope: &str, key: &str, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        check_key("idempotency scope", scope)?;
+        check_key("idempotency key", key)?;
+        if record.response.len() > IDEMPOTENCY_RESPONSE_BYTES_MAX {
+            return Err(StoreError::InvalidArgument(format!(
+                "an idempotent response of {} bytes exceeds {IDEMPOTENCY_RESPONSE_BYTES_MAX} bytes",
+                record.response.len()
+            )));
+        }
+        let position = to_sql_integer(record.position, "position")?;
+        let mut statement = self.connection().prepare_cached(
+            "INSERT INTO idempotency (scope, key, fingerprint, status, response, position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let inserted = statement.execute(params![
+            scope,
+            key,
+            record.fingerprint.as_slice(),
+            record.status,
+            record.response,
+            position,
+            format_recorded_at(record.recorded_at),
+        ]);
+        drop(statement);
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(error) if is_constraint(&error, ffi::SQLITE_CONSTRAINT_PRIMARYKEY) => {
+                Err(StoreError::Duplicate { what: "idempotency key", key: format!("{scope}/{key}") })
+            }
+            Err(error) => self.after(Err(error)),
+        }
+    }
+
+    /// The usage index entry for `usage_id` in `stream_id`, if recorded.
+    pub fn usage(&mut self, stream_id: &str, usage_id: &str) -> Result<Option<UsageIndexEntry>, StoreError> {
+        self.ensure_open()?;
+        let result = rows::usage(self.connection(), stream_id, usage_id);
+        self.after(result)
+    }
+
+    /// Indexes a usage id; a usage id already recorded in the stream is
+    /// [`StoreError::Duplicate`] (usage ids are unique per member for ever).
+    pub fn record_usage(
+        &mut self,
+        stream_id: &str,
+        usage_id: &str,
+        position: u64,
+        credits: i64,
+    ) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        check_key("usage id", usage_id)?;
+        let position = to_sql_integer(position, "position")?;
+        let mut statement = self.connection().prepare_cached(
+            "INSERT INTO usages (stream_id, usage_id, position, credits, reversed_position) VALUES (?1, ?2, ?3, ?4, NULL)",
+        )?;
+        let inserted = statement.execute(params![stream_id, usage_id, position, credits]);
+        drop(statement);
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(error) if is_constraint(&error, ffi::SQLITE_CONSTRAINT_PRIMARYKEY) => {
+                Err(StoreError::Duplicate { what: "usage id", key: format!("{stream_id}/{usage_id}") })
+            }
+            Err(error) => self.after(Err(error)),
+        }
+    }
+
+    /// Marks a recorded usage as reversed by the event at `position`. An
+    /// unknown or already reversed usage is refused: the caller checks first.
+    pub fn mark_usage_reversed(&mut self, stream_id: &str, usage_id: &str, position: u64) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let position = to_sql_integer(position, "position")?;
+        let mut statement = self.connection().prepare_cached(
+            "UPDATE usages SET reversed_position = ?3 WHERE stream_id = ?1 AND usage_id = ?2 AND reversed_position IS NULL",
+        )?;
+        let updated = statement.execute(params![stream_id, usage_id, position]);
+        drop(statement);
+        match self.after(updated)? {
+            1 => Ok(()),
+            _ => Err(StoreError::InvalidArgument(format!(
+                "usage {usage_id} of stream {stream_id} is unknown or already reversed"
+            ))),
+        }
+    }
+
+    /// Up to `limit` events of a stream with versions `>= from_version`,
+    /// ascending, including this batch's uncommitted appends: how the writer
+    /// loads a member's state inside the transaction it decides in.
+    pub fn read_stream(
+        &mut self,
+        stream_id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.ensure_open()?;
+        let result = rows::read_stream(self.connection(), stream_id, from_version, limit);
+        self.after(result)
+    }
+
+    /// Sets when `stream_id` next has time-driven work; `None` removes it
+    /// from the schedule.
+    pub fn set_due(&mut self, stream_id: &str, due_at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let result = match due_at {
+            Some(due_at) => {
+                check_year(due_at, "due_at")?;
+                self.connection()
+                    .prepare_cached(
+                        "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(params![stream_id, format_recorded_at(due_at)])
+                    })
+            }
+            None => self
+                .connection()
+                .prepare_cached("DELETE FROM schedule WHERE stream_id = ?1")
+                .and_then(|mut statement| statement.execute(params![stream_id])),
+        };
+        self.after(result).map(|_| ())
+    }
+
+    /// Up to `streams_max` streams whose work is due at `now` (due_at <= now),
+    /// the longest overdue first.
+    pub fn due_streams(&mut self, now: DateTime<Utc>, streams_max: usize) -> Result<Vec<String>, StoreError> {
+        self.ensure_open()?;
+        let limit = rows::check_page_size(streams_max)?;
+        let result = self
+            .connection()
+            .prepare_cached("SELECT stream_id FROM schedule WHERE due_at <= ?1 ORDER BY due_at, stream_id LIMIT ?2")
+            .and_then(|mut statement| {
+                statement
+                    .query_map(params![format_recorded_at(now), limit], |row| row.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            });
+        self.after(result)
+    }
+
+    /// Commits the batch. On failure the whole batch is rolled back, the
+    /// store's head is reloaded from the file, and none of its commands may
+    /// be acknowledged.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.finished = true;
+        if self.aborted || self.store.connection.is_autocommit() {
+            self.store.rollback_and_reload();
+            return Err(StoreError::BatchAborted);
+        }
+        if !self.command_tips.is_empty() {
+            self.store.rollback_and_reload();
+            return Err(StoreError::Misuse("commit with a command still open (the batch was rolled back)"));
+        }
+        match self.store.connection.execute_batch("COMMIT") {
+            Ok(()) => {
+                self.store.tip = self.tip;
+                Ok(())
+            }
+            Err(error) => {
+                self.store.rollback_and_reload();
+                Err(error.into())
+            }
+        }
+    }
+
+    fn connection(&self) -> &Connection {
+        &self.store.connection
+    }
+
+    /// Refuses to run anything once the transaction is gone.
+    fn ensure_open(&mut self) -> Result<(), StoreError> {
+        if self.aborted || self.finished {
+            return Err(StoreError::BatchAborted);
+        }
+        if self.store.connection.is_autocommit() {
+            self.aborted = true;
+            return Err(StoreError::BatchAborted);
+        }
+        Ok(())
+    }
+
+    /// Passes a result through, noting whether an error ended the transaction.
+    fn after<T, E>(&mut self, result: Result<T, E>) -> Result<T, StoreError>
+    where
+        StoreError: From<E>,
+    {
+        if result.is_err() && self.store.connection.is_autocommit() {
+            self.aborted = true;
+        }
+        result.map_err(StoreError::from)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.store.rollback_and_reload();
+        }
+    }
+}
+
+/// Inserts the events after `head`, returning the new head. The caller holds
+/// a savepoint and undoes everything if this fails part-way.
+fn insert_events(
+    connection: &Connection,
+    head: Head,
+    stream_id: &str,
+    stream_version: u64,
+    events: &[NewEvent],
+    recorded_at: DateTime<Utc>,
+) -> Result<Head, StoreError> {
+    let recorded_at_text = format_recorded_at(recorded_at);
+    let mut statement = connection.prepare_cached(INSERT_EVENT_SQL)?;
+    let mut head = head;
+    for (index, event) in events.iter().enumerate() {
+        let position = head.position + 1;
+        let version = stream_version + index as u64 + 1;
+        let metadata_json = serde_json::to_string(&event.metadata)
+            .map_err(|error| StoreError::InvalidArgument(format!("metadata cannot be serialised: {error}")))?;
+        if metadata_json.len() > EVENT_METADATA_BYTES_MAX {
+            return Err(StoreError::InvalidArgument(format!(
+                "metadata of {} bytes exceeds {EVENT_METADATA_BYTES_MAX} bytes",
+                metadata_json.len()
+            )));
+        }
+        let hash = chain_hash(
+            &head.hash,
+            &ChainLink {
+                position,
+                stream_id: stream_id.as_bytes(),
+                version,
+                event_type: event.event_type.as_bytes(),
+                schema_version: event.schema_version,
+                event_id: event.event_id.as_bytes(),
+                payload: event.payload.as_bytes(),
+                metadata: metadata_json.as_bytes(),
+                recorded_at: recorded_at_text.as_bytes(),
+            },
+        );
+        let inserted = statement.execute(params![
+            to_sql_integer(position, "position")?,
+            stream_id,
+            to_sql_integer(version, "version")?,
+            event.event_type,
+            event.schema_version,
+            event.event_id.as_bytes().as_slice(),
+            event.payload,
+            metadata_json,
+            recorded_at_text,
+            hash.as_slice(),
+        ]);
+        match inserted {
+            Ok(_) => {}
+            Err(error) if is_constraint(&error, ffi::SQLITE_CONSTRAINT_UNIQUE) => {
+                return Err(StoreError::Duplicate { what: "event id", key: event.event_id.to_string() });
+            }
+            Err(error) => return Err(error.into()),
+        }
+        head = Head { position, hash };
+    }
+    Ok(head)
+}
+
+/// Checks an append against the store's limits before anything is written.
+fn validate_append(stream_id: &str, events: &[NewEvent], recorded_at: DateTime<Utc>) -> Result<(), StoreError> {
+    let invalid = |message: String| Err(StoreError::InvalidArgument(message));
+    if stream_id.is_empty() || stream_id.len() > STREAM_ID_BYTES_MAX {
+        return invalid(format!("a stream id must have 1 to {STREAM_ID_BYTES_MAX} bytes, not {}", stream_id.len()));
+    }
+    if events.is_empty() || events.len() > APPEND_EVENTS_MAX {
+        return invalid(format!("an append must carry 1 to {APPEND_EVENTS_MAX} events, not {}", events.len()));
+    }
+    check_year(recorded_at, "recorded_at")?;
+    for event in events {
+        if event.event_type.is_empty() || event.event_type.len() > EVENT_TYPE_BYTES_MAX {
+            return invalid(format!(
+                "an event type must have 1 to {EVENT_TYPE_BYTES_MAX} bytes, not {}",
+                event.event_type.len()
+            ));
+        }
+        if event.payload.len() > EVENT_PAYLOAD_BYTES_MAX {
+            return invalid(format!(
+                "the payload of event {} has {} bytes, more than {EVENT_PAYLOAD_BYTES_MAX}",
+                event.event_id,
+                event.payload.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Four-digit years keep stored instants fixed-width, so that their byte
+/// order is time order.
+fn check_year(instant: DateTime<Utc>, what: &str) -> Result<(), StoreError> {
+    if !(1..=9999).contains(&instant.year()) {
+        return Err(StoreError::InvalidArgument(format!("{what} {instant} is outside years 1 to 9999")));
+    }
+    Ok(())
+}
+
+fn check_key(what: &str, key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        return Err(StoreError::InvalidArgument(format!(
+            "{what} must have 1 to {KEY_BYTES_MAX} bytes, not {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}

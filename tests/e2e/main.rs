@@ -1,0 +1,1 @@
+//! End-to-end tests of tally through real SQLite files and real processes.
