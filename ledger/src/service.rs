@@ -471,7 +471,7 @@ impl Writer {
                 }
                 Job::Check { member_id, credits, reply } => Pending::Checked(reply, shell.check(&member_id, credits)),
                 Job::State { member_id, reply } => {
-                    Pending::State(reply, shell.state(&member_id).map(|state| Box::new(state.clone())))
+                    Pending::State(reply, shell.fresh_state(&member_id).map(|state| Box::new(state.clone())))
                 }
                 Job::Sweep { members_max, reply } => {
                     let result = shell.sweep(members_max, &mut touched);
@@ -582,10 +582,20 @@ impl Shell<'_, '_> {
         Ok(&self.members[member_id])
     }
 
+    /// The member's state, reloaded if another process appended since it
+    /// was cached: for answers that no append will double-check.
+    fn fresh_state(&mut self, member_id: &str) -> Result<&MemberState, LedgerError> {
+        let version = self.state(member_id)?.version;
+        if self.batch.stream_version(&member_stream(member_id))? != version {
+            self.members.remove(member_id);
+        }
+        self.state(member_id)
+    }
+
     fn check(&mut self, member_id: &str, credits: Credits) -> Result<CheckOutcome, LedgerError> {
         let now = self.now;
         let catalog = Arc::clone(self.catalog);
-        let state = self.state(member_id)?;
+        let state = self.fresh_state(member_id)?;
         Ok(check(state, credits, &Context { member_id, now, catalog: &catalog, usage: None })?)
     }
 
@@ -623,7 +633,17 @@ impl Shell<'_, '_> {
             let usage = self.usage_facts(&stream_id, &request.command)?;
             let catalog = Arc::clone(self.catalog);
             let context = Context { member_id, now: self.now, catalog: &catalog, usage };
-            let decision = decide(&state, &request.command, &context)?;
+            let decision = match decide(&state, &request.command, &context) {
+                Ok(decision) => decision,
+                // A rejection must not come from a stale cache either: the
+                // append's version check cannot catch it, so compare here.
+                Err(rejection) if self.batch.stream_version(&stream_id)? != state.version => {
+                    tracing::debug!(%stream_id, %rejection, "cached state was stale; reloading");
+                    self.members.remove(member_id);
+                    continue;
+                }
+                Err(rejection) => return Err(rejection.into()),
+            };
             match self.append_member(&stream_id, &state, &decision, request) {
                 Ok(positions) => {
                     let mut state = state;

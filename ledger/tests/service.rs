@@ -1,0 +1,282 @@
+//! The `Ledger` service on real SQLite files: group commit, idempotency,
+//! rejections that write nothing, a second writer on the same file, the
+//! scheduler sweep, and restarts.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use std::sync::Arc;
+use tally_ledger::domain::*;
+use tally_ledger::service::{BalanceView, Idempotency};
+use tally_ledger::store::EventReader;
+use tally_ledger::{Ledger, LedgerError, LedgerOptions, ManualClock, Request};
+use tempfile::TempDir;
+
+fn start_instant() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+fn open(dir: &TempDir, clock: &Arc<ManualClock>) -> Ledger {
+    Ledger::open(&dir.path().join("events.db"), LedgerOptions::default(), clock.clone()).unwrap()
+}
+
+fn starter_plan() -> Plan {
+    Plan {
+        plan_id: "starter".into(),
+        name: "Starter".into(),
+        price: MinorUnits(1_000),
+        currency: "USD".into(),
+        interval: Interval::Month,
+        monthly_credits: Credits(1_000),
+        rollover: Rollover { enabled: true, max_credits: Credits(500) },
+        overage: Overage { allowed: false, limit_credits: Credits(0), unit_price: MinorUnits(0) },
+        rate_limit_per_minute: 600,
+        stripe_price_id: None,
+    }
+}
+
+fn admin<C>(command: C) -> Request<C> {
+    Request::new(command, "admin")
+}
+
+fn usage(usage_id: &str, credits: i64) -> MemberCommand {
+    MemberCommand::RecordUsage(RecordUsage {
+        usage_id: usage_id.into(),
+        metric: "api_calls".into(),
+        quantity: 1,
+        credits: Credits(credits),
+        occurred_at: None,
+        integration_id: None,
+        query_id: None,
+    })
+}
+
+fn promo(amount: i64) -> MemberCommand {
+    MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, amount))
+}
+
+fn head(ledger: &Ledger) -> u64 {
+    ledger.reader().unwrap().head().unwrap().position
+}
+
+fn key(scope: &str, key: &str, fingerprint: u8) -> Idempotency {
+    Idempotency { scope: scope.into(), key: key.into(), fingerprint: [fingerprint; 32], status: 201 }
+}
+
+#[test]
+fn concurrent_submitters_share_batches_and_every_command_lands_once() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = Arc::new(open(&dir, &clock));
+    for member in 0..8 {
+        ledger.execute(&format!("m{member}"), admin(promo(10_000))).unwrap();
+    }
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let ledger = Arc::clone(&ledger);
+            std::thread::spawn(move || {
+                for index in 0..100 {
+                    let member = format!("m{}", (thread + index) % 8);
+                    ledger.execute(&member, admin(usage(&format!("t{thread}-{index}"), 3))).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    // 8 members × (registration + grant) + 800 usages × 2 events.
+    assert_eq!(head(&ledger), 16 + 1_600);
+    let total: i64 = (0..8).map(|member| ledger.member_state(&format!("m{member}")).unwrap().balance().0).sum();
+    assert_eq!(total, 8 * 10_000 - 800 * 3);
+    let report = ledger.reader().unwrap().verify_chain(|_| {}).unwrap();
+    assert_eq!(report.events_checked, 1_616);
+}
+
+#[test]
+fn a_rejection_writes_nothing_and_names_its_code() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute("m1", admin(promo(10))).unwrap();
+    let before = head(&ledger);
+    let error = ledger.execute("m1", admin(usage("u1", 11))).unwrap_err();
+    assert!(
+        matches!(&error, LedgerError::Rejected(DomainError::InsufficientCredits { requested, available }) if *requested == Credits(11) && *available == Credits(10)),
+        "{error:?}"
+    );
+    let error = ledger.execute("nobody", admin(usage("u1", 1))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::MemberNotFound)));
+    let error = ledger.execute("bad id!", admin(promo(1))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "member_id", .. })));
+    assert_eq!(head(&ledger), before);
+}
+
+#[test]
+fn a_rejected_command_does_not_write_the_time_effects_its_decision_ran() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    let mut grant = GrantCredits::new(GrantSource::Promotional, 10);
+    grant.expires_at = Some(start_instant() + Duration::hours(1));
+    ledger.execute("m1", admin(MemberCommand::GrantCredits(grant))).unwrap();
+    let before = head(&ledger);
+    clock.advance_to(start_instant() + Duration::hours(2));
+    assert!(ledger.execute("m1", admin(usage("u1", 5))).is_err());
+    assert_eq!(head(&ledger), before, "the expiry is written by the next accepted command or sweep");
+    let report = ledger.run_due().unwrap();
+    assert_eq!((report.members, report.events), (1, 1));
+    assert_eq!(head(&ledger), before + 1);
+}
+
+#[test]
+fn idempotent_retries_return_the_original_outcome_and_reuse_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute("m1", admin(promo(100))).unwrap();
+    let first = ledger.execute("m1", admin(usage("u1", 7)).with_idempotency(key("admin/m1/usage", "k1", 1))).unwrap();
+    assert!(!first.replayed);
+    assert_eq!(first.status, 201);
+    let position = head(&ledger);
+    let again = ledger.execute("m1", admin(usage("u1", 7)).with_idempotency(key("admin/m1/usage", "k1", 1))).unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.outcome, first.outcome);
+    assert_eq!(head(&ledger), position);
+    let error = ledger.execute("m1", admin(usage("u2", 8)).with_idempotency(key("admin/m1/usage", "k1", 2))).unwrap_err();
+    assert!(matches!(error, LedgerError::IdempotencyKeyReused));
+    // The same key in another scope is another key.
+    let other = ledger.execute("m1", admin(usage("u3", 1)).with_idempotency(key("admin/m1/check", "k1", 2))).unwrap();
+    assert!(!other.replayed);
+    assert_eq!(other.outcome.balance, Some(BalanceView { balance: Credits(92), available: Credits(92), held: Credits(0), debt: Credits(0) }));
+    // A rejection records nothing, so the key can succeed later.
+    assert!(ledger.execute("m1", admin(usage("u4", 1_000)).with_idempotency(key("s", "k9", 3))).is_err());
+    ledger.execute("m1", admin(promo(1_000))).unwrap();
+    assert!(!ledger.execute("m1", admin(usage("u4", 1_000)).with_idempotency(key("s", "k9", 3))).unwrap().replayed);
+}
+
+#[test]
+fn usage_ids_are_unique_for_ever_through_the_store_index() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute("m1", admin(promo(100))).unwrap();
+    ledger.execute("m1", admin(usage("u1", 5))).unwrap();
+    drop(ledger);
+    let ledger = open(&dir, &clock);
+    let error = ledger.execute("m1", admin(usage("u1", 5))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })));
+    ledger.execute("m1", admin(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })).unwrap();
+    let error = ledger.execute("m1", admin(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })));
+    // Another member may use the same id.
+    ledger.execute("m2", admin(promo(10))).unwrap();
+    ledger.execute("m2", admin(usage("u1", 5))).unwrap();
+}
+
+#[test]
+fn a_second_writer_on_the_same_file_makes_the_first_reload_instead_of_deciding_on_stale_state() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let server = open(&dir, &clock);
+    let cli = open(&dir, &clock);
+    server.execute("m1", admin(promo(100))).unwrap();
+    server.execute("m1", admin(usage("u1", 10))).unwrap(); // the server caches m1 at 90
+    cli.execute("m1", admin(MemberCommand::DebitCredits { amount: Credits(85), reason: "refund issued".into() })).unwrap();
+    // The server's cache says 90 available; the log says 5.
+    let error = server.execute("m1", admin(usage("u2", 10))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::InsufficientCredits { available, .. }) if available == Credits(5)), "{error:?}");
+    server.execute("m1", admin(usage("u3", 5))).unwrap();
+    assert_eq!(cli.member_state("m1").unwrap().balance(), Credits(0));
+    // And a rejection is never decided on stale state: the server's cache
+    // says 0 available, the CLI has just granted 100.
+    cli.execute("m1", admin(promo(100))).unwrap();
+    server.execute("m1", admin(usage("u4", 60))).unwrap();
+    assert!(server.check("m1", Credits(40)).unwrap().allowed);
+    assert!(server.reader().unwrap().verify_chain(|_| {}).is_ok());
+}
+
+#[test]
+fn the_sweep_renews_every_due_member_and_restarts_see_the_same_state() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute_catalog(admin(CatalogCommand::PublishPlan(starter_plan()))).unwrap();
+    for member in ["a", "b", "c"] {
+        ledger
+            .execute(
+                member,
+                admin(MemberCommand::StartSubscription { plan_id: "starter".into(), billing: Billing::Tally, stripe_subscription_id: None }),
+            )
+            .unwrap();
+    }
+    ledger.execute("a", admin(usage("u1", 800))).unwrap();
+    assert_eq!(ledger.run_due().unwrap().members, 0);
+    clock.advance_to(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
+    let report = ledger.run_due().unwrap();
+    assert_eq!(report.members, 3);
+    assert_eq!(ledger.member_state("a").unwrap().available(), Credits(1_200), "200 rolled over + 1,000 new");
+    assert_eq!(ledger.member_state("b").unwrap().available(), Credits(1_500), "500 rolled over (the cap) + 1,000 new");
+    assert_eq!(ledger.run_due().unwrap().members, 0, "nothing is due twice");
+    let states: Vec<MemberState> = ["a", "b", "c"].iter().map(|member| ledger.member_state(member).unwrap()).collect();
+    drop(ledger);
+
+    let reopened = open(&dir, &clock);
+    let replayed: Vec<MemberState> = ["a", "b", "c"].iter().map(|member| reopened.member_state(member).unwrap()).collect();
+    assert_eq!(replayed, states);
+    assert_eq!(reopened.catalog().plan("starter").unwrap().terms.plan, starter_plan());
+    let events = EventReader::open(&dir.path().join("events.db")).unwrap().read_all(0, 100).unwrap();
+    let renewal = events.iter().find(|event| event.event_type == "SubscriptionRenewed").unwrap();
+    assert_eq!(renewal.metadata.actor, "scheduler");
+    assert_eq!(renewal.metadata.occurred_at, Some(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap()));
+}
+
+#[test]
+fn a_clock_that_steps_back_never_rejects_commands() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant() + Duration::days(10)));
+    let ledger = open(&dir, &clock);
+    let mut grant = GrantCredits::new(GrantSource::Promotional, 10);
+    grant.expires_at = Some(start_instant() + Duration::days(10) + Duration::hours(1));
+    ledger.execute("m1", admin(MemberCommand::GrantCredits(grant))).unwrap();
+    drop(ledger);
+    // A restart with a clock behind the log's last `now` still decides at the later instant.
+    let behind = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &behind);
+    ledger.execute("m1", admin(usage("u1", 3))).unwrap();
+    let events = ledger.reader().unwrap().read_all(0, 10).unwrap();
+    assert!(events.windows(2).all(|pair| pair[0].recorded_at <= pair[1].recorded_at));
+    assert_eq!(events.last().unwrap().metadata.occurred_at, Some(start_instant() + Duration::days(10)));
+}
+
+#[test]
+fn check_answers_from_the_writer_and_writes_nothing() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute("m1", admin(promo(50))).unwrap();
+    let before = head(&ledger);
+    let outcome = ledger.check("m1", Credits(60)).unwrap();
+    assert_eq!((outcome.allowed, outcome.available), (false, Credits(50)));
+    assert!(ledger.check("m1", Credits(50)).unwrap().allowed);
+    assert!(matches!(ledger.check("m2", Credits(1)), Err(LedgerError::Rejected(DomainError::MemberNotFound))));
+    assert_eq!(head(&ledger), before);
+}
+
+#[test]
+fn catalog_commands_are_decided_and_published_to_readers() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    ledger.execute_catalog(admin(CatalogCommand::PublishPlan(starter_plan()))).unwrap();
+    let error = ledger.execute_catalog(admin(CatalogCommand::PublishPlan(starter_plan()))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::PlanAlreadyExists { .. })));
+    let mut revised = starter_plan();
+    revised.monthly_credits = Credits(1_200);
+    ledger.execute_catalog(admin(CatalogCommand::RevisePlan(revised))).unwrap();
+    let entry = ledger.catalog().plan("starter").cloned().unwrap();
+    assert_eq!((entry.terms.plan_version, entry.terms.plan.monthly_credits), (2, Credits(1_200)));
+    let mut bad = starter_plan();
+    bad.plan_id = "cheap".into();
+    bad.price = MinorUnits(-1);
+    let error = ledger.execute_catalog(admin(CatalogCommand::PublishPlan(bad))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "price", .. })));
+}
