@@ -141,12 +141,16 @@ fn idempotent_retries_return_the_original_outcome_and_reuse_is_refused() {
     assert!(again.replayed);
     assert_eq!(again.outcome, first.outcome);
     assert_eq!(head(&ledger), position);
-    let error = ledger.execute("m1", admin(usage("u2", 8)).with_idempotency(key("admin/m1/usage", "k1", 2))).unwrap_err();
+    let error =
+        ledger.execute("m1", admin(usage("u2", 8)).with_idempotency(key("admin/m1/usage", "k1", 2))).unwrap_err();
     assert!(matches!(error, LedgerError::IdempotencyKeyReused));
     // The same key in another scope is another key.
     let other = ledger.execute("m1", admin(usage("u3", 1)).with_idempotency(key("admin/m1/check", "k1", 2))).unwrap();
     assert!(!other.replayed);
-    assert_eq!(other.outcome.balance, Some(BalanceView { balance: Credits(92), available: Credits(92), held: Credits(0), debt: Credits(0) }));
+    assert_eq!(
+        other.outcome.balance,
+        Some(BalanceView { balance: Credits(92), available: Credits(92), held: Credits(0), debt: Credits(0) })
+    );
     // A rejection records nothing, so the key can succeed later.
     assert!(ledger.execute("m1", admin(usage("u4", 1_000)).with_idempotency(key("s", "k9", 3))).is_err());
     ledger.execute("m1", admin(promo(1_000))).unwrap();
@@ -165,7 +169,8 @@ fn usage_ids_are_unique_for_ever_through_the_store_index() {
     let error = ledger.execute("m1", admin(usage("u1", 5))).unwrap_err();
     assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })));
     ledger.execute("m1", admin(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })).unwrap();
-    let error = ledger.execute("m1", admin(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })).unwrap_err();
+    let error =
+        ledger.execute("m1", admin(MemberCommand::ReverseUsage { usage_id: "u1".into(), reason: None })).unwrap_err();
     assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })));
     // Another member may use the same id.
     ledger.execute("m2", admin(promo(10))).unwrap();
@@ -180,10 +185,14 @@ fn a_second_writer_on_the_same_file_makes_the_first_reload_instead_of_deciding_o
     let cli = open(&dir, &clock);
     server.execute("m1", admin(promo(100))).unwrap();
     server.execute("m1", admin(usage("u1", 10))).unwrap(); // the server caches m1 at 90
-    cli.execute("m1", admin(MemberCommand::DebitCredits { amount: Credits(85), reason: "refund issued".into() })).unwrap();
+    cli.execute("m1", admin(MemberCommand::DebitCredits { amount: Credits(85), reason: "refund issued".into() }))
+        .unwrap();
     // The server's cache says 90 available; the log says 5.
     let error = server.execute("m1", admin(usage("u2", 10))).unwrap_err();
-    assert!(matches!(error, LedgerError::Rejected(DomainError::InsufficientCredits { available, .. }) if available == Credits(5)), "{error:?}");
+    assert!(
+        matches!(error, LedgerError::Rejected(DomainError::InsufficientCredits { available, .. }) if available == Credits(5)),
+        "{error:?}"
+    );
     server.execute("m1", admin(usage("u3", 5))).unwrap();
     assert_eq!(cli.member_state("m1").unwrap().balance(), Credits(0));
     // And a rejection is never decided on stale state: the server's cache
@@ -204,7 +213,11 @@ fn the_sweep_renews_every_due_member_and_restarts_see_the_same_state() {
         ledger
             .execute(
                 member,
-                admin(MemberCommand::StartSubscription { plan_id: "starter".into(), billing: Billing::Tally, stripe_subscription_id: None }),
+                admin(MemberCommand::StartSubscription {
+                    plan_id: "starter".into(),
+                    billing: Billing::Tally,
+                    stripe_subscription_id: None,
+                }),
             )
             .unwrap();
     }
@@ -220,7 +233,8 @@ fn the_sweep_renews_every_due_member_and_restarts_see_the_same_state() {
     drop(ledger);
 
     let reopened = open(&dir, &clock);
-    let replayed: Vec<MemberState> = ["a", "b", "c"].iter().map(|member| reopened.member_state(member).unwrap()).collect();
+    let replayed: Vec<MemberState> =
+        ["a", "b", "c"].iter().map(|member| reopened.member_state(member).unwrap()).collect();
     assert_eq!(replayed, states);
     assert_eq!(reopened.catalog().plan("starter").unwrap().terms.plan, starter_plan());
     let events = EventReader::open(&dir.path().join("events.db")).unwrap().read_all(0, 100).unwrap();

@@ -15,15 +15,26 @@
 //!
 //! # Using it
 //!
-//! ```ignore
+//! A property test runs each step of a generated [`Scenario`] on both sides
+//! and compares: the model gets the command as generated, the ledger gets it
+//! through [`resolve_reservation_ref`] (see [`strategies`] for why), and
+//! after each step the rejection codes and the balances must agree.
+//!
+//! ```
+//! use chrono::{TimeZone, Utc};
+//! use tally_ledger::domain::{Billing, MemberCommand};
+//! use tally_testkit::{Model, strategies};
+//!
 //! let mut model = Model::new(strategies::plans());
-//! for plan_id in strategies::RETIRED_PLAN_IDS { model.retire_plan(plan_id) }
-//! for (now, step) in scenario.timeline() {
-//!     let expected = model.apply(&step.member, &step.command, now);
-//!     let command = resolve_reservation_ref(&step.command, &reservations_made[&step.member]);
-//!     // decide `command` with the ledger at `now`, compare the result's
-//!     // code and the balances, remember any reservation id it returned.
-//! }
+//! let now = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+//! let start = MemberCommand::StartSubscription {
+//!     plan_id: "pro".to_owned(),
+//!     billing: Billing::Tally,
+//!     stripe_subscription_id: None,
+//! };
+//! assert_eq!(model.apply("m1", &start, now), Ok(()));
+//! assert_eq!(model.balance("m1").unwrap().available, 10_000);
+//! assert_eq!(model.apply("m2", &MemberCommand::AdvanceTime, now), Err("not_found"));
 //! ```
 
 pub mod model;

@@ -12,6 +12,30 @@
 //!
 //! Only tally-billed subscriptions are modelled; Stripe-managed periods come
 //! from webhooks that no command here carries, so `Billing::Stripe` panics.
+//!
+//! # Readings of open points
+//!
+//! Where DESIGN.md §3 and the ledger's stated readings leave a choice, the
+//! model takes these (the generators avoid the ones marked *avoided*):
+//!
+//! - Checks run in a fixed order: the member exists (unless the command
+//!   registers implicitly), then the command's own fields, then the rules in
+//!   the order the brief lists them (lookups of usage, reservation and
+//!   invoice ids before state). So an invalid field on an unknown member is
+//!   `not_found`, and a duplicate usage id wins over insufficient credits.
+//! - A settled or released reservation answers for itself even after its
+//!   deadline (a retried settle is accepted); only one that timed out is
+//!   `reservation_expired`, whatever the amount asked.
+//! - `ChangePlan` to a retired plan is `validation_failed` (it cannot be
+//!   newly chosen), checked after "same plan".
+//! - `Register` of an existing member changes its profile; its currency may
+//!   change only without a live subscription (*avoided*).
+//! - `RecordPaymentFailed` is accepted on an open invoice only; on paid, void
+//!   or uncollectible ones it is `validation_failed`. Voiding or marking an
+//!   invoice uncollectible leaves the subscription's status alone; paying any
+//!   invoice reactivates a past_due subscription.
+//! - A priced purchase scheduled for later is billed when it is granted, on
+//!   the period then open or on a one-off invoice (*avoided*).
 
 use chrono::{DateTime, Months, Utc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +52,10 @@ pub const VALIDATION_FAILED: Rejection = "validation_failed";
 pub const INSUFFICIENT_CREDITS: Rejection = "insufficient_credits";
 pub const NOT_FOUND: Rejection = "not_found";
 pub const RESERVATION_EXPIRED: Rejection = "reservation_expired";
+
+/// In `Settle` and `Release`, the member's latest reservation. The model's
+/// own reservation ids are `#k`, k counting the member's reservations from 1.
+pub const LAST_RESERVATION_REF: &str = "#last";
 
 /// Credit amounts in commands: grants, usage, debits, reservations.
 const COMMAND_CREDITS_MAX: i64 = 1_000_000_000;
@@ -106,10 +134,10 @@ impl Catalog {
     /// currency when a first subscription start registers the member.
     fn implicit_profile(&self, command: &MemberCommand) -> MemberProfile {
         let mut profile = MemberProfile::default();
-        if let MemberCommand::StartSubscription { plan_id, .. } = command {
-            if let Some(plan) = self.plans.get(plan_id) {
-                profile.currency = plan.currency.clone();
-            }
+        if let MemberCommand::StartSubscription { plan_id, .. } = command
+            && let Some(plan) = self.plans.get(plan_id)
+        {
+            profile.currency = plan.currency.clone();
         }
         profile
     }
@@ -131,8 +159,9 @@ impl Model {
     /// Decides `command` for `member_id` at `now`, after running what fell
     /// due. On a rejection nothing but the effects of time has changed.
     ///
-    /// Reservation ids in the model are `#k`: the k-th reservation made for
-    /// that member (see `strategies::resolve_reservation_ref`).
+    /// Reservation ids in the model are `#k`, the k-th reservation made for
+    /// that member, and `#last` names the latest (see
+    /// `strategies::resolve_reservation_ref`).
     pub fn apply(&mut self, member_id: &str, command: &MemberCommand, now: Timestamp) -> Result<(), Rejection> {
         self.observe(now);
         if let Some(member) = self.members.get_mut(member_id) {
@@ -776,12 +805,12 @@ impl Member {
         now: Timestamp,
     ) -> Result<(), Rejection> {
         assert_eq!(billing, Billing::Tally, "the model covers tally-billed subscriptions only");
-        let plan = catalog.plans.get(plan_id).ok_or(NOT_FOUND)?;
-        check(!catalog.retired.contains(plan_id))?;
-        check(self.live_subscription().is_none())?;
         if let Some(subscription_id) = stripe_subscription_id {
             check(is_identifier(subscription_id))?;
         }
+        let plan = catalog.plans.get(plan_id).ok_or(NOT_FOUND)?;
+        check(!catalog.retired.contains(plan_id))?;
+        check(self.live_subscription().is_none())?;
         check(plan.currency == self.profile.currency)?;
 
         let period_end = period_end(now, 0);
@@ -973,33 +1002,44 @@ impl Member {
         Ok(())
     }
 
+    /// The model's id for a reservation reference: `#last` is the latest.
+    fn reservation_key(&self, reservation_id: &str) -> String {
+        if reservation_id == LAST_RESERVATION_REF {
+            format!("#{}", self.reservations.len())
+        } else {
+            reservation_id.to_owned()
+        }
+    }
+
     fn settle(&mut self, reservation_id: &str, amount: i64, query: Option<&QueryExecution>) -> Result<(), Rejection> {
         check((0..=COMMAND_CREDITS_MAX).contains(&amount))?;
         if let Some(query) = query {
             check(is_identifier(&query.integration_id) && is_identifier(&query.query_id))?;
             check(query.duration_ms >= 0 && query.rows >= 0)?;
         }
-        let reservation = self.reservations.get(reservation_id).ok_or(NOT_FOUND)?;
+        let reservation_id = self.reservation_key(reservation_id);
+        let reservation = self.reservations.get(&reservation_id).ok_or(NOT_FOUND)?;
         match reservation.state {
             ReservationState::TimedOut => Err(RESERVATION_EXPIRED),
             ReservationState::Settled { charged } => check(charged == amount),
             ReservationState::Released => Err(VALIDATION_FAILED),
             ReservationState::Open => {
                 check(amount <= reservation.amount)?;
-                self.end_reservation(reservation_id, amount, ReservationState::Settled { charged: amount });
+                self.end_reservation(&reservation_id, amount, ReservationState::Settled { charged: amount });
                 Ok(())
             }
         }
     }
 
     fn release(&mut self, reservation_id: &str) -> Result<(), Rejection> {
-        let reservation = self.reservations.get(reservation_id).ok_or(NOT_FOUND)?;
+        let reservation_id = self.reservation_key(reservation_id);
+        let reservation = self.reservations.get(&reservation_id).ok_or(NOT_FOUND)?;
         match reservation.state {
             ReservationState::TimedOut => Err(RESERVATION_EXPIRED),
             ReservationState::Released => Ok(()),
             ReservationState::Settled { .. } => Err(VALIDATION_FAILED),
             ReservationState::Open => {
-                self.end_reservation(reservation_id, 0, ReservationState::Released);
+                self.end_reservation(&reservation_id, 0, ReservationState::Released);
                 Ok(())
             }
         }
@@ -1016,10 +1056,10 @@ impl Member {
         let invoice = &mut self.invoices[index];
         check(matches!(invoice.status, InvoiceStatus::Open | InvoiceStatus::Uncollectible))?;
         invoice.status = InvoiceStatus::Paid;
-        if let Some(subscription) = self.subscription.as_mut() {
-            if subscription.status == SubscriptionStatus::PastDue {
-                subscription.status = SubscriptionStatus::Active;
-            }
+        if let Some(subscription) = self.subscription.as_mut()
+            && subscription.status == SubscriptionStatus::PastDue
+        {
+            subscription.status = SubscriptionStatus::Active;
         }
         Ok(())
     }
@@ -1030,10 +1070,10 @@ impl Member {
         }
         let index = self.invoice_index(invoice_id)?;
         check(self.invoices[index].status == InvoiceStatus::Open)?;
-        if let Some(subscription) = self.subscription.as_mut() {
-            if subscription.status == SubscriptionStatus::Active {
-                subscription.status = SubscriptionStatus::PastDue;
-            }
+        if let Some(subscription) = self.subscription.as_mut()
+            && subscription.status == SubscriptionStatus::Active
+        {
+            subscription.status = SubscriptionStatus::PastDue;
         }
         Ok(())
     }

@@ -573,7 +573,8 @@ fn a_shortfall_becomes_debt_only_on_an_active_plan_with_overage_room() {
     // After the April renewal pro holds 5000 rolled + 10000 new credits.
     let pro_at_april = 15_000;
     // (case, given, usage credits at April 1st, result, debt after, available after)
-    let table: Vec<(&str, Vec<(Timestamp, MemberCommand)>, i64, Result<(), Rejection>, i64, i64)> = vec![
+    type Row = (&'static str, Vec<(Timestamp, MemberCommand)>, i64, Result<(), Rejection>, i64, i64);
+    let table: Vec<Row> = vec![
         ("no subscription", vec![(t0(), purchase(100))], 150, Err(INSUFFICIENT_CREDITS), 0, 100),
         ("exactly available", vec![(t0(), purchase(100))], 100, Ok(()), 0, 0),
         ("plan without overage", vec![(april_1(), start("free"))], 101, Err(INSUFFICIENT_CREDITS), 0, 100),
@@ -639,7 +640,8 @@ fn grants_never_repay_debt() {
 fn a_debit_takes_credits_back_in_burn_order_never_into_debt() {
     let reasonless = MemberCommand::DebitCredits { amount: Credits(1), reason: " ".to_owned() };
     // (case, given, debit, result, remainders after)
-    let table: Vec<(&str, Vec<MemberCommand>, MemberCommand, Result<(), Rejection>, Vec<i64>)> = vec![
+    type Row = (&'static str, Vec<MemberCommand>, MemberCommand, Result<(), Rejection>, Vec<i64>);
+    let table: Vec<Row> = vec![
         ("all of it", vec![purchase(100)], debit(100), Ok(()), vec![0]),
         ("more than available", vec![purchase(100)], debit(101), Err(INSUFFICIENT_CREDITS), vec![100]),
         ("burn order", vec![purchase(100), promotional(50)], debit(80), Ok(()), vec![70, 0]),
@@ -664,7 +666,8 @@ fn a_debit_takes_credits_back_in_burn_order_never_into_debt() {
 #[test]
 fn a_reversal_cuts_debt_first_then_refunds() {
     // (case, given, reversed usage, result, debt after, refund grant)
-    let table: Vec<(&str, Vec<MemberCommand>, &str, Result<(), Rejection>, i64, Option<i64>)> = vec![
+    type Row = (&'static str, Vec<MemberCommand>, &'static str, Result<(), Rejection>, i64, Option<i64>);
+    let table: Vec<Row> = vec![
         ("no debt: all refunded", vec![purchase(100), usage("u1", 60)], "u1", Ok(()), 0, Some(60)),
         ("all into debt", vec![start("pro"), usage("u0", 10_000), usage("u1", 700)], "u1", Ok(()), 0, None),
         ("debt first, rest refunded", vec![start("pro"), usage("u1", 10_300)], "u1", Ok(()), 0, Some(10_000)),
@@ -966,7 +969,8 @@ fn a_past_due_subscription_still_renews() {
 #[test]
 fn start_subscription_rules() {
     // (case, given, start, result, available after)
-    let table: Vec<(&str, Vec<MemberCommand>, MemberCommand, Result<(), Rejection>, i64)> = vec![
+    type Row = (&'static str, Vec<MemberCommand>, MemberCommand, Result<(), Rejection>, i64);
+    let table: Vec<Row> = vec![
         ("grants the allocation at once", vec![], start("starter"), Ok(()), 1_000),
         ("unknown plan", vec![register("UTC", "USD")], start("enterprise"), Err(NOT_FOUND), 0),
         ("retired plan", vec![register("UTC", "USD")], start("legacy"), Err(VALIDATION_FAILED), 0),

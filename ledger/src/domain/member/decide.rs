@@ -138,8 +138,22 @@ impl Draft {
         transferred_from: Vec<GrantPart>,
         usage_id: Option<String>,
     ) {
+        self.grant_scheduled(occurred_at, terms, transferred_from, usage_id, None);
+    }
+
+    fn grant_scheduled(
+        &mut self,
+        occurred_at: Timestamp,
+        terms: GrantTerms,
+        transferred_from: Vec<GrantPart>,
+        usage_id: Option<String>,
+        schedule_id: Option<String>,
+    ) {
         let grant_id = format!("g{}", self.next_version());
-        self.emit(occurred_at, MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id });
+        self.emit(
+            occurred_at,
+            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id, schedule_id },
+        );
     }
 
     fn allocation(&mut self, occurred_at: Timestamp, amount: Credits, expires_at: Timestamp) {
@@ -229,8 +243,7 @@ fn run_due(draft: &mut Draft, now: Timestamp, catalog: &Catalog) {
             .map(|(schedule_id, (_, terms))| (schedule_id.clone(), terms.clone()))
             .collect();
         for (schedule_id, terms) in falling_due {
-            draft.state.scheduled_grants.remove(&schedule_id);
-            grant_with_invoice(draft, instant, terms);
+            grant_with_invoice(draft, instant, terms, Some(schedule_id));
         }
     }
     draft.running_due = false;
@@ -705,19 +718,19 @@ fn grant_credits(draft: &mut Draft, grant: &GrantCredits) -> Result<(), DomainEr
             let schedule_id = format!("sg{}", draft.next_version());
             draft.emit_now(MemberEvent::CreditsGrantScheduled { schedule_id, effective_at, terms });
         }
-        None => grant_with_invoice(draft, now, terms),
+        None => grant_with_invoice(draft, now, terms, None),
     }
     Ok(())
 }
 
 /// Grant, and bill a priced purchase: on the open period's invoice (the
 /// grant's evolve adds the line), or on a one-off invoice issued at once.
-fn grant_with_invoice(draft: &mut Draft, instant: Timestamp, terms: GrantTerms) {
+fn grant_with_invoice(draft: &mut Draft, instant: Timestamp, terms: GrantTerms, schedule_id: Option<String>) {
     let one_off_price = terms.price.filter(|price| {
         terms.source == GrantSource::Purchase && price.is_positive() && !draft.state.has_billing_period()
     });
     let amount = terms.amount;
-    draft.grant(instant, terms, Vec::new(), None);
+    draft.grant_scheduled(instant, terms, Vec::new(), None, schedule_id);
     if let Some(price) = one_off_price {
         let invoice = MemberEvent::InvoiceIssued {
             invoice_id: next_invoice_id(&draft.state),

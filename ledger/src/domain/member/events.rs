@@ -227,6 +227,9 @@ pub enum MemberEvent {
         /// For a refund: the usage it gives back.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage_id: Option<String>,
+        /// For a scheduled grant falling due: its `CreditsGrantScheduled`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schedule_id: Option<String>,
     },
     CreditsGrantScheduled {
         schedule_id: String,

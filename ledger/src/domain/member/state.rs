@@ -282,7 +282,10 @@ impl MemberState {
             MemberEvent::SubscriptionReactivated {} => {
                 self.subscription_mut().status = SubscriptionStatus::Active;
             }
-            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id: _ } => {
+            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id: _, schedule_id } => {
+                if let Some(schedule_id) = schedule_id {
+                    self.scheduled_grants.remove(schedule_id);
+                }
                 if transferred_from.is_empty() {
                     self.totals.granted = self.totals.granted.plus(terms.amount);
                 }

@@ -326,6 +326,10 @@ fn a_scheduled_grant_is_granted_when_it_falls_due() {
     let events = life.run(MemberCommand::AdvanceTime);
     assert!(matches!(&events[..], [MemberEvent::CreditsGranted { terms, .. }] if terms.amount == Credits(40)));
     assert_eq!(life.history.last().unwrap().occurred_at, now + Duration::days(2));
+    // Granted once: later decisions do not grant it again.
+    life.at(now + Duration::days(3));
+    assert_eq!(life.run(MemberCommand::AdvanceTime), vec![]);
+    assert_eq!(life.state.available(), Credits(40));
     life.check_invariants();
 }
 
@@ -804,6 +808,7 @@ fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
             },
             transferred_from: vec![part("g3", 500)],
             usage_id: None,
+            schedule_id: None,
         },
         MemberEvent::CreditsExpired { grant_id: "g3".into(), amount: Credits(200) },
     ];
