@@ -1,1 +1,5 @@
-//! End-to-end tests of tally through real SQLite files and real processes.
+//! End-to-end tests of tally through real SQLite files, real processes and
+//! real HTTP on loopback.
+
+mod api;
+mod support;

@@ -794,7 +794,7 @@ fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
     life.run(grant(GrantSource::Promotional, 50)); // no expiry: untouched by renewal
     life.at(at(2026, 2, 1));
     let events = life.run(MemberCommand::AdvanceTime);
-    let expected = vec![
+    let expected = [
         MemberEvent::CreditsGranted {
             grant_id: "g7".into(),
             terms: GrantTerms {
