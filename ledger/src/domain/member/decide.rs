@@ -345,7 +345,7 @@ fn roll_over_or_expire_allocation(draft: &mut Draft, instant: Timestamp, cap: Cr
 fn period_invoice(state: &MemberState, subscription: &Subscription, instant: Timestamp) -> MemberEvent {
     let mut lines = vec![InvoiceLine {
         kind: InvoiceLineKind::Fee,
-        description: format!("{} subscription", subscription.terms.plan.name),
+        description: format!("{} subscription", subscription.period_plan_name),
         quantity: 1,
         unit_amount: subscription.period_price,
         amount: subscription.period_price,

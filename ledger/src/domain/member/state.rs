@@ -68,6 +68,8 @@ pub struct Subscription {
     pub period_end: Timestamp,
     /// The fee of the current period: the plan's price at period start.
     pub period_price: MinorUnits,
+    /// The name of the plan the fee is for, for the invoice line.
+    pub period_plan_name: String,
     pub scheduled_change: Option<PlanTerms>,
     pub cancel_at_period_end: bool,
     /// A Stripe-managed period that ended and awaits Stripe's renewal.
@@ -227,6 +229,7 @@ impl MemberState {
                     period_start: *period_start,
                     period_end: *period_end,
                     period_price: terms.plan.price,
+                    period_plan_name: terms.plan.name.clone(),
                     scheduled_change: None,
                     cancel_at_period_end: false,
                     period_closed: false,
@@ -260,6 +263,7 @@ impl MemberState {
                 subscription.period_start = *period_start;
                 subscription.period_end = *period_end;
                 subscription.period_price = terms.plan.price;
+                subscription.period_plan_name = terms.plan.name.clone();
                 subscription.scheduled_change = None;
                 subscription.period_closed = false;
             }

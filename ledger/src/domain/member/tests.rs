@@ -746,6 +746,19 @@ fn an_upgrade_takes_effect_at_once_with_prorated_credits_and_price() {
     let subscription = life.state.subscription.as_ref().unwrap();
     assert_eq!((subscription.terms.plan.plan_id.as_str(), subscription.scheduled_change.is_none()), ("pro", true));
     assert_eq!(subscription.period_end, at(2026, 5, 1), "an upgrade keeps the anchor");
+    life.at(at(2026, 5, 1));
+    life.run(MemberCommand::AdvanceTime);
+    let invoice = life.history.iter().find_map(|occurred| match &occurred.event {
+        MemberEvent::InvoiceIssued { lines, .. } => Some(lines.clone()),
+        _ => None,
+    });
+    let lines = invoice.expect("the April invoice");
+    assert_eq!(
+        (lines[0].description.as_str(), lines[0].amount),
+        ("STARTER subscription", MinorUnits(1_000)),
+        "the fee of the plan at period start"
+    );
+    assert_eq!((lines[1].kind, lines[1].amount), (InvoiceLineKind::Proration, MinorUnits(1_333)));
     life.check_invariants();
 }
 

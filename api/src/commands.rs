@@ -1,0 +1,529 @@
+//! The write routes: each maps a request to one ledger command, sends it to
+//! the single writer, and answers once the command is durable.
+
+use crate::auth::Principal;
+use crate::body;
+use crate::dto::*;
+use crate::error::{ApiError, Problem};
+use crate::{AppState, authenticate};
+use actix_web::web::{Bytes, Data, Path};
+use actix_web::{HttpRequest, HttpResponse, post, put};
+use tally_ledger::domain::*;
+use tally_ledger::service::{CommandOutcome, Executed, Idempotency};
+use tally_ledger::{LedgerError, Request};
+
+/// Longest accepted `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+fn idempotency(
+    request: &HttpRequest,
+    principal: &Principal,
+    member_id: &str,
+    route: &str,
+    bytes: &[u8],
+    status: u16,
+    required: bool,
+) -> Result<Option<Idempotency>, ApiError> {
+    let Some(header) = request.headers().get("Idempotency-Key") else {
+        return if required {
+            Err(ApiError::validation(
+                "Idempotency-Key",
+                "this route moves credits or money and needs an Idempotency-Key header",
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    let key = header
+        .to_str()
+        .ok()
+        .filter(|key| {
+            !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX && key.bytes().all(|byte| byte.is_ascii_graphic())
+        })
+        .ok_or_else(|| ApiError::validation("Idempotency-Key", "must be 1 to 255 printable ASCII characters"))?;
+    // Scoped to (principal, member, route): a key never reveals another member's request.
+    let scope = format!("{}/{member_id}/{route}", principal.actor());
+    Ok(Some(Idempotency {
+        scope,
+        key: key.to_owned(),
+        fingerprint: body::fingerprint(request.method().as_str(), request.path(), bytes),
+        status,
+    }))
+}
+
+pub(crate) fn balance_view(balance: &tally_ledger::service::BalanceView) -> BalanceView {
+    BalanceView {
+        balance: balance.balance.0,
+        available: balance.available.0,
+        held: balance.held.0,
+        debt: balance.debt.0,
+    }
+}
+
+/// The response to a command. A replay answers with the status and body of
+/// the original.
+fn render(member_id: Option<String>, executed: Executed, status: u16) -> HttpResponse {
+    let Executed { outcome, replayed, status: replayed_status } = executed;
+    let status = if replayed { replayed_status } else { status };
+    let CommandOutcome { position, events, balance, .. } = outcome;
+    let mut reservation_id = None;
+    let mut deadline = None;
+    let events: Vec<serde_json::Value> = events
+        .into_iter()
+        .map(|appended| {
+            if appended.event.get("type").and_then(|kind| kind.as_str()) == Some("CreditsReserved") {
+                reservation_id = appended.event.get("reservation_id").and_then(|id| id.as_str()).map(str::to_owned);
+                deadline = appended.event.get("deadline").and_then(|at| serde_json::from_value(at.clone()).ok());
+            }
+            let mut event = appended.event;
+            if let Some(object) = event.as_object_mut() {
+                object.insert("position".to_owned(), appended.position.into());
+            }
+            event
+        })
+        .collect();
+    let view = CommandView {
+        member_id,
+        position,
+        balance: balance.as_ref().map(balance_view),
+        reservation_id,
+        deadline,
+        events,
+        replayed,
+    };
+    let status = actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK);
+    let mut response = HttpResponse::build(status);
+    if replayed {
+        response.insert_header(("Idempotent-Replayed", "true"));
+    }
+    response.json(view)
+}
+
+/// What a write route needs to say about itself.
+struct Route {
+    name: &'static str,
+    status: u16,
+    /// Routes that move credits or money refuse a request without a key.
+    idempotency_required: bool,
+    /// Whether a member key may call it on its own member (usage, check,
+    /// reservations); everything else is admin only.
+    member_key_allowed: bool,
+}
+
+async fn execute_member(
+    state: &AppState,
+    request: &HttpRequest,
+    bytes: &[u8],
+    principal: &Principal,
+    member_id: String,
+    route: Route,
+    command: MemberCommand,
+) -> Result<HttpResponse, ApiError> {
+    let idempotency =
+        idempotency(request, principal, &member_id, route.name, bytes, route.status, route.idempotency_required)?;
+    let ledger = state.ledger.clone();
+    let mut ledger_request = Request::new(command, &principal.actor());
+    ledger_request.idempotency = idempotency;
+    let member = member_id.clone();
+    let executed = actix_web::web::block(move || ledger.execute(&member, ledger_request)).await??;
+    state.metrics.command(route.name, executed.outcome.events.len());
+    Ok(render(Some(member_id), executed, route.status))
+}
+
+fn grant_source(source: &str) -> Result<GrantSource, ApiError> {
+    match source {
+        "purchase" => Ok(GrantSource::Purchase),
+        "promotional" => Ok(GrantSource::Promotional),
+        "adjustment" => Ok(GrantSource::Adjustment),
+        _ => Err(ApiError::validation("source", "must be purchase, promotional or adjustment")),
+    }
+}
+
+fn category(category: &str) -> Result<GrantCategory, ApiError> {
+    match category {
+        "paid" => Ok(GrantCategory::Paid),
+        "promotional" => Ok(GrantCategory::Promotional),
+        _ => Err(ApiError::validation("category", "must be paid or promotional")),
+    }
+}
+
+fn priority(priority: Option<i64>) -> Result<Option<u8>, ApiError> {
+    priority
+        .map(|value| u8::try_from(value).ok().filter(|value| *value <= 100))
+        .map(|value| value.ok_or_else(|| ApiError::validation("priority", "must be between 0 and 100")))
+        .transpose()
+}
+
+fn member_path(path: &str) -> Result<String, ApiError> {
+    validate::identifier("member", path).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    Ok(path.to_owned())
+}
+
+#[utoipa::path(put, path = "/v1/members/{member}", tag = "members", request_body = MemberBody,
+    params(("member" = String, Path, description = "The member id")),
+    responses((status = 200, body = CommandView), (status = 422, body = Problem)), security(("bearer" = [])))]
+#[put("/v1/members/{member}")]
+pub async fn put_member(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    principal.require_admin()?;
+    let member_id = member_path(&path)?;
+    let body: MemberBody = body::parse(&bytes)?;
+    let defaults = MemberProfile::default();
+    let profile = MemberProfile {
+        time_zone: body.time_zone.unwrap_or(defaults.time_zone),
+        currency: body.currency.unwrap_or(defaults.currency),
+        stripe_customer_id: body.stripe_customer_id,
+    };
+    let route = Route { name: "member", status: 200, idempotency_required: false, member_key_allowed: false };
+    execute_member(&state, &request, &bytes, &principal, member_id, route, MemberCommand::Register(profile)).await
+}
+
+pub(crate) fn plan_from_body(body: PlanBody) -> Result<Plan, ApiError> {
+    if body.interval != "month" {
+        return Err(ApiError::validation("interval", "only month is supported"));
+    }
+    Ok(Plan {
+        plan_id: body.plan_id,
+        name: body.name,
+        price: MinorUnits(body.price),
+        currency: body.currency,
+        interval: Interval::Month,
+        monthly_credits: Credits(body.monthly_credits),
+        rollover: Rollover { enabled: body.rollover.enabled, max_credits: Credits(body.rollover.max_credits) },
+        overage: Overage {
+            allowed: body.overage.allowed,
+            limit_credits: Credits(body.overage.limit_credits),
+            unit_price: MinorUnits(body.overage.unit_price),
+        },
+        rate_limit_per_minute: body.rate_limit_per_minute,
+        stripe_price_id: body.stripe_price_id,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = PlanBody,
+    responses((status = 201, body = CommandView), (status = 422, body = Problem)), security(("bearer" = [])))]
+#[post("/v1/plans")]
+pub async fn post_plan(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    principal.require_admin()?;
+    let plan = plan_from_body(body::parse(&bytes)?)?;
+    let idempotency = idempotency(&request, &principal, "-", "plans", &bytes, 201, false)?;
+    let ledger = state.ledger.clone();
+    let mut ledger_request = Request::new(CatalogCommand::PublishPlan(plan), &principal.actor());
+    ledger_request.idempotency = idempotency;
+    let executed = actix_web::web::block(move || ledger.execute_catalog(ledger_request)).await??;
+    Ok(render(None, executed, 201))
+}
+
+/// Parse, authorise and execute one member route; `to_command` gets the
+/// body and the path ids after the member's.
+async fn member_post<B: serde::de::DeserializeOwned>(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+    route: Route,
+    to_command: impl FnOnce(B, &[String]) -> Result<MemberCommand, ApiError>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    let member_id = member_path(request.match_info().get("member").unwrap_or_default())?;
+    // The path's other ids, in order (usage, reservation or invoice).
+    let path: Vec<String> =
+        request.match_info().iter().filter(|(name, _)| *name != "member").map(|(_, value)| value.to_owned()).collect();
+    if route.member_key_allowed {
+        principal.require_member(&member_id)?;
+    } else {
+        principal.require_admin()?;
+    }
+    let body: B = body::parse(&bytes)?;
+    let command = to_command(body, &path)?;
+    execute_member(&state, &request, &bytes, &principal, member_id, route, command).await
+}
+
+fn grant_command(body: GrantBody) -> Result<MemberCommand, ApiError> {
+    Ok(MemberCommand::GrantCredits(GrantCredits {
+        source: grant_source(&body.source)?,
+        amount: Credits(body.amount),
+        priority: priority(body.priority)?,
+        category: body.category.as_deref().map(category).transpose()?,
+        expires_at: body.expires_at,
+        effective_at: body.effective_at,
+        reason: body.reason,
+        price: body.price.map(MinorUnits),
+    }))
+}
+
+fn usage_command(body: UsageBody) -> MemberCommand {
+    MemberCommand::RecordUsage(RecordUsage {
+        usage_id: body.usage_id,
+        metric: body.metric,
+        quantity: body.quantity,
+        credits: Credits(body.credits),
+        occurred_at: body.occurred_at,
+        integration_id: body.integration_id,
+        query_id: body.query_id,
+    })
+}
+
+fn settle_command(body: SettleBody, reservation_id: &str) -> Result<MemberCommand, ApiError> {
+    let query = body
+        .query
+        .map(|query| {
+            let status = match query.status.as_str() {
+                "succeeded" => QueryStatus::Succeeded,
+                "failed" => QueryStatus::Failed,
+                _ => return Err(ApiError::validation("query.status", "must be succeeded or failed")),
+            };
+            Ok(QueryExecution {
+                integration_id: query.integration_id,
+                query_id: query.query_id,
+                status,
+                duration_ms: query.duration_ms,
+                rows: query.rows,
+            })
+        })
+        .transpose()?;
+    Ok(MemberCommand::Settle { reservation_id: reservation_id.to_owned(), amount: Credits(body.amount), query })
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/subscription", tag = "members", request_body = PlanChoiceBody,
+    params(("member" = String, Path)),
+    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/subscription")]
+pub async fn start_subscription(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "subscription.start", status: 201, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
+        Ok(MemberCommand::StartSubscription {
+            plan_id: body.plan_id,
+            billing: Billing::Tally,
+            stripe_subscription_id: None,
+        })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/subscription/change", tag = "members", request_body = PlanChoiceBody,
+    params(("member" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/subscription/change")]
+pub async fn change_subscription(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "subscription.change", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
+        Ok(MemberCommand::ChangePlan { plan_id: body.plan_id })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/subscription/cancel", tag = "members", request_body = CancelBody,
+    params(("member" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/subscription/cancel")]
+pub async fn cancel_subscription(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "subscription.cancel", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: CancelBody, _ids: &[String]| {
+        Ok(MemberCommand::CancelSubscription { at_period_end: body.at_period_end })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/credits/grants", tag = "members", request_body = GrantBody,
+    params(("member" = String, Path)),
+    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/credits/grants")]
+pub async fn grant_credits(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "credits.grant", status: 201, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: GrantBody, _ids: &[String]| grant_command(body)).await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/credits/debits", tag = "members", request_body = DebitBody,
+    params(("member" = String, Path)),
+    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/credits/debits")]
+pub async fn debit_credits(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "credits.debit", status: 201, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: DebitBody, _ids: &[String]| {
+        Ok(MemberCommand::DebitCredits { amount: Credits(body.amount), reason: body.reason })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/usage", tag = "members", request_body = UsageBody,
+    params(("member" = String, Path)),
+    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/usage")]
+pub async fn record_usage(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "usage", status: 201, idempotency_required: true, member_key_allowed: true };
+    member_post(state, request, bytes, route, |body: UsageBody, _ids: &[String]| Ok(usage_command(body))).await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/usage/{usage}/reverse", tag = "members", request_body = ReverseBody,
+    params(("member" = String, Path), ("usage" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/usage/{usage}/reverse")]
+pub async fn reverse_usage(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "usage.reverse", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |body: ReverseBody, ids: &[String]| {
+        Ok(MemberCommand::ReverseUsage { usage_id: ids[0].clone(), reason: body.reason })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/reservations", tag = "members", request_body = ReserveBody,
+    params(("member" = String, Path)),
+    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/reservations")]
+pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "reservations", status: 201, idempotency_required: true, member_key_allowed: true };
+    member_post(state, request, bytes, route, |body: ReserveBody, _ids: &[String]| {
+        Ok(MemberCommand::Reserve { amount: Credits(body.amount), ttl_s: body.ttl_s })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/reservations/{reservation}/settle", tag = "members", request_body = SettleBody,
+    params(("member" = String, Path), ("reservation" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/reservations/{reservation}/settle")]
+pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "reservations.settle", status: 200, idempotency_required: true, member_key_allowed: true };
+    member_post(state, request, bytes, route, |body: SettleBody, ids: &[String]| settle_command(body, &ids[0])).await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/reservations/{reservation}/release", tag = "members", request_body = EmptyBody,
+    params(("member" = String, Path), ("reservation" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/reservations/{reservation}/release")]
+pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "reservations.release", status: 200, idempotency_required: true, member_key_allowed: true };
+    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+        Ok(MemberCommand::Release { reservation_id: ids[0].clone() })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/pay", tag = "members", request_body = EmptyBody,
+    params(("member" = String, Path), ("invoice" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/invoices/{invoice}/pay")]
+pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "invoices.pay", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+        Ok(MemberCommand::PayInvoice { invoice_id: ids[0].clone() })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/void", tag = "members", request_body = EmptyBody,
+    params(("member" = String, Path), ("invoice" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/invoices/{invoice}/void")]
+pub async fn void_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let route = Route { name: "invoices.void", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+        Ok(MemberCommand::VoidInvoice { invoice_id: ids[0].clone() })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/uncollectible", tag = "members", request_body = EmptyBody,
+    params(("member" = String, Path), ("invoice" = String, Path)),
+    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/invoices/{invoice}/uncollectible")]
+pub async fn uncollectible_invoice(
+    state: Data<AppState>,
+    request: HttpRequest,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let route =
+        Route { name: "invoices.uncollectible", status: 200, idempotency_required: true, member_key_allowed: false };
+    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+        Ok(MemberCommand::MarkInvoiceUncollectible { invoice_id: ids[0].clone() })
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/check", tag = "members", request_body = CheckBody,
+    params(("member" = String, Path, description = "The member id")),
+    responses((status = 200, body = CheckView), (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+#[post("/v1/members/{member}/check")]
+pub async fn check(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+    bytes: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    let member_id = member_path(&path)?;
+    principal.require_member(&member_id)?;
+    let body: CheckBody = body::parse(&bytes)?;
+    let ledger = state.ledger.clone();
+    let outcome = actix_web::web::block(move || ledger.check(&member_id, Credits(body.credits))).await?;
+    let outcome = outcome.map_err(|error| match error {
+        LedgerError::Rejected(DomainError::Validation { message, .. }) => ApiError::validation("credits", message),
+        other => ApiError::Ledger(other),
+    })?;
+    Ok(HttpResponse::Ok().json(CheckView {
+        allowed: outcome.allowed,
+        available: outcome.available.0,
+        debt: outcome.debt.0,
+    }))
+}

@@ -1,0 +1,224 @@
+//! The API's request and response shapes: the OpenAPI document is built from
+//! these. They are separate from the domain types so the wire format is a
+//! contract of its own; amounts are plain integers (credits, or minor units).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberBody {
+    /// IANA time zone for daily usage statistics; `UTC` by default.
+    pub time_zone: Option<String>,
+    /// ISO 4217 currency; `USD` by default.
+    pub currency: Option<String>,
+    pub stripe_customer_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloverBody {
+    pub enabled: bool,
+    #[serde(default)]
+    pub max_credits: i64,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OverageBody {
+    pub allowed: bool,
+    #[serde(default)]
+    pub limit_credits: i64,
+    /// Minor units per credit.
+    #[serde(default)]
+    pub unit_price: i64,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub plan_id: String,
+    pub name: String,
+    /// Minor units per month.
+    pub price: i64,
+    pub currency: String,
+    /// Only `month`.
+    #[serde(default = "month")]
+    pub interval: String,
+    pub monthly_credits: i64,
+    pub rollover: RolloverBody,
+    pub overage: OverageBody,
+    pub rate_limit_per_minute: u32,
+    pub stripe_price_id: Option<String>,
+}
+
+fn month() -> String {
+    "month".to_owned()
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanView {
+    #[serde(flatten)]
+    pub plan: PlanBody,
+    pub plan_version: u32,
+    pub retired: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanList {
+    pub plans: Vec<PlanView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanChoiceBody {
+    pub plan_id: String,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Cancel when the period ends (true) or now (false, the default).
+    #[serde(default)]
+    pub at_period_end: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    /// `purchase`, `promotional` or `adjustment`.
+    pub source: String,
+    pub amount: i64,
+    /// 0–100, lower burns first; a default per source.
+    pub priority: Option<i64>,
+    /// `paid` or `promotional`; only for an adjustment.
+    pub category: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// A future instant schedules the grant.
+    pub effective_at: Option<DateTime<Utc>>,
+    /// Required for an adjustment.
+    pub reason: Option<String>,
+    /// For a purchase: what it cost, in minor units.
+    pub price: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DebitBody {
+    pub amount: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBody {
+    /// Unique per member for ever.
+    pub usage_id: String,
+    pub metric: String,
+    #[serde(default = "one")]
+    pub quantity: i64,
+    pub credits: i64,
+    /// When the usage happened: within the last 7 days and at most 5 minutes ahead.
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub integration_id: Option<String>,
+    pub query_id: Option<String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseBody {
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    pub credits: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckView {
+    pub allowed: bool,
+    pub available: i64,
+    /// How much of the credits would become debt (overage).
+    pub debt: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    pub amount: i64,
+    /// 1–86,400; 600 by default.
+    pub ttl_s: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueryBody {
+    pub integration_id: String,
+    pub query_id: String,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    pub duration_ms: i64,
+    #[serde(default)]
+    pub rows: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    /// 0..=reserved; the rest is released.
+    pub amount: i64,
+    pub query: Option<QueryBody>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClockBody {
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClockView {
+    pub now: DateTime<Utc>,
+    pub position: u64,
+    pub members: u64,
+    pub events: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct BalanceView {
+    pub balance: i64,
+    pub available: i64,
+    pub held: i64,
+    pub debt: i64,
+}
+
+/// The answer to every command: where its last event landed (use it as
+/// `min_position` on reads), the balance right after, and its events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandView {
+    pub member_id: Option<String>,
+    pub position: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceView>,
+    /// For a reservation: its id and deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// The events the command appended, each with its `position`.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<serde_json::Value>,
+    /// True when this is the stored answer to an earlier request with the same `Idempotency-Key`.
+    pub replayed: bool,
+}

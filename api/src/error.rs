@@ -1,0 +1,178 @@
+//! Every rejection as an `application/problem+json` response with a stable
+//! `code`. Domain and ledger errors are mapped here, once.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use tally_ledger::LedgerError;
+use tally_ledger::domain::DomainError;
+use tally_ledger::store::StoreError;
+use utoipa::ToSchema;
+
+/// The body of every error response (RFC 9457).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `https://tally.dev/problems/{code}`.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The stable code clients branch on.
+    pub code: String,
+    /// The request field at fault, for `validation_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available: Option<i64>,
+    /// Seconds to wait, for `rate_limited`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 422 `validation_failed` naming the field.
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    /// 400 `malformed_request`: the body is not JSON, or not the expected shape.
+    #[error("{0}")]
+    Malformed(String),
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("this key may not do that")]
+    Forbidden,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("rate limit reached; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    #[error("the request body is larger than {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    #[error("{0}")]
+    ProjectionLagging(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::Validation { field: field.into(), message: message.into() }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Validation { .. } => "validation_failed",
+            ApiError::Malformed(_) => "malformed_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::ProjectionLagging(_) => "projection_lagging",
+            ApiError::Internal(_) => "internal_error",
+            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Ledger(error) => ledger_code(error),
+        }
+    }
+
+    fn problem(&self) -> Problem {
+        let status = self.status_code();
+        let mut problem = Problem {
+            problem_type: format!("https://tally.dev/problems/{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: self.code().to_owned(),
+            field: None,
+            requested: None,
+            available: None,
+            retry_after_s: None,
+        };
+        match self {
+            ApiError::Validation { field, .. } => problem.field = Some(field.clone()),
+            ApiError::RateLimited { retry_after_s } => problem.retry_after_s = Some(*retry_after_s),
+            ApiError::Ledger(LedgerError::Rejected(rejection)) => {
+                problem.field = rejection.field().map(str::to_owned);
+                if let DomainError::InsufficientCredits { requested, available } = rejection {
+                    problem.requested = Some(requested.0);
+                    problem.available = Some(available.0);
+                }
+            }
+            _ => {}
+        }
+        problem
+    }
+}
+
+fn ledger_code(error: &LedgerError) -> &'static str {
+    match error {
+        LedgerError::Rejected(rejection) => rejection.code(),
+        LedgerError::IdempotencyKeyReused => "idempotency_key_reused",
+        LedgerError::VersionConflict { .. } => "version_conflict",
+        LedgerError::Overloaded { .. } | LedgerError::Unavailable => "service_unavailable",
+        LedgerError::Store(StoreError::Busy | StoreError::Full) => "service_unavailable",
+        LedgerError::Store(_) | LedgerError::Codec(_) => "internal_error",
+    }
+}
+
+fn ledger_status(error: &LedgerError) -> StatusCode {
+    match error {
+        LedgerError::Rejected(rejection) => match rejection.code() {
+            "validation_failed" => StatusCode::UNPROCESSABLE_ENTITY,
+            "insufficient_credits" => StatusCode::PAYMENT_REQUIRED,
+            "not_found" => StatusCode::NOT_FOUND,
+            "reservation_expired" => StatusCode::GONE,
+            _ => StatusCode::BAD_REQUEST,
+        },
+        LedgerError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        LedgerError::VersionConflict { .. } => StatusCode::CONFLICT,
+        LedgerError::Overloaded { .. } | LedgerError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        LedgerError::Store(StoreError::Busy | StoreError::Full) => StatusCode::SERVICE_UNAVAILABLE,
+        LedgerError::Store(_) | LedgerError::Codec(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ProjectionLagging(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Ledger(error) => ledger_status(error),
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if self.status_code().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
+        if let ApiError::RateLimited { retry_after_s } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after_s.to_string()));
+        }
+        if let ApiError::Unauthorized = self {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.body(serde_json::to_string(&self.problem()).expect("problems serialise"))
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(_: actix_web::error::BlockingError) -> ApiError {
+        ApiError::Unavailable("the server is shutting down".to_owned())
+    }
+}

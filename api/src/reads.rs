@@ -1,0 +1,407 @@
+//! Read routes, served from the projections. Each accepts `min_position`
+//! (the `position` of a write's answer) and waits, at most 2 s, until the
+//! read models it uses have applied the log that far: read-your-writes.
+//! The audit route replays the member's stream instead.
+
+use crate::admin::query;
+use crate::error::{ApiError, Problem};
+use crate::{AppState, MIN_POSITION_WAIT_MAX, authenticate};
+use actix_web::web::{Data, Path};
+use actix_web::{HttpRequest, HttpResponse, get};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tally_ledger::domain::{MemberState, member_stream, validate};
+use tally_projections::{
+    Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageRequest, ProjectionError, Projections, ReadModel,
+};
+use utoipa::{IntoParams, ToSchema};
+
+/// The longest date range of one daily usage read.
+pub const DAILY_RANGE_DAYS_MAX: i64 = 366;
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// Wait until the read models reached this log position (from a write's answer).
+    pub min_position: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub min_position: Option<u64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1–1,000; 100 by default.
+    pub limit: Option<usize>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DailyQuery {
+    pub min_position: Option<u64>,
+    /// First day, `YYYY-MM-DD`, in the member's time zone.
+    pub from: String,
+    /// Last day, inclusive.
+    pub to: String,
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// RFC 3339 instant: only events recorded at or before it count. Now by default.
+    pub as_of: Option<String>,
+}
+
+fn projection_error(error: ProjectionError) -> ApiError {
+    match error {
+        ProjectionError::Lagging { position, reached } => ApiError::ProjectionLagging(format!(
+            "the read models reached position {reached}, not yet {position}; retry shortly"
+        )),
+        ProjectionError::PositionBeyondHead { position, head } => {
+            ApiError::validation("min_position", format!("{position} is beyond the log's head ({head})"))
+        }
+        ProjectionError::InvalidArgument { field, reason } => ApiError::validation(field, reason),
+        ProjectionError::NotReady { read_model } => {
+            ApiError::Unavailable(format!("the read model {read_model} is being built; retry shortly"))
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Authorise, then run a blocking read after waiting for `min_position`.
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    request: &HttpRequest,
+    member_id: &str,
+    read_models: &'static [ReadModel],
+    min_position: Option<u64>,
+    run: impl FnOnce(&Projections) -> Result<T, ProjectionError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let principal = authenticate(state, request)?;
+    validate::identifier("member", member_id).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    principal.require_member(member_id)?;
+    if min_position.is_some_and(|position| position > i64::MAX as u64) {
+        return Err(ApiError::validation("min_position", "is too large"));
+    }
+    let projections: Arc<Projections> = state.projections.clone();
+    actix_web::web::block(move || {
+        if let Some(position) = min_position {
+            projections.wait_for(read_models, position, MIN_POSITION_WAIT_MAX)?;
+        }
+        run(&projections)
+    })
+    .await?
+    .map_err(projection_error)
+}
+
+fn not_found(member_id: &str) -> ApiError {
+    ApiError::NotFound(format!("member {member_id} not found"))
+}
+
+fn page_request(cursor: Option<String>, limit: Option<usize>) -> Result<PageRequest, ApiError> {
+    let limit = limit.unwrap_or(PAGE_SIZE_DEFAULT);
+    if limit == 0 || limit > PAGE_SIZE_MAX {
+        return Err(ApiError::validation("limit", format!("must be between 1 and {PAGE_SIZE_MAX}")));
+    }
+    Ok(match cursor {
+        Some(cursor) => PageRequest::after(Cursor::new(cursor), limit, Order::OldestFirst),
+        None => PageRequest::first(limit),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/balance", tag = "reads", params(("member" = String, Path), ReadQuery),
+    responses((status = 200, description = "balance, available, held, debt, totals, next expiry", body = Object),
+        (status = 404, body = Problem), (status = 503, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/balance")]
+pub async fn balance(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let params: ReadQuery = query(&request)?;
+    let member_id = path.into_inner();
+    let member = member_id.clone();
+    let balance =
+        read(&state, &request, &member_id, &[ReadModel::CreditBalances], params.min_position, move |projections| {
+            projections.balance(&member)
+        })
+        .await?;
+    let balance = balance.ok_or_else(|| not_found(&member_id))?;
+    Ok(HttpResponse::Ok().json(balance))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PageView {
+    #[schema(value_type = Vec<Object>)]
+    pub items: serde_json::Value,
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/transactions", tag = "reads", params(("member" = String, Path), PageQuery),
+    responses((status = 200, description = "`transactions`: signed amount, balance after, type, ids; `next_cursor`", body = Object),
+        (status = 404, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/transactions")]
+pub async fn transactions(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let params: PageQuery = query(&request)?;
+    let page = page_request(params.cursor, params.limit)?;
+    let member_id = path.into_inner();
+    let member = member_id.clone();
+    let (exists, page) = read(
+        &state,
+        &request,
+        &member_id,
+        &[ReadModel::CreditBalances, ReadModel::CreditTransactions],
+        params.min_position,
+        move |projections| Ok((projections.balance(&member)?.is_some(), projections.transactions(&member, &page)?)),
+    )
+    .await?;
+    if !exists {
+        return Err(not_found(&member_id));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "member_id": member_id,
+        "transactions": page.items,
+        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
+    })))
+}
+
+fn date(field: &'static str, text: &str) -> Result<NaiveDate, ApiError> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| ApiError::validation(field, "must be a date YYYY-MM-DD"))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/usage/daily", tag = "reads", params(("member" = String, Path), DailyQuery),
+    responses((status = 200, description = "`days`: per day × metric: quantity, credits, records, query count and errors, durations", body = Object),
+        (status = 422, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/usage/daily")]
+pub async fn daily_usage(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let params: DailyQuery = query(&request)?;
+    let from = date("from", &params.from)?;
+    let to = date("to", &params.to)?;
+    if to < from {
+        return Err(ApiError::validation("to", "must not be before from"));
+    }
+    if (to - from).num_days() >= DAILY_RANGE_DAYS_MAX {
+        return Err(ApiError::validation("to", format!("a range covers at most {DAILY_RANGE_DAYS_MAX} days")));
+    }
+    let page = page_request(params.cursor, params.limit.or(Some(PAGE_SIZE_MAX)))?;
+    let member_id = path.into_inner();
+    let member = member_id.clone();
+    let (exists, page) = read(
+        &state,
+        &request,
+        &member_id,
+        &[ReadModel::CreditBalances, ReadModel::DailyUsageStats],
+        params.min_position,
+        move |projections| {
+            Ok((projections.balance(&member)?.is_some(), projections.daily_usage(&member, from, to, &page)?))
+        },
+    )
+    .await?;
+    if !exists {
+        return Err(not_found(&member_id));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "member_id": member_id,
+        "from": from,
+        "to": to,
+        "days": page.items,
+        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
+    })))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/invoices", tag = "reads", params(("member" = String, Path), PageQuery),
+    responses((status = 200, description = "`invoices` with lines, subtotal, total and status", body = Object),
+        (status = 404, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/invoices")]
+pub async fn invoices(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let params: PageQuery = query(&request)?;
+    let page = page_request(params.cursor, params.limit)?;
+    let member_id = path.into_inner();
+    let member = member_id.clone();
+    let (exists, page) = read(
+        &state,
+        &request,
+        &member_id,
+        &[ReadModel::CreditBalances, ReadModel::Invoices],
+        params.min_position,
+        move |projections| Ok((projections.balance(&member)?.is_some(), projections.invoices(&member, &page)?)),
+    )
+    .await?;
+    if !exists {
+        return Err(not_found(&member_id));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "member_id": member_id,
+        "invoices": page.items,
+        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
+    })))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/invoices/{invoice}", tag = "reads",
+    params(("member" = String, Path), ("invoice" = String, Path), ReadQuery),
+    responses((status = 200, description = "one invoice with its lines", body = Object), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/invoices/{invoice}")]
+pub async fn invoice(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let params: ReadQuery = query(&request)?;
+    let (member_id, invoice_id) = path.into_inner();
+    let member = member_id.clone();
+    let id = invoice_id.clone();
+    let invoice = read(&state, &request, &member_id, &[ReadModel::Invoices], params.min_position, move |projections| {
+        projections.invoice(&member, &id)
+    })
+    .await?;
+    let invoice = invoice.ok_or_else(|| ApiError::NotFound(format!("invoice {invoice_id} not found")))?;
+    Ok(HttpResponse::Ok().json(invoice))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/subscription", tag = "reads", params(("member" = String, Path), ReadQuery),
+    responses((status = 200, description = "plan, status, period, scheduled change, Stripe ids", body = Object),
+        (status = 404, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/subscription")]
+pub async fn subscription(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let params: ReadQuery = query(&request)?;
+    let member_id = path.into_inner();
+    let member = member_id.clone();
+    let subscription =
+        read(&state, &request, &member_id, &[ReadModel::Subscriptions], params.min_position, move |projections| {
+            projections.subscription(&member)
+        })
+        .await?;
+    let subscription =
+        subscription.ok_or_else(|| ApiError::NotFound(format!("member {member_id} has no subscription")))?;
+    Ok(HttpResponse::Ok().json(subscription))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditGrant {
+    pub grant_id: String,
+    pub source: String,
+    pub category: String,
+    pub priority: u8,
+    pub amount: i64,
+    pub remaining: i64,
+    pub held: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub expired: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditView {
+    pub member_id: String,
+    pub as_of: DateTime<Utc>,
+    /// The position of the last event counted.
+    pub position: u64,
+    pub events: u64,
+    pub balance: i64,
+    pub available: i64,
+    pub held: i64,
+    pub debt: i64,
+    pub grants: Vec<AuditGrant>,
+    pub subscription_plan_id: Option<String>,
+    pub subscription_status: Option<String>,
+}
+
+/// Replay a member's stream up to `as_of` (by `recorded_at`).
+pub fn replay_member(
+    reader: &tally_ledger::store::EventReader,
+    member_id: &str,
+    as_of: DateTime<Utc>,
+) -> Result<(MemberState, u64, u64), tally_ledger::LedgerError> {
+    let mut state = MemberState::default();
+    let mut position = 0;
+    let mut events = 0;
+    for recorded in reader.stream_events(&member_stream(member_id), Some(as_of), 1_000) {
+        let recorded = recorded?;
+        state.apply(&tally_ledger::codec::decode_member(&recorded)?);
+        position = recorded.position;
+        events += 1;
+    }
+    Ok((state, position, events))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/audit", tag = "audit", params(("member" = String, Path), AuditQuery),
+    responses((status = 200, body = AuditView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/audit")]
+pub async fn audit(state: Data<AppState>, request: HttpRequest, path: Path<String>) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    let member_id = path.into_inner();
+    validate::identifier("member", &member_id).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    principal.require_member(&member_id)?;
+    let params: AuditQuery = query(&request)?;
+    let as_of = match params.as_of {
+        Some(text) => DateTime::parse_from_rfc3339(&text)
+            .map(|at| at.with_timezone(&Utc))
+            .map_err(|_| ApiError::validation("as_of", "must be an RFC 3339 instant"))?,
+        None => state.ledger.now(),
+    };
+    let ledger = state.ledger.clone();
+    let member = member_id.clone();
+    let (replayed, position, events) =
+        actix_web::web::block(move || replay_member(&ledger.reader()?, &member, as_of)).await??;
+    if !replayed.is_registered() {
+        return Err(not_found(&member_id));
+    }
+    let grants = replayed
+        .grants
+        .values()
+        .map(|grant| AuditGrant {
+            grant_id: grant.grant_id.clone(),
+            source: grant.source.as_str().to_owned(),
+            category: match grant.category {
+                tally_ledger::domain::GrantCategory::Paid => "paid".to_owned(),
+                tally_ledger::domain::GrantCategory::Promotional => "promotional".to_owned(),
+            },
+            priority: grant.priority,
+            amount: grant.amount.0,
+            remaining: grant.remaining.0,
+            held: grant.held.0,
+            expires_at: grant.expires_at,
+            expired: grant.expired,
+        })
+        .collect();
+    let current = replayed.subscription.as_ref();
+    Ok(HttpResponse::Ok().json(AuditView {
+        member_id,
+        as_of,
+        position,
+        events,
+        balance: replayed.balance().0,
+        available: replayed.available().0,
+        held: replayed.held().0,
+        debt: replayed.debt().0,
+        grants,
+        subscription_plan_id: current.map(|current| current.terms.plan.plan_id.clone()),
+        subscription_status: current.map(|current| {
+            serde_json::to_value(current.status)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }),
+    }))
+}

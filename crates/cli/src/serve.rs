@@ -1,0 +1,115 @@
+//! `tally serve`: the ledger's writer, the projection runner, the scheduler
+//! and the HTTP API in one process over one data directory.
+
+use crate::demo;
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use clap::Args;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tally_api::AppState;
+use tally_api::auth::KeyStore;
+use tally_ledger::{Clock, Ledger, LedgerOptions, ManualClock, SystemClock};
+use tally_projections::Projections;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Load the demo plans and members into an empty data directory.
+    #[arg(long)]
+    demo: bool,
+    /// Run on a test clock that only `POST /v1/admin/clock` moves.
+    #[arg(long)]
+    test_clock: bool,
+    /// Where the test clock starts (RFC 3339); now by default.
+    #[arg(long, requires = "test_clock")]
+    start: Option<DateTime<Utc>>,
+    /// HTTP worker threads; the number of cores by default.
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+/// How often the scheduler looks for due renewals, expiries and timeouts.
+const SCHEDULER_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let events_path = data_dir.join("events.db");
+    let projections_path = data_dir.join("projections.db");
+    let keys_path = data_dir.join("keys.db");
+
+    let test_clock = args.test_clock.then(|| Arc::new(ManualClock::new(args.start.unwrap_or_else(Utc::now))));
+    let clock: Arc<dyn Clock> = match &test_clock {
+        Some(clock) => clock.clone(),
+        None => Arc::new(SystemClock),
+    };
+    if args.demo {
+        if demo::load(&events_path, clock.now())? {
+            tracing::info!("loaded the demo: plans free, starter, pro, enterprise; members acme, globex, initech");
+        } else {
+            tracing::info!("the log is not empty; the demo was not loaded again");
+        }
+    }
+
+    let ledger = Arc::new(Ledger::open(&events_path, LedgerOptions::default(), clock)?);
+    let projections = Arc::new(Projections::open(&projections_path, &events_path)?);
+    let runner = projections.start_runner()?;
+    let admin_key = std::env::var("TALLY_ADMIN_KEY").ok().filter(|key| !key.is_empty());
+    let (keys, generated) = KeyStore::open(&keys_path, admin_key.as_deref()).context("cannot open the key store")?;
+    if let Some(key) = generated {
+        // Printed once, to the terminal only: it is stored hashed.
+        println!("admin key (shown once, store it now): {key}");
+    }
+    let state = web::Data::new(AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone()));
+
+    let stop_scheduler = Arc::new(AtomicBool::new(false));
+    let scheduler = (test_clock.is_none()).then(|| {
+        let ledger = ledger.clone();
+        let stop = stop_scheduler.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(error) = ledger.run_due() {
+                    tracing::error!(%error, "scheduler sweep failed");
+                }
+                std::thread::sleep(SCHEDULER_INTERVAL);
+            }
+        })
+    });
+
+    let addr = args.addr.clone();
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
+    actix_web::rt::System::new().block_on(async move {
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(actix_web::middleware::from_fn(tally_api::observe))
+                .configure(tally_api::configure)
+                .default_service(web::to(tally_api::not_found))
+        })
+        .workers(workers)
+        .client_request_timeout(Duration::from_secs(10))
+        .shutdown_timeout(10)
+        .bind(&addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+        for bound in server.addrs() {
+            tracing::info!(addr = %bound, "tally is listening");
+            println!("tally listening on http://{bound}");
+        }
+        server.run().await.context("the HTTP server failed")
+    })?;
+
+    tracing::info!("shutting down: stopping the scheduler and the projection runner, flushing the writer");
+    stop_scheduler.store(true, Ordering::Relaxed);
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.join();
+    }
+    runner.stop();
+    drop(ledger);
+    Ok(())
+}
