@@ -1,0 +1,963 @@
+//! The owner of a projections file: it applies the log to the read models,
+//! builds and swaps generations, and lets callers wait for a position.
+//!
+//! One write connection, behind one mutex, does all writing. Work comes in
+//! steps, each one transaction of at most `batch_events_max` events:
+//!
+//! - a **live step** reads the events after the lowest live checkpoint and
+//!   applies each to every live projector that has not seen it, then moves
+//!   their checkpoints, all in one transaction: a crash (or any error)
+//!   before the commit leaves rows and checkpoints as they were, so every
+//!   event takes effect exactly once;
+//! - a **build step** does the same for a generation being built (first
+//!   build, upgrade, rebuild) into its own tables with its own checkpoint.
+//!   When a build step reads less than a full batch it has reached the
+//!   head, and in the same transaction the generation becomes live and the
+//!   old one is dropped.
+//!
+//! Readers never take this mutex and never wait for a step (WAL), so
+//! neither projecting nor rebuilding blocks a query, and since the event
+//! log is another file, neither blocks the ledger's writer. The runner
+//! thread, [`Projections::catch_up`], [`Projections::rebuild`] and an
+//! inline [`Projections::wait_for`] all take steps; whoever holds the mutex
+//! advances everyone's work, so they cooperate rather than race.
+
+use std::collections::HashMap;
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use rusqlite::{Connection, TransactionBehavior};
+use serde::Serialize;
+use tally_ledger::codec;
+use tally_ledger::store::{CHAIN_HASH_ZERO, EventReader, READ_PAGE_SIZE_MAX, RecordedEvent};
+
+use crate::digest::Digest;
+use crate::error::ProjectionError;
+use crate::models::credits::{Balance, CreditTransaction, Grant};
+use crate::models::daily_usage::DailyUsage;
+use crate::models::invoices::Invoice;
+use crate::models::subscriptions::Subscription;
+use crate::page::{Page, PageRequest};
+use crate::projector::{ProjectedEvent, Projector, ProjectorTx, RenderedSql};
+use crate::read::ReadModels;
+use crate::registry::{ReadModel, Registry, builtin_projectors};
+use crate::storage::{self, GenerationRow, Slot};
+
+/// Events one transaction applies, by default: large enough that commits
+/// are a small share of a rebuild, small enough that a step holds the write
+/// lock for tens of milliseconds.
+pub const BATCH_EVENTS_MAX_DEFAULT: usize = 2_000;
+/// How long a write waits for SQLite's lock (another process, a checkpoint).
+pub const BUSY_TIMEOUT_DEFAULT_MS: u64 = 5_000;
+/// How often the runner looks at the log when nobody wakes it. Callers that
+/// wait for a position wake it at once.
+pub const POLL_INTERVAL_DEFAULT_MS: u64 = 50;
+/// How long the runner pauses after a failed step before trying again.
+pub const ERROR_BACKOFF_MS: u64 = 1_000;
+/// The longest a read waits for `min_position` (DESIGN.md §5).
+pub const WAIT_FOR_POSITION_DEFAULT: Duration = Duration::from_secs(2);
+
+/// The stream prefix of member streams, the only ones projected today.
+const MEMBER_STREAM_PREFIX: &str = "member-";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProjectionOptions {
+    /// Most events applied in one transaction, 1..=10,000 (the log's page).
+    pub batch_events_max: usize,
+    /// Milliseconds the runner sleeps when the log has nothing new.
+    pub poll_interval_ms: u64,
+    /// Milliseconds a connection waits for SQLite's locks.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for ProjectionOptions {
+    fn default() -> Self {
+        ProjectionOptions {
+            batch_events_max: BATCH_EVENTS_MAX_DEFAULT,
+            poll_interval_ms: POLL_INTERVAL_DEFAULT_MS,
+            busy_timeout_ms: BUSY_TIMEOUT_DEFAULT_MS,
+        }
+    }
+}
+
+/// Rebuild progress, reported after every step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Progress {
+    /// Events replayed into the new generation (positions are gapless, so
+    /// this is its checkpoint).
+    pub events_done: u64,
+    /// The log's head now; it grows while the ledger writes.
+    pub events_total: u64,
+    /// Since the rebuild started.
+    pub events_per_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RebuildReport {
+    pub projectors: Vec<&'static str>,
+    /// The checkpoint the new generations went live at.
+    pub position: u64,
+    pub events: u64,
+    pub elapsed_s: f64,
+    pub events_per_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CatchUpReport {
+    /// Events read and applied (live and builds alike).
+    pub events_applied: u64,
+    /// The lowest live checkpoint afterwards.
+    pub position: u64,
+}
+
+/// A generation being built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BuildStatus {
+    pub generation: u64,
+    pub checkpoint: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProjectorStatus {
+    pub name: &'static str,
+    pub version: u32,
+    pub read_models: Vec<&'static str>,
+    /// Whether queries are served: a generation built by this version is live.
+    pub serving: bool,
+    /// The live generation, if any (possibly of an older version).
+    pub generation: Option<u64>,
+    /// The live checkpoint (0 when nothing is served).
+    pub checkpoint: u64,
+    /// Events between the checkpoint and the log's head.
+    pub lag: u64,
+    pub build: Option<BuildStatus>,
+    /// The last failure of the runner, until a step succeeds again.
+    pub last_error: Option<String>,
+    /// Filled by [`Projections::status_with_digests`] only.
+    pub digests: Vec<Digest>,
+}
+
+/// The owner of a projections file. Share it with `Arc`.
+pub struct Projections {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    projections_path: PathBuf,
+    options: ProjectionOptions,
+    registry: Arc<Registry>,
+    read_models: ReadModels,
+    writer: Mutex<Writer>,
+    progress: Mutex<ProgressState>,
+    progressed: Condvar,
+    wake: Mutex<bool>,
+    woken: Condvar,
+    head_reader: Mutex<EventReader>,
+    /// Held for the owner's lifetime: one process owns the projections.
+    _lock: File,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    /// Live checkpoints of projectors served at their current version.
+    live: HashMap<&'static str, u64>,
+    last_error: Option<String>,
+    runner_running: bool,
+}
+
+struct Writer {
+    connection: Connection,
+    events: EventReader,
+    jobs: Vec<BuildJob>,
+    next_job_id: u64,
+    rendered: HashMap<(usize, u64), RenderedSql>,
+}
+
+struct BuildJob {
+    id: u64,
+    /// (projector index, generation being built).
+    members: Vec<(usize, u64)>,
+    checkpoint: u64,
+    checkpoint_hash: [u8; 32],
+}
+
+/// One projector's share of a step.
+#[derive(Clone, Copy)]
+struct Target {
+    index: usize,
+    generation: u64,
+    checkpoint: u64,
+}
+
+struct BuildStep {
+    events: u64,
+    finished: bool,
+}
+
+/// Stops the runner thread when dropped (or by [`RunnerHandle::stop`]).
+pub struct RunnerHandle {
+    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunnerHandle {
+    /// Asks the thread to stop after its current step and waits for it.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.shared.wake_runner();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.shared.progress().runner_running = false;
+    }
+}
+
+impl Drop for RunnerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn lock_path(projections_path: &Path) -> PathBuf {
+    let mut name = projections_path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+fn take_lock(projections_path: &Path) -> Result<File, ProjectionError> {
+    let path = lock_path(projections_path);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ProjectionError::Io { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(ProjectionError::Locked { path: projections_path.to_path_buf() }),
+        Err(TryLockError::Error(source)) => Err(ProjectionError::Io { path, source }),
+    }
+}
+
+/// The chain hash of the event at `position` (the zero hash for 0), or
+/// `None` when the log has no such event.
+fn hash_at(events: &EventReader, position: u64) -> Result<Option<[u8; 32]>, ProjectionError> {
+    if position == 0 {
+        return Ok(Some(CHAIN_HASH_ZERO));
+    }
+    let found = events.read_all(position - 1, 1)?;
+    Ok(found.first().filter(|event| event.position == position).map(|event| event.hash))
+}
+
+impl Projections {
+    /// Opens (or creates) the projections file beside an existing event log,
+    /// with the built-in projectors and default options.
+    pub fn open(projections_path: &Path, events_path: &Path) -> Result<Projections, ProjectionError> {
+        Projections::open_with(projections_path, events_path, ProjectionOptions::default(), builtin_projectors())
+    }
+
+    /// Opens with chosen options and projectors. Projectors whose version
+    /// changed, that were never built, or whose checkpoint does not match
+    /// the log (another log, or a log restored from an older backup) get a
+    /// build job: their old tables (if any) stay until the new generation
+    /// is live, and are not served meanwhile; other read models are served
+    /// as usual.
+    pub fn open_with(
+        projections_path: &Path,
+        events_path: &Path,
+        options: ProjectionOptions,
+        projectors: Vec<Arc<dyn Projector>>,
+    ) -> Result<Projections, ProjectionError> {
+        if options.batch_events_max == 0 || options.batch_events_max > READ_PAGE_SIZE_MAX {
+            return Err(ProjectionError::InvalidArgument {
+                field: "batch_events_max",
+                reason: format!("must be between 1 and {READ_PAGE_SIZE_MAX}"),
+            });
+        }
+        let lock = take_lock(projections_path)?;
+        let busy_timeout = Duration::from_millis(options.busy_timeout_ms);
+        let connection = storage::open_for_writing(projections_path, busy_timeout)?;
+        let events = EventReader::open(events_path)?;
+        let head_reader = EventReader::open(events_path)?;
+        let registry = Arc::new(Registry::new(projectors));
+        let mut writer = Writer { connection, events, jobs: Vec::new(), next_job_id: 1, rendered: HashMap::new() };
+        let live = writer.prepare_generations(&registry)?;
+        let read_models = ReadModels::new(projections_path, busy_timeout, registry.clone());
+        let shared = Arc::new(Shared {
+            projections_path: projections_path.to_path_buf(),
+            options,
+            registry,
+            read_models,
+            writer: Mutex::new(writer),
+            progress: Mutex::new(ProgressState { live, ..ProgressState::default() }),
+            progressed: Condvar::new(),
+            wake: Mutex::new(false),
+            woken: Condvar::new(),
+            head_reader: Mutex::new(head_reader),
+            _lock: lock,
+        });
+        Ok(Projections { shared })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.projections_path
+    }
+
+    pub fn options(&self) -> ProjectionOptions {
+        self.shared.options
+    }
+
+    /// The query side, to hand to code that only reads.
+    pub fn read_models(&self) -> &ReadModels {
+        &self.shared.read_models
+    }
+
+    /// Starts the background thread that keeps the read models caught up
+    /// (and finishes pending builds). It stops when the handle is dropped.
+    pub fn start_runner(&self) -> Result<RunnerHandle, ProjectionError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::clone(&self.shared);
+        let thread_stop = Arc::clone(&stop);
+        {
+            let mut progress = self.shared.progress();
+            if progress.runner_running {
+                return Err(ProjectionError::Runner("a runner is already running".to_owned()));
+            }
+            progress.runner_running = true;
+        }
+        let thread = std::thread::Builder::new()
+            .name("tally-projections".to_owned())
+            .spawn(move || shared.run(&thread_stop))
+            .map_err(|error| {
+                self.shared.progress().runner_running = false;
+                ProjectionError::Runner(format!("cannot start the runner thread: {error}"))
+            })?;
+        Ok(RunnerHandle { stop, shared: Arc::clone(&self.shared), thread: Some(thread) })
+    }
+
+    /// Wakes the runner now rather than at its next poll: call it after a
+    /// write whose effect a reader is about to ask for.
+    pub fn notify(&self) {
+        self.shared.wake_runner();
+    }
+
+    /// One step: at most one batch for the live read models and one for
+    /// each build. Returns the events applied.
+    pub fn run_once(&self) -> Result<u64, ProjectionError> {
+        self.shared.step_all()
+    }
+
+    /// Applies everything up to the log's head as found now, builds
+    /// included, in batches.
+    pub fn catch_up(&self) -> Result<CatchUpReport, ProjectionError> {
+        let target = self.shared.head()?;
+        let mut report = CatchUpReport::default();
+        loop {
+            let applied = self.shared.step_all()?;
+            report.events_applied += applied;
+            let (reached, builds_pending) = {
+                let writer = self.shared.writer();
+                (self.shared.lowest_live_checkpoint(&[]), !writer.jobs.is_empty())
+            };
+            report.position = reached;
+            if (reached >= target && !builds_pending) || (applied == 0 && !builds_pending) {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Waits until every read model has applied the log up to `position`;
+    /// see [`Projections::wait_for`].
+    pub fn wait_for_position(&self, position: u64, timeout: Duration) -> Result<(), ProjectionError> {
+        self.wait_for(&ReadModel::ALL, position, timeout)
+    }
+
+    /// Read-your-writes: waits (at most `timeout`) until the projectors of
+    /// these read models have checkpoints at or past `position`. A
+    /// checkpoint moves past every event, including those a projector
+    /// ignores, so the position of any write answer works. Without a runner
+    /// thread the waiting caller applies the events itself.
+    pub fn wait_for(&self, read_models: &[ReadModel], position: u64, timeout: Duration) -> Result<(), ProjectionError> {
+        let projectors: Vec<&'static str> = read_models.iter().map(|read_model| read_model.projector()).collect();
+        if self.shared.lowest_live_checkpoint(&projectors) >= position {
+            return Ok(());
+        }
+        let head = self.shared.head()?;
+        if position > head {
+            return Err(ProjectionError::PositionBeyondHead { position, head });
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.progress().runner_running {
+                self.shared.wake_runner();
+                self.shared.wait_progress(deadline);
+            } else {
+                self.shared.step_all()?;
+            }
+            let reached = self.shared.lowest_live_checkpoint(&projectors);
+            if reached >= position {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ProjectionError::Lagging { position, reached });
+            }
+        }
+    }
+
+    /// Replays the whole log into new generations of one projector (named
+    /// directly or by one of its read models) or of all, beside the live
+    /// ones, and swaps them in once they reached the head. Queries keep
+    /// being served from the old generation meanwhile. `progress` is called
+    /// after every batch. A projector already being built is not restarted:
+    /// this call waits for that build instead.
+    pub fn rebuild(
+        &self,
+        name: Option<&str>,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<RebuildReport, ProjectionError> {
+        let registry = &self.shared.registry;
+        let indexes: Vec<usize> = match name {
+            Some(name) => vec![registry.resolve(name)?],
+            None => (0..registry.projectors().len()).collect(),
+        };
+        let started = Instant::now();
+        let job_ids = self.shared.writer().start_build(registry, &indexes)?;
+        let started_checkpoint = self.shared.writer().lowest_job_checkpoint(&job_ids).unwrap_or(0);
+        loop {
+            let (remaining, events_total) = {
+                let mut writer = self.shared.writer();
+                for job_id in &job_ids {
+                    if writer.jobs.iter().any(|job| job.id == *job_id) {
+                        let step = writer.step_build(registry, *job_id, self.shared.options.batch_events_max)?;
+                        if step.finished {
+                            self.shared.publish_live(&writer)?;
+                        }
+                    }
+                }
+                (writer.lowest_job_checkpoint(&job_ids), writer.events.head()?.position)
+            };
+            let events_done = remaining.unwrap_or(events_total);
+            let elapsed_s = started.elapsed().as_secs_f64();
+            let events_per_s = rate(events_done.saturating_sub(started_checkpoint), elapsed_s);
+            progress(Progress { events_done, events_total, events_per_s });
+            if remaining.is_none() {
+                let position = self.shared.lowest_live_checkpoint(
+                    &indexes.iter().map(|index| registry.projectors()[*index].name()).collect::<Vec<_>>(),
+                );
+                return Ok(RebuildReport {
+                    projectors: indexes.iter().map(|index| registry.projectors()[*index].name()).collect(),
+                    position,
+                    events: position.saturating_sub(started_checkpoint),
+                    elapsed_s,
+                    events_per_s,
+                });
+            }
+        }
+    }
+
+    /// Where each projector stands, cheaply (no digests).
+    pub fn status(&self) -> Result<Vec<ProjectorStatus>, ProjectionError> {
+        let head = self.shared.head()?;
+        let last_error = self.shared.progress().last_error.clone();
+        let mut statuses = status_of(&self.shared.read_models, head)?;
+        for status in &mut statuses {
+            status.last_error.clone_from(&last_error);
+        }
+        Ok(statuses)
+    }
+
+    /// [`Projections::status`] with every served read model's digest (reads
+    /// every row: for the CLI and audits, not for health checks).
+    pub fn status_with_digests(&self) -> Result<Vec<ProjectorStatus>, ProjectionError> {
+        let mut statuses = self.status()?;
+        for status in &mut statuses {
+            if status.serving {
+                status.digests = self.shared.read_models.digests_of_projector(status.name)?;
+            }
+        }
+        Ok(statuses)
+    }
+
+    pub fn digest(&self, read_model: ReadModel) -> Result<Digest, ProjectionError> {
+        self.shared.read_models.digest(read_model)
+    }
+
+    pub fn balance(&self, member_id: &str) -> Result<Option<Balance>, ProjectionError> {
+        self.shared.read_models.balance(member_id)
+    }
+
+    pub fn grants(&self, member_id: &str) -> Result<Vec<Grant>, ProjectionError> {
+        self.shared.read_models.grants(member_id)
+    }
+
+    pub fn transactions(
+        &self,
+        member_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<CreditTransaction>, ProjectionError> {
+        self.shared.read_models.transactions(member_id, page)
+    }
+
+    pub fn daily_usage(
+        &self,
+        member_id: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+        page: &PageRequest,
+    ) -> Result<Page<DailyUsage>, ProjectionError> {
+        self.shared.read_models.daily_usage(member_id, from, to, page)
+    }
+
+    pub fn invoices(&self, member_id: &str, page: &PageRequest) -> Result<Page<Invoice>, ProjectionError> {
+        self.shared.read_models.invoices(member_id, page)
+    }
+
+    pub fn invoice(&self, member_id: &str, invoice_id: &str) -> Result<Option<Invoice>, ProjectionError> {
+        self.shared.read_models.invoice(member_id, invoice_id)
+    }
+
+    pub fn subscription(&self, member_id: &str) -> Result<Option<Subscription>, ProjectionError> {
+        self.shared.read_models.subscription(member_id)
+    }
+}
+
+fn rate(events: u64, elapsed_s: f64) -> f64 {
+    if elapsed_s > 0.0 { events as f64 / elapsed_s } else { 0.0 }
+}
+
+/// Status rows from the bookkeeping tables, in one snapshot.
+pub(crate) fn status_of(read_models: &ReadModels, head: u64) -> Result<Vec<ProjectorStatus>, ProjectionError> {
+    let (live_rows, build_rows) = read_models.with_connection(|connection| {
+        let transaction = connection.unchecked_transaction()?;
+        let rows = (storage::read_rows(&transaction, Slot::Live)?, storage::read_rows(&transaction, Slot::Build)?);
+        transaction.commit()?;
+        Ok(rows)
+    })?;
+    Ok(read_models
+        .registry()
+        .projectors()
+        .iter()
+        .map(|projector| {
+            let live = live_rows.iter().find(|row| row.projector == projector.name());
+            let serving = live.is_some_and(|row| row.version == projector.version());
+            let checkpoint = live.filter(|_| serving).map_or(0, |row| row.checkpoint);
+            let build = build_rows
+                .iter()
+                .find(|row| row.projector == projector.name())
+                .map(|row| BuildStatus { generation: row.generation, checkpoint: row.checkpoint });
+            ProjectorStatus {
+                name: projector.name(),
+                version: projector.version(),
+                read_models: projector.read_models(),
+                serving,
+                generation: live.map(|row| row.generation),
+                checkpoint,
+                lag: head.saturating_sub(checkpoint),
+                build,
+                last_error: None,
+                digests: Vec::new(),
+            }
+        })
+        .collect())
+}
+
+impl Shared {
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the writer (a broken invariant) poisons it;
+        // the SQLite transaction was rolled back by then, so the state the
+        // mutex guards is still the committed one.
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn progress(&self) -> MutexGuard<'_, ProgressState> {
+        self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn head(&self) -> Result<u64, ProjectionError> {
+        let reader = self.head_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(reader.head()?.position)
+    }
+
+    fn wake_runner(&self) {
+        *self.wake.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        self.woken.notify_all();
+    }
+
+    /// Sleeps until woken or `timeout` passed.
+    fn sleep_until_woken(&self, timeout: Duration) {
+        let guard = self.wake.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut guard, _) = self
+            .woken
+            .wait_timeout_while(guard, timeout, |woken| !*woken)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = false;
+    }
+
+    /// Sleeps until some checkpoint moved or `deadline` came.
+    fn wait_progress(&self, deadline: Instant) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return;
+        }
+        let guard = self.progress();
+        let _ =
+            self.progressed.wait_timeout(guard, remaining.min(Duration::from_millis(self.options.poll_interval_ms)));
+    }
+
+    /// The lowest live checkpoint among `projectors` (all registered ones
+    /// when empty); 0 for a projector not served yet.
+    fn lowest_live_checkpoint(&self, projectors: &[&'static str]) -> u64 {
+        let progress = self.progress();
+        let names: Vec<&'static str> = if projectors.is_empty() {
+            self.registry.projectors().iter().map(|projector| projector.name()).collect()
+        } else {
+            projectors.to_vec()
+        };
+        names.iter().map(|name| progress.live.get(name).copied().unwrap_or(0)).min().unwrap_or(0)
+    }
+
+    /// Re-reads the live checkpoints after a commit and wakes waiters.
+    fn publish_live(&self, writer: &Writer) -> Result<(), ProjectionError> {
+        let live = live_checkpoints(&writer.connection, &self.registry)?;
+        self.progress().live = live;
+        self.progressed.notify_all();
+        Ok(())
+    }
+
+    fn step_all(&self) -> Result<u64, ProjectionError> {
+        let mut writer = self.writer();
+        let batch_events_max = self.options.batch_events_max;
+        let mut applied = writer.step_live(&self.registry, batch_events_max)?;
+        let mut changed = applied > 0;
+        let job_ids: Vec<u64> = writer.jobs.iter().map(|job| job.id).collect();
+        for job_id in job_ids {
+            let step = writer.step_build(&self.registry, job_id, batch_events_max)?;
+            applied += step.events;
+            changed |= step.finished;
+        }
+        if changed {
+            self.publish_live(&writer)?;
+        }
+        Ok(applied)
+    }
+
+    fn run(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            match self.step_all() {
+                Ok(applied) => {
+                    self.progress().last_error = None;
+                    if applied == 0 {
+                        self.sleep_until_woken(Duration::from_millis(self.options.poll_interval_ms));
+                    } else {
+                        // Let a rebuild or a waiting reader take the writer.
+                        std::thread::yield_now();
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "projection step failed; retrying");
+                    self.progress().last_error = Some(error.to_string());
+                    self.sleep_until_woken(Duration::from_millis(ERROR_BACKOFF_MS));
+                }
+            }
+        }
+    }
+}
+
+fn live_checkpoints(
+    connection: &Connection,
+    registry: &Registry,
+) -> Result<HashMap<&'static str, u64>, ProjectionError> {
+    let rows = storage::read_rows(connection, Slot::Live)?;
+    Ok(registry
+        .projectors()
+        .iter()
+        .filter_map(|projector| {
+            let row =
+                rows.iter().find(|row| row.projector == projector.name() && row.version == projector.version())?;
+            Some((projector.name(), row.checkpoint))
+        })
+        .collect())
+}
+
+impl Writer {
+    /// Decides, once at start-up, which projectors are live and which need
+    /// a build, creates the generations to build, and drops debris.
+    fn prepare_generations(&mut self, registry: &Registry) -> Result<HashMap<&'static str, u64>, ProjectionError> {
+        let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let live_rows = storage::read_rows(&transaction, Slot::Live)?;
+        let build_rows = storage::read_rows(&transaction, Slot::Build)?;
+        let mut fresh: Vec<(usize, u64)> = Vec::new();
+        let mut resumed: Vec<(usize, GenerationRow)> = Vec::new();
+        for (index, projector) in registry.projectors().iter().enumerate() {
+            let name = projector.name();
+            let live = live_rows.iter().find(|row| row.projector == name);
+            let live_current = live.filter(|row| row.version == projector.version());
+            if let Some(row) = live_current {
+                if hash_at(&self.events, row.checkpoint)? == Some(row.checkpoint_hash) {
+                    // Served as it is; a build left by an interrupted
+                    // rebuild is not needed any more.
+                    storage::delete_row(&transaction, Slot::Build, name)?;
+                    continue;
+                }
+                tracing::warn!(
+                    projector = name,
+                    checkpoint = row.checkpoint,
+                    "the read model was built from another log; rebuilding it"
+                );
+                storage::delete_row(&transaction, Slot::Live, name)?;
+            }
+            let build = build_rows.iter().find(|row| row.projector == name);
+            if let Some(row) = build.filter(|row| row.version == projector.version())
+                && hash_at(&self.events, row.checkpoint)? == Some(row.checkpoint_hash)
+            {
+                resumed.push((index, row.clone()));
+                continue;
+            }
+            storage::delete_row(&transaction, Slot::Build, name)?;
+            let generation = storage::allocate_generation(&transaction)?;
+            storage::create_generation(&transaction, projector.as_ref(), generation)?;
+            storage::write_row(
+                &transaction,
+                Slot::Build,
+                &GenerationRow {
+                    projector: name.to_owned(),
+                    version: projector.version(),
+                    generation,
+                    checkpoint: 0,
+                    checkpoint_hash: CHAIN_HASH_ZERO,
+                },
+            )?;
+            fresh.push((index, generation));
+        }
+        let dropped = storage::drop_orphans(&transaction)?;
+        if dropped > 0 {
+            tracing::info!(tables = dropped, "dropped tables no generation refers to");
+        }
+        let live = live_checkpoints(&transaction, registry)?;
+        transaction.commit()?;
+
+        if !fresh.is_empty() {
+            self.push_job(fresh, 0, CHAIN_HASH_ZERO);
+        }
+        // Resumed builds that stopped at the same position continue as one.
+        resumed.sort_by_key(|(_, row)| row.checkpoint);
+        for (index, row) in resumed {
+            match self.jobs.iter_mut().find(|job| job.checkpoint == row.checkpoint) {
+                Some(job) => job.members.push((index, row.generation)),
+                None => {
+                    self.push_job(vec![(index, row.generation)], row.checkpoint, row.checkpoint_hash);
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    fn push_job(&mut self, members: Vec<(usize, u64)>, checkpoint: u64, checkpoint_hash: [u8; 32]) -> u64 {
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        self.jobs.push(BuildJob { id, members, checkpoint, checkpoint_hash });
+        id
+    }
+
+    /// Starts building a new generation of each projector in `indexes` that
+    /// is not being built already; returns the jobs covering them all.
+    fn start_build(&mut self, registry: &Registry, indexes: &[usize]) -> Result<Vec<u64>, ProjectionError> {
+        let mut job_ids: Vec<u64> = Vec::new();
+        let mut new_indexes: Vec<usize> = Vec::new();
+        for index in indexes {
+            match self.jobs.iter().find(|job| job.members.iter().any(|(member, _)| member == index)) {
+                Some(job) => {
+                    if !job_ids.contains(&job.id) {
+                        job_ids.push(job.id);
+                    }
+                }
+                None => new_indexes.push(*index),
+            }
+        }
+        if new_indexes.is_empty() {
+            return Ok(job_ids);
+        }
+        let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut members = Vec::new();
+        for index in new_indexes {
+            let projector = &registry.projectors()[index];
+            let generation = storage::allocate_generation(&transaction)?;
+            storage::create_generation(&transaction, projector.as_ref(), generation)?;
+            storage::write_row(
+                &transaction,
+                Slot::Build,
+                &GenerationRow {
+                    projector: projector.name().to_owned(),
+                    version: projector.version(),
+                    generation,
+                    checkpoint: 0,
+                    checkpoint_hash: CHAIN_HASH_ZERO,
+                },
+            )?;
+            members.push((index, generation));
+        }
+        transaction.commit()?;
+        job_ids.push(self.push_job(members, 0, CHAIN_HASH_ZERO));
+        Ok(job_ids)
+    }
+
+    fn lowest_job_checkpoint(&self, job_ids: &[u64]) -> Option<u64> {
+        self.jobs.iter().filter(|job| job_ids.contains(&job.id)).map(|job| job.checkpoint).min()
+    }
+
+    /// One batch for every projector served at its current version.
+    fn step_live(&mut self, registry: &Registry, batch_events_max: usize) -> Result<u64, ProjectionError> {
+        let Writer { connection, events, rendered, .. } = self;
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let rows = storage::read_rows(&transaction, Slot::Live)?;
+        let targets: Vec<Target> = registry
+            .projectors()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, projector)| {
+                let row =
+                    rows.iter().find(|row| row.projector == projector.name() && row.version == projector.version())?;
+                Some(Target { index, generation: row.generation, checkpoint: row.checkpoint })
+            })
+            .collect();
+        let Some(from) = targets.iter().map(|target| target.checkpoint).min() else { return Ok(0) };
+        let batch = events.read_all(from, batch_events_max)?;
+        let Some(last) = batch.last() else { return Ok(0) };
+        ensure_rendered(rendered, &targets);
+        apply_batch(&transaction, registry, &targets, &batch, rendered)?;
+        for target in &targets {
+            if target.checkpoint < last.position {
+                let name = registry.projectors()[target.index].name();
+                storage::write_checkpoint(&transaction, Slot::Live, name, last.position, &last.hash)?;
+            }
+        }
+        transaction.commit()?;
+        Ok(batch.len() as u64)
+    }
+
+    /// One batch of a build; at the head, the swap.
+    fn step_build(
+        &mut self,
+        registry: &Registry,
+        job_id: u64,
+        batch_events_max: usize,
+    ) -> Result<BuildStep, ProjectionError> {
+        let job_index = self.jobs.iter().position(|job| job.id == job_id).expect("a job that exists");
+        let (checkpoint, mut checkpoint_hash) = (self.jobs[job_index].checkpoint, self.jobs[job_index].checkpoint_hash);
+        let targets: Vec<Target> = self.jobs[job_index]
+            .members
+            .iter()
+            .map(|(index, generation)| Target { index: *index, generation: *generation, checkpoint })
+            .collect();
+        let events = self.events.read_all(checkpoint, batch_events_max)?;
+        ensure_rendered(&mut self.rendered, &targets);
+        let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        apply_batch(&transaction, registry, &targets, &events, &self.rendered)?;
+        let mut new_checkpoint = checkpoint;
+        if let Some(last) = events.last() {
+            new_checkpoint = last.position;
+            checkpoint_hash = last.hash;
+            for target in &targets {
+                let name = registry.projectors()[target.index].name();
+                storage::write_checkpoint(&transaction, Slot::Build, name, new_checkpoint, &checkpoint_hash)?;
+            }
+        }
+        let finished = events.len() < batch_events_max;
+        let mut dropped_generations = Vec::new();
+        if finished {
+            for target in &targets {
+                let projector = &registry.projectors()[target.index];
+                let old = storage::read_row(&transaction, Slot::Live, projector.name())?;
+                storage::write_row(
+                    &transaction,
+                    Slot::Live,
+                    &GenerationRow {
+                        projector: projector.name().to_owned(),
+                        version: projector.version(),
+                        generation: target.generation,
+                        checkpoint: new_checkpoint,
+                        checkpoint_hash,
+                    },
+                )?;
+                storage::delete_row(&transaction, Slot::Build, projector.name())?;
+                if let Some(old) = old {
+                    storage::drop_generation(&transaction, old.version, old.generation)?;
+                    dropped_generations.push(old.generation);
+                }
+            }
+        }
+        transaction.commit()?;
+        if finished {
+            self.jobs.remove(job_index);
+            self.rendered.retain(|(_, generation), _| !dropped_generations.contains(generation));
+        } else {
+            let job = &mut self.jobs[job_index];
+            job.checkpoint = new_checkpoint;
+            job.checkpoint_hash = checkpoint_hash;
+        }
+        Ok(BuildStep { events: events.len() as u64, finished })
+    }
+}
+
+fn ensure_rendered(rendered: &mut HashMap<(usize, u64), RenderedSql>, targets: &[Target]) {
+    for target in targets {
+        rendered.entry((target.index, target.generation)).or_default();
+    }
+}
+
+/// Applies events to each target that has not seen them, decoding each
+/// event once for all.
+fn apply_batch(
+    connection: &Connection,
+    registry: &Registry,
+    targets: &[Target],
+    events: &[RecordedEvent],
+    rendered: &HashMap<(usize, u64), RenderedSql>,
+) -> Result<(), ProjectionError> {
+    let writers: Vec<(Target, &Arc<dyn Projector>, ProjectorTx<'_>)> = targets
+        .iter()
+        .map(|target| {
+            let projector = &registry.projectors()[target.index];
+            let tx = ProjectorTx::new(
+                connection,
+                projector.tables(),
+                projector.version(),
+                target.generation,
+                &rendered[&(target.index, target.generation)],
+            );
+            (*target, projector, tx)
+        })
+        .collect();
+    for recorded in events {
+        let Some(member_id) = recorded.stream_id.strip_prefix(MEMBER_STREAM_PREFIX) else { continue };
+        let wants = |target: &Target, projector: &Arc<dyn Projector>| {
+            target.checkpoint < recorded.position && projector.handles().contains(&recorded.event_type.as_str())
+        };
+        if !writers.iter().any(|(target, projector, _)| wants(target, projector)) {
+            continue;
+        }
+        let event = codec::decode_member(recorded)?;
+        let projected = ProjectedEvent {
+            recorded,
+            member_id,
+            event: &event,
+            occurred_at: recorded.metadata.occurred_at.unwrap_or(recorded.recorded_at),
+        };
+        for (target, projector, tx) in &writers {
+            if wants(target, projector) {
+                projector.apply(tx, &projected)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the projections on real SQLite files, with logs
+//! written by the real ledger. One binary: it links once.
+
+mod daily_usage;
+mod month_of_life;
+mod properties;
+mod support;
