@@ -244,7 +244,7 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, ApiError> {
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 #[get("/metrics")]
 pub async fn metrics(state: Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(state.ledger.stats()))
 }
 
 #[get("/openapi.json")]

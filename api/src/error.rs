@@ -47,6 +47,8 @@ pub enum ApiError {
     Forbidden,
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("rate limit reached; retry in {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
     #[error("the request body is larger than {limit_bytes} bytes")]
@@ -73,6 +75,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::ProjectionLagging(_) => "projection_lagging",
@@ -147,6 +150,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ProjectionLagging(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

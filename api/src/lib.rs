@@ -9,6 +9,7 @@
 //!   `min_position` to read one's own writes) or from a replay of the log.
 //! - [`admin`]: plans, member keys, the event feed, the test clock, health,
 //!   readiness, metrics and the OpenAPI document.
+//! - [`ops`]: projection status and rebuilds, for `tally projections`.
 //! - [`auth`], [`body`], [`error`], [`ratelimit`], [`metrics`]: bearer keys,
 //!   request parsing and fingerprints, problem responses, limits.
 //!
@@ -23,6 +24,7 @@ pub mod dto;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod ops;
 pub mod ratelimit;
 pub mod reads;
 
@@ -143,16 +145,67 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::list_keys)
         .service(admin::events)
         .service(admin::advance_clock)
+        .service(ops::projections_status)
+        .service(ops::rebuild_projections)
         .service(admin::healthz)
         .service(admin::readyz)
         .service(admin::metrics)
         .service(admin::openapi_json);
 }
 
-/// The answer to a path no route matches, in the same problem format.
+/// The answer to a request no route matches, in the same problem format:
+/// 405 with `Allow` when the path exists under other methods, else 404.
 pub async fn not_found(request: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
-    ApiError::NotFound(format!("no route for {} {}", request.method(), request.path())).error_response()
+    let allowed = allowed_methods(request.path());
+    if allowed.is_empty() {
+        return ApiError::NotFound(format!("no route for {} {}", request.method(), request.path())).error_response();
+    }
+    let mut response = ApiError::MethodNotAllowed(format!("{} is not allowed on {}", request.method(), request.path()))
+        .error_response();
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allowed.join(", ")) {
+        response.headers_mut().insert(actix_web::http::header::ALLOW, value);
+    }
+    response
+}
+
+/// The methods the OpenAPI document lists for a concrete path.
+fn allowed_methods(path: &str) -> Vec<String> {
+    static ROUTES: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> = std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let mut routes: Vec<(Vec<String>, Vec<String>)> = openapi::document()
+            .paths
+            .paths
+            .iter()
+            .map(|(template, item)| {
+                let segments = template.split('/').map(str::to_owned).collect();
+                let item = serde_json::to_value(item).unwrap_or_default();
+                let methods = ["get", "put", "post", "delete", "patch"]
+                    .iter()
+                    .filter(|method| item.get(**method).is_some())
+                    .map(|method| method.to_uppercase())
+                    .collect();
+                (segments, methods)
+            })
+            .collect();
+        routes.push((vec![String::new(), "openapi.json".to_owned()], vec!["GET".to_owned()]));
+        routes
+    });
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut allowed: Vec<String> = routes
+        .iter()
+        .filter(|(template, _)| {
+            template.len() == segments.len()
+                && template
+                    .iter()
+                    .zip(&segments)
+                    .all(|(expected, actual)| expected.starts_with('{') || expected == actual)
+        })
+        .flat_map(|(_, methods)| methods.iter().cloned())
+        .collect();
+    allowed.sort();
+    allowed.dedup();
+    allowed
 }
 
 pub type State = Data<AppState>;

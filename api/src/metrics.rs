@@ -59,10 +59,29 @@ impl Metrics {
         self.appended_events.with_label_values(&[route]).inc_by(events as u64);
     }
 
-    pub fn render(&self) -> String {
+    /// The registry's metrics, then the writer's group-commit counters.
+    pub fn render(&self, writer: &tally_ledger::service::WriterStats) -> String {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
-        String::from_utf8(buffer).expect("prometheus text is UTF-8")
+        let mut text = String::from_utf8(buffer).expect("prometheus text is UTF-8");
+        let batches = writer.batches.load(Relaxed);
+        let jobs = writer.jobs.load(Relaxed);
+        let _ = write!(
+            text,
+            "# HELP tally_writer_batches_total Transactions (fsyncs) the writer committed or tried.\n\
+             # TYPE tally_writer_batches_total counter\ntally_writer_batches_total {batches}\n\
+             # HELP tally_writer_jobs_total Commands and reads the writer handled, across batches.\n\
+             # TYPE tally_writer_jobs_total counter\ntally_writer_jobs_total {jobs}\n\
+             # HELP tally_writer_failed_commits_total Batches whose commit failed.\n\
+             # TYPE tally_writer_failed_commits_total counter\ntally_writer_failed_commits_total {}\n\
+             # HELP tally_writer_last_batch_jobs Jobs in the last batch.\n\
+             # TYPE tally_writer_last_batch_jobs gauge\ntally_writer_last_batch_jobs {}\n",
+            writer.failed_commits.load(Relaxed),
+            writer.last_batch_jobs.load(Relaxed),
+        );
+        text
     }
 }
 

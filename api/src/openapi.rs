@@ -48,6 +48,8 @@ impl Modify for BearerAuth {
         crate::admin::list_keys,
         crate::admin::events,
         crate::admin::advance_clock,
+        crate::ops::projections_status,
+        crate::ops::rebuild_projections,
         crate::admin::healthz,
         crate::admin::readyz,
         crate::admin::metrics,

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use uuid::Uuid;
@@ -243,6 +244,17 @@ pub struct Ledger {
     catalog: Arc<RwLock<Arc<Catalog>>>,
     clock: Arc<dyn Clock>,
     path: PathBuf,
+    stats: Arc<WriterStats>,
+}
+
+/// Counters of the writer's work, for metrics: how well group commit batches.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub jobs: AtomicU64,
+    pub failed_commits: AtomicU64,
+    /// The size of the last batch, in jobs.
+    pub last_batch_jobs: AtomicU64,
 }
 
 impl Ledger {
@@ -254,7 +266,9 @@ impl Ledger {
             reader.read_all(reader.head()?.position.saturating_sub(1), 1)?.first().map(|event| event.recorded_at);
         let catalog = Arc::new(RwLock::new(Arc::new(catalog)));
         let (jobs, queue) = sync_channel(options.queue_commands_max);
+        let stats = Arc::new(WriterStats::default());
         let mut writer = Writer {
+            stats: stats.clone(),
             store,
             options,
             clock: clock.clone(),
@@ -267,11 +281,15 @@ impl Ledger {
             .name("tally-writer".to_owned())
             .spawn(move || writer.run(queue))
             .map_err(|error| StoreError::Corrupt(format!("cannot start the writer thread: {error}")))?;
-        Ok(Ledger { jobs: Some(jobs), writer: Some(writer), catalog, clock, path: path.to_owned() })
+        Ok(Ledger { jobs: Some(jobs), writer: Some(writer), catalog, clock, path: path.to_owned(), stats })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -365,6 +383,7 @@ fn load_catalog(reader: &EventReader) -> Result<Catalog, LedgerError> {
 }
 
 struct Writer {
+    stats: Arc<WriterStats>,
     store: EventStore,
     options: LedgerOptions,
     clock: Arc<dyn Clock>,
@@ -435,6 +454,9 @@ impl Writer {
     }
 
     fn run_batch(&mut self, jobs: Vec<Job>) {
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        self.stats.last_batch_jobs.store(jobs.len() as u64, Ordering::Relaxed);
         let now = self.now();
         let mut batch = match self.store.begin_batch() {
             Ok(batch) => batch,
@@ -488,6 +510,7 @@ impl Writer {
                 pending.into_iter().for_each(Pending::send);
             }
             Err(error) => {
+                self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
                 // What we folded into the cache never reached the disk.
                 for member_id in &touched {
                     self.members.remove(member_id);

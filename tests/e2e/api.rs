@@ -322,4 +322,28 @@ fn every_route_in_the_openapi_document_answers() {
         }
     }
     assert!(routes >= 30, "{routes}");
+    // A known path with another method is 405 with Allow; an unknown path 404.
+    let response = server.client.delete(server.url("/v1/members/m1/usage")).bearer_auth(ADMIN_KEY).send().unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers().get("Allow").unwrap(), "POST");
+    let response = server.client.get(server.url("/v1/nothing/here")).send().unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.json::<Value>().unwrap()["code"], "not_found");
+}
+
+#[test]
+fn sigterm_stops_the_server_gracefully_and_keeps_every_acknowledged_write() {
+    let server = Server::start_with_clock("2026-01-01T00:00:00Z");
+    server.admin_post("/v1/members/m1/credits/grants", json!({"source": "promotional", "amount": 1_000}));
+    for index in 0..20 {
+        let (status, _) = server.admin_post("/v1/members/m1/usage", json!({"usage_id": format!("u{index}"), "metric": "m", "credits": 3}));
+        assert_eq!(status, 201);
+    }
+    let head = server.head_position();
+    let data_dir = server.terminate();
+    let restarted = Server::start_in(data_dir, &["--test-clock", "--start", "2026-01-01T00:00:00Z"]);
+    assert_eq!(restarted.head_position(), head);
+    restarted.sync("m1");
+    let (_, balance) = restarted.admin_get("/v1/members/m1/balance");
+    assert_eq!(balance["available"], 1_000 - 60);
 }

@@ -120,6 +120,17 @@ impl Server {
         self.admin_get("/v1/events?limit=1").1["head"].as_u64().expect("head")
     }
 
+    /// Ask the process to stop (SIGTERM), wait for it, and check it exited
+    /// cleanly; keeps the data directory.
+    pub fn terminate(mut self) -> TempDir {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(sent.success());
+        let status = self.child.wait().expect("tally exits");
+        assert!(status.success(), "tally exited with {status} after SIGTERM");
+        std::mem::replace(&mut self.data_dir, TempDir::new().expect("temp dir"))
+    }
+
     /// Kill the process at once (SIGKILL), keeping the data directory.
     pub fn kill(mut self) -> TempDir {
         let _ = self.child.kill();
