@@ -127,6 +127,8 @@ async fn execute_member(
     let member = member_id.clone();
     let executed = actix_web::web::block(move || ledger.execute(&member, ledger_request)).await??;
     state.metrics.command(route.name, executed.outcome.events.len());
+    // Wake the projection runner now rather than at its next poll.
+    state.projections.notify();
     Ok(render(Some(member_id), executed, route.status))
 }
 

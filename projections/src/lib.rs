@@ -34,6 +34,10 @@
 //!   event, those a projector ignores included, and stores the chain hash of
 //!   its event: at start-up a read model whose checkpoint does not match the
 //!   log (another log, an older backup) is rebuilt.
+//! - **Failures stay local.** Each projector applies a batch in its own
+//!   savepoint: one that fails is rolled back alone, reported in its status
+//!   and retried after a pause, while the others go on. A failed explicit
+//!   rebuild is dropped and the live generation kept.
 //! - **Generations.** Each build of a read model has its own tables,
 //!   `{table}_v{version}_g{generation}`; `projection_live` names the one
 //!   served. A rebuild fills a new generation in bounded transactions beside
@@ -57,8 +61,10 @@
 //!   query it through [`ReadModels::open`].
 //! - **Limits.** [`page::PAGE_SIZE_MAX`] rows per page,
 //!   [`models::daily_usage::DAILY_USAGE_DAYS_MAX`] days per range,
-//!   `batch_events_max` events per transaction
-//!   ([`runner::BATCH_EVENTS_MAX_DEFAULT`]), a read-your-writes wait of
+//!   `batch_events_max` events per live transaction
+//!   ([`runner::BATCH_EVENTS_MAX_DEFAULT`]) and `build_batch_events_max` per
+//!   build transaction ([`runner::BUILD_BATCH_EVENTS_MAX_DEFAULT`]), a
+//!   read-your-writes wait of
 //!   [`runner::WAIT_FOR_POSITION_DEFAULT`] by default.
 
 pub mod digest;
@@ -83,6 +89,6 @@ pub use projector::{ProjectedEvent, Projector, ProjectorTx, TableSpec};
 pub use read::ReadModels;
 pub use registry::{ReadModel, builtin_projectors};
 pub use runner::{
-    BATCH_EVENTS_MAX_DEFAULT, BuildStatus, CatchUpReport, Progress, ProjectionOptions, Projections, ProjectorStatus,
-    RebuildReport, RunnerHandle, WAIT_FOR_POSITION_DEFAULT,
+    BATCH_EVENTS_MAX_DEFAULT, BUILD_BATCH_EVENTS_MAX_DEFAULT, BuildStatus, CatchUpReport, Progress, ProjectionOptions,
+    Projections, ProjectorStatus, RebuildReport, RunnerHandle, WAIT_FOR_POSITION_DEFAULT,
 };

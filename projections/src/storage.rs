@@ -116,7 +116,7 @@ pub(crate) fn open_for_writing(path: &Path, busy_timeout: Duration) -> Result<Co
 /// Opens a connection for queries. It is read-write at the file level (a
 /// read-only connection cannot always open a WAL file) but `query_only`.
 pub(crate) fn open_for_reading(path: &Path, busy_timeout: Duration) -> Result<Connection, ProjectionError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let connection = Connection::open_with_flags(path, flags)?;
     connection.busy_timeout(busy_timeout)?;
     connection.pragma_update(None, "query_only", "ON")?;

@@ -147,8 +147,6 @@ const NEXT_LINE_NO: &str =
     "SELECT coalesce(max(line_no), 0) + 1 FROM {invoice_lines} WHERE member_id = ?1 AND invoice_id = ?2";
 const INSERT_LINE: &str = "INSERT INTO {invoice_lines} (member_id, invoice_id, line_no, kind, description, quantity,
     unit_amount, amount) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-const RENAME_FEE_LINE: &str =
-    "UPDATE {invoice_lines} SET description = ?3 WHERE member_id = ?1 AND invoice_id = ?2 AND kind = 'fee'";
 const SUM_LINES: &str = "SELECT coalesce(sum(amount), 0) FROM {invoice_lines} WHERE member_id = ?1 AND invoice_id = ?2";
 const SET_DRAFT_TOTALS: &str = "UPDATE {invoices} SET subtotal = ?3, total = ?3, updated_position = ?4
     WHERE member_id = ?1 AND invoice_id = ?2";
@@ -262,19 +260,17 @@ impl Apply<'_, '_, '_> {
             MemberEvent::SubscriptionPlanChanged { terms, proration_amount, .. } => {
                 let member = self.member()?;
                 let Some(draft_id) = &member.draft_invoice_id else { return Ok(()) };
-                // The issued fee line names the plan in force at period close.
-                let fee_description = format!("{} subscription", terms.plan.name);
-                self.tx.statement(RENAME_FEE_LINE)?.execute(params![self.member_id(), draft_id, fee_description])?;
-                if !proration_amount.is_zero() {
-                    let line = InvoiceLine {
-                        kind: InvoiceLineKind::Proration,
-                        description: format!("Upgrade to {} (prorated)", terms.plan.name),
-                        quantity: 1,
-                        unit_amount: *proration_amount,
-                        amount: *proration_amount,
-                    };
-                    self.add_draft_line(draft_id, &line)?;
+                if proration_amount.is_zero() {
+                    return Ok(());
                 }
+                let line = InvoiceLine {
+                    kind: InvoiceLineKind::Proration,
+                    description: format!("Upgrade to {} (prorated)", terms.plan.name),
+                    quantity: 1,
+                    unit_amount: *proration_amount,
+                    amount: *proration_amount,
+                };
+                self.add_draft_line(draft_id, &line)?;
                 self.refresh_draft(draft_id)
             }
             MemberEvent::SubscriptionCanceled { .. } => {
@@ -504,9 +500,9 @@ impl Apply<'_, '_, '_> {
             .statement(OVERAGE_BY_PRICE)?
             .query_map(params![member_id], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let mut line_no: i64 =
+        let first_line_no: i64 =
             self.tx.statement(NEXT_LINE_NO)?.query_row(params![member_id, invoice_id], |row| row.get(0))?;
-        for (unit_price, credits) in by_price {
+        for (line_no, (unit_price, credits)) in (first_line_no..).zip(by_price) {
             let amount = checked(credits.checked_mul(unit_price), PROJECTOR_NAME, self.event.position())?;
             let line = InvoiceLine {
                 kind: InvoiceLineKind::Overage,
@@ -516,7 +512,6 @@ impl Apply<'_, '_, '_> {
                 amount: tally_ledger::domain::MinorUnits(amount),
             };
             self.insert_line(invoice_id, line_no, &line)?;
-            line_no += 1;
         }
         let subtotal: i64 =
             self.tx.statement(SUM_LINES)?.query_row(params![member_id, invoice_id], |row| row.get(0))?;

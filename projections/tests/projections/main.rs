@@ -4,4 +4,5 @@
 mod daily_usage;
 mod month_of_life;
 mod properties;
+mod runner;
 mod support;

@@ -273,7 +273,8 @@ fn credit_balances_at_the_overage_and_after_the_renewal() {
     assert_eq!(projections.balance("bob").unwrap(), None);
 
     let grants = projections.grants(ALICE).unwrap();
-    let summary: Vec<(&str, &str, u8, i64, i64, Option<DateTime<Utc>>)> = grants
+    type GrantSummary<'grant> = (&'grant str, &'grant str, u8, i64, i64, Option<DateTime<Utc>>);
+    let summary: Vec<GrantSummary<'_>> = grants
         .iter()
         .map(|grant| {
             (
@@ -332,7 +333,7 @@ fn line(line_no: u32, kind: &str, description: &str, quantity: i64, unit_amount:
 
 fn march_lines() -> Vec<InvoiceLineView> {
     vec![
-        line(1, "fee", "Pro subscription", 1, 1_000),
+        line(1, "fee", "Starter subscription", 1, 1_000),
         line(2, "purchase", "Purchase of 500 credits", 1, 2_500),
         line(3, "proration", "Upgrade to Pro (prorated)", 1, 2_112),
         line(4, "overage", "Overage: 46 credits", 46, 2),

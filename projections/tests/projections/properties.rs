@@ -412,13 +412,14 @@ proptest! {
         start in start_instant(),
         steps in steps(),
         batch_events_max in 1..24usize,
+        build_batch_events_max in 1..24usize,
         catch_ups in prop::collection::vec(0..3usize, 128),
         crash_step_fraction in 0.0..1.0f64,
         crash_projector in prop::sample::select(vec!["credits", "daily_usage", "invoices", "subscriptions"]),
         crash_fraction in 0.0..1.0f64,
     ) {
         let log = TestLog::with_plans(start, plans());
-        let options = ProjectionOptions { batch_events_max, ..ProjectionOptions::default() };
+        let options = ProjectionOptions { batch_events_max, build_batch_events_max, ..ProjectionOptions::default() };
         let incremental = log.projections_with("incremental", options, builtin_projectors());
         let crash_step = ((steps.len() as f64) * crash_step_fraction) as usize;
         run(&log, start, &steps, |index| {

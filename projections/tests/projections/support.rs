@@ -137,7 +137,7 @@ impl TestLog {
 }
 
 pub fn small_batches() -> ProjectionOptions {
-    ProjectionOptions { batch_events_max: 7, ..ProjectionOptions::default() }
+    ProjectionOptions { batch_events_max: 7, build_batch_events_max: 5, ..ProjectionOptions::default() }
 }
 
 pub fn register(time_zone: &str) -> MemberCommand {
@@ -242,6 +242,40 @@ impl Projector for CrashingAt {
                 reason: "simulated crash".to_owned(),
             });
         }
+        self.inner.apply(tx, event)
+    }
+}
+
+/// A projector that panics at the first event it handles at or after a
+/// position: the process dying in the middle of a batch.
+pub struct PanickingAt {
+    pub inner: Arc<dyn Projector>,
+    pub position: u64,
+}
+
+impl Projector for PanickingAt {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn version(&self) -> u32 {
+        self.inner.version()
+    }
+
+    fn handles(&self) -> &'static [&'static str] {
+        self.inner.handles()
+    }
+
+    fn tables(&self) -> &'static [tally_projections::TableSpec] {
+        self.inner.tables()
+    }
+
+    fn apply(
+        &self,
+        tx: &tally_projections::ProjectorTx<'_>,
+        event: &tally_projections::ProjectedEvent<'_>,
+    ) -> Result<(), ProjectionError> {
+        assert!(event.position() < self.position, "simulated death at position {}", event.position());
         self.inner.apply(tx, event)
     }
 }
