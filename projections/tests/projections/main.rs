@@ -4,5 +4,6 @@
 mod daily_usage;
 mod month_of_life;
 mod properties;
+mod reference_model;
 mod runner;
 mod support;
