@@ -12,11 +12,14 @@
 //! - [`service`]: the [`Ledger`](service::Ledger), a single writer with
 //!   group commit that loads state, decides, appends with the expected
 //!   version and answers callers once their batch is durable.
+//! - [`import`]: an exported log written back exactly as it was stored,
+//!   with the writer's indexes, in one transaction.
 //!
 //! The crate knows nothing of HTTP, actix or Stripe.
 
 pub mod codec;
 pub mod domain;
+pub mod import;
 pub mod service;
 pub mod store;
 

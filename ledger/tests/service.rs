@@ -294,3 +294,48 @@ fn catalog_commands_are_decided_and_published_to_readers() {
     let error = ledger.execute_catalog(admin(CatalogCommand::PublishPlan(bad))).unwrap_err();
     assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "price", .. })));
 }
+
+#[test]
+fn an_imported_log_keeps_usage_ids_unique_and_renews_on_time() {
+    let source = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&source, &clock);
+    ledger.execute_catalog(admin(CatalogCommand::PublishPlan(starter_plan()))).unwrap();
+    let start = MemberCommand::StartSubscription {
+        plan_id: "starter".into(),
+        billing: Billing::Tally,
+        stripe_subscription_id: None,
+    };
+    ledger.execute("a", admin(start)).unwrap();
+    ledger.execute("a", admin(usage("u1", 100))).unwrap();
+    ledger.execute("a", admin(usage("u2", 50))).unwrap();
+    ledger.execute("a", admin(MemberCommand::ReverseUsage { usage_id: "u2".into(), reason: None })).unwrap();
+    let exported = ledger.reader().unwrap().read_all(0, 100).unwrap();
+    drop(ledger);
+
+    let target = TempDir::new().unwrap();
+    let mut store =
+        tally_ledger::store::EventStore::open(&target.path().join("events.db"), Default::default()).unwrap();
+    let mut import = tally_ledger::import::Import::begin(&mut store).unwrap();
+    for event in &exported {
+        import.add(event).unwrap();
+    }
+    let report = import.commit().unwrap();
+    assert_eq!((report.appended, report.already_present), (exported.len() as u64, 0));
+    assert_eq!(report.head.hash, exported.last().unwrap().hash);
+    drop(store);
+
+    let imported = open(&target, &clock);
+    let error = imported.execute("a", admin(usage("u1", 5))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })), "{error:?}");
+    let error =
+        imported.execute("a", admin(MemberCommand::ReverseUsage { usage_id: "u2".into(), reason: None })).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "usage_id", .. })), "{error:?}");
+    clock.advance_to(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
+    assert_eq!(imported.run_due().unwrap().members, 1, "the imported member is on the schedule");
+    assert_eq!(
+        imported.member_state("a").unwrap().available(),
+        Credits(1_550),
+        "rolled 500 (the cap) + 1,000 new + the 50 refunded"
+    );
+}

@@ -336,7 +336,8 @@ fn sigterm_stops_the_server_gracefully_and_keeps_every_acknowledged_write() {
     let server = Server::start_with_clock("2026-01-01T00:00:00Z");
     server.admin_post("/v1/members/m1/credits/grants", json!({"source": "promotional", "amount": 1_000}));
     for index in 0..20 {
-        let (status, _) = server.admin_post("/v1/members/m1/usage", json!({"usage_id": format!("u{index}"), "metric": "m", "credits": 3}));
+        let (status, _) = server
+            .admin_post("/v1/members/m1/usage", json!({"usage_id": format!("u{index}"), "metric": "m", "credits": 3}));
         assert_eq!(status, 201);
     }
     let head = server.head_position();

@@ -2,4 +2,5 @@
 //! real HTTP on loopback.
 
 mod api;
+mod cli;
 mod support;

@@ -135,8 +135,7 @@ impl Server {
     pub fn kill(mut self) -> TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let data_dir = std::mem::replace(&mut self.data_dir, TempDir::new().expect("temp dir"));
-        data_dir
+        std::mem::replace(&mut self.data_dir, TempDir::new().expect("temp dir"))
     }
 }
 

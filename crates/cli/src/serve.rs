@@ -1,11 +1,13 @@
 //! `tally serve`: the ledger's writer, the projection runner, the scheduler
 //! and the HTTP API in one process over one data directory.
 
+use crate::data_dir::{DataDir, ServerAddress};
 use crate::demo;
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,15 +36,28 @@ pub struct ServeArgs {
     workers: Option<usize>,
 }
 
+/// Tells the CLI where to ask for work only the owner of the projections
+/// may do (a rebuild). A wildcard address is reached on loopback.
+fn publish_address(data_dir: &DataDir, bound: SocketAddr) -> Result<()> {
+    let host = match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let address =
+        ServerAddress { url: format!("http://{}", SocketAddr::new(host, bound.port())), pid: std::process::id() };
+    address.publish(data_dir)
+}
+
 /// How often the scheduler looks for due renewals, expiries and timeouts.
 const SCHEDULER_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let events_path = data_dir.join("events.db");
-    let projections_path = data_dir.join("projections.db");
-    let keys_path = data_dir.join("keys.db");
+    let data_dir = DataDir::new(data_dir);
+    data_dir.create()?;
+    let events_path = data_dir.events();
+    let projections_path = data_dir.projections();
+    let keys_path = data_dir.keys();
 
     let test_clock = args.test_clock.then(|| Arc::new(ManualClock::new(args.start.unwrap_or_else(Utc::now))));
     let clock: Arc<dyn Clock> = match &test_clock {
@@ -84,7 +99,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
 
     let addr = args.addr.clone();
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
-    actix_web::rt::System::new().block_on(async move {
+    let served = actix_web::rt::System::new().block_on(async {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -101,8 +116,13 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
             tracing::info!(addr = %bound, "tally is listening");
             println!("tally listening on http://{bound}");
         }
+        if let Some(bound) = server.addrs().first() {
+            publish_address(&data_dir, *bound)?;
+        }
         server.run().await.context("the HTTP server failed")
-    })?;
+    });
+    ServerAddress::withdraw(&data_dir);
+    served?;
 
     tracing::info!("shutting down: stopping the scheduler and the projection runner, flushing the writer");
     stop_scheduler.store(true, Ordering::Relaxed);

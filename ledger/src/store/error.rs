@@ -93,6 +93,13 @@ pub enum StoreError {
     #[error("the batch was rolled back by an earlier failure; retry its commands in a new batch")]
     BatchAborted,
 
+    /// An imported event does not fit the log at `position`: it does not
+    /// chain from the event before it, the log holds a different event
+    /// there, or it would leave a gap. The import wrote nothing (its batch
+    /// is rolled back). Fix or re-export the file; retrying will not help.
+    #[error("the import does not fit the log at position {position}: {reason}")]
+    ImportRefused { position: u64, reason: String },
+
     /// Any other SQLite error. Answer 500.
     #[error("SQLite error: {0}")]
     Sqlite(#[source] rusqlite::Error),

@@ -31,6 +31,11 @@
 //!   events they describe, so they can never disagree with the log after a
 //!   crash.
 //!
+//! - **Imports keep the chain.** [`Batch::import_event`] writes an exported
+//!   event back with its own position, `recorded_at`, bytes and hash, only
+//!   if it hashes from the event before it and fits the log (the same event
+//!   where the log already has one, the next position and version beyond).
+//!
 //! Readers ([`EventReader`]) open their own read-only connections; WAL lets
 //! them read a consistent snapshot beside the writer.
 //!
@@ -198,6 +203,15 @@ pub struct AppendOutcome {
     /// microseconds and raised to the previous event's if the caller's clock
     /// was behind (so `recorded_at` never decreases along the log).
     pub recorded_at: DateTime<Utc>,
+}
+
+/// What [`Batch::import_event`] did with one event of an exported log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// The log already held this very event (same position and hash).
+    AlreadyPresent,
+    /// It was appended after the head.
+    Appended,
 }
 
 /// The last event of the log: its position (0 = empty log) and hash

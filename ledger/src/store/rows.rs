@@ -158,6 +158,19 @@ pub(super) fn read_tip(connection: &Connection) -> Result<Tip, StoreError> {
     Ok(Tip { head: Head { position, hash }, recorded_at: Some(recorded_at) })
 }
 
+/// The stored hash of the event at `position` ([`CHAIN_HASH_ZERO`] for
+/// position 0), or `None` when the log has no such event.
+pub(super) fn hash_at(connection: &Connection, position: u64) -> Result<Option<[u8; 32]>, StoreError> {
+    if position == 0 {
+        return Ok(Some(CHAIN_HASH_ZERO));
+    }
+    let mut statement = connection.prepare_cached("SELECT hash FROM events WHERE position = ?1")?;
+    let stored = statement
+        .query_row(params![to_sql_integer(position, "position")?], |row| row.get::<_, Vec<u8>>(0))
+        .optional()?;
+    stored.map(|bytes| stored_hash(bytes, "hash", position)).transpose()
+}
+
 /// The stream's last version; 0 when it has no events.
 pub(super) fn stream_version(connection: &Connection, stream_id: &str) -> Result<u64, StoreError> {
     let mut statement = connection.prepare_cached("SELECT max(version) FROM events WHERE stream_id = ?1")?;

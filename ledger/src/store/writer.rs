@@ -24,9 +24,9 @@ use super::hash::{ChainLink, chain_hash, format_recorded_at};
 use super::rows::{self, Tip, to_sql_integer};
 use super::schema::{open_for_writing, rollback_quietly};
 use super::{
-    APPEND_EVENTS_MAX, AppendOutcome, EVENT_PAYLOAD_BYTES_MAX, EVENT_TYPE_BYTES_MAX, EventReader, ExpectedVersion,
-    Head, IDEMPOTENCY_RESPONSE_BYTES_MAX, IdempotencyRecord, KEY_BYTES_MAX, NewEvent, RecordedEvent,
-    STREAM_ID_BYTES_MAX, StoreError, StoreOptions, UsageIndexEntry,
+    APPEND_EVENTS_MAX, AppendOutcome, EVENT_PAYLOAD_BYTES_MAX, EVENT_TYPE_BYTES_MAX, EventMetadata, EventReader,
+    ExpectedVersion, Head, IDEMPOTENCY_RESPONSE_BYTES_MAX, IdempotencyRecord, Imported, KEY_BYTES_MAX, NewEvent,
+    RecordedEvent, STREAM_ID_BYTES_MAX, StoreError, StoreOptions, UsageIndexEntry,
 };
 
 /// Idempotency records are kept at least this long, so that a client
@@ -112,7 +112,7 @@ impl EventStore {
             }
         };
         self.tip = tip;
-        Ok(Batch { store: self, tip, command_tips: Vec::new(), aborted: false, finished: false })
+        Ok(Batch { store: self, tip, command_tips: Vec::new(), import_cursor: None, aborted: false, finished: false })
     }
 
     /// Deletes idempotency records accepted before `now - retention`, and
@@ -152,6 +152,9 @@ pub struct Batch<'store> {
     tip: Tip,
     /// The head at each open command's savepoint, innermost last.
     command_tips: Vec<Tip>,
+    /// The last event [`Batch::import_event`] checked, whether it was
+    /// already in the log or appended: the next one must follow it.
+    import_cursor: Option<Head>,
     /// SQLite ended the transaction on its own; nothing more may run.
     aborted: bool,
     /// Committed or rolled back already; `Drop` has nothing to do.
@@ -266,6 +269,115 @@ impl Batch<'_> {
                 Err(error)
             }
         }
+    }
+
+    /// Imports one event of an exported log, exactly as it was stored there:
+    /// its position, version, `recorded_at`, payload and metadata bytes, and
+    /// hash. Events are given in position order; the first may start
+    /// anywhere up to the head + 1, each later one must follow the one
+    /// before.
+    ///
+    /// An event must hash, from the event before it (in the file, or in the
+    /// log for the first), to the hash it carries. Where the log already has
+    /// the position, the stored event must be the same one (same hash):
+    /// [`Imported::AlreadyPresent`], nothing written. Beyond the head it is
+    /// appended, at the next version of its stream and with a `recorded_at`
+    /// no earlier than the last one. Anything else is
+    /// [`StoreError::ImportRefused`] naming the position; drop the batch so
+    /// that none of the import is written.
+    ///
+    /// The store's side indexes (usage ids, due instants) are the caller's:
+    /// they derive from what the payloads mean.
+    pub fn import_event(&mut self, event: &RecordedEvent) -> Result<Imported, StoreError> {
+        self.ensure_open()?;
+        let refuse = |reason: String| StoreError::ImportRefused { position: event.position, reason };
+        let head_position = self.tip.head.position;
+        let previous_hash = match self.import_cursor {
+            Some(last) if event.position != last.position + 1 => {
+                return Err(refuse(format!("it follows position {}; positions must be gapless", last.position)));
+            }
+            Some(last) => last.hash,
+            None if event.position == 0 => return Err(refuse("positions start at 1".to_owned())),
+            None if event.position > head_position + 1 => {
+                return Err(refuse(format!(
+                    "the log ends at position {head_position}, so an import must start at or before position {}",
+                    head_position + 1
+                )));
+            }
+            None => {
+                let found = rows::hash_at(self.connection(), event.position - 1);
+                self.after(found)?.ok_or_else(|| refuse(format!("position {} is missing", event.position - 1)))?
+            }
+        };
+        let computed = event.expected_hash(&previous_hash);
+        if computed != event.hash {
+            return Err(refuse(format!(
+                "its hash does not chain: the file says {} but the event hashes to {}",
+                hex::encode(event.hash),
+                hex::encode(computed)
+            )));
+        }
+        let imported = if event.position <= head_position {
+            let stored = self.after(rows::hash_at(self.connection(), event.position))?;
+            if stored != Some(event.hash) {
+                return Err(refuse("the log already holds a different event at this position".to_owned()));
+            }
+            Imported::AlreadyPresent
+        } else {
+            self.append_imported(event).map_err(|error| match error {
+                StoreError::InvalidArgument(reason) => refuse(reason),
+                other => other,
+            })?;
+            Imported::Appended
+        };
+        self.import_cursor = Some(Head { position: event.position, hash: event.hash });
+        Ok(imported)
+    }
+
+    /// Writes one imported event after the head, after checking what the
+    /// log's triggers would refuse, so that the refusal can say why.
+    fn append_imported(&mut self, event: &RecordedEvent) -> Result<(), StoreError> {
+        validate_imported(event)?;
+        let stream_version = self.after(rows::stream_version(self.connection(), &event.stream_id))?;
+        if event.version != stream_version + 1 {
+            return Err(StoreError::InvalidArgument(format!(
+                "it is version {} of stream {}, but the stream is at version {stream_version}",
+                event.version, event.stream_id
+            )));
+        }
+        if let Some(last) = self.tip.recorded_at
+            && event.recorded_at < last
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "its recorded_at {} is earlier than the last event's {}",
+                format_recorded_at(event.recorded_at),
+                format_recorded_at(last)
+            )));
+        }
+        let mut statement = self.connection().prepare_cached(INSERT_EVENT_SQL)?;
+        let inserted = statement.execute(params![
+            to_sql_integer(event.position, "position")?,
+            event.stream_id,
+            to_sql_integer(event.version, "version")?,
+            event.event_type,
+            event.schema_version,
+            event.event_id.as_bytes().as_slice(),
+            event.payload,
+            event.metadata_json,
+            format_recorded_at(event.recorded_at),
+            event.hash.as_slice(),
+        ]);
+        drop(statement);
+        match inserted {
+            Ok(_) => {}
+            Err(error) if is_constraint(&error, ffi::SQLITE_CONSTRAINT_UNIQUE) => {
+                return Err(StoreError::Duplicate { what: "event id", key: event.event_id.to_string() });
+            }
+            Err(error) => return self.after(Err(error)),
+        }
+        self.tip =
+            Tip { head: Head { position: event.position, hash: event.hash }, recorded_at: Some(event.recorded_at) };
+        Ok(())
     }
 
     /// The stored result of an earlier command with this key in this scope.
@@ -563,6 +675,28 @@ fn validate_append(stream_id: &str, events: &[NewEvent], recorded_at: DateTime<U
         }
     }
     Ok(())
+}
+
+/// Checks an imported event against the limits an append enforces, and
+/// that its metadata reads back (readers decode it on every read).
+fn validate_imported(event: &RecordedEvent) -> Result<(), StoreError> {
+    let invalid = |message: String| Err(StoreError::InvalidArgument(message));
+    if event.stream_id.is_empty() || event.stream_id.len() > STREAM_ID_BYTES_MAX {
+        return invalid(format!("a stream id must have 1 to {STREAM_ID_BYTES_MAX} bytes"));
+    }
+    if event.event_type.is_empty() || event.event_type.len() > EVENT_TYPE_BYTES_MAX {
+        return invalid(format!("an event type must have 1 to {EVENT_TYPE_BYTES_MAX} bytes"));
+    }
+    if event.payload.len() > EVENT_PAYLOAD_BYTES_MAX {
+        return invalid(format!("its payload has more than {EVENT_PAYLOAD_BYTES_MAX} bytes"));
+    }
+    if event.metadata_json.len() > EVENT_METADATA_BYTES_MAX {
+        return invalid(format!("its metadata has more than {EVENT_METADATA_BYTES_MAX} bytes"));
+    }
+    if let Err(error) = serde_json::from_str::<EventMetadata>(&event.metadata_json) {
+        return invalid(format!("its metadata does not decode: {error}"));
+    }
+    check_year(event.recorded_at, "recorded_at")
 }
 
 /// Four-digit years keep stored instants fixed-width, so that their byte

@@ -11,6 +11,7 @@ mod batch;
 mod chain;
 mod concurrency;
 mod idempotency;
+mod import;
 mod open;
 mod read;
 
