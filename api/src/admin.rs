@@ -7,10 +7,13 @@ use crate::error::{ApiError, Problem};
 use crate::{AppState, authenticate, body};
 use actix_web::web::{Bytes, Data, Path, Query};
 use actix_web::{HttpRequest, HttpResponse, get, post};
+use chrono::Datelike;
 use serde::{Deserialize, Serialize};
 use tally_ledger::domain::validate;
 use utoipa::{IntoParams, ToSchema};
 
+/// The test clock stays well inside the years the store can record.
+pub const CLOCK_YEAR_MAX: i32 = 9000;
 /// Most events one page of the feed returns.
 pub const EVENTS_PAGE_SIZE_MAX: usize = 1_000;
 pub const EVENTS_PAGE_SIZE_DEFAULT: usize = 100;
@@ -189,6 +192,9 @@ pub async fn advance_clock(
     };
     authenticate(&state, &request)?.require_admin()?;
     let body: ClockBody = body::parse(&bytes)?;
+    if body.now.year() > CLOCK_YEAR_MAX {
+        return Err(ApiError::validation("now", format!("must be before the year {CLOCK_YEAR_MAX}")));
+    }
     if !clock.advance_to(body.now) {
         return Err(ApiError::validation("now", "the test clock only moves forward"));
     }
@@ -244,6 +250,11 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, ApiError> {
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 #[get("/metrics")]
 pub async fn metrics(state: Data<AppState>) -> HttpResponse {
+    let projections = state.projections.clone();
+    if let Ok(Ok(statuses)) = actix_web::web::block(move || projections.status()).await {
+        let worst = statuses.iter().map(|status| status.lag).max().unwrap_or(0);
+        state.metrics.projection_lag_events.set(i64::try_from(worst).unwrap_or(i64::MAX));
+    }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(state.ledger.stats()))
 }
 

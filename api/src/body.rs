@@ -32,6 +32,8 @@ fn field_in_message(message: &str) -> Option<String> {
 /// SHA-256 of method, path and canonical body (keys sorted, no whitespace),
 /// so that the same request with reordered keys is the same request.
 pub fn fingerprint(method: &str, path: &str, bytes: &[u8]) -> [u8; 32] {
+    // An empty body is parsed as `{}`, so it is the same request.
+    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
     let canonical = serde_json::from_slice::<serde_json::Value>(bytes)
         .map(|value| value.to_string())
         .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
@@ -81,5 +83,6 @@ mod tests {
         assert_eq!(one, fingerprint("POST", "/v1/x", b"{ \"b\": 2, \"a\": 1 }"));
         assert_ne!(one, fingerprint("POST", "/v1/y", br#"{"a":1,"b":2}"#));
         assert_ne!(one, fingerprint("POST", "/v1/x", br#"{"a":1,"b":3}"#));
+        assert_eq!(fingerprint("POST", "/v1/x", b""), fingerprint("POST", "/v1/x", b"{}"));
     }
 }

@@ -175,11 +175,18 @@ pub async fn put_member(
     principal.require_admin()?;
     let member_id = member_path(&path)?;
     let body: MemberBody = body::parse(&bytes)?;
-    let defaults = MemberProfile::default();
+    // Omitted fields keep their current values (or the defaults for a new member).
+    let ledger = state.ledger.clone();
+    let member = member_id.clone();
+    let current = actix_web::web::block(move || ledger.member_state(&member)).await?;
+    let defaults = match current {
+        Ok(current) if current.is_registered() => current.profile,
+        _ => MemberProfile::default(),
+    };
     let profile = MemberProfile {
         time_zone: body.time_zone.unwrap_or(defaults.time_zone),
         currency: body.currency.unwrap_or(defaults.currency),
-        stripe_customer_id: body.stripe_customer_id,
+        stripe_customer_id: body.stripe_customer_id.or(defaults.stripe_customer_id),
     };
     let route = Route { name: "member", status: 200, idempotency_required: false, member_key_allowed: false };
     execute_member(&state, &request, &bytes, &principal, member_id, route, MemberCommand::Register(profile)).await

@@ -118,7 +118,9 @@ fn ledger_code(error: &LedgerError) -> &'static str {
     match error {
         LedgerError::Rejected(rejection) => rejection.code(),
         LedgerError::IdempotencyKeyReused => "idempotency_key_reused",
-        LedgerError::VersionConflict { .. } => "version_conflict",
+        LedgerError::VersionConflict { .. } | LedgerError::Store(StoreError::VersionConflict { .. }) => {
+            "version_conflict"
+        }
         LedgerError::Overloaded { .. } | LedgerError::Unavailable => "service_unavailable",
         LedgerError::Store(StoreError::Busy | StoreError::Full) => "service_unavailable",
         LedgerError::Store(_) | LedgerError::Codec(_) => "internal_error",
@@ -135,7 +137,9 @@ fn ledger_status(error: &LedgerError) -> StatusCode {
             _ => StatusCode::BAD_REQUEST,
         },
         LedgerError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-        LedgerError::VersionConflict { .. } => StatusCode::CONFLICT,
+        LedgerError::VersionConflict { .. } | LedgerError::Store(StoreError::VersionConflict { .. }) => {
+            StatusCode::CONFLICT
+        }
         LedgerError::Overloaded { .. } | LedgerError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         LedgerError::Store(StoreError::Busy | StoreError::Full) => StatusCode::SERVICE_UNAVAILABLE,
         LedgerError::Store(_) | LedgerError::Codec(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -54,6 +54,9 @@ pub struct DailyQuery {
 pub struct AuditQuery {
     /// RFC 3339 instant: only events recorded at or before it count. Now by default.
     pub as_of: Option<String>,
+    /// Accepted like on every read; the audit replays the log itself, so it
+    /// only checks that the position exists.
+    pub min_position: Option<u64>,
 }
 
 fn projection_error(error: ProjectionError) -> ApiError {
@@ -362,8 +365,17 @@ pub async fn audit(state: Data<AppState>, request: HttpRequest, path: Path<Strin
     };
     let ledger = state.ledger.clone();
     let member = member_id.clone();
-    let (replayed, position, events) =
-        actix_web::web::block(move || replay_member(&ledger.reader()?, &member, as_of)).await??;
+    let min_position = params.min_position;
+    let (replayed, position, events) = actix_web::web::block(move || {
+        let reader = ledger.reader()?;
+        let head = reader.head()?.position;
+        if min_position.is_some_and(|position| position > head) {
+            return Ok(Err(ApiError::validation("min_position", format!("is beyond the log's head ({head})"))));
+        }
+        replay_member(&reader, &member, as_of).map(Ok)
+    })
+    .await??
+    .map_err(|error: ApiError| error)?;
     if !replayed.is_registered() {
         return Err(not_found(&member_id));
     }

@@ -155,6 +155,10 @@ pub struct CommandOutcome {
     /// The position of the command's last event, or the log's head when it
     /// wrote none: a read with `min_position` this value sees its effect.
     pub position: u64,
+    /// How many events the command appended, time effects included.
+    #[serde(default)]
+    pub events_appended: u64,
+    /// The command's own events (not the time effects run before it).
     pub events: Vec<AppendedEvent>,
     /// For member commands: the balance right after the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +225,9 @@ impl LedgerError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SweepReport {
     pub members: u64,
+    /// Members whose due work failed this round (logged, retried later).
+    #[serde(default)]
+    pub failures: u64,
     pub events: u64,
     /// The log's head after the sweep.
     pub position: u64,
@@ -347,6 +354,7 @@ impl Ledger {
             let round = self.submit(|reply| Job::Sweep { members_max: 256, reply })?;
             total.members += round.members;
             total.events += round.events;
+            total.failures += round.failures;
             total.position = round.position;
             if round.members == 0 {
                 return Ok(total);
@@ -415,13 +423,23 @@ impl Pending {
     }
 
     fn fail(self, error: &StoreError) {
-        let failure = || LedgerError::Store(StoreError::Corrupt(format!("the batch was not committed: {error}")));
+        let failure = || LedgerError::Store(same_kind(error));
         match self {
             Pending::Executed(reply, _) => drop(reply.send(Err(failure()))),
             Pending::Checked(reply, _) => drop(reply.send(Err(failure()))),
             Pending::State(reply, _) => drop(reply.send(Err(failure()))),
             Pending::Swept(reply, _) => drop(reply.send(Err(failure()))),
         }
+    }
+}
+
+/// A copy of a storage error for every caller of a failed batch: busy and
+/// full stay what they are (503, retry), the rest is reported by message.
+fn same_kind(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Busy => StoreError::Busy,
+        StoreError::Full => StoreError::Full,
+        other => StoreError::Corrupt(format!("the batch was not committed: {other}")),
     }
 }
 
@@ -461,9 +479,8 @@ impl Writer {
         let mut batch = match self.store.begin_batch() {
             Ok(batch) => batch,
             Err(error) => {
-                let message = error.to_string();
                 for job in jobs {
-                    job_reply_error(job, LedgerError::Store(StoreError::Corrupt(message.clone())));
+                    job_reply_error(job, LedgerError::Store(same_kind(&error)));
                 }
                 return;
             }
@@ -480,26 +497,7 @@ impl Writer {
                 continue;
             }
             let mut shell = Shell { batch: &mut batch, members, catalog: &mut catalog, options, now };
-            pending.push(match job {
-                Job::Member { member_id, request, reply } => {
-                    touched.insert(member_id.clone());
-                    Pending::Executed(
-                        reply,
-                        Box::new(shell.in_savepoint(|shell| shell.member_command(&member_id, &request))),
-                    )
-                }
-                Job::Catalog { request, reply } => {
-                    Pending::Executed(reply, Box::new(shell.in_savepoint(|shell| shell.catalog_command(&request))))
-                }
-                Job::Check { member_id, credits, reply } => Pending::Checked(reply, shell.check(&member_id, credits)),
-                Job::State { member_id, reply } => {
-                    Pending::State(reply, shell.fresh_state(&member_id).map(|state| Box::new(state.clone())))
-                }
-                Job::Sweep { members_max, reply } => {
-                    let result = shell.sweep(members_max, &mut touched);
-                    Pending::Swept(reply, result)
-                }
-            });
+            pending.push(shell.run_guarded(job, &mut touched));
         }
         match batch.commit() {
             Ok(()) => {
@@ -566,6 +564,63 @@ struct Shell<'batch, 'store> {
 const STREAM_PAGE_SIZE: usize = 1_000;
 
 impl Shell<'_, '_> {
+    /// Run one job. A panic (a broken ledger invariant, which `assert!`s
+    /// stop rather than write a wrong balance) fails only this job: its
+    /// savepoint is rolled back, its member's cached state dropped, and the
+    /// writer goes on serving everyone else.
+    fn run_guarded(&mut self, job: Job, touched: &mut HashSet<String>) -> Pending {
+        match job {
+            Job::Member { member_id, request, reply } => {
+                touched.insert(member_id.clone());
+                let result = self.guard(Some(&member_id), |shell| {
+                    shell.in_savepoint(|shell| shell.member_command(&member_id, &request))
+                });
+                Pending::Executed(reply, Box::new(result))
+            }
+            Job::Catalog { request, reply } => {
+                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.catalog_command(&request)));
+                Pending::Executed(reply, Box::new(result))
+            }
+            Job::Check { member_id, credits, reply } => {
+                Pending::Checked(reply, self.guard(Some(&member_id), |shell| shell.check(&member_id, credits)))
+            }
+            Job::State { member_id, reply } => {
+                let result = self.guard(Some(&member_id), |shell| {
+                    shell.fresh_state(&member_id).map(|state| Box::new(state.clone()))
+                });
+                Pending::State(reply, result)
+            }
+            Job::Sweep { members_max, reply } => {
+                Pending::Swept(reply, self.guard(None, |shell| shell.sweep(members_max, touched)))
+            }
+        }
+    }
+
+    fn guard<T>(
+        &mut self,
+        member_id: Option<&str>,
+        run: impl FnOnce(&mut Self) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                    .unwrap_or_else(|| "a panic".to_owned());
+                tracing::error!(%message, "a job panicked; its savepoint is rolled back");
+                // Only a command still inside its savepoint has one to roll back.
+                let _ = self.batch.rollback_command();
+                match member_id {
+                    Some(member_id) => drop(self.members.remove(member_id)),
+                    None => self.members.clear(),
+                }
+                Err(LedgerError::Store(StoreError::Corrupt(format!("internal error: {message}"))))
+            }
+        }
+    }
+
     /// Run one command inside its own savepoint: kept on success, rolled
     /// back on any error so that a rejection writes nothing.
     fn in_savepoint<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
@@ -675,8 +730,9 @@ impl Shell<'_, '_> {
                     }
                     self.index_member(&stream_id, &state, &decision, &positions)?;
                     let outcome = self.outcome(&stream_id, &decision, &positions, Some(BalanceView::of(&state)));
+                    let executed = self.finish(request, outcome)?;
                     self.members.insert(member_id.to_owned(), state);
-                    return self.finish(request, outcome);
+                    return Ok(executed);
                 }
                 Err(LedgerError::Store(StoreError::VersionConflict { .. })) => {
                     self.members.remove(member_id);
@@ -743,9 +799,13 @@ impl Shell<'_, '_> {
         positions: &[u64],
         balance: Option<BalanceView>,
     ) -> CommandOutcome {
+        // Time effects a decision ran first are written with it but not
+        // echoed: after a long idle spell they can be many, and the answer
+        // is stored whole for idempotent retries.
         let events = decision
             .iter()
             .zip(positions)
+            .filter(|(occurred, _)| !occurred.by_time)
             .map(|(occurred, position)| AppendedEvent {
                 position: *position,
                 event: serde_json::to_value(&occurred.event).expect("events serialise"),
@@ -754,6 +814,7 @@ impl Shell<'_, '_> {
         CommandOutcome {
             stream_id: stream_id.to_owned(),
             position: positions.last().copied().unwrap_or(self.batch.head().position),
+            events_appended: positions.len() as u64,
             events,
             balance,
         }
@@ -780,13 +841,30 @@ impl Shell<'_, '_> {
         {
             return Self::replayed(idempotency, record);
         }
-        let events = self.catalog.decide(&request.command)?;
-        let new_events = events
-            .iter()
-            .map(|event| new_event(codec::encode_catalog(event), metadata(request, &request.actor, Some(self.now))))
-            .collect();
-        let appended =
-            self.batch.append(CATALOG_STREAM, ExpectedVersion::Exact(self.catalog.version), new_events, self.now)?;
+        let mut attempts = 0;
+        let (events, appended) = loop {
+            let events = self.catalog.decide(&request.command)?;
+            let new_events = events
+                .iter()
+                .map(|event| new_event(codec::encode_catalog(event), metadata(request, &request.actor, Some(self.now))))
+                .collect();
+            match self.batch.append(CATALOG_STREAM, ExpectedVersion::Exact(self.catalog.version), new_events, self.now)
+            {
+                Ok(appended) => break (events, appended),
+                // Another process changed the catalog: reload it and decide again.
+                Err(StoreError::VersionConflict { .. }) if attempts < self.options.conflict_retries_max => {
+                    attempts += 1;
+                    refresh_catalog(self.batch, self.catalog)?;
+                }
+                Err(StoreError::VersionConflict { .. }) => {
+                    return Err(LedgerError::VersionConflict {
+                        stream_id: CATALOG_STREAM.to_owned(),
+                        attempts: attempts + 1,
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let mut catalog = (**self.catalog).clone();
         for event in &events {
             catalog.apply(event);
@@ -796,6 +874,7 @@ impl Shell<'_, '_> {
         let outcome = CommandOutcome {
             stream_id: CATALOG_STREAM.to_owned(),
             position: appended.last_position,
+            events_appended: positions.len() as u64,
             events: events
                 .iter()
                 .zip(&positions)
@@ -818,10 +897,23 @@ impl Shell<'_, '_> {
             let Some(member_id) = stream_id.strip_prefix("member-") else { continue };
             touched.insert(member_id.to_owned());
             let request = Request::new(MemberCommand::AdvanceTime, "scheduler");
-            let executed = self.in_savepoint(|shell| shell.member_command(member_id, &request))?;
+            let executed = match self
+                .guard(Some(member_id), |shell| shell.in_savepoint(|shell| shell.member_command(member_id, &request)))
+            {
+                Ok(executed) => executed,
+                Err(error) => {
+                    // One member's failure must not stop everyone's renewals:
+                    // log it, look again in an hour, and go on.
+                    tracing::error!(%stream_id, %error, "due work failed for a member; retrying in an hour");
+                    self.members.remove(member_id);
+                    self.batch.set_due(&stream_id, Some(self.now + chrono::Duration::hours(1)))?;
+                    report.failures += 1;
+                    continue;
+                }
+            };
             report.members += 1;
-            report.events += executed.outcome.events.len() as u64;
-            if executed.outcome.events.is_empty() {
+            report.events += executed.outcome.events_appended;
+            if executed.outcome.events_appended == 0 {
                 // Nothing was due after all (a stale index entry): refresh it.
                 let state = self.state(member_id)?.clone();
                 self.batch.set_due(&stream_id, next_due(&state))?;

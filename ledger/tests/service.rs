@@ -276,6 +276,25 @@ fn check_answers_from_the_writer_and_writes_nothing() {
 }
 
 #[test]
+fn a_catalog_changed_by_another_process_is_reloaded_before_deciding() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let server = open(&dir, &clock);
+    let cli = open(&dir, &clock);
+    server.execute_catalog(admin(CatalogCommand::PublishPlan(starter_plan()))).unwrap();
+    let mut pro = starter_plan();
+    pro.plan_id = "pro".into();
+    cli.execute_catalog(admin(CatalogCommand::PublishPlan(pro.clone()))).unwrap();
+    // The server's catalog is stale: it must see "pro" and refuse a second publish.
+    let error = server.execute_catalog(admin(CatalogCommand::PublishPlan(pro))).unwrap_err();
+    assert!(matches!(error, LedgerError::Rejected(DomainError::PlanAlreadyExists { .. })), "{error:?}");
+    let mut team = starter_plan();
+    team.plan_id = "team".into();
+    server.execute_catalog(admin(CatalogCommand::PublishPlan(team))).unwrap();
+    assert_eq!(server.catalog().plans.len(), 3);
+}
+
+#[test]
 fn catalog_commands_are_decided_and_published_to_readers() {
     let dir = TempDir::new().unwrap();
     let clock = Arc::new(ManualClock::new(start_instant()));

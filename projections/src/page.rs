@@ -45,7 +45,11 @@ impl Cursor {
     }
 
     pub(crate) fn sequence(&self) -> Result<u64, ProjectionError> {
-        self.0.parse::<u64>().ok().filter(|sequence| *sequence > 0).ok_or_else(invalid_cursor)
+        self.0
+            .parse::<u64>()
+            .ok()
+            .filter(|sequence| *sequence > 0 && *sequence <= i64::MAX as u64)
+            .ok_or_else(invalid_cursor)
     }
 
     pub(crate) fn from_day_and_metric(day: NaiveDate, metric: &str) -> Cursor {
@@ -132,7 +136,7 @@ mod tests {
     #[test]
     fn sequence_cursors_refuse_anything_else() {
         assert_eq!(Cursor::from_sequence(42).sequence().unwrap(), 42);
-        for text in ["", "0", "-1", "abc", "4 2"] {
+        for text in ["", "0", "-1", "abc", "4 2", "9223372036854775808"] {
             assert!(Cursor::new(text).sequence().is_err(), "{text:?}");
         }
     }

@@ -27,4 +27,7 @@ pub const ID_LENGTH_MAX: usize = 128;
 pub const TEXT_LENGTH_MAX: usize = 500;
 /// The most due instants one member may process in one decision: ten years
 /// of monthly periods with expiries and timeouts on each. More means a bug.
+/// How far ahead a caller may date a grant's expiry or start: beyond it an
+/// instant is a typo, and the store keeps years 1–9999 only.
+pub const FUTURE_INSTANT_YEARS_MAX: u32 = 100;
 pub const DUE_STEPS_MAX: usize = 100_000;

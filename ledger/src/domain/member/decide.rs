@@ -293,7 +293,8 @@ fn close_period(draft: &mut Draft, instant: Timestamp, catalog: &Catalog) {
         draft.emit(instant, MemberEvent::SubscriptionCanceled { canceled_at: instant, immediately: false });
         return;
     }
-    let terms = subscription.scheduled_change.clone().unwrap_or_else(|| latest_terms(&subscription.terms, catalog));
+    // A revision of the plan taking effect reaches the subscriber here too.
+    let terms = latest_terms(subscription.scheduled_change.as_ref().unwrap_or(&subscription.terms), catalog);
     let monthly_credits = terms.plan.monthly_credits;
     draft.emit(instant, MemberEvent::SubscriptionRenewed { terms, period_start: instant, period_end: next_period_end });
     draft.allocation(instant, monthly_credits, next_period_end);
@@ -570,7 +571,7 @@ fn start_subscription(
         return Err(DomainError::invalid("plan_id", "the member already has an active subscription"));
     }
     if terms.plan.currency != draft.state.profile.currency {
-        return Err(DomainError::invalid("currency", "the plan's currency differs from the member's"));
+        return Err(DomainError::invalid("plan_id", "the plan's currency differs from the member's"));
     }
     let now = draft.now;
     let end = period_end(now, 0);
@@ -696,6 +697,12 @@ fn grant_credits(draft: &mut Draft, grant: &GrantCredits) -> Result<(), DomainEr
         validate::range("price", price.0, 0, PRICE_MINOR_MAX)?;
     }
     let now = draft.now;
+    let horizon = now.checked_add_months(Months::new(12 * FUTURE_INSTANT_YEARS_MAX)).unwrap_or(now);
+    for (field, instant) in [("effective_at", grant.effective_at), ("expires_at", grant.expires_at)] {
+        if instant.is_some_and(|instant| instant > horizon) {
+            return Err(DomainError::invalid(field, format!("must be within {FUTURE_INSTANT_YEARS_MAX} years")));
+        }
+    }
     let effective_at = grant.effective_at.filter(|effective_at| *effective_at > now);
     let starts_at = effective_at.unwrap_or(now);
     if let Some(expires_at) = grant.expires_at

@@ -257,6 +257,14 @@ fn grant_rejections_name_their_field() {
         (grant_with(GrantSource::Purchase, 5, |g| g.price = Some(MinorUnits(-1))), "price"),
         (grant_with(GrantSource::Promotional, 5, |g| g.expires_at = Some(now)), "expires_at"),
         (
+            grant_with(GrantSource::Promotional, 5, |g| g.expires_at = Some(now + Duration::days(365 * 101))),
+            "expires_at",
+        ),
+        (
+            grant_with(GrantSource::Promotional, 5, |g| g.effective_at = Some(now + Duration::days(365 * 101))),
+            "effective_at",
+        ),
+        (
             grant_with(GrantSource::Promotional, 5, |g| {
                 g.effective_at = Some(now + Duration::days(3));
                 g.expires_at = Some(now + Duration::days(2));
@@ -715,7 +723,7 @@ fn subscription_rejections() {
 
     let mut life = Life::new(at(2026, 1, 1));
     life.run(MemberCommand::Register(MemberProfile::default()));
-    assert_eq!(field(life.rejection(start("euro"))), Some("currency"));
+    assert_eq!(field(life.rejection(start("euro"))), Some("plan_id"));
 }
 
 #[test]
