@@ -5,7 +5,7 @@ use crate::auth::{IssuedKey, KeyInfo};
 use crate::dto::*;
 use crate::error::{ApiError, Problem};
 use crate::{AppState, authenticate, body};
-use actix_web::web::{Bytes, Data, Path, Query};
+use actix_web::web::{Bytes, Data, Path};
 use actix_web::{HttpRequest, HttpResponse, get, post};
 use chrono::Datelike;
 use serde::{Deserialize, Serialize};
@@ -134,10 +134,16 @@ pub struct EventPage {
     pub head: u64,
 }
 
+/// Parse the query string; a failure names the parameter at fault.
 pub(crate) fn query<T: serde::de::DeserializeOwned>(request: &HttpRequest) -> Result<T, ApiError> {
-    Query::<T>::from_query(request.query_string())
-        .map(Query::into_inner)
-        .map_err(|error| ApiError::validation("query", error.to_string()))
+    let pairs = form_urlencoded::parse(request.query_string().as_bytes());
+    serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs)).map_err(|error| {
+        let path = error.path().to_string();
+        let message = error.into_inner().to_string();
+        let field =
+            if path == "." { body::field_in_message(&message).unwrap_or_else(|| "query".to_owned()) } else { path };
+        ApiError::validation(field, message)
+    })
 }
 
 #[utoipa::path(get, path = "/v1/events", tag = "audit", params(EventsQuery),

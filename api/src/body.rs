@@ -23,7 +23,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// serde names a missing or unknown field only inside its message.
-fn field_in_message(message: &str) -> Option<String> {
+pub(crate) fn field_in_message(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
     Some(message[start..end].to_owned())
