@@ -4,6 +4,7 @@
 //! The audit route replays the member's stream instead.
 
 use crate::admin::query;
+use crate::auth::Principal;
 use crate::error::{ApiError, Problem};
 use crate::{AppState, MIN_POSITION_WAIT_MAX, authenticate};
 use actix_web::web::{Data, Path};
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tally_ledger::domain::{MemberState, member_stream, validate};
 use tally_projections::{
-    Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageRequest, ProjectionError, Projections, ReadModel,
+    Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest, ProjectionError, Projections, ReadModel,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -78,13 +79,12 @@ fn projection_error(error: ProjectionError) -> ApiError {
 /// Authorise, then run a blocking read after waiting for `min_position`.
 async fn read<T: Send + 'static>(
     state: &AppState,
-    request: &HttpRequest,
+    principal: &Principal,
     member_id: &str,
     read_models: &'static [ReadModel],
     min_position: Option<u64>,
     run: impl FnOnce(&Projections) -> Result<T, ProjectionError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let principal = authenticate(state, request)?;
     validate::identifier("member", member_id).map_err(|error| ApiError::validation("member", error.to_string()))?;
     principal.require_member(member_id)?;
     if min_position.is_some_and(|position| position > i64::MAX as u64) {
@@ -125,11 +125,12 @@ pub async fn balance(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let member = member_id.clone();
     let balance =
-        read(&state, &request, &member_id, &[ReadModel::CreditBalances], params.min_position, move |projections| {
+        read(&state, &principal, &member_id, &[ReadModel::CreditBalances], params.min_position, move |projections| {
             projections.balance(&member)
         })
         .await?;
@@ -137,11 +138,34 @@ pub async fn balance(
     Ok(HttpResponse::Ok().json(balance))
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct PageView {
-    #[schema(value_type = Vec<Object>)]
-    pub items: serde_json::Value,
-    pub next_cursor: Option<String>,
+/// A page of one member's rows as `{member_id, <list>: [...], next_cursor}`,
+/// plus `extra` fields; `not_found` when the member was never registered.
+#[allow(clippy::too_many_arguments)]
+async fn member_page<T: Serialize + Send + 'static>(
+    state: &AppState,
+    principal: &Principal,
+    member_id: String,
+    read_models: &'static [ReadModel],
+    min_position: Option<u64>,
+    list: &'static str,
+    mut extra: serde_json::Map<String, serde_json::Value>,
+    fetch: impl FnOnce(&Projections, &str) -> Result<Page<T>, ProjectionError> + Send + 'static,
+) -> Result<HttpResponse, ApiError> {
+    let member = member_id.clone();
+    let (exists, page) = read(state, principal, &member_id, read_models, min_position, move |projections| {
+        Ok((projections.balance(&member)?.is_some(), fetch(projections, &member)?))
+    })
+    .await?;
+    if !exists {
+        return Err(not_found(&member_id));
+    }
+    extra.insert("member_id".to_owned(), member_id.into());
+    extra.insert(
+        list.to_owned(),
+        serde_json::to_value(page.items).map_err(|error| ApiError::Internal(error.to_string()))?,
+    );
+    extra.insert("next_cursor".to_owned(), page.next_cursor.as_ref().map(Cursor::as_str).into());
+    Ok(HttpResponse::Ok().json(extra))
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/transactions", tag = "reads", params(("member" = String, Path), PageQuery),
@@ -153,27 +177,21 @@ pub async fn transactions(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: PageQuery = query(&request)?;
     let page = page_request(params.cursor, params.limit)?;
-    let member_id = path.into_inner();
-    let member = member_id.clone();
-    let (exists, page) = read(
+    let read_models = &[ReadModel::CreditBalances, ReadModel::CreditTransactions];
+    member_page(
         &state,
-        &request,
-        &member_id,
-        &[ReadModel::CreditBalances, ReadModel::CreditTransactions],
+        &principal,
+        path.into_inner(),
+        read_models,
         params.min_position,
-        move |projections| Ok((projections.balance(&member)?.is_some(), projections.transactions(&member, &page)?)),
+        "transactions",
+        Default::default(),
+        move |projections, member| projections.transactions(member, &page),
     )
-    .await?;
-    if !exists {
-        return Err(not_found(&member_id));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "member_id": member_id,
-        "transactions": page.items,
-        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
-    })))
+    .await
 }
 
 fn date(field: &'static str, text: &str) -> Result<NaiveDate, ApiError> {
@@ -189,6 +207,7 @@ pub async fn daily_usage(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: DailyQuery = query(&request)?;
     let from = date("from", &params.from)?;
     let to = date("to", &params.to)?;
@@ -199,29 +218,21 @@ pub async fn daily_usage(
         return Err(ApiError::validation("to", format!("a range covers at most {DAILY_RANGE_DAYS_MAX} days")));
     }
     let page = page_request(params.cursor, params.limit.or(Some(PAGE_SIZE_MAX)))?;
-    let member_id = path.into_inner();
-    let member = member_id.clone();
-    let (exists, page) = read(
+    let mut range = serde_json::Map::new();
+    range.insert("from".to_owned(), from.to_string().into());
+    range.insert("to".to_owned(), to.to_string().into());
+    let read_models = &[ReadModel::CreditBalances, ReadModel::DailyUsageStats];
+    member_page(
         &state,
-        &request,
-        &member_id,
-        &[ReadModel::CreditBalances, ReadModel::DailyUsageStats],
+        &principal,
+        path.into_inner(),
+        read_models,
         params.min_position,
-        move |projections| {
-            Ok((projections.balance(&member)?.is_some(), projections.daily_usage(&member, from, to, &page)?))
-        },
+        "days",
+        range,
+        move |projections, member| projections.daily_usage(member, from, to, &page),
     )
-    .await?;
-    if !exists {
-        return Err(not_found(&member_id));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "member_id": member_id,
-        "from": from,
-        "to": to,
-        "days": page.items,
-        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
-    })))
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/invoices", tag = "reads", params(("member" = String, Path), PageQuery),
@@ -233,27 +244,21 @@ pub async fn invoices(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: PageQuery = query(&request)?;
     let page = page_request(params.cursor, params.limit)?;
-    let member_id = path.into_inner();
-    let member = member_id.clone();
-    let (exists, page) = read(
+    let read_models = &[ReadModel::CreditBalances, ReadModel::Invoices];
+    member_page(
         &state,
-        &request,
-        &member_id,
-        &[ReadModel::CreditBalances, ReadModel::Invoices],
+        &principal,
+        path.into_inner(),
+        read_models,
         params.min_position,
-        move |projections| Ok((projections.balance(&member)?.is_some(), projections.invoices(&member, &page)?)),
+        "invoices",
+        Default::default(),
+        move |projections, member| projections.invoices(member, &page),
     )
-    .await?;
-    if !exists {
-        return Err(not_found(&member_id));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "member_id": member_id,
-        "invoices": page.items,
-        "next_cursor": page.next_cursor.as_ref().map(Cursor::as_str),
-    })))
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/invoices/{invoice}", tag = "reads",
@@ -266,14 +271,16 @@ pub async fn invoice(
     request: HttpRequest,
     path: Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let (member_id, invoice_id) = path.into_inner();
     let member = member_id.clone();
     let id = invoice_id.clone();
-    let invoice = read(&state, &request, &member_id, &[ReadModel::Invoices], params.min_position, move |projections| {
-        projections.invoice(&member, &id)
-    })
-    .await?;
+    let invoice =
+        read(&state, &principal, &member_id, &[ReadModel::Invoices], params.min_position, move |projections| {
+            projections.invoice(&member, &id)
+        })
+        .await?;
     let invoice = invoice.ok_or_else(|| ApiError::NotFound(format!("invoice {invoice_id} not found")))?;
     Ok(HttpResponse::Ok().json(invoice))
 }
@@ -287,11 +294,12 @@ pub async fn subscription(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let member = member_id.clone();
     let subscription =
-        read(&state, &request, &member_id, &[ReadModel::Subscriptions], params.min_position, move |projections| {
+        read(&state, &principal, &member_id, &[ReadModel::Subscriptions], params.min_position, move |projections| {
             projections.subscription(&member)
         })
         .await?;

@@ -108,6 +108,8 @@ fn auth_matrix() {
 
     let cases: Vec<(&str, Option<&str>, u16)> = vec![
         ("/v1/members/alice/balance", None, 401),
+        // Credentials are checked before anything else: no hint from validation.
+        ("/v1/members/alice/transactions?limit=0", None, 401),
         ("/v1/members/alice/balance", Some("tk_nope_nope"), 401),
         ("/v1/members/alice/balance", Some(&alice_key), 200),
         ("/v1/members/bob/balance", Some(&alice_key), 403),
