@@ -1,0 +1,542 @@
+//! `tally-bench`: one process, one run, one disk. Durable usage writes through
+//! tally's `Ledger` beside the physical limit (plain rusqlite writing the
+//! same rows, batched) and a naive one-transaction-per-command CRUD ledger.
+//! WAL + `synchronous=FULL` everywhere.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use clap::Parser;
+use rusqlite::{Connection, params};
+use sha2::{Digest, Sha256};
+use tally_ledger::domain::{Credits, GrantCredits, GrantSource, MemberCommand, RecordUsage};
+use tally_ledger::store::format_recorded_at;
+use tally_ledger::{Idempotency, Ledger, LedgerError, LedgerOptions, Request, SystemClock};
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(name = "tally-bench", about = "Durable write throughput: tally beside the physical limit and naive CRUD")]
+struct Args {
+    /// Seconds each measured case runs.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Members, each pre-funded with a large promotional grant.
+    #[arg(long, default_value_t = 1_000)]
+    members: usize,
+    /// Events in the log before tally is measured.
+    #[arg(long, default_value_t = 100_000)]
+    prefill: usize,
+    /// Where the databases go (a fresh subdirectory is made and removed).
+    /// Defaults to the workspace's target directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Tiny sizes (~2 s in all), for CI.
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// Tally's schema, copied from `ledger/src/store/schema.rs` (version 1).
+const TALLY_DDL: &str = "
+CREATE TABLE events (
+    position       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    event_id       BLOB    NOT NULL UNIQUE CHECK (length(event_id) = 16),
+    payload        TEXT    NOT NULL,
+    metadata       TEXT    NOT NULL,
+    recorded_at    TEXT    NOT NULL,
+    hash           BLOB    NOT NULL CHECK (length(hash) = 32),
+    UNIQUE (stream_id, version)
+) STRICT;
+CREATE TRIGGER events_append_at_head BEFORE INSERT ON events
+WHEN NEW.position IS NOT (SELECT coalesce(max(position), 0) + 1 FROM events)
+  OR NEW.version IS NOT (SELECT coalesce(max(version), 0) + 1 FROM events WHERE stream_id = NEW.stream_id)
+BEGIN
+    SELECT RAISE(ABORT, 'events are appended at the next position and the next version of their stream');
+END;
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+BEGIN
+    SELECT RAISE(ABORT, 'events are append-only');
+END;
+CREATE TABLE idempotency (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint BLOB    NOT NULL CHECK (length(fingerprint) = 32),
+    status      INTEGER NOT NULL,
+    response    TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    recorded_at TEXT    NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID, STRICT;
+CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);
+CREATE TABLE usages (
+    stream_id         TEXT    NOT NULL,
+    usage_id          TEXT    NOT NULL,
+    position          INTEGER NOT NULL,
+    credits           INTEGER NOT NULL,
+    reversed_position INTEGER,
+    PRIMARY KEY (stream_id, usage_id)
+) WITHOUT ROWID, STRICT;
+CREATE TABLE schedule (
+    stream_id TEXT NOT NULL PRIMARY KEY,
+    due_at    TEXT NOT NULL
+) WITHOUT ROWID, STRICT;
+CREATE INDEX schedule_by_due_at ON schedule (due_at, stream_id);
+";
+
+const INSERT_EVENT: &str = "INSERT INTO events (position, stream_id, version, event_type, schema_version, event_id, payload, metadata, recorded_at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+const INSERT_IDEMPOTENCY: &str = "INSERT INTO idempotency (scope, key, fingerprint, status, response, position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+const INSERT_USAGE: &str =
+    "INSERT INTO usages (stream_id, usage_id, position, credits, reversed_position) VALUES (?1, ?2, ?3, ?4, NULL)";
+const UPSERT_SCHEDULE: &str = "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at";
+
+struct Row {
+    name: String,
+    commands_per_s: f64,
+    latency: Option<Latency>,
+    note: String,
+}
+
+#[derive(Clone, Copy)]
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.seconds = 0.2;
+        args.members = 20;
+        args.prefill = 400;
+    }
+    if args.members == 0 || args.seconds <= 0.0 {
+        bail!("--members and --seconds must be positive");
+    }
+    let base = args.dir.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let dir = base.join(format!("tally-bench-{}", Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    println!(
+        "tally-bench: {} s per case, {} members, {} prefilled events, dir {}",
+        args.seconds,
+        args.members,
+        args.prefill,
+        dir.display()
+    );
+
+    let result = run_all(&args, &dir, duration);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+    print_table(&rows);
+    Ok(())
+}
+
+fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for batch in [64, 512] {
+        let rate = physical(&dir.join(format!("phys-tally-{batch}.db")), batch, args.members, duration, true)?;
+        rows.push(Row {
+            name: format!("physical limit (tally rows), batch {batch}"),
+            commands_per_s: rate,
+            latency: None,
+            note: format!("5 rows/cmd ({:.0} rows/s)", rate * 5.0),
+        });
+        eprintln!("  done: {}", rows.last().expect("row").name);
+    }
+    for batch in [64, 512] {
+        let rate = physical(&dir.join(format!("phys-ref-{batch}.db")), batch, args.members, duration, false)?;
+        rows.push(Row {
+            name: format!("physical limit (reference layout), batch {batch}"),
+            commands_per_s: rate,
+            latency: None,
+            note: format!("3 rows/cmd ({:.0} rows/s)", rate * 3.0),
+        });
+        eprintln!("  done: {}", rows.last().expect("row").name);
+    }
+    let (rate, latency) = naive_crud(&dir.join("naive.db"), args.members, duration)?;
+    rows.push(Row {
+        name: "naive CRUD, 1 tx/command, 1 submitter".to_owned(),
+        commands_per_s: rate,
+        latency: Some(latency),
+        note: "read + UPDATE + INSERT".to_owned(),
+    });
+    eprintln!("  done: {}", rows.last().expect("row").name);
+    rows.extend(tally(&dir.join("tally.db"), args, duration)?);
+    Ok(rows)
+}
+
+fn open_full(path: &Path) -> Result<Connection> {
+    let connection = Connection::open(path)?;
+    let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("SQLite refused WAL mode ({mode})");
+    }
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    Ok(connection)
+}
+
+/// Payloads shaped and sized like tally's own (checked against the tally run,
+/// whose measured sizes are printed at the end).
+struct Shapes {
+    usage_payload: String,
+    deducted_payload: String,
+    metadata: String,
+    response: String,
+}
+
+fn shapes(member: &str, usage_id: &str, now: &str) -> Shapes {
+    let grant_id = Uuid::now_v7().to_string();
+    let usage_payload = serde_json::json!({
+        "type": "UsageRecorded", "usage_id": usage_id, "metric": "api_calls", "quantity": 1,
+        "credits": 1, "occurred_at": now
+    })
+    .to_string();
+    let deducted_payload = serde_json::json!({
+        "type": "CreditsDeducted", "usage_id": usage_id, "amount": 1,
+        "parts": [{"grant_id": grant_id, "amount": 1}]
+    })
+    .to_string();
+    let metadata = serde_json::json!({
+        "command_id": Uuid::now_v7().to_string(), "actor": format!("member_key:{member}"),
+        "correlation_id": Uuid::now_v7().to_string()
+    })
+    .to_string();
+    let response = serde_json::json!({
+        "member_id": member, "usage_id": usage_id, "replayed": false,
+        "events": [
+            {"position": 1, "stream_id": format!("member-{member}"), "version": 1, "event_type": "UsageRecorded", "event_id": Uuid::now_v7().to_string(), "recorded_at": now},
+            {"position": 2, "stream_id": format!("member-{member}"), "version": 2, "event_type": "CreditsDeducted", "event_id": Uuid::now_v7().to_string(), "recorded_at": now}
+        ],
+        "balance": {"balance": 999_999, "available": 999_999, "held": 0, "debt": 0}
+    })
+    .to_string();
+    Shapes { usage_payload, deducted_payload, metadata, response }
+}
+
+/// Plain rusqlite writing tally's rows per usage command (`tally_rows`), or
+/// the reference layout (2 events + 1 idempotency row), `batch` commands per
+/// transaction, for `duration`. Returns commands/s.
+fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally_rows: bool) -> Result<f64> {
+    let connection = open_full(path)?;
+    connection.execute_batch(TALLY_DDL)?;
+    let mut versions = vec![0_i64; members];
+    let mut position = 0_i64;
+    let mut previous_hash = [0_u8; 32];
+    let mut member_cursor = 0_usize;
+    let mut commands = 0_u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        connection.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut insert_event = connection.prepare_cached(INSERT_EVENT)?;
+            let mut insert_idempotency = connection.prepare_cached(INSERT_IDEMPOTENCY)?;
+            let mut insert_usage = connection.prepare_cached(INSERT_USAGE)?;
+            let mut upsert_schedule = connection.prepare_cached(UPSERT_SCHEDULE)?;
+            for _ in 0..batch {
+                let member_index = member_cursor % members;
+                member_cursor = member_cursor.wrapping_add(7919);
+                let member = format!("m{member_index:06}");
+                let stream = format!("member-{member}");
+                let usage_id = Uuid::now_v7().to_string();
+                let now = format_recorded_at(Utc::now());
+                let shape = shapes(&member, &usage_id, &now);
+                for (event_type, payload) in
+                    [("UsageRecorded", &shape.usage_payload), ("CreditsDeducted", &shape.deducted_payload)]
+                {
+                    position += 1;
+                    versions[member_index] += 1;
+                    let mut hasher = Sha256::new();
+                    hasher.update(previous_hash);
+                    hasher.update(stream.as_bytes());
+                    hasher.update(payload.as_bytes());
+                    hasher.update(shape.metadata.as_bytes());
+                    previous_hash.copy_from_slice(&hasher.finalize());
+                    insert_event.execute(params![
+                        position,
+                        stream,
+                        versions[member_index],
+                        event_type,
+                        1_i64,
+                        Uuid::now_v7().as_bytes().as_slice(),
+                        payload,
+                        shape.metadata,
+                        now,
+                        previous_hash.as_slice(),
+                    ])?;
+                }
+                if tally_rows {
+                    insert_usage.execute(params![stream, usage_id, position - 1, 1_i64])?;
+                    upsert_schedule.execute(params![stream, now])?;
+                }
+                let key = Uuid::now_v7().to_string();
+                let fingerprint = Sha256::digest(key.as_bytes());
+                insert_idempotency.execute(params![
+                    format!("member_key:{member}:{member}:usage"),
+                    key,
+                    fingerprint.as_slice(),
+                    201_i64,
+                    shape.response,
+                    position - 1,
+                    now,
+                ])?;
+                commands += 1;
+            }
+        }
+        connection.execute_batch("COMMIT")?;
+    }
+    Ok(commands as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One transaction per command: read the balance, UPDATE it, INSERT a
+/// transaction row. One submitter.
+fn naive_crud(path: &Path, members: usize, duration: Duration) -> Result<(f64, Latency)> {
+    let connection = open_full(path)?;
+    connection.execute_batch(
+        "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL) STRICT;
+         CREATE TABLE transactions (
+             id INTEGER PRIMARY KEY, account_id TEXT NOT NULL, amount INTEGER NOT NULL,
+             usage_id TEXT NOT NULL UNIQUE, metric TEXT NOT NULL, created_at TEXT NOT NULL
+         ) STRICT;",
+    )?;
+    connection.execute_batch("BEGIN")?;
+    for index in 0..members {
+        connection.execute(
+            "INSERT INTO accounts (id, balance) VALUES (?1, ?2)",
+            params![format!("m{index:06}"), 1_000_000_000_i64],
+        )?;
+    }
+    connection.execute_batch("COMMIT")?;
+    let mut latencies = Vec::new();
+    let mut cursor = 0_usize;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let begun = Instant::now();
+        let member = format!("m{:06}", cursor % members);
+        cursor = cursor.wrapping_add(7919);
+        connection.execute_batch("BEGIN IMMEDIATE")?;
+        let balance: i64 = connection
+            .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
+            .query_row([&member], |row| row.get(0))?;
+        if balance < 1 {
+            bail!("naive CRUD ran out of balance");
+        }
+        connection
+            .prepare_cached("UPDATE accounts SET balance = ?2 WHERE id = ?1")?
+            .execute(params![member, balance - 1])?;
+        connection
+            .prepare_cached(
+                "INSERT INTO transactions (account_id, amount, usage_id, metric, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                member,
+                -1_i64,
+                Uuid::now_v7().to_string(),
+                "api_calls",
+                format_recorded_at(Utc::now())
+            ])?;
+        connection.execute_batch("COMMIT")?;
+        latencies.push(begun.elapsed());
+    }
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, percentiles(&mut latencies)))
+}
+
+fn member_id(index: usize) -> String {
+    format!("m{index:06}")
+}
+
+fn usage_request(member: &str) -> Request<MemberCommand> {
+    let command = MemberCommand::RecordUsage(RecordUsage {
+        usage_id: Uuid::now_v7().to_string(),
+        metric: "api_calls".to_owned(),
+        quantity: 1,
+        credits: Credits(1),
+        occurred_at: None,
+        integration_id: None,
+        query_id: None,
+    });
+    let key = Uuid::now_v7().to_string();
+    let fingerprint: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    Request::new(command, &format!("member_key:{member}")).with_idempotency(Idempotency {
+        scope: format!("member_key:{member}:{member}:usage"),
+        key,
+        fingerprint,
+        status: 201,
+    })
+}
+
+/// Submit usage commands from `threads` threads until the deadline.
+/// Returns (commands done, latencies, overloaded/failed count).
+fn drive(ledger: &Arc<Ledger>, threads: usize, members: usize, duration: Duration) -> (u64, Vec<Duration>, u64) {
+    let deadline = Instant::now() + duration;
+    let handles: Vec<_> = (0..threads)
+        .map(|thread| {
+            let ledger = Arc::clone(ledger);
+            std::thread::spawn(move || -> (Vec<Duration>, u64) {
+                let mut latencies = Vec::new();
+                let mut failed = 0_u64;
+                let mut cursor = thread.wrapping_mul(104_729);
+                while Instant::now() < deadline {
+                    let member = member_id(cursor % members);
+                    cursor = cursor.wrapping_add(7919);
+                    let begun = Instant::now();
+                    match ledger.execute(&member, usage_request(&member)) {
+                        Ok(_) => latencies.push(begun.elapsed()),
+                        Err(LedgerError::Overloaded { .. }) => {
+                            failed += 1;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(error) => panic!("usage for {member} failed: {error}"),
+                    }
+                }
+                (latencies, failed)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for handle in handles {
+        let (latencies, thread_failed) = handle.join().expect("submitter thread");
+        all.extend(latencies);
+        failed += thread_failed;
+    }
+    (all.len() as u64, all, failed)
+}
+
+fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
+    // Setup, fast: the ledger itself with synchronous=NORMAL.
+    let setup_started = Instant::now();
+    let mut fast = LedgerOptions::default();
+    fast.store.synchronous_full = false;
+    let ledger = Arc::new(Ledger::open(path, fast, Arc::new(SystemClock))?);
+    for index in 0..args.members {
+        let member = member_id(index);
+        let grant = MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, 1_000_000_000));
+        ledger.execute(&member, Request::new(grant, "admin")).with_context(|| format!("funding {member}"))?;
+    }
+    let mut events = ledger.reader()?.head()?.position;
+    while (events as usize) < args.prefill {
+        let remaining = (args.prefill - events as usize).div_ceil(2);
+        let per_thread = remaining.div_ceil(8).max(1);
+        let handles: Vec<_> = (0..8)
+            .map(|thread| {
+                let ledger = Arc::clone(&ledger);
+                let members = args.members;
+                std::thread::spawn(move || -> Result<(), LedgerError> {
+                    for step in 0..per_thread {
+                        let member = member_id((thread * per_thread + step) % members);
+                        ledger.execute(&member, usage_request(&member))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("prefill thread")?;
+        }
+        events = ledger.reader()?.head()?.position;
+    }
+    Arc::into_inner(ledger).context("ledger still shared after prefill")?.shutdown();
+    eprintln!("  tally setup: {events} events in {:.1} s", setup_started.elapsed().as_secs_f64());
+
+    // Measured: default options (synchronous=FULL).
+    let ledger = Arc::new(Ledger::open(path, LedgerOptions::default(), Arc::new(SystemClock))?);
+    let mut rows = Vec::new();
+    for threads in [1, 8, 64] {
+        let batches_before = ledger.stats().batches.load(std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let (done, mut latencies, failed) = drive(&ledger, threads, args.members, duration);
+        let elapsed = started.elapsed().as_secs_f64();
+        let batches = ledger.stats().batches.load(std::sync::atomic::Ordering::Relaxed) - batches_before;
+        let rate = done as f64 / elapsed;
+        rows.push(Row {
+            name: format!("tally Ledger, {threads} submitter(s)"),
+            commands_per_s: rate,
+            latency: Some(percentiles(&mut latencies)),
+            note: format!(
+                "{:.1} cmds/commit{}",
+                done as f64 / batches.max(1) as f64,
+                if failed > 0 { format!(", {failed} overloaded") } else { String::new() }
+            ),
+        });
+        eprintln!("  done: {}", rows.last().expect("row").name);
+    }
+    let head = ledger.reader()?.head()?.position;
+    Arc::into_inner(ledger).context("ledger still shared")?.shutdown();
+
+    // What tally actually wrote, to check the physical limit's row sizes.
+    let connection = Connection::open(path)?;
+    let (payload, metadata): (f64, f64) = connection.query_row(
+        "SELECT avg(length(payload)), avg(length(metadata)) FROM events WHERE position > ?1",
+        [head.saturating_sub(1_000) as i64],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let response: f64 = connection.query_row(
+        "SELECT avg(length(response)) FROM (SELECT response FROM idempotency ORDER BY recorded_at DESC LIMIT 500)",
+        [],
+        |row| row.get(0),
+    )?;
+    let sample = shapes("m000001", &Uuid::now_v7().to_string(), &format_recorded_at(Utc::now()));
+    println!(
+        "row sizes (bytes): tally payload avg {payload:.0} / bench {:.0}; metadata {metadata:.0} / {}; idempotency response {response:.0} / {}",
+        (sample.usage_payload.len() + sample.deducted_payload.len()) as f64 / 2.0,
+        sample.metadata.len(),
+        sample.response.len()
+    );
+    println!("tally log at the end: {head} events");
+    Ok(rows)
+}
+
+fn percentiles(latencies: &mut [Duration]) -> Latency {
+    if latencies.is_empty() {
+        return Latency { p50: Duration::ZERO, p99: Duration::ZERO, max: Duration::ZERO };
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    Latency { p50: at(0.50), p99: at(0.99), max: latencies[latencies.len() - 1] }
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2}", duration.as_secs_f64() * 1_000.0)
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!("| case | commands/s | p50 ms | p99 ms | max ms | note |");
+    println!("|---|---:|---:|---:|---:|---|");
+    for row in rows {
+        let (p50, p99, max) = match row.latency {
+            Some(latency) => (ms(latency.p50), ms(latency.p99), ms(latency.max)),
+            None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+        };
+        println!("| {} | {:.0} | {p50} | {p99} | {max} | {} |", row.name, row.commands_per_s, row.note);
+    }
+    let find = |prefix: &str| rows.iter().find(|row| row.name.starts_with(prefix)).map(|row| row.commands_per_s);
+    let tally64 = find("tally Ledger, 64");
+    let best_physical = rows
+        .iter()
+        .filter(|row| row.name.starts_with("physical limit (tally rows)"))
+        .map(|row| row.commands_per_s)
+        .fold(0.0_f64, f64::max);
+    let naive = find("naive CRUD");
+    println!();
+    if let Some(tally64) = tally64 {
+        if best_physical > 0.0 {
+            println!("tally 64 submitters / physical limit (tally rows, best batch): {:.2}", tally64 / best_physical);
+        }
+        if let Some(naive) = naive.filter(|naive| *naive > 0.0) {
+            println!("tally 64 submitters / naive CRUD: {:.2}", tally64 / naive);
+        }
+    }
+}
