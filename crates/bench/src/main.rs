@@ -38,61 +38,8 @@ struct Args {
     smoke: bool,
 }
 
-/// Tally's schema, copied from `ledger/src/store/schema.rs` (version 1).
-const TALLY_DDL: &str = "
-CREATE TABLE events (
-    position       INTEGER PRIMARY KEY,
-    stream_id      TEXT    NOT NULL,
-    version        INTEGER NOT NULL,
-    event_type     TEXT    NOT NULL,
-    schema_version INTEGER NOT NULL,
-    event_id       BLOB    NOT NULL UNIQUE CHECK (length(event_id) = 16),
-    payload        TEXT    NOT NULL,
-    metadata       TEXT    NOT NULL,
-    recorded_at    TEXT    NOT NULL,
-    hash           BLOB    NOT NULL CHECK (length(hash) = 32),
-    UNIQUE (stream_id, version)
-) STRICT;
-CREATE TRIGGER events_append_at_head BEFORE INSERT ON events
-WHEN NEW.position IS NOT (SELECT coalesce(max(position), 0) + 1 FROM events)
-  OR NEW.version IS NOT (SELECT coalesce(max(version), 0) + 1 FROM events WHERE stream_id = NEW.stream_id)
-BEGIN
-    SELECT RAISE(ABORT, 'events are appended at the next position and the next version of their stream');
-END;
-CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-BEGIN
-    SELECT RAISE(ABORT, 'events are append-only');
-END;
-CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-BEGIN
-    SELECT RAISE(ABORT, 'events are append-only');
-END;
-CREATE TABLE idempotency (
-    scope       TEXT    NOT NULL,
-    key         TEXT    NOT NULL,
-    fingerprint BLOB    NOT NULL CHECK (length(fingerprint) = 32),
-    status      INTEGER NOT NULL,
-    response    TEXT    NOT NULL,
-    position    INTEGER NOT NULL,
-    recorded_at TEXT    NOT NULL,
-    PRIMARY KEY (scope, key)
-) WITHOUT ROWID, STRICT;
-CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);
-CREATE TABLE usages (
-    stream_id         TEXT    NOT NULL,
-    usage_id          TEXT    NOT NULL,
-    position          INTEGER NOT NULL,
-    credits           INTEGER NOT NULL,
-    reversed_position INTEGER,
-    PRIMARY KEY (stream_id, usage_id)
-) WITHOUT ROWID, STRICT;
-CREATE TABLE schedule (
-    stream_id TEXT NOT NULL PRIMARY KEY,
-    due_at    TEXT NOT NULL
-) WITHOUT ROWID, STRICT;
-CREATE INDEX schedule_by_due_at ON schedule (due_at, stream_id);
-";
-
+/// The statements below write tally's rows into tally's own schema
+/// (`tally_ledger::store::CREATE_SCHEMA_SQL`), so the layouts cannot drift.
 const INSERT_EVENT: &str = "INSERT INTO events (position, stream_id, version, event_type, schema_version, event_id, payload, metadata, recorded_at, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 const INSERT_IDEMPOTENCY: &str = "INSERT INTO idempotency (scope, key, fingerprint, status, response, position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 const INSERT_USAGE: &str =
@@ -229,7 +176,7 @@ fn shapes(member: &str, usage_id: &str, now: &str) -> Shapes {
 /// transaction, for `duration`. Returns commands/s.
 fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally_rows: bool) -> Result<f64> {
     let connection = open_full(path)?;
-    connection.execute_batch(TALLY_DDL)?;
+    connection.execute_batch(tally_ledger::store::CREATE_SCHEMA_SQL)?;
     let mut versions = vec![0_i64; members];
     let mut position = 0_i64;
     let mut previous_hash = [0_u8; 32];

@@ -44,7 +44,9 @@ const APPEND_ONLY_TRIGGERS: [&str; 3] = ["events_append_at_head", "events_no_del
 /// Version 1 of the schema. Tables are STRICT so that a value of the wrong
 /// type is refused rather than stored (the hash covers stored bytes, and a
 /// silently coerced value would be a second source of truth).
-const CREATE_SCHEMA_SQL: &str = "
+/// The DDL of a tally event log, public so that a benchmark writing "the
+/// same rows" uses exactly this layout.
+pub const CREATE_SCHEMA_SQL: &str = "
 CREATE TABLE events (
     position       INTEGER PRIMARY KEY,
     stream_id      TEXT    NOT NULL,
