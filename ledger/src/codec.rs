@@ -5,7 +5,7 @@
 //! [`upcast`], which lifts old payloads to the current shape when they are
 //! read. Today every event is at version 1.
 
-use crate::domain::{CatalogEvent, MemberEvent};
+use crate::domain::{CatalogEvent, IntakeEvent, MemberEvent};
 use crate::store::RecordedEvent;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -43,6 +43,10 @@ pub fn encode_member(event: &MemberEvent) -> Encoded {
 }
 
 pub fn encode_catalog(event: &CatalogEvent) -> Encoded {
+    encode(event.event_type(), event)
+}
+
+pub fn encode_intake(event: &IntakeEvent) -> Encoded {
     encode(event.event_type(), event)
 }
 
@@ -84,5 +88,9 @@ pub fn decode_member(recorded: &RecordedEvent) -> Result<MemberEvent, CodecError
 }
 
 pub fn decode_catalog(recorded: &RecordedEvent) -> Result<CatalogEvent, CodecError> {
+    decode(recorded)
+}
+
+pub fn decode_intake(recorded: &RecordedEvent) -> Result<IntakeEvent, CodecError> {
     decode(recorded)
 }

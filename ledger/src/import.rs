@@ -95,6 +95,10 @@ impl<'store> Import<'store> {
             MemberEvent::UsageReversed { usage_id, .. } => {
                 self.batch.mark_usage_reversed(stream_id, usage_id, position)?;
             }
+            MemberEvent::MemberRegistered { stripe_customer_id: Some(customer_id), .. }
+            | MemberEvent::MemberProfileChanged { stripe_customer_id: Some(customer_id), .. } => {
+                self.batch.link_stripe_customer(customer_id, stream_id)?;
+            }
             _ => {}
         }
         Ok(())

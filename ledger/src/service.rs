@@ -238,6 +238,7 @@ type Reply<T> = SyncSender<Result<T, LedgerError>>;
 enum Job {
     Member { member_id: String, request: Request<MemberCommand>, reply: Reply<Executed> },
     Catalog { request: Request<CatalogCommand>, reply: Reply<Executed> },
+    Intake { request: Request<IntakeEvent>, reply: Reply<Executed> },
     Check { member_id: String, credits: Credits, reply: Reply<CheckOutcome> },
     State { member_id: String, reply: Reply<MemberState> },
     Sweep { members_max: usize, reply: Reply<SweepReport> },
@@ -332,6 +333,12 @@ impl Ledger {
 
     pub fn execute_catalog(&self, request: Request<CatalogCommand>) -> Result<Executed, LedgerError> {
         self.submit(|reply| Job::Catalog { request, reply })
+    }
+
+    /// Record a Stripe event that changed no member on the `stripe-intake`
+    /// stream (idempotent by the request's key, like a command).
+    pub fn record_intake(&self, request: Request<IntakeEvent>) -> Result<Executed, LedgerError> {
+        self.submit(|reply| Job::Intake { request, reply })
     }
 
     /// Would a deduction of `credits` be allowed now? Answered from the
@@ -445,7 +452,9 @@ fn same_kind(error: &StoreError) -> StoreError {
 
 fn job_reply_error(job: Job, error: LedgerError) {
     match job {
-        Job::Member { reply, .. } | Job::Catalog { reply, .. } => drop(reply.send(Err(error))),
+        Job::Member { reply, .. } | Job::Catalog { reply, .. } | Job::Intake { reply, .. } => {
+            drop(reply.send(Err(error)))
+        }
         Job::Check { reply, .. } => drop(reply.send(Err(error))),
         Job::State { reply, .. } => drop(reply.send(Err(error))),
         Job::Sweep { reply, .. } => drop(reply.send(Err(error))),
@@ -579,6 +588,10 @@ impl Shell<'_, '_> {
             }
             Job::Catalog { request, reply } => {
                 let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.catalog_command(&request)));
+                Pending::Executed(reply, Box::new(result))
+            }
+            Job::Intake { request, reply } => {
+                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.intake(&request)));
                 Pending::Executed(reply, Box::new(result))
             }
             Job::Check { member_id, credits, reply } => {
@@ -783,6 +796,10 @@ impl Shell<'_, '_> {
                 MemberEvent::UsageReversed { usage_id, .. } => {
                     self.batch.mark_usage_reversed(stream_id, usage_id, *position)?;
                 }
+                MemberEvent::MemberRegistered { stripe_customer_id: Some(customer_id), .. }
+                | MemberEvent::MemberProfileChanged { stripe_customer_id: Some(customer_id), .. } => {
+                    self.batch.link_stripe_customer(customer_id, stream_id)?;
+                }
                 _ => {}
             }
         }
@@ -883,6 +900,28 @@ impl Shell<'_, '_> {
                     event: serde_json::to_value(event).expect("events serialise"),
                 })
                 .collect(),
+            balance: None,
+        };
+        self.finish(request, outcome)
+    }
+
+    fn intake(&mut self, request: &Request<IntakeEvent>) -> Result<Executed, LedgerError> {
+        if let Some(idempotency) = &request.idempotency
+            && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
+        {
+            return Self::replayed(idempotency, record);
+        }
+        let event =
+            new_event(codec::encode_intake(&request.command), metadata(request, &request.actor, Some(self.now)));
+        let appended = self.batch.append(STRIPE_INTAKE_STREAM, ExpectedVersion::Any, vec![event], self.now)?;
+        let outcome = CommandOutcome {
+            stream_id: STRIPE_INTAKE_STREAM.to_owned(),
+            position: appended.last_position,
+            events_appended: 1,
+            events: vec![AppendedEvent {
+                position: appended.last_position,
+                event: serde_json::to_value(&request.command).expect("events serialise"),
+            }],
             balance: None,
         };
         self.finish(request, outcome)

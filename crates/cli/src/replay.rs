@@ -402,6 +402,11 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
         },
         MemberEvent::InvoiceVoided { invoice_id } => format!("invoice {invoice_id} voided"),
         MemberEvent::InvoiceMarkedUncollectible { invoice_id } => format!("invoice {invoice_id} marked uncollectible"),
+        MemberEvent::SubscriptionCancelRevoked {} => "scheduled cancel revoked".to_owned(),
+        MemberEvent::StripeEventApplied { stripe_event_id, event_type, stale, .. } => {
+            let stale = if *stale { " (older than what was applied: no change)" } else { "" };
+            format!("Stripe event {stripe_event_id} ({event_type}){stale}")
+        }
     }
 }
 

@@ -778,6 +778,7 @@ impl Member {
             MemberCommand::VoidInvoice { invoice_id } => self.void_invoice(invoice_id),
             MemberCommand::MarkInvoiceUncollectible { invoice_id } => self.mark_uncollectible(invoice_id),
             MemberCommand::AdvanceTime => Ok(()),
+            MemberCommand::Stripe(_) => panic!("the reference model covers tally-billed members only"),
         }
     }
 

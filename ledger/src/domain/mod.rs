@@ -4,6 +4,7 @@
 pub mod amount;
 pub mod catalog;
 pub mod error;
+pub mod intake;
 pub mod limits;
 pub mod member;
 pub mod validate;
@@ -11,4 +12,5 @@ pub mod validate;
 pub use amount::{Credits, MinorUnits, Overflow};
 pub use catalog::*;
 pub use error::DomainError;
+pub use intake::{IntakeEvent, STRIPE_INTAKE_STREAM};
 pub use member::*;

@@ -163,6 +163,14 @@ impl EventReader {
         rows::usage(&self.connection, stream_id, usage_id)
     }
 
+    /// The member stream a Stripe customer is linked to.
+    pub fn stripe_customer_stream(&self, customer_id: &str) -> Result<Option<String>, StoreError> {
+        use rusqlite::OptionalExtension;
+        let mut statement =
+            self.connection.prepare_cached("SELECT stream_id FROM stripe_customers WHERE customer_id = ?1")?;
+        Ok(statement.query_row([customer_id], |row| row.get(0)).optional()?)
+    }
+
     pub fn idempotency(&self, scope: &str, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         rows::idempotency(&self.connection, scope, key)
     }

@@ -112,8 +112,17 @@ CREATE TABLE schedule (
 
 CREATE INDEX schedule_by_due_at ON schedule (due_at, stream_id);
 
+-- Which member a Stripe customer belongs to (the last link written wins),
+-- so that a webhook finds its member. Derived from the member events.
+CREATE TABLE stripe_customers (
+    customer_id TEXT NOT NULL PRIMARY KEY,
+    stream_id   TEXT NOT NULL
+) WITHOUT ROWID, STRICT;
+
 PRAGMA user_version = 1;
 ";
+
+const STRIPE_CUSTOMERS_SQL: &str = "CREATE TABLE IF NOT EXISTS stripe_customers (customer_id TEXT NOT NULL PRIMARY KEY, stream_id TEXT NOT NULL) WITHOUT ROWID, STRICT;";
 
 /// What a SQLite file holds, as far as tally is concerned.
 #[derive(Debug, PartialEq, Eq)]
@@ -147,6 +156,9 @@ pub(super) fn open_for_writing(
     if contents == Contents::Empty {
         create_schema(&connection, path)?;
     }
+    // Added after the first files were written: an index, derived from the
+    // events, so a file from before gets it empty (an import fills it).
+    connection.execute_batch(STRIPE_CUSTOMERS_SQL)?;
     refuse_missing_triggers(&connection)?;
     Ok(connection)
 }

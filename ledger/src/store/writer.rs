@@ -429,6 +429,21 @@ impl Batch<'_> {
         self.after(result)
     }
 
+    /// Links a Stripe customer to a member stream (the last link wins).
+    pub fn link_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        check_key("stripe customer id", customer_id)?;
+        let result = self
+            .connection()
+            .prepare_cached(
+                "INSERT INTO stripe_customers (customer_id, stream_id) VALUES (?1, ?2)
+                 ON CONFLICT (customer_id) DO UPDATE SET stream_id = excluded.stream_id",
+            )
+            .and_then(|mut statement| statement.execute(params![customer_id, stream_id]))
+            .map(drop);
+        self.after(result)
+    }
+
     /// Indexes a usage id; a usage id already recorded in the stream is
     /// [`StoreError::Duplicate`] (usage ids are unique per member for ever).
     pub fn record_usage(

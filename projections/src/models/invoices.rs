@@ -210,6 +210,7 @@ fn kind_text(kind: InvoiceLineKind) -> &'static str {
         InvoiceLineKind::Proration => "proration",
         InvoiceLineKind::Purchase => "purchase",
         InvoiceLineKind::Overage => "overage",
+        InvoiceLineKind::Adjustment => "adjustment",
     }
 }
 

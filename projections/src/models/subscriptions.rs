@@ -71,6 +71,7 @@ const HANDLES: &[&str] = &[
     "SubscriptionPlanChanged",
     "SubscriptionDowngradeScheduled",
     "SubscriptionCancelScheduled",
+    "SubscriptionCancelRevoked",
     "SubscriptionRenewed",
     "SubscriptionPeriodClosed",
     "SubscriptionPastDue",
@@ -99,6 +100,8 @@ const SCHEDULE_CHANGE: &str = "UPDATE {subscriptions} SET scheduled_plan_id = ?2
     updated_position = ?4 WHERE member_id = ?1";
 const SCHEDULE_CANCEL: &str = "UPDATE {subscriptions} SET cancel_at_period_end = 1, cancel_at = ?2,
     updated_position = ?3 WHERE member_id = ?1";
+const REVOKE_CANCEL: &str = "UPDATE {subscriptions} SET cancel_at_period_end = 0, cancel_at = NULL,
+    updated_position = ?2 WHERE member_id = ?1";
 const CLOSE_PERIOD: &str = "UPDATE {subscriptions} SET period_closed = 1, updated_position = ?2 WHERE member_id = ?1";
 const PAST_DUE: &str = "UPDATE {subscriptions} SET status = 'past_due', past_due_invoice_id = ?2,
     updated_position = ?3 WHERE member_id = ?1";
@@ -200,6 +203,9 @@ impl Projector for SubscriptionsProjector {
                 .execute(params![member_id, terms.plan.plan_id, instant_text(*effective_at), position])?,
             MemberEvent::SubscriptionCancelScheduled { effective_at } => {
                 tx.statement(SCHEDULE_CANCEL)?.execute(params![member_id, instant_text(*effective_at), position])?
+            }
+            MemberEvent::SubscriptionCancelRevoked {} => {
+                tx.statement(REVOKE_CANCEL)?.execute(params![member_id, position])?
             }
             MemberEvent::SubscriptionPeriodClosed { .. } => {
                 tx.statement(CLOSE_PERIOD)?.execute(params![member_id, position])?

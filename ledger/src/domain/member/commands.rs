@@ -116,6 +116,8 @@ pub enum MemberCommand {
     },
     /// Run whatever fell due up to `now`: nothing else.
     AdvanceTime,
+    /// What a verified Stripe event means for this member.
+    Stripe(super::stripe::StripeCommand),
 }
 
 impl MemberCommand {

@@ -98,10 +98,10 @@ pub fn period_end(anchor: Timestamp, index: u32) -> Timestamp {
     anchor.checked_add_months(Months::new(index + 1)).expect("period end within chrono's range")
 }
 
-struct Draft {
-    state: MemberState,
+pub(super) struct Draft {
+    pub(super) state: MemberState,
     events: Decision,
-    now: Timestamp,
+    pub(super) now: Timestamp,
     /// Set while running what fell due, so those events are marked `by_time`.
     running_due: bool,
 }
@@ -112,13 +112,13 @@ impl Draft {
         self.events.push(Occurred { occurred_at, by_time: self.running_due, event });
     }
 
-    fn emit_now(&mut self, event: MemberEvent) {
+    pub(super) fn emit_now(&mut self, event: MemberEvent) {
         self.emit(self.now, event);
     }
 
     /// The version the next emitted event will have; ids made here derive
     /// from it, never from a random source, so a replay makes the same ids.
-    fn next_version(&self) -> u64 {
+    pub(super) fn next_version(&self) -> u64 {
         self.state.version + 1
     }
 
@@ -152,7 +152,15 @@ impl Draft {
         let grant_id = format!("g{}", self.next_version());
         self.emit(
             occurred_at,
-            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id, schedule_id },
+            MemberEvent::CreditsGranted {
+                grant_id,
+                terms,
+                transferred_from,
+                usage_id,
+                schedule_id,
+                stripe_period_start: None,
+                stripe_checkout_session_id: None,
+            },
         );
     }
 
@@ -268,7 +276,7 @@ fn close_period(draft: &mut Draft, instant: Timestamp, catalog: &Catalog) {
     let rollover = &subscription.terms.plan.rollover;
     let rollover_cap =
         if rollover.enabled && !subscription.cancel_at_period_end { rollover.max_credits } else { Credits::ZERO };
-    roll_over_or_expire_allocation(draft, instant, rollover_cap, next_period_end);
+    roll_over_or_expire_allocation(draft, instant, instant, rollover_cap, next_period_end);
 
     match subscription.billing {
         Billing::Tally => {
@@ -311,13 +319,22 @@ fn latest_terms(current: &PlanTerms, catalog: &Catalog) -> PlanTerms {
 
 /// The unheld rest of the ending period's allocation grants rolls over up to
 /// `cap` as one `rollover` grant (a transfer); the rest expires.
-fn roll_over_or_expire_allocation(draft: &mut Draft, instant: Timestamp, cap: Credits, rollover_expires_at: Timestamp) {
+/// At `instant`, roll over (up to `cap`) or expire the allocation grants of
+/// the period ending at `period_end` (the same instant, unless Stripe renewed
+/// ahead of tally's clock).
+fn roll_over_or_expire_allocation(
+    draft: &mut Draft,
+    instant: Timestamp,
+    period_end: Timestamp,
+    cap: Credits,
+    rollover_expires_at: Timestamp,
+) {
     let mut allocation: Vec<&Grant> = draft
         .state
         .grants
         .values()
         .filter(|grant| grant.source == GrantSource::MonthlyAllocation && !grant.expired)
-        .filter(|grant| grant.expires_at.is_some_and(|expires_at| expires_at <= instant))
+        .filter(|grant| grant.expires_at.is_some_and(|expires_at| expires_at <= period_end.max(instant)))
         .collect();
     allocation.sort_by_key(|grant| burn_order_key(grant));
     let allocation_ids: Vec<String> = allocation.iter().map(|grant| grant.grant_id.clone()).collect();
@@ -388,7 +405,7 @@ fn overage_lines(debt: &[DebtEntry]) -> Vec<InvoiceLine> {
         .collect()
 }
 
-fn next_invoice_id(state: &MemberState) -> String {
+pub(super) fn next_invoice_id(state: &MemberState) -> String {
     let member_id = state.member_id.as_deref().expect("invoices belong to registered members");
     format!("inv_{member_id}_{}", state.invoices_issued + 1)
 }
@@ -511,6 +528,7 @@ fn decide_command(draft: &mut Draft, command: &MemberCommand, context: &Context)
         MemberCommand::VoidInvoice { invoice_id } => void_invoice(draft, invoice_id),
         MemberCommand::MarkInvoiceUncollectible { invoice_id } => mark_uncollectible(draft, invoice_id),
         MemberCommand::AdvanceTime => Ok(()),
+        MemberCommand::Stripe(command) => super::stripe::decide_stripe(draft, command, context.catalog),
     }
 }
 
@@ -584,7 +602,10 @@ fn start_subscription(
         period_end: end,
         stripe_subscription_id,
     });
-    draft.allocation(now, monthly_credits, end);
+    // Stripe-managed credits come with Stripe's paid invoices.
+    if billing == Billing::Tally {
+        draft.allocation(now, monthly_credits, end);
+    }
     Ok(())
 }
 
@@ -638,6 +659,22 @@ fn cancel_subscription(draft: &mut Draft, at_period_end: bool) -> Result<(), Dom
     }
 
     let now = draft.now;
+    match subscription.billing {
+        Billing::Tally => {
+            lapse_allocations(draft);
+            let invoice = period_invoice(&draft.state, &subscription, now);
+            draft.emit_now(invoice);
+        }
+        Billing::Stripe if subscription.period_closed => lapse_allocations(draft),
+        Billing::Stripe => close_period_now(draft, &subscription, None),
+    }
+    draft.emit_now(MemberEvent::SubscriptionCanceled { canceled_at: now, immediately: true });
+    Ok(())
+}
+
+/// Cancel now lapses what the subscription gave: allocation and rollover.
+pub(super) fn lapse_allocations(draft: &mut Draft) {
+    let now = draft.now;
     let lapsing: Vec<String> = draft
         .state
         .grants
@@ -650,22 +687,31 @@ fn cancel_subscription(draft: &mut Draft, at_period_end: bool) -> Result<(), Dom
     for grant_id in lapsing {
         expire_grant(draft, now, &grant_id);
     }
-    match subscription.billing {
-        Billing::Tally => {
-            let invoice = period_invoice(&draft.state, &subscription, now);
-            draft.emit_now(invoice);
+}
+
+/// Close a Stripe-managed period now, ahead of its end on tally's clock:
+/// Stripe renewed early (`rollover_expires_at` is the new period's end) or
+/// ended the subscription (`None`: allocation and rollover lapse).
+pub(super) fn close_period_now(draft: &mut Draft, subscription: &Subscription, rollover_expires_at: Option<Timestamp>) {
+    let now = draft.now;
+    match rollover_expires_at {
+        Some(expires_at) => {
+            let rollover = &subscription.terms.plan.rollover;
+            let cap = if rollover.enabled && !subscription.cancel_at_period_end {
+                rollover.max_credits
+            } else {
+                Credits::ZERO
+            };
+            roll_over_or_expire_allocation(draft, now, subscription.period_end, cap, expires_at);
         }
-        Billing::Stripe => {
-            let debt_cleared = draft.state.debt();
-            draft.emit_now(MemberEvent::SubscriptionPeriodClosed {
-                period_start: subscription.period_start,
-                period_end: now,
-                debt_cleared,
-            });
-        }
+        None => lapse_allocations(draft),
     }
-    draft.emit_now(MemberEvent::SubscriptionCanceled { canceled_at: now, immediately: true });
-    Ok(())
+    let debt_cleared = draft.state.debt();
+    draft.emit_now(MemberEvent::SubscriptionPeriodClosed {
+        period_start: subscription.period_start,
+        period_end: now,
+        debt_cleared,
+    });
 }
 
 fn optional_text(field: &'static str, value: &Option<String>) -> Result<(), DomainError> {

@@ -102,6 +102,9 @@ pub enum InvoiceLineKind {
     Proration,
     Purchase,
     Overage,
+    /// What a Stripe invoice's total holds beyond its lines (discounts,
+    /// taxes, credit applied), so that the lines always sum to the total.
+    Adjustment,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +194,9 @@ pub enum MemberEvent {
     SubscriptionCancelScheduled {
         effective_at: Timestamp,
     },
+    /// A scheduled cancel was taken back (Stripe: `cancel_at_period_end`
+    /// turned false again).
+    SubscriptionCancelRevoked {},
     /// A new period begins, on the terms it names (a scheduled downgrade or a
     /// plan revision takes effect here).
     SubscriptionRenewed {
@@ -230,6 +236,14 @@ pub enum MemberEvent {
         /// For a scheduled grant falling due: its `CreditsGrantScheduled`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         schedule_id: Option<String>,
+        /// For a Stripe-managed member's allocation: the Stripe period it is
+        /// for. One allocation per (member, period start).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_period_start: Option<Timestamp>,
+        /// For a purchase paid through Stripe Checkout: the session. Stripe
+        /// collected the price, so it goes on no tally invoice.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_checkout_session_id: Option<String>,
     },
     CreditsGrantScheduled {
         schedule_id: String,
@@ -334,6 +348,20 @@ pub enum MemberEvent {
     InvoiceMarkedUncollectible {
         invoice_id: String,
     },
+
+    /// A Stripe event reached this member. Written first in every append a
+    /// Stripe event causes: the audit trail names the Stripe event behind
+    /// each change, and the newest applied `created` is the watermark that
+    /// keeps an older subscription state from overwriting a newer one.
+    StripeEventApplied {
+        stripe_event_id: String,
+        event_type: String,
+        /// Stripe's `created` of the event.
+        created: Timestamp,
+        /// True when the event was older than what was already applied and
+        /// so changed nothing.
+        stale: bool,
+    },
 }
 
 impl MemberEvent {
@@ -345,6 +373,7 @@ impl MemberEvent {
             MemberEvent::SubscriptionPlanChanged { .. } => "SubscriptionPlanChanged",
             MemberEvent::SubscriptionDowngradeScheduled { .. } => "SubscriptionDowngradeScheduled",
             MemberEvent::SubscriptionCancelScheduled { .. } => "SubscriptionCancelScheduled",
+            MemberEvent::SubscriptionCancelRevoked { .. } => "SubscriptionCancelRevoked",
             MemberEvent::SubscriptionRenewed { .. } => "SubscriptionRenewed",
             MemberEvent::SubscriptionPeriodClosed { .. } => "SubscriptionPeriodClosed",
             MemberEvent::SubscriptionPastDue { .. } => "SubscriptionPastDue",
@@ -366,6 +395,7 @@ impl MemberEvent {
             MemberEvent::PaymentFailed { .. } => "PaymentFailed",
             MemberEvent::InvoiceVoided { .. } => "InvoiceVoided",
             MemberEvent::InvoiceMarkedUncollectible { .. } => "InvoiceMarkedUncollectible",
+            MemberEvent::StripeEventApplied { .. } => "StripeEventApplied",
         }
     }
 }

@@ -5,11 +5,13 @@ pub mod commands;
 pub mod decide;
 pub mod events;
 pub mod state;
+pub mod stripe;
 
 pub use commands::*;
 pub use decide::{CheckOutcome, Context, Decision, check, decide, member_stream, next_due, period_end, state_at};
 pub use events::*;
 pub use state::*;
+pub use stripe::*;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use super::commands::MemberProfile;
 use super::events::*;
 use crate::domain::amount::{Credits, MinorUnits};
 use crate::domain::catalog::PlanTerms;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -149,6 +149,13 @@ pub struct MemberState {
     pub invoices: BTreeMap<String, InvoiceRecord>,
     pub invoices_issued: u64,
     pub totals: Totals,
+    /// The `created` of the newest Stripe event applied to the subscription's
+    /// state: an older one changes nothing (out-of-order delivery).
+    pub stripe_synced_at: Option<Timestamp>,
+    /// Stripe invoice id → tally invoice id, for Stripe's invoices of record.
+    pub stripe_invoices: BTreeMap<String, String>,
+    /// Stripe period starts already allocated for: once per period.
+    pub stripe_allocations: BTreeSet<Timestamp>,
 }
 
 impl MemberState {
@@ -256,6 +263,9 @@ impl MemberState {
             MemberEvent::SubscriptionCancelScheduled { .. } => {
                 self.subscription_mut().cancel_at_period_end = true;
             }
+            MemberEvent::SubscriptionCancelRevoked {} => {
+                self.subscription_mut().cancel_at_period_end = false;
+            }
             MemberEvent::SubscriptionRenewed { terms, period_start, period_end } => {
                 let subscription = self.subscription_mut();
                 subscription.terms = terms.clone();
@@ -286,9 +296,20 @@ impl MemberState {
             MemberEvent::SubscriptionReactivated {} => {
                 self.subscription_mut().status = SubscriptionStatus::Active;
             }
-            MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id: _, schedule_id } => {
+            MemberEvent::CreditsGranted {
+                grant_id,
+                terms,
+                transferred_from,
+                usage_id: _,
+                schedule_id,
+                stripe_period_start,
+                stripe_checkout_session_id,
+            } => {
                 if let Some(schedule_id) = schedule_id {
                     self.scheduled_grants.remove(schedule_id);
+                }
+                if let Some(period_start) = stripe_period_start {
+                    self.stripe_allocations.insert(*period_start);
                 }
                 if transferred_from.is_empty() {
                     self.totals.granted = self.totals.granted.plus(terms.amount);
@@ -300,6 +321,7 @@ impl MemberState {
                 if terms.source == GrantSource::Purchase
                     && let Some(price) = terms.price.filter(|price| price.is_positive())
                     && self.has_billing_period()
+                    && stripe_checkout_session_id.is_none()
                 {
                     self.period_lines.push(purchase_line(terms.amount, price));
                 }
@@ -392,7 +414,10 @@ impl MemberState {
                 self.totals.debt_reduced = self.totals.debt_reduced.plus(*debt_reduced);
             }
             MemberEvent::QueryExecuted { .. } => {}
-            MemberEvent::InvoiceIssued { invoice_id, period_start, total, debt_cleared, .. } => {
+            MemberEvent::InvoiceIssued { invoice_id, period_start, total, debt_cleared, stripe_invoice_id, .. } => {
+                if let Some(stripe_invoice_id) = stripe_invoice_id {
+                    self.stripe_invoices.insert(stripe_invoice_id.clone(), invoice_id.clone());
+                }
                 if period_start.is_some() {
                     self.period_lines.clear();
                 }
@@ -411,6 +436,11 @@ impl MemberState {
             MemberEvent::InvoiceVoided { invoice_id } => self.set_invoice_status(invoice_id, InvoiceStatus::Void),
             MemberEvent::InvoiceMarkedUncollectible { invoice_id } => {
                 self.set_invoice_status(invoice_id, InvoiceStatus::Uncollectible)
+            }
+            MemberEvent::StripeEventApplied { event_type, created, stale, .. } => {
+                if !stale && moves_subscription_state(event_type) {
+                    self.stripe_synced_at = self.stripe_synced_at.max(Some(*created));
+                }
             }
         }
     }
@@ -449,6 +479,13 @@ impl MemberState {
     fn drop_empty_grants(&mut self) {
         self.grants.retain(|_, grant| grant.remaining.is_positive() || grant.held.is_positive());
     }
+}
+
+/// The Stripe event types whose order decides the subscription's status.
+pub(crate) fn moves_subscription_state(event_type: &str) -> bool {
+    event_type.starts_with("customer.subscription.")
+        || event_type == "invoice.paid"
+        || event_type == "invoice.payment_failed"
 }
 
 pub(crate) fn purchase_line(amount: Credits, price: MinorUnits) -> InvoiceLine {

@@ -830,6 +830,8 @@ fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
             transferred_from: vec![part("g3", 500)],
             usage_id: None,
             schedule_id: None,
+            stripe_period_start: None,
+            stripe_checkout_session_id: None,
         },
         MemberEvent::CreditsExpired { grant_id: "g3".into(), amount: Credits(200) },
     ];
@@ -1052,4 +1054,314 @@ fn events_round_trip_through_json() {
         assert!(json.starts_with(&format!("{{\"type\":\"{}\"", occurred.event.event_type())), "{json}");
     }
     let _: DateTime<Utc> = life.now;
+}
+
+// ---------------------------------------------------------------------------
+// Stripe-managed members
+// ---------------------------------------------------------------------------
+
+mod stripe_managed {
+    use super::*;
+
+    /// The usual catalog with Stripe prices on starter and pro.
+    fn stripe_life(now: Timestamp) -> Life {
+        let mut life = Life::new(now);
+        for (plan_id, price_id) in [("starter", "price_starter"), ("pro", "price_pro")] {
+            let mut plan = life.catalog.plan(plan_id).unwrap().terms.plan.clone();
+            plan.stripe_price_id = Some(price_id.to_owned());
+            for event in life.catalog.decide(&CatalogCommand::RevisePlan(plan)).unwrap() {
+                life.catalog.apply(&event);
+            }
+        }
+        life.run(MemberCommand::Register(MemberProfile::default()));
+        life
+    }
+
+    fn event(event_id: &str, event_type: &str, created: Timestamp) -> StripeEventRef {
+        StripeEventRef {
+            event_id: event_id.to_owned(),
+            event_type: event_type.to_owned(),
+            created,
+            customer_id: Some("cus_1".to_owned()),
+        }
+    }
+
+    fn snapshot(status: &str, price_id: &str, period: (Timestamp, Timestamp)) -> StripeSubscription {
+        StripeSubscription {
+            subscription_id: "sub_1".to_owned(),
+            status: status.to_owned(),
+            price_id: price_id.to_owned(),
+            period_start: period.0,
+            period_end: period.1,
+            cancel_at_period_end: false,
+            deleted: false,
+        }
+    }
+
+    fn subscription_event(event_id: &str, created: Timestamp, subscription: StripeSubscription) -> MemberCommand {
+        let event_type =
+            if subscription.deleted { "customer.subscription.deleted" } else { "customer.subscription.updated" };
+        MemberCommand::Stripe(StripeCommand::Subscription { event: event(event_id, event_type, created), subscription })
+    }
+
+    fn invoice(
+        invoice_id: &str,
+        reason: &str,
+        price_id: &str,
+        period: (Timestamp, Timestamp),
+        amount: i64,
+    ) -> StripeInvoice {
+        StripeInvoice {
+            invoice_id: invoice_id.to_owned(),
+            subscription_id: Some("sub_1".to_owned()),
+            billing_reason: Some(reason.to_owned()),
+            currency: "usd".to_owned(),
+            total: MinorUnits(amount),
+            lines: vec![StripeInvoiceLine {
+                amount: MinorUnits(amount),
+                description: Some("1 × Starter".to_owned()),
+                price_id: Some(price_id.to_owned()),
+                period_start: Some(period.0),
+                period_end: Some(period.1),
+                proration: false,
+            }],
+        }
+    }
+
+    fn invoice_event(
+        event_id: &str,
+        created: Timestamp,
+        outcome: StripeInvoiceOutcome,
+        invoice: StripeInvoice,
+    ) -> MemberCommand {
+        let event_type = match outcome {
+            StripeInvoiceOutcome::Finalized => "invoice.finalized",
+            StripeInvoiceOutcome::Paid => "invoice.paid",
+            StripeInvoiceOutcome::PaymentFailed => "invoice.payment_failed",
+        };
+        MemberCommand::Stripe(StripeCommand::Invoice { event: event(event_id, event_type, created), invoice, outcome })
+    }
+
+    fn types(events: &[MemberEvent]) -> Vec<&'static str> {
+        events.iter().map(MemberEvent::event_type).collect()
+    }
+
+    const JAN: (i32, u32, u32) = (2026, 1, 1);
+
+    fn january() -> (Timestamp, Timestamp) {
+        (at(JAN.0, JAN.1, JAN.2), at(2026, 2, 1))
+    }
+
+    #[test]
+    fn a_created_subscription_starts_without_credits_and_links_the_customer() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let events =
+            life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        assert_eq!(types(&events), ["StripeEventApplied", "MemberProfileChanged", "SubscriptionStarted"]);
+        let subscription = life.state.subscription.as_ref().unwrap();
+        assert_eq!(subscription.billing, Billing::Stripe);
+        assert_eq!(subscription.stripe_subscription_id.as_deref(), Some("sub_1"));
+        assert_eq!((subscription.period_start, subscription.period_end), january());
+        assert_eq!(life.state.profile.stripe_customer_id.as_deref(), Some("cus_1"));
+        assert_eq!(life.state.available(), Credits(0), "credits come with the paid invoice");
+    }
+
+    #[test]
+    fn a_paid_subscription_invoice_is_recorded_paid_and_allocates_once_per_period() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let paid = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+        let events = life.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::Paid, paid.clone()));
+        assert_eq!(types(&events), ["StripeEventApplied", "InvoiceIssued", "PaymentSucceeded", "CreditsGranted"]);
+        let MemberEvent::InvoiceIssued { invoice_id, total, lines, stripe_invoice_id, .. } = &events[1] else {
+            unreachable!()
+        };
+        assert_eq!(
+            (invoice_id.as_str(), *total, stripe_invoice_id.as_deref()),
+            ("inv_m1_1", MinorUnits(1_000), Some("in_1"))
+        );
+        assert_eq!(lines.iter().map(|line| line.amount.0).sum::<i64>(), 1_000);
+        let MemberEvent::CreditsGranted { terms, stripe_period_start, .. } = &events[3] else { unreachable!() };
+        assert_eq!(
+            (terms.source, terms.amount, terms.expires_at),
+            (GrantSource::MonthlyAllocation, Credits(1_000), Some(at(2026, 2, 1)))
+        );
+        assert_eq!(*stripe_period_start, Some(at(2026, 1, 1)));
+        assert_eq!(life.state.invoices["inv_m1_1"].status, InvoiceStatus::Paid);
+
+        // The same invoice paid again under another event id (Stripe sends
+        // invoice.paid and, say, a retried one): nothing more.
+        let again = life.run(invoice_event("evt_3", at(2026, 1, 1), StripeInvoiceOutcome::Paid, paid));
+        assert_eq!(types(&again), ["StripeEventApplied"]);
+        assert_eq!(life.state.available(), Credits(1_000));
+    }
+
+    #[test]
+    fn a_cycle_invoice_renews_to_its_period_closing_the_old_one_with_rollover() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        life.run(invoice_event(
+            "evt_2",
+            at(2026, 1, 1),
+            StripeInvoiceOutcome::Paid,
+            invoice("in_1", "subscription_create", "price_starter", january(), 1_000),
+        ));
+        life.run(usage("u1", 300));
+        // Stripe renews a few seconds ahead of tally's clock.
+        let february = (at(2026, 2, 1), at(2026, 3, 1));
+        life.at(at(2026, 2, 1) - Duration::seconds(5));
+        let events = life.run(invoice_event(
+            "evt_3",
+            at(2026, 2, 1),
+            StripeInvoiceOutcome::Paid,
+            invoice("in_2", "subscription_cycle", "price_starter", february, 1_000),
+        ));
+        assert_eq!(
+            types(&events),
+            [
+                "StripeEventApplied",
+                "InvoiceIssued",
+                "PaymentSucceeded",
+                "CreditsGranted",
+                "CreditsExpired",
+                "SubscriptionPeriodClosed",
+                "SubscriptionRenewed",
+                "CreditsGranted"
+            ]
+        );
+        let subscription = life.state.subscription.as_ref().unwrap();
+        assert_eq!((subscription.period_start, subscription.period_end), february);
+        // 700 left: 500 rolled over (the cap), 200 expired, 1,000 new.
+        assert_eq!(life.state.available(), Credits(1_500));
+        life.check_invariants();
+    }
+
+    #[test]
+    fn an_older_snapshot_changes_nothing_and_a_canceled_subscription_stays_canceled() {
+        let mut life = stripe_life(at(2026, 1, 10));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        life.run(subscription_event("evt_3", at(2026, 1, 9), snapshot("past_due", "price_starter", january())));
+        let stale =
+            life.run(subscription_event("evt_2", at(2026, 1, 5), snapshot("active", "price_starter", january())));
+        assert_eq!(
+            stale,
+            [MemberEvent::StripeEventApplied {
+                stripe_event_id: "evt_2".into(),
+                event_type: "customer.subscription.updated".into(),
+                created: at(2026, 1, 5),
+                stale: true,
+            }]
+        );
+        assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::PastDue);
+
+        let mut deleted = snapshot("canceled", "price_starter", january());
+        deleted.deleted = true;
+        let events = life.run(subscription_event("evt_4", at(2026, 1, 10), deleted));
+        assert_eq!(types(&events), ["StripeEventApplied", "SubscriptionPeriodClosed", "SubscriptionCanceled"]);
+        // Even with a later `created`, Stripe never revives a canceled subscription.
+        let revived =
+            life.run(subscription_event("evt_5", at(2026, 1, 11), snapshot("active", "price_starter", january())));
+        assert_eq!(types(&revived), ["StripeEventApplied"]);
+        assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::Canceled);
+    }
+
+    #[test]
+    fn price_and_cancel_flag_changes_follow_the_snapshot_without_proration() {
+        let mut life = stripe_life(at(2026, 1, 15));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let mut upgraded = snapshot("active", "price_pro", january());
+        upgraded.cancel_at_period_end = true;
+        let events = life.run(subscription_event("evt_2", at(2026, 1, 15), upgraded.clone()));
+        assert_eq!(types(&events), ["StripeEventApplied", "SubscriptionPlanChanged", "SubscriptionCancelScheduled"]);
+        let MemberEvent::SubscriptionPlanChanged { proration_credits, proration_amount, .. } = &events[1] else {
+            unreachable!()
+        };
+        assert_eq!((*proration_credits, *proration_amount), (Credits(0), MinorUnits(0)), "Stripe owns proration");
+        upgraded.cancel_at_period_end = false;
+        let events = life.run(subscription_event("evt_3", at(2026, 1, 16), upgraded));
+        assert_eq!(types(&events), ["StripeEventApplied", "SubscriptionCancelRevoked"]);
+        assert!(!life.state.subscription.as_ref().unwrap().cancel_at_period_end);
+    }
+
+    #[test]
+    fn a_failed_payment_makes_past_due_and_a_failure_after_payment_is_history() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let first = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+        let failed =
+            life.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::PaymentFailed, first.clone()));
+        assert_eq!(types(&failed), ["StripeEventApplied", "InvoiceIssued", "PaymentFailed", "SubscriptionPastDue"]);
+        let paid = life.run(invoice_event("evt_3", at(2026, 1, 2), StripeInvoiceOutcome::Paid, first.clone()));
+        assert_eq!(
+            types(&paid),
+            ["StripeEventApplied", "PaymentSucceeded", "SubscriptionReactivated", "CreditsGranted"]
+        );
+        let late = life.run(invoice_event("evt_4", at(2026, 1, 3), StripeInvoiceOutcome::PaymentFailed, first));
+        assert_eq!(types(&late), ["StripeEventApplied"]);
+        assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::Active);
+    }
+
+    #[test]
+    fn an_invoice_total_beyond_its_lines_gets_an_adjustment_line() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let mut taxed = invoice("in_9", "manual", "price_starter", january(), 1_000);
+        taxed.total = MinorUnits(1_190);
+        let events = life.run(invoice_event("evt_1", at(2026, 1, 1), StripeInvoiceOutcome::Finalized, taxed));
+        let MemberEvent::InvoiceIssued { lines, total, .. } = &events[2] else { panic!("{events:?}") };
+        assert_eq!(lines.last().unwrap().kind, InvoiceLineKind::Adjustment);
+        assert_eq!(lines.iter().map(|line| line.amount.0).sum::<i64>(), total.0);
+        assert_eq!(life.state.available(), Credits(0), "a manual invoice brings no allocation");
+    }
+
+    #[test]
+    fn refusals_write_nothing() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let unknown_price = subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_nope", january()));
+        assert_eq!(field(life.rejection(unknown_price)), Some("stripe_price_id"));
+        let backwards = subscription_event(
+            "evt_1",
+            at(2026, 1, 1),
+            snapshot("active", "price_starter", (at(2026, 2, 1), at(2026, 1, 1))),
+        );
+        assert_eq!(field(life.rejection(backwards)), Some("current_period_end"));
+        life.run(start("free"));
+        let second = subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january()));
+        assert_eq!(field(life.rejection(second)), Some("stripe_subscription_id"));
+        let purchase = MemberCommand::Stripe(StripeCommand::Purchase {
+            event: event("evt_2", "checkout.session.completed", at(2026, 1, 1)),
+            session_id: "cs_1".into(),
+            credits: Credits(500),
+            price: MinorUnits(999),
+            currency: "eur".into(),
+        });
+        assert_eq!(field(life.rejection(purchase)), Some("currency"));
+        let mut other_customer = stripe_life(at(2026, 1, 1));
+        other_customer.run(MemberCommand::Register(MemberProfile {
+            stripe_customer_id: Some("cus_other".into()),
+            ..MemberProfile::default()
+        }));
+        let linked_elsewhere = invoice_event(
+            "evt_3",
+            at(2026, 1, 1),
+            StripeInvoiceOutcome::Finalized,
+            invoice("in_1", "manual", "price_starter", january(), 10),
+        );
+        assert_eq!(field(other_customer.rejection(linked_elsewhere)), Some("customer"));
+    }
+
+    #[test]
+    fn a_checkout_purchase_grants_paid_credits_on_no_tally_invoice() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(start("starter"));
+        let events = life.run(MemberCommand::Stripe(StripeCommand::Purchase {
+            event: event("evt_1", "checkout.session.completed", at(2026, 1, 1)),
+            session_id: "cs_1".into(),
+            credits: Credits(500),
+            price: MinorUnits(999),
+            currency: "usd".into(),
+        }));
+        assert_eq!(types(&events), ["StripeEventApplied", "MemberProfileChanged", "CreditsGranted"]);
+        assert!(life.state.period_lines.is_empty(), "Stripe collected the price: no line on tally's invoice");
+        assert_eq!(life.state.available(), Credits(1_500));
+    }
 }

@@ -1,0 +1,495 @@
+//! Decisions for Stripe-managed members: what a verified Stripe event means
+//! for the ledger (DESIGN.md §3 "Who bills", §8).
+//!
+//! The edge crate (`tally-stripe`) reads the few facts below out of Stripe's
+//! payloads; everything they cause is decided here, purely, like any other
+//! command. Three rules make delivery order and redelivery harmless:
+//!
+//! - **Snapshots, not deltas.** A subscription event carries the whole
+//!   subscription as Stripe has it; tally moves its own state to match.
+//! - **A watermark.** Every Stripe-driven append starts with
+//!   `StripeEventApplied`; the newest applied `created` of a status-bearing
+//!   event is kept, and an older subscription snapshot changes nothing. A
+//!   Stripe subscription, once canceled, stays canceled.
+//! - **Monotone invoice facts.** An invoice is recorded once per Stripe id
+//!   (by whichever of finalized / paid / payment_failed comes first), paid is
+//!   final, a failure after payment is history, and each Stripe period is
+//!   allocated for once, with the credits of the plan priced on that invoice.
+//!
+//! Stripe owns period bounds, fees and proration of Stripe-managed members,
+//! so a plan change from Stripe grants no prorated credits: credits come
+//! with each paid subscription invoice.
+
+use super::decide::{Draft, close_period_now, lapse_allocations, next_invoice_id};
+use super::events::*;
+use super::state::*;
+use crate::domain::amount::{Credits, MinorUnits};
+use crate::domain::catalog::{Catalog, PlanTerms};
+use crate::domain::error::DomainError;
+use crate::domain::limits::COMMAND_CREDITS_MAX;
+use crate::domain::validate;
+
+/// The Stripe event behind a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeEventRef {
+    pub event_id: String,
+    pub event_type: String,
+    /// Stripe's `created` of the event.
+    pub created: Timestamp,
+    /// The Stripe customer the object belongs to: linked to the member when
+    /// the member has none yet.
+    pub customer_id: Option<String>,
+}
+
+/// A subscription as Stripe has it after the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeSubscription {
+    pub subscription_id: String,
+    /// Stripe's status: `active`, `trialing`, `past_due`, `unpaid`,
+    /// `incomplete`, `incomplete_expired`, `paused`, `canceled`.
+    pub status: String,
+    /// The price of its (first) item: a plan through the catalog.
+    pub price_id: String,
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    pub cancel_at_period_end: bool,
+    /// `customer.subscription.deleted`: it ended, whatever `status` says.
+    pub deleted: bool,
+}
+
+/// What happened to a Stripe invoice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StripeInvoiceOutcome {
+    Finalized,
+    Paid,
+    PaymentFailed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeInvoiceLine {
+    pub amount: MinorUnits,
+    pub description: Option<String>,
+    pub price_id: Option<String>,
+    pub period_start: Option<Timestamp>,
+    pub period_end: Option<Timestamp>,
+    pub proration: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StripeInvoice {
+    pub invoice_id: String,
+    pub subscription_id: Option<String>,
+    /// `subscription_create`, `subscription_cycle`, `subscription_update`,
+    /// `manual`, …
+    pub billing_reason: Option<String>,
+    /// ISO code as Stripe writes it (lowercase); compared case-insensitively.
+    pub currency: String,
+    pub total: MinorUnits,
+    pub lines: Vec<StripeInvoiceLine>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StripeCommand {
+    /// `customer.subscription.created` / `updated` / `deleted`, or tally's
+    /// own creation of a Stripe subscription.
+    Subscription { event: StripeEventRef, subscription: StripeSubscription },
+    /// `invoice.finalized` / `invoice.paid` / `invoice.payment_failed`.
+    Invoice { event: StripeEventRef, invoice: StripeInvoice, outcome: StripeInvoiceOutcome },
+    /// `checkout.session.completed`, paid, with `metadata.tally_purchase_credits`.
+    Purchase { event: StripeEventRef, session_id: String, credits: Credits, price: MinorUnits, currency: String },
+}
+
+impl StripeCommand {
+    pub fn event(&self) -> &StripeEventRef {
+        match self {
+            StripeCommand::Subscription { event, .. }
+            | StripeCommand::Invoice { event, .. }
+            | StripeCommand::Purchase { event, .. } => event,
+        }
+    }
+}
+
+/// Stripe's subscription status in tally's terms: spending stays allowed
+/// but overage is off for every state of doubt.
+pub fn status_from_stripe(status: &str) -> SubscriptionStatus {
+    match status {
+        "active" => SubscriptionStatus::Active,
+        "trialing" => SubscriptionStatus::Trialing,
+        "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
+        // past_due, unpaid, incomplete, paused and anything newer.
+        _ => SubscriptionStatus::PastDue,
+    }
+}
+
+pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog: &Catalog) -> Result<(), DomainError> {
+    let event = command.event();
+    validate::identifier("stripe_event_id", &event.event_id)?;
+    let fresh = draft.state.stripe_synced_at.is_none_or(|synced_at| event.created >= synced_at);
+    let stale = match command {
+        StripeCommand::Subscription { subscription, .. } => !fresh || ended_here(&draft.state, subscription),
+        _ => false,
+    };
+    // Rejections come before anything is emitted, so that they write nothing.
+    match command {
+        StripeCommand::Subscription { subscription, .. } if !stale => {
+            check_subscription(&draft.state, subscription, catalog)?
+        }
+        StripeCommand::Purchase { credits, currency, .. } => {
+            validate::range("tally_purchase_credits", credits.0, 1, COMMAND_CREDITS_MAX)?;
+            if !currency.eq_ignore_ascii_case(&draft.state.profile.currency) {
+                return Err(DomainError::invalid("currency", "the checkout's currency differs from the member's"));
+            }
+        }
+        StripeCommand::Invoice { invoice, .. } => check_invoice(&draft.state, invoice)?,
+        _ => {}
+    }
+
+    draft.emit_now(MemberEvent::StripeEventApplied {
+        stripe_event_id: event.event_id.clone(),
+        event_type: event.event_type.clone(),
+        created: event.created,
+        stale,
+    });
+    link_customer(draft, event)?;
+    if stale {
+        return Ok(());
+    }
+    match command {
+        StripeCommand::Subscription { subscription, .. } => apply_subscription(draft, subscription, catalog),
+        StripeCommand::Invoice { invoice, outcome, .. } => apply_invoice(draft, invoice, *outcome, fresh, catalog),
+        StripeCommand::Purchase { session_id, credits, price, .. } => {
+            let terms = GrantTerms {
+                source: GrantSource::Purchase,
+                category: GrantSource::Purchase.default_category(),
+                amount: *credits,
+                priority: GrantSource::Purchase.default_priority(),
+                expires_at: None,
+                reason: None,
+                price: Some(*price),
+            };
+            let grant_id = format!("g{}", draft.next_version());
+            draft.emit_now(MemberEvent::CreditsGranted {
+                grant_id,
+                terms,
+                transferred_from: Vec::new(),
+                usage_id: None,
+                schedule_id: None,
+                stripe_period_start: None,
+                stripe_checkout_session_id: Some(session_id.clone()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The member's subscription with this Stripe id, live or not.
+fn same_subscription<'a>(state: &'a MemberState, subscription_id: &str) -> Option<&'a Subscription> {
+    state.subscription.as_ref().filter(|current| current.stripe_subscription_id.as_deref() == Some(subscription_id))
+}
+
+/// A Stripe subscription that tally saw end never comes back.
+fn ended_here(state: &MemberState, subscription: &StripeSubscription) -> bool {
+    same_subscription(state, &subscription.subscription_id).is_some_and(|current| !current.is_live())
+}
+
+fn plan_for_price<'a>(catalog: &'a Catalog, price_id: &str) -> Result<&'a PlanTerms, DomainError> {
+    catalog.plan_by_stripe_price(price_id).map(|entry| &entry.terms).ok_or_else(|| {
+        DomainError::invalid("stripe_price_id", format!("no plan in the catalog has the Stripe price {price_id}"))
+    })
+}
+
+fn check_subscription(
+    state: &MemberState,
+    subscription: &StripeSubscription,
+    catalog: &Catalog,
+) -> Result<(), DomainError> {
+    validate::identifier("stripe_subscription_id", &subscription.subscription_id)?;
+    if subscription.period_end <= subscription.period_start {
+        return Err(DomainError::invalid("current_period_end", "the period ends before it starts"));
+    }
+    let terms = plan_for_price(catalog, &subscription.price_id)?;
+    let currency = &terms.plan.currency;
+    if !currency.eq_ignore_ascii_case(&state.profile.currency) {
+        return Err(DomainError::invalid("stripe_price_id", "the plan's currency differs from the member's"));
+    }
+    if let Some(current) = state.subscription.as_ref().filter(|current| current.is_live())
+        && current.stripe_subscription_id.as_deref() != Some(subscription.subscription_id.as_str())
+    {
+        return Err(DomainError::invalid(
+            "stripe_subscription_id",
+            "the member already has another live subscription; cancel it first",
+        ));
+    }
+    Ok(())
+}
+
+fn check_invoice(state: &MemberState, invoice: &StripeInvoice) -> Result<(), DomainError> {
+    validate::identifier("stripe_invoice_id", &invoice.invoice_id)?;
+    if !state.stripe_invoices.contains_key(&invoice.invoice_id)
+        && !invoice.currency.eq_ignore_ascii_case(&state.profile.currency)
+    {
+        return Err(DomainError::invalid("currency", "the invoice's currency differs from the member's"));
+    }
+    for line in &invoice.lines {
+        if let (Some(start), Some(end)) = (line.period_start, line.period_end)
+            && end < start
+        {
+            return Err(DomainError::invalid("lines.period", "a line's period ends before it starts"));
+        }
+    }
+    Ok(())
+}
+
+fn link_customer(draft: &mut Draft, event: &StripeEventRef) -> Result<(), DomainError> {
+    let Some(customer_id) = &event.customer_id else { return Ok(()) };
+    match &draft.state.profile.stripe_customer_id {
+        Some(linked) if linked == customer_id => Ok(()),
+        Some(_) => Err(DomainError::invalid("customer", "the member is linked to another Stripe customer")),
+        None => {
+            validate::identifier("stripe_customer_id", customer_id)?;
+            let profile = &draft.state.profile;
+            let changed = MemberEvent::MemberProfileChanged {
+                time_zone: profile.time_zone.clone(),
+                currency: profile.currency.clone(),
+                stripe_customer_id: Some(customer_id.clone()),
+            };
+            draft.emit_now(changed);
+            Ok(())
+        }
+    }
+}
+
+/// Move tally's subscription to Stripe's snapshot (checked before).
+fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog: &Catalog) {
+    let terms = plan_for_price(catalog, &snapshot.price_id).expect("checked").clone();
+    let status = if snapshot.deleted { SubscriptionStatus::Canceled } else { status_from_stripe(&snapshot.status) };
+    let Some(current) = same_subscription(&draft.state, &snapshot.subscription_id).cloned() else {
+        // New to tally (or its `created` event is still on its way): start it
+        // as Stripe has it. Stripe's first paid invoice brings the credits.
+        draft.emit_now(MemberEvent::SubscriptionStarted {
+            terms,
+            status,
+            billing: Billing::Stripe,
+            period_start: snapshot.period_start,
+            period_end: snapshot.period_end,
+            stripe_subscription_id: Some(snapshot.subscription_id.clone()),
+        });
+        if snapshot.cancel_at_period_end && status != SubscriptionStatus::Canceled {
+            draft.emit_now(MemberEvent::SubscriptionCancelScheduled { effective_at: snapshot.period_end });
+        }
+        return;
+    };
+
+    if status == SubscriptionStatus::Canceled {
+        cancel(draft, &current);
+        return;
+    }
+    if snapshot.period_start > current.period_start {
+        renew(draft, terms.clone(), snapshot.period_start, snapshot.period_end);
+    }
+    let current = draft.state.subscription.clone().expect("still there");
+    if terms.plan.plan_id != current.terms.plan.plan_id {
+        let period_seconds = (current.period_end - current.period_start).num_seconds();
+        let remaining_seconds = (current.period_end - draft.now).num_seconds().clamp(0, period_seconds);
+        draft.emit_now(MemberEvent::SubscriptionPlanChanged {
+            terms,
+            proration_credits: Credits::ZERO,
+            proration_amount: MinorUnits::ZERO,
+            remaining_seconds,
+            period_seconds,
+        });
+    }
+    match (current.cancel_at_period_end, snapshot.cancel_at_period_end) {
+        (false, true) => draft.emit_now(MemberEvent::SubscriptionCancelScheduled { effective_at: current.period_end }),
+        (true, false) => draft.emit_now(MemberEvent::SubscriptionCancelRevoked {}),
+        _ => {}
+    }
+    set_status(draft, status, None);
+}
+
+fn set_status(draft: &mut Draft, status: SubscriptionStatus, invoice_id: Option<String>) {
+    let Some(current) = draft.state.subscription.as_ref().filter(|current| current.is_live()) else { return };
+    match (current.status, status) {
+        (SubscriptionStatus::Active | SubscriptionStatus::Trialing, SubscriptionStatus::PastDue) => {
+            draft.emit_now(MemberEvent::SubscriptionPastDue { invoice_id })
+        }
+        (SubscriptionStatus::PastDue | SubscriptionStatus::Trialing, SubscriptionStatus::Active) => {
+            draft.emit_now(MemberEvent::SubscriptionReactivated {})
+        }
+        _ => {}
+    }
+}
+
+/// Stripe ended the subscription: close the period if tally's clock has not
+/// yet (allocation and rollover lapse), then cancel.
+fn cancel(draft: &mut Draft, current: &Subscription) {
+    let now = draft.now;
+    let immediately = !current.period_closed;
+    if immediately {
+        close_period_now(draft, current, None);
+    } else {
+        lapse_allocations(draft);
+    }
+    draft.emit_now(MemberEvent::SubscriptionCanceled { canceled_at: now, immediately });
+}
+
+/// Move to a later Stripe period, closing the one before if tally's clock
+/// has not closed it yet.
+fn renew(draft: &mut Draft, terms: PlanTerms, period_start: Timestamp, period_end: Timestamp) {
+    let current = draft.state.subscription.clone().expect("renewing a subscription");
+    if !current.period_closed {
+        close_period_now(draft, &current, Some(period_end));
+    }
+    draft.emit_now(MemberEvent::SubscriptionRenewed { terms, period_start, period_end });
+}
+
+fn apply_invoice(
+    draft: &mut Draft,
+    invoice: &StripeInvoice,
+    outcome: StripeInvoiceOutcome,
+    fresh: bool,
+    catalog: &Catalog,
+) {
+    let invoice_id = match draft.state.stripe_invoices.get(&invoice.invoice_id) {
+        Some(invoice_id) => invoice_id.clone(),
+        None => record_invoice(draft, invoice),
+    };
+    let status = draft.state.invoices.get(&invoice_id).map(|record| record.status);
+    let total = draft.state.invoices.get(&invoice_id).map_or(MinorUnits::ZERO, |record| record.total);
+    match outcome {
+        StripeInvoiceOutcome::Finalized => {}
+        StripeInvoiceOutcome::Paid => {
+            if matches!(status, Some(InvoiceStatus::Open | InvoiceStatus::Uncollectible)) {
+                draft.emit_now(MemberEvent::PaymentSucceeded { invoice_id: invoice_id.clone(), amount: total });
+            }
+            if fresh && of_live_subscription(&draft.state, invoice) {
+                set_status(draft, SubscriptionStatus::Active, None);
+            }
+            allocate(draft, invoice, catalog);
+        }
+        StripeInvoiceOutcome::PaymentFailed => {
+            if status == Some(InvoiceStatus::Open) {
+                draft.emit_now(MemberEvent::PaymentFailed { invoice_id: invoice_id.clone(), reason: None });
+                if fresh && of_live_subscription(&draft.state, invoice) {
+                    set_status(draft, SubscriptionStatus::PastDue, Some(invoice_id));
+                }
+            }
+        }
+    }
+}
+
+fn of_live_subscription(state: &MemberState, invoice: &StripeInvoice) -> bool {
+    invoice
+        .subscription_id
+        .as_deref()
+        .and_then(|subscription_id| same_subscription(state, subscription_id))
+        .is_some_and(Subscription::is_live)
+}
+
+/// Record Stripe's invoice of record. Lines follow Stripe's; what its total
+/// holds beyond them (discounts, taxes) is one adjustment line, so the lines
+/// always sum to the total.
+fn record_invoice(draft: &mut Draft, invoice: &StripeInvoice) -> String {
+    let invoice_id = next_invoice_id(&draft.state);
+    let mut lines: Vec<InvoiceLine> = invoice
+        .lines
+        .iter()
+        .map(|line| {
+            let kind = if line.proration {
+                InvoiceLineKind::Proration
+            } else if line.price_id.is_some() && line.period_start.is_some() {
+                InvoiceLineKind::Fee
+            } else {
+                InvoiceLineKind::Purchase
+            };
+            InvoiceLine {
+                kind,
+                description: line.description.clone().unwrap_or_else(|| "Stripe invoice line".to_owned()),
+                quantity: 1,
+                unit_amount: line.amount,
+                amount: line.amount,
+            }
+        })
+        .collect();
+    let lines_sum = MinorUnits(lines.iter().map(|line| line.amount.0).sum());
+    if lines_sum != invoice.total {
+        let rest = MinorUnits(invoice.total.0 - lines_sum.0);
+        lines.push(InvoiceLine {
+            kind: InvoiceLineKind::Adjustment,
+            description: "Discounts, taxes and credit applied by Stripe".to_owned(),
+            quantity: 1,
+            unit_amount: rest,
+            amount: rest,
+        });
+    }
+    let (period_start, period_end) = match subscription_line(invoice) {
+        Some(line) => (line.period_start, line.period_end),
+        None => (None, None),
+    };
+    draft.emit_now(MemberEvent::InvoiceIssued {
+        invoice_id: invoice_id.clone(),
+        period_start,
+        period_end,
+        currency: draft.state.profile.currency.clone(),
+        lines,
+        total: invoice.total,
+        debt_cleared: Credits::ZERO,
+        stripe_invoice_id: Some(invoice.invoice_id.clone()),
+    });
+    invoice_id
+}
+
+/// The line that bills the subscription's period: priced, with a period, not
+/// a proration.
+fn subscription_line(invoice: &StripeInvoice) -> Option<&StripeInvoiceLine> {
+    invoice.lines.iter().find(|line| !line.proration && line.price_id.is_some() && line.period_start.is_some())
+}
+
+/// A paid subscription invoice (create or cycle) brings its period's monthly
+/// allocation, once per period start, in the amount of the plan priced on it;
+/// a period that already ended gets none. A later period than the
+/// subscription's own renews it first.
+fn allocate(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) {
+    let by_subscription =
+        matches!(invoice.billing_reason.as_deref(), Some("subscription_create" | "subscription_cycle"));
+    if !by_subscription {
+        return;
+    }
+    let Some(line) = subscription_line(invoice) else { return };
+    let (Some(price_id), Some(period_start), Some(period_end)) = (&line.price_id, line.period_start, line.period_end)
+    else {
+        return;
+    };
+    let Some(entry) = catalog.plan_by_stripe_price(price_id) else { return };
+    if draft.state.stripe_allocations.contains(&period_start) || period_end <= draft.now {
+        return;
+    }
+    let terms = entry.terms.clone();
+    let monthly_credits = terms.plan.monthly_credits;
+    if let Some(current) = invoice.subscription_id.as_deref().and_then(|id| same_subscription(&draft.state, id))
+        && current.is_live()
+        && period_start > current.period_start
+    {
+        renew(draft, terms, period_start, period_end);
+    }
+    if monthly_credits.is_positive() {
+        let grant_id = format!("g{}", draft.next_version());
+        draft.emit_now(MemberEvent::CreditsGranted {
+            grant_id,
+            terms: GrantTerms {
+                source: GrantSource::MonthlyAllocation,
+                category: GrantSource::MonthlyAllocation.default_category(),
+                amount: monthly_credits,
+                priority: GrantSource::MonthlyAllocation.default_priority(),
+                expires_at: Some(period_end),
+                reason: None,
+                price: None,
+            },
+            transferred_from: Vec::new(),
+            usage_id: None,
+            schedule_id: None,
+            stripe_period_start: Some(period_start),
+            stripe_checkout_session_id: None,
+        });
+    }
+}
