@@ -1,0 +1,221 @@
+//! From a parsed Stripe event to what the ledger should do with it
+//! (DESIGN.md §8): a member command, or an acknowledgement that it is
+//! ignored, or an event that is genuine but lacks a fact tally needs.
+//!
+//! Finding the member (through the customer id, else
+//! `metadata.tally_member_id`) needs the store, so it is the caller's.
+
+use crate::event::{CheckoutFacts, EventObject, InvoiceFacts, ParsedEvent, SubscriptionFacts};
+use chrono::{DateTime, Utc};
+use tally_ledger::domain::{
+    Credits, MinorUnits, StripeCommand, StripeEventRef, StripeInvoice, StripeInvoiceLine, StripeInvoiceOutcome,
+    StripeSubscription,
+};
+
+/// The metadata key that names the tally member of a Stripe object.
+pub const MEMBER_METADATA_KEY: &str = "tally_member_id";
+/// The checkout metadata key that makes a session a credit purchase.
+pub const PURCHASE_METADATA_KEY: &str = "tally_purchase_credits";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mapped {
+    /// A command for the member linked to `customer_id`, or named by
+    /// `member_hint` (`metadata.tally_member_id`).
+    Command { customer_id: Option<String>, member_hint: Option<String>, command: StripeCommand },
+    /// Acknowledged and recorded as ignored, with why.
+    Ignored { reason: String },
+    /// Genuine, of a type tally maps, but without a fact tally needs: kept
+    /// verbatim for an operator.
+    Unprocessed { reason: String },
+}
+
+fn ignored(reason: impl Into<String>) -> Mapped {
+    Mapped::Ignored { reason: reason.into() }
+}
+
+fn unprocessed(reason: impl Into<String>) -> Mapped {
+    Mapped::Unprocessed { reason: reason.into() }
+}
+
+fn instant(seconds: i64, field: &str) -> Result<DateTime<Utc>, Mapped> {
+    DateTime::from_timestamp(seconds, 0).ok_or_else(|| unprocessed(format!("{field} is not a valid instant")))
+}
+
+pub fn map(event: &ParsedEvent) -> Mapped {
+    let result = match &event.object {
+        EventObject::Subscription(subscription) => map_subscription(event, subscription),
+        EventObject::Invoice(invoice) => map_invoice(event, invoice),
+        EventObject::CheckoutSession(session) => map_checkout(event, session),
+        EventObject::Other => Err(ignored(format!("event type {} is not handled", event.event_type))),
+    };
+    result.unwrap_or_else(|mapped| mapped)
+}
+
+fn event_ref(event: &ParsedEvent, customer_id: Option<&String>) -> Result<StripeEventRef, Mapped> {
+    Ok(StripeEventRef {
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        created: instant(event.created, "created")?,
+        customer_id: customer_id.cloned(),
+    })
+}
+
+fn map_subscription(event: &ParsedEvent, facts: &SubscriptionFacts) -> Result<Mapped, Mapped> {
+    let deleted = match event.event_type.as_str() {
+        "customer.subscription.created" | "customer.subscription.updated" => false,
+        "customer.subscription.deleted" => true,
+        other => return Err(ignored(format!("event type {other} is not handled"))),
+    };
+    let price_id = facts.price_ids.first().ok_or_else(|| unprocessed("the subscription has no priced item"))?;
+    let (Some(start), Some(end)) = (facts.current_period_start, facts.current_period_end) else {
+        return Err(unprocessed("the subscription has no current period"));
+    };
+    let subscription = StripeSubscription {
+        subscription_id: facts.id.clone(),
+        status: facts.status.clone(),
+        price_id: price_id.clone(),
+        period_start: instant(start, "current_period_start")?,
+        period_end: instant(end, "current_period_end")?,
+        cancel_at_period_end: facts.cancel_at_period_end,
+        deleted,
+    };
+    Ok(Mapped::Command {
+        customer_id: Some(facts.customer.clone()),
+        member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
+        command: StripeCommand::Subscription { event: event_ref(event, Some(&facts.customer))?, subscription },
+    })
+}
+
+fn map_invoice(event: &ParsedEvent, facts: &InvoiceFacts) -> Result<Mapped, Mapped> {
+    let outcome = match event.event_type.as_str() {
+        "invoice.finalized" => StripeInvoiceOutcome::Finalized,
+        "invoice.paid" => StripeInvoiceOutcome::Paid,
+        "invoice.payment_failed" => StripeInvoiceOutcome::PaymentFailed,
+        other => return Err(ignored(format!("event type {other} is not handled"))),
+    };
+    let lines = facts
+        .lines
+        .iter()
+        .map(|line| {
+            Ok(StripeInvoiceLine {
+                amount: MinorUnits(line.amount),
+                description: line.description.clone(),
+                price_id: line.price_id.clone(),
+                period_start: line.period_start.map(|at| instant(at, "lines.period.start")).transpose()?,
+                period_end: line.period_end.map(|at| instant(at, "lines.period.end")).transpose()?,
+                proration: line.proration,
+            })
+        })
+        .collect::<Result<Vec<_>, Mapped>>()?;
+    let invoice = StripeInvoice {
+        invoice_id: facts.id.clone(),
+        subscription_id: facts.subscription.clone(),
+        billing_reason: facts.billing_reason.clone(),
+        currency: facts.currency.clone(),
+        total: MinorUnits(facts.total),
+        lines,
+    };
+    Ok(Mapped::Command {
+        customer_id: facts.customer.clone(),
+        member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
+        command: StripeCommand::Invoice { event: event_ref(event, facts.customer.as_ref())?, invoice, outcome },
+    })
+}
+
+fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Mapped> {
+    if event.event_type != "checkout.session.completed" {
+        return Err(ignored(format!("event type {} is not handled", event.event_type)));
+    }
+    let Some(credits) = facts.metadata.get(PURCHASE_METADATA_KEY) else {
+        return Err(ignored(format!("the session has no metadata.{PURCHASE_METADATA_KEY}: not a credit purchase")));
+    };
+    if facts.payment_status != "paid" {
+        return Err(ignored(format!("the session's payment_status is {}, not paid", facts.payment_status)));
+    }
+    let credits = credits.parse::<i64>().ok().filter(|credits| *credits > 0).ok_or_else(|| {
+        unprocessed(format!("metadata.{PURCHASE_METADATA_KEY} is not a positive integer: {credits:?}"))
+    })?;
+    let currency = facts.currency.clone().ok_or_else(|| unprocessed("the paid session has no currency"))?;
+    Ok(Mapped::Command {
+        customer_id: facts.customer.clone(),
+        member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
+        command: StripeCommand::Purchase {
+            event: event_ref(event, facts.customer.as_ref())?,
+            session_id: facts.id.clone(),
+            credits: Credits(credits),
+            price: MinorUnits(facts.amount_total.unwrap_or(0)),
+            currency,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse;
+
+    fn fixture(path: &str) -> Vec<u8> {
+        let full = format!("{}/../../fixtures/stripe/events/{path}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&full).unwrap_or_else(|error| panic!("{full}: {error}"))
+    }
+
+    fn mapped(path: &str) -> Mapped {
+        map(&parse(&fixture(path)).unwrap())
+    }
+
+    #[test]
+    fn composed_subscription_events_become_snapshots() {
+        let Mapped::Command { customer_id, command: StripeCommand::Subscription { event, subscription }, .. } =
+            mapped("composed/customer.subscription.deleted.json")
+        else {
+            panic!("not a subscription command")
+        };
+        assert_eq!(event.event_id, "evt_fixture_customer_subscription_deleted");
+        assert_eq!(customer_id, event.customer_id);
+        assert!(subscription.deleted);
+        assert_eq!(subscription.subscription_id, "sub_1Pgc6rB7WZ01zgkWNy0Cn5nw");
+    }
+
+    #[test]
+    fn genuine_pre_basil_events_map_through_the_fallback() {
+        let Mapped::Command { command: StripeCommand::Subscription { subscription, .. }, .. } =
+            mapped("genuine/supabase-stripe-sync-engine/subscription_created.json")
+        else {
+            panic!("not a subscription command")
+        };
+        assert!(subscription.period_start < subscription.period_end);
+        assert!(matches!(
+            mapped("genuine/supabase-stripe-sync-engine/invoice_paid.json"),
+            Mapped::Command { command: StripeCommand::Invoice { outcome: StripeInvoiceOutcome::Paid, .. }, .. }
+        ));
+        // invoice.updated is not one tally maps.
+        assert!(matches!(mapped("genuine/supabase-stripe-sync-engine/invoice_updated.json"), Mapped::Ignored { .. }));
+    }
+
+    #[test]
+    fn checkouts_without_tally_metadata_or_payment_are_ignored() {
+        // Stripe's own fixture: unpaid, no tally metadata.
+        assert!(matches!(mapped("composed/checkout.session.completed.json"), Mapped::Ignored { .. }));
+        assert!(matches!(mapped("genuine/stripe-dotnet/customer_updated.json"), Mapped::Ignored { .. }));
+    }
+
+    #[test]
+    fn a_paid_checkout_with_credits_is_a_purchase_and_a_bad_count_is_unprocessed() {
+        let body = |credits: &str| {
+            format!(
+                r#"{{"id":"evt_c","object":"event","type":"checkout.session.completed","created":1767225600,"livemode":false,
+                "data":{{"object":{{"id":"cs_1","object":"checkout.session","customer":"cus_1","mode":"payment","payment_status":"paid",
+                "amount_total":999,"currency":"usd","metadata":{{"tally_purchase_credits":"{credits}"}}}}}}}}"#
+            )
+        };
+        let parsed = parse(body("500").as_bytes()).unwrap();
+        let Mapped::Command { command: StripeCommand::Purchase { credits, price, currency, .. }, .. } = map(&parsed)
+        else {
+            panic!("not a purchase: {:?}", map(&parsed))
+        };
+        assert_eq!((credits, price, currency.as_str()), (Credits(500), MinorUnits(999), "usd"));
+        for bad in ["0", "-3", "lots", "1.5"] {
+            assert!(matches!(map(&parse(body(bad).as_bytes()).unwrap()), Mapped::Unprocessed { .. }), "{bad}");
+        }
+    }
+}
