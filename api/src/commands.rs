@@ -15,7 +15,7 @@ use tally_ledger::{LedgerError, Request};
 /// Longest accepted `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 
-fn idempotency(
+pub(crate) fn idempotency(
     request: &HttpRequest,
     principal: &Principal,
     member_id: &str,
@@ -62,7 +62,7 @@ pub(crate) fn balance_view(balance: &tally_ledger::service::BalanceView) -> Bala
 
 /// The response to a command. A replay answers with the status and body of
 /// the original.
-fn render(member_id: Option<String>, executed: Executed, status: u16) -> HttpResponse {
+pub(crate) fn render(member_id: Option<String>, executed: Executed, status: u16) -> HttpResponse {
     let Executed { outcome, replayed, status: replayed_status } = executed;
     let status = if replayed { replayed_status } else { status };
     let CommandOutcome { position, events, balance, .. } = outcome;
@@ -100,9 +100,9 @@ fn render(member_id: Option<String>, executed: Executed, status: u16) -> HttpRes
 }
 
 /// What a write route needs to say about itself.
-struct Route {
-    name: &'static str,
-    status: u16,
+pub(crate) struct Route {
+    pub(crate) name: &'static str,
+    pub(crate) status: u16,
     /// Routes that move credits or money refuse a request without a key.
     idempotency_required: bool,
     /// Whether a member key may call it on its own member (usage, check,
@@ -110,7 +110,7 @@ struct Route {
     member_key_allowed: bool,
 }
 
-async fn execute_member(
+pub(crate) async fn execute_member(
     state: &AppState,
     request: &HttpRequest,
     bytes: &[u8],
@@ -156,7 +156,7 @@ fn priority(priority: Option<i64>) -> Result<Option<u8>, ApiError> {
         .transpose()
 }
 
-fn member_path(path: &str) -> Result<String, ApiError> {
+pub(crate) fn member_path(path: &str) -> Result<String, ApiError> {
     validate::identifier("member", path).map_err(|error| ApiError::validation("member", error.to_string()))?;
     Ok(path.to_owned())
 }
@@ -299,10 +299,10 @@ fn settle_command(body: SettleBody, reservation_id: &str) -> Result<MemberComman
     Ok(MemberCommand::Settle { reservation_id: reservation_id.to_owned(), amount: Credits(body.amount), query })
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/subscription", tag = "members", request_body = PlanChoiceBody,
+#[utoipa::path(post, path = "/v1/members/{member}/subscription", tag = "members", request_body = StartSubscriptionBody,
     params(("member" = String, Path)),
     responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
+        (status = 422, body = Problem), (status = 502, description = "payment_provider_error", body = Problem)),
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/subscription")]
 pub async fn start_subscription(
@@ -312,7 +312,13 @@ pub async fn start_subscription(
 ) -> Result<HttpResponse, ApiError> {
     let route =
         Route { name: "subscription.start", status: 201, idempotency_required: true, member_key_allowed: false };
-    member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
+    let body: StartSubscriptionBody = body::parse(&bytes)?;
+    match body.billing.as_deref() {
+        None | Some("tally") => {}
+        Some("stripe") => return crate::stripe::start_with_stripe(&state, &request, &bytes, body.plan_id, route).await,
+        Some(_) => return Err(ApiError::validation("billing", "must be tally or stripe")),
+    }
+    member_post(state, request, bytes, route, |body: StartSubscriptionBody, _ids: &[String]| {
         Ok(MemberCommand::StartSubscription {
             plan_id: body.plan_id,
             billing: Billing::Tally,

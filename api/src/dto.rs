@@ -76,6 +76,16 @@ pub struct PlanChoiceBody {
     pub plan_id: String,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartSubscriptionBody {
+    pub plan_id: String,
+    /// `tally` (the default: tally bills) or `stripe` (tally creates the
+    /// Stripe customer and subscription; Stripe bills).
+    #[serde(default)]
+    pub billing: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {

@@ -31,6 +31,17 @@ pub struct Problem {
     /// Seconds to wait, for `rate_limited`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_s: Option<u64>,
+    /// Why a Stripe signature was refused (`invalid_signature`):
+    /// `missing_header`, `malformed_header`, `no_v1_signature`,
+    /// `timestamp_outside_tolerance` or `signature_mismatch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Stripe's own error code, for `payment_provider_error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_code: Option<String>,
+    /// Stripe's HTTP status, for `payment_provider_error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_status: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +72,22 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 400: a Stripe webhook whose signature does not verify; writes nothing.
+    #[error("the Stripe signature was refused: {detail}")]
+    InvalidSignature { reason: &'static str, detail: String },
+    /// 404: the webhook endpoint is not enabled (no secret is set).
+    #[error("{0}")]
+    StripeNotConfigured(String),
+    /// 502: Stripe refused an outbound call or could not be reached; the
+    /// ledger was left unchanged.
+    #[error("Stripe: {message}")]
+    PaymentProvider { status: Option<u16>, code: String, message: String },
+}
+
+impl From<tally_stripe::OutboundError> for ApiError {
+    fn from(error: tally_stripe::OutboundError) -> ApiError {
+        ApiError::PaymentProvider { status: error.status, code: error.code, message: error.message }
+    }
 }
 
 impl ApiError {
@@ -81,6 +108,9 @@ impl ApiError {
             ApiError::ProjectionLagging(_) => "projection_lagging",
             ApiError::Internal(_) => "internal_error",
             ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::InvalidSignature { .. } => "invalid_signature",
+            ApiError::StripeNotConfigured(_) => "stripe_not_configured",
+            ApiError::PaymentProvider { .. } => "payment_provider_error",
             ApiError::Ledger(error) => ledger_code(error),
         }
     }
@@ -97,10 +127,18 @@ impl ApiError {
             requested: None,
             available: None,
             retry_after_s: None,
+            reason: None,
+            provider_code: None,
+            provider_status: None,
         };
         match self {
             ApiError::Validation { field, .. } => problem.field = Some(field.clone()),
             ApiError::RateLimited { retry_after_s } => problem.retry_after_s = Some(*retry_after_s),
+            ApiError::InvalidSignature { reason, .. } => problem.reason = Some((*reason).to_owned()),
+            ApiError::PaymentProvider { status, code, .. } => {
+                problem.provider_code = Some(code.clone());
+                problem.provider_status = *status;
+            }
             ApiError::Ledger(LedgerError::Rejected(rejection)) => {
                 problem.field = rejection.field().map(str::to_owned);
                 if let DomainError::InsufficientCredits { requested, available } = rejection {
@@ -159,6 +197,9 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ProjectionLagging(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::InvalidSignature { .. } => StatusCode::BAD_REQUEST,
+            ApiError::StripeNotConfigured(_) => StatusCode::NOT_FOUND,
+            ApiError::PaymentProvider { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Ledger(error) => ledger_status(error),
         }
     }

@@ -27,6 +27,7 @@ pub mod openapi;
 pub mod ops;
 pub mod ratelimit;
 pub mod reads;
+pub mod stripe;
 
 use actix_web::web::{self, Data};
 use actix_web::{HttpRequest, HttpResponse};
@@ -53,6 +54,7 @@ pub struct AppState {
     pub test_clock: Option<Arc<ManualClock>>,
     pub metrics: metrics::Metrics,
     pub rate_limits: ratelimit::RateLimits,
+    pub stripe: stripe::StripeSettings,
     rates: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
@@ -70,6 +72,7 @@ impl AppState {
             test_clock,
             metrics: metrics::Metrics::new(),
             rate_limits: ratelimit::RateLimits::default(),
+            stripe: stripe::StripeSettings::new(),
             rates: Mutex::new(HashMap::new()),
         }
     }
@@ -150,7 +153,12 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::healthz)
         .service(admin::readyz)
         .service(admin::metrics)
-        .service(admin::openapi_json);
+        .service(admin::openapi_json)
+        .service(
+            web::resource("/v1/webhooks/stripe")
+                .app_data(web::PayloadConfig::new(stripe::WEBHOOK_BODY_BYTES_MAX))
+                .route(web::post().to(stripe::webhook)),
+        );
 }
 
 /// The answer to a request no route matches, in the same problem format:

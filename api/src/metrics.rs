@@ -9,6 +9,7 @@ pub struct Metrics {
     latency: HistogramVec,
     commands: IntCounterVec,
     appended_events: IntCounterVec,
+    stripe_webhooks: IntCounterVec,
     pub projection_lag_events: IntGauge,
 }
 
@@ -34,6 +35,14 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
+        let stripe_webhooks = IntCounterVec::new(
+            Opts::new(
+                "tally_stripe_webhooks_total",
+                "Stripe webhooks by outcome: applied, ignored, unprocessed (kept for an operator), refused, invalid_signature",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let projection_lag_events =
             IntGauge::new("tally_projection_lag_events", "Events the slowest projection is behind the log head")
                 .expect("valid metric");
@@ -42,11 +51,12 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(commands.clone()),
             Box::new(appended_events.clone()),
+            Box::new(stripe_webhooks.clone()),
             Box::new(projection_lag_events.clone()),
         ] {
             registry.register(collector).expect("metric registered once");
         }
-        Metrics { registry, requests, latency, commands, appended_events, projection_lag_events }
+        Metrics { registry, requests, latency, commands, appended_events, stripe_webhooks, projection_lag_events }
     }
 
     pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
@@ -57,6 +67,10 @@ impl Metrics {
     pub fn command(&self, route: &str, events: usize) {
         self.commands.with_label_values(&[route]).inc();
         self.appended_events.with_label_values(&[route]).inc_by(events as u64);
+    }
+
+    pub fn stripe_webhook(&self, outcome: &str) {
+        self.stripe_webhooks.with_label_values(&[outcome]).inc();
     }
 
     /// The registry's metrics, then the writer's group-commit counters.

@@ -53,6 +53,7 @@ impl Modify for BearerAuth {
         crate::admin::healthz,
         crate::admin::readyz,
         crate::admin::metrics,
+        crate::stripe::webhook,
     ),
     modifiers(&BearerAuth)
 )]

@@ -4,4 +4,6 @@
 mod api;
 mod cli;
 mod crash;
+mod fake_stripe;
+mod stripe;
 mod support;

@@ -50,6 +50,11 @@ impl Server {
     }
 
     pub fn start_in(data_dir: TempDir, extra: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra, &[])
+    }
+
+    /// With extra environment variables (Stripe settings, say).
+    pub fn start_with_env(data_dir: TempDir, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(tally_binary())
             .arg("--data-dir")
             .arg(data_dir.path())
@@ -57,6 +62,7 @@ impl Server {
             .args(extra)
             .env("TALLY_ADMIN_KEY", ADMIN_KEY)
             .env("TALLY_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

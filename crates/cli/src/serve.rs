@@ -81,7 +81,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         // Printed once, to the terminal only: it is stored hashed.
         println!("admin key (shown once, store it now): {key}");
     }
-    let state = web::Data::new(AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone()));
+    let mut app_state = AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone());
+    app_state.stripe = stripe_settings()?;
+    let state = web::Data::new(app_state);
 
     let stop_scheduler = Arc::new(AtomicBool::new(false));
     let scheduler = (test_clock.is_none()).then(|| {
@@ -132,4 +134,32 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     runner.stop();
     drop(ledger);
     Ok(())
+}
+
+/// Stripe settings from the environment: the webhook secret and tolerance,
+/// and the API key and base URL for outbound calls.
+fn stripe_settings() -> anyhow::Result<tally_api::stripe::StripeSettings> {
+    let var = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+    let mut settings = tally_api::stripe::StripeSettings::new();
+    settings.webhook_secret = var("TALLY_STRIPE_WEBHOOK_SECRET");
+    if let Some(tolerance) = var("TALLY_STRIPE_WEBHOOK_TOLERANCE_S") {
+        settings.tolerance_s = tolerance
+            .parse::<i64>()
+            .ok()
+            .filter(|seconds| (1..=86_400).contains(seconds))
+            .ok_or_else(|| anyhow::anyhow!("TALLY_STRIPE_WEBHOOK_TOLERANCE_S must be 1 to 86400 seconds"))?;
+    }
+    if let Some(key) = var("TALLY_STRIPE_SECRET_KEY") {
+        let base = var("TALLY_STRIPE_API_BASE");
+        let api = tally_stripe::StripeApi::new(&key, base.as_deref())
+            .map_err(|error| anyhow::anyhow!("cannot set up the Stripe client: {error}"))?;
+        settings.api = Some(Arc::new(api));
+    }
+    match &settings.webhook_secret {
+        Some(_) => {
+            tracing::info!(tolerance_s = settings.tolerance_s, "Stripe webhooks enabled at POST /v1/webhooks/stripe")
+        }
+        None => tracing::info!("Stripe webhooks disabled (TALLY_STRIPE_WEBHOOK_SECRET is not set)"),
+    }
+    Ok(settings)
 }

@@ -24,6 +24,6 @@ pub use event::{
     CheckoutFacts, EventObject, InvoiceFacts, InvoiceLineFacts, ParseError, ParsedBy, ParsedEvent, SubscriptionFacts,
     parse,
 };
-pub use signature::{DEFAULT_TOLERANCE_S, SignatureError, SignatureHeader, parse_header, sign, verify};
 pub use mapping::{Mapped, map};
 pub use outbound::{OutboundError, StripeApi};
+pub use signature::{DEFAULT_TOLERANCE_S, SignatureError, SignatureHeader, parse_header, sign, verify};

@@ -21,7 +21,7 @@ pub const PURCHASE_METADATA_KEY: &str = "tally_purchase_credits";
 pub enum Mapped {
     /// A command for the member linked to `customer_id`, or named by
     /// `member_hint` (`metadata.tally_member_id`).
-    Command { customer_id: Option<String>, member_hint: Option<String>, command: StripeCommand },
+    Command { customer_id: Option<String>, member_hint: Option<String>, command: Box<StripeCommand> },
     /// Acknowledged and recorded as ignored, with why.
     Ignored { reason: String },
     /// Genuine, of a type tally maps, but without a fact tally needs: kept
@@ -66,11 +66,24 @@ fn map_subscription(event: &ParsedEvent, facts: &SubscriptionFacts) -> Result<Ma
         "customer.subscription.deleted" => true,
         other => return Err(ignored(format!("event type {other} is not handled"))),
     };
+    let subscription = subscription_snapshot(facts, deleted)?;
+    Ok(Mapped::Command {
+        customer_id: Some(facts.customer.clone()),
+        member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
+        command: Box::new(StripeCommand::Subscription {
+            event: event_ref(event, Some(&facts.customer))?,
+            subscription,
+        }),
+    })
+}
+
+/// Stripe's subscription as a ledger snapshot; `Err` is [`Mapped::Unprocessed`].
+pub fn subscription_snapshot(facts: &SubscriptionFacts, deleted: bool) -> Result<StripeSubscription, Mapped> {
     let price_id = facts.price_ids.first().ok_or_else(|| unprocessed("the subscription has no priced item"))?;
     let (Some(start), Some(end)) = (facts.current_period_start, facts.current_period_end) else {
         return Err(unprocessed("the subscription has no current period"));
     };
-    let subscription = StripeSubscription {
+    Ok(StripeSubscription {
         subscription_id: facts.id.clone(),
         status: facts.status.clone(),
         price_id: price_id.clone(),
@@ -78,11 +91,6 @@ fn map_subscription(event: &ParsedEvent, facts: &SubscriptionFacts) -> Result<Ma
         period_end: instant(end, "current_period_end")?,
         cancel_at_period_end: facts.cancel_at_period_end,
         deleted,
-    };
-    Ok(Mapped::Command {
-        customer_id: Some(facts.customer.clone()),
-        member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
-        command: StripeCommand::Subscription { event: event_ref(event, Some(&facts.customer))?, subscription },
     })
 }
 
@@ -118,7 +126,11 @@ fn map_invoice(event: &ParsedEvent, facts: &InvoiceFacts) -> Result<Mapped, Mapp
     Ok(Mapped::Command {
         customer_id: facts.customer.clone(),
         member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
-        command: StripeCommand::Invoice { event: event_ref(event, facts.customer.as_ref())?, invoice, outcome },
+        command: Box::new(StripeCommand::Invoice {
+            event: event_ref(event, facts.customer.as_ref())?,
+            invoice,
+            outcome,
+        }),
     })
 }
 
@@ -139,13 +151,13 @@ fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Ma
     Ok(Mapped::Command {
         customer_id: facts.customer.clone(),
         member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
-        command: StripeCommand::Purchase {
+        command: Box::new(StripeCommand::Purchase {
             event: event_ref(event, facts.customer.as_ref())?,
             session_id: facts.id.clone(),
             credits: Credits(credits),
             price: MinorUnits(facts.amount_total.unwrap_or(0)),
             currency,
-        },
+        }),
     })
 }
 
@@ -165,11 +177,10 @@ mod tests {
 
     #[test]
     fn composed_subscription_events_become_snapshots() {
-        let Mapped::Command { customer_id, command: StripeCommand::Subscription { event, subscription }, .. } =
-            mapped("composed/customer.subscription.deleted.json")
-        else {
-            panic!("not a subscription command")
+        let Mapped::Command { customer_id, command, .. } = mapped("composed/customer.subscription.deleted.json") else {
+            panic!("not a command")
         };
+        let StripeCommand::Subscription { event, subscription } = *command else { panic!("not a subscription") };
         assert_eq!(event.event_id, "evt_fixture_customer_subscription_deleted");
         assert_eq!(customer_id, event.customer_id);
         assert!(subscription.deleted);
@@ -178,16 +189,16 @@ mod tests {
 
     #[test]
     fn genuine_pre_basil_events_map_through_the_fallback() {
-        let Mapped::Command { command: StripeCommand::Subscription { subscription, .. }, .. } =
-            mapped("genuine/supabase-stripe-sync-engine/subscription_created.json")
+        let Mapped::Command { command, .. } = mapped("genuine/supabase-stripe-sync-engine/subscription_created.json")
         else {
-            panic!("not a subscription command")
+            panic!("not a command")
         };
+        let StripeCommand::Subscription { subscription, .. } = *command else { panic!("not a subscription") };
         assert!(subscription.period_start < subscription.period_end);
-        assert!(matches!(
-            mapped("genuine/supabase-stripe-sync-engine/invoice_paid.json"),
-            Mapped::Command { command: StripeCommand::Invoice { outcome: StripeInvoiceOutcome::Paid, .. }, .. }
-        ));
+        let Mapped::Command { command, .. } = mapped("genuine/supabase-stripe-sync-engine/invoice_paid.json") else {
+            panic!("not a command")
+        };
+        assert!(matches!(*command, StripeCommand::Invoice { outcome: StripeInvoiceOutcome::Paid, .. }));
         // invoice.updated is not one tally maps.
         assert!(matches!(mapped("genuine/supabase-stripe-sync-engine/invoice_updated.json"), Mapped::Ignored { .. }));
     }
@@ -209,10 +220,8 @@ mod tests {
             )
         };
         let parsed = parse(body("500").as_bytes()).unwrap();
-        let Mapped::Command { command: StripeCommand::Purchase { credits, price, currency, .. }, .. } = map(&parsed)
-        else {
-            panic!("not a purchase: {:?}", map(&parsed))
-        };
+        let Mapped::Command { command, .. } = map(&parsed) else { panic!("not a command: {:?}", map(&parsed)) };
+        let StripeCommand::Purchase { credits, price, currency, .. } = *command else { panic!("not a purchase") };
         assert_eq!((credits, price, currency.as_str()), (Credits(500), MinorUnits(999), "usd"));
         for bad in ["0", "-3", "lots", "1.5"] {
             assert!(matches!(map(&parse(body(bad).as_bytes()).unwrap()), Mapped::Unprocessed { .. }), "{bad}");

@@ -26,11 +26,7 @@ impl From<StripeError> for OutboundError {
         match error {
             StripeError::Stripe(errors, status) => OutboundError {
                 status: Some(status),
-                code: errors
-                    .code
-                    .as_ref()
-                    .map(|code| code.to_string())
-                    .unwrap_or_else(|| errors.type_.to_string()),
+                code: errors.code.as_ref().map(|code| code.to_string()).unwrap_or_else(|| errors.type_.to_string()),
                 message: errors.message.clone().unwrap_or_else(|| "Stripe refused the request".to_owned()),
             },
             other => OutboundError { status: None, code: "unreachable".to_owned(), message: other.to_string() },

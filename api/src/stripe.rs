@@ -1,0 +1,305 @@
+//! Stripe at the HTTP edge (DESIGN.md §8): `POST /v1/webhooks/stripe`, and
+//! starting a Stripe-billed subscription through Stripe's API.
+//!
+//! A webhook is verified on its raw bytes first (any `v1`, constant time,
+//! tolerance), then parsed, mapped and executed as a member command with
+//! Stripe's event id as the idempotency key: a redelivery is answered from
+//! the idempotency record and changes nothing. A genuine event tally does
+//! not act on is acknowledged (200) and recorded on the `stripe-intake`
+//! stream, never answered with a 5xx that Stripe would retry for days. An
+//! event the ledger refuses (a price no plan has, say) gets a 4xx problem:
+//! Stripe retries it, and a retry after the catalog is fixed succeeds.
+
+use crate::commands::{Route, execute_member, member_path};
+use crate::error::ApiError;
+use crate::{AppState, State, authenticate};
+use actix_web::web::Bytes;
+use actix_web::{HttpRequest, HttpResponse};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tally_ledger::LedgerError;
+use tally_ledger::domain::{DomainError, IntakeEvent, MemberCommand, StripeCommand, StripeEventRef, validate};
+use tally_ledger::service::{Idempotency, Request};
+use tally_stripe::{Mapped, StripeApi};
+
+/// Webhook bodies are larger than API bodies: an invoice with many lines.
+pub const WEBHOOK_BODY_BYTES_MAX: usize = 512 * 1024;
+/// Every webhook's idempotency records live under this scope.
+const WEBHOOK_SCOPE: &str = "stripe/webhook";
+
+/// Stripe settings, from the environment of `tally serve`.
+#[derive(Clone, Default)]
+pub struct StripeSettings {
+    /// `TALLY_STRIPE_WEBHOOK_SECRET` (`whsec_…`); without it the webhook
+    /// route answers 404 `stripe_not_configured`.
+    pub webhook_secret: Option<String>,
+    /// `TALLY_STRIPE_WEBHOOK_TOLERANCE_S`, default 300.
+    pub tolerance_s: i64,
+    /// From `TALLY_STRIPE_SECRET_KEY` and `TALLY_STRIPE_API_BASE`.
+    pub api: Option<Arc<StripeApi>>,
+}
+
+impl StripeSettings {
+    pub fn new() -> StripeSettings {
+        StripeSettings { tolerance_s: tally_stripe::DEFAULT_TOLERANCE_S, ..StripeSettings::default() }
+    }
+}
+
+fn wall_clock_now() -> i64 {
+    // Signatures are about real time (replay protection), whatever the
+    // ledger's clock says (`--test-clock`).
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+#[utoipa::path(post, path = "/v1/webhooks/stripe", tag = "stripe",
+    request_body(content = Object, description = "A Stripe event, signed in the Stripe-Signature header"),
+    params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<hex>[,v1=<hex>…]")),
+    responses(
+        (status = 200, description = "applied, ignored or unprocessed (kept for an operator)", body = Object),
+        (status = 400, description = "invalid_signature, with a reason", body = crate::error::Problem),
+        (status = 404, description = "stripe_not_configured: no webhook secret is set", body = crate::error::Problem),
+        (status = 413, body = crate::error::Problem),
+        (status = 422, description = "the ledger refused the event; Stripe will retry", body = crate::error::Problem),
+        (status = 503, description = "the ledger is unavailable; Stripe will retry", body = crate::error::Problem)))]
+pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let Some(secret) = state.stripe.webhook_secret.clone() else {
+        return Err(ApiError::StripeNotConfigured("set TALLY_STRIPE_WEBHOOK_SECRET to receive Stripe webhooks".into()));
+    };
+    let header = match request.headers().get("Stripe-Signature") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| ApiError::InvalidSignature {
+            reason: "malformed_header",
+            detail: "the Stripe-Signature header is not ASCII".to_owned(),
+        })?),
+    };
+    if let Err(error) = tally_stripe::verify(header, &bytes, &secret, wall_clock_now(), Some(state.stripe.tolerance_s))
+    {
+        state.metrics.stripe_webhook("invalid_signature");
+        return Err(ApiError::InvalidSignature { reason: error.reason(), detail: error.to_string() });
+    }
+
+    let parsed = match tally_stripe::parse(&bytes) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            let event_id = match &error {
+                tally_stripe::ParseError::UnreadableObject { event_id, .. } => Some(event_id.clone()),
+                _ => None,
+            };
+            return unprocessed(&state, event_id, None, error.to_string(), &bytes).await;
+        }
+    };
+    match tally_stripe::map(&parsed) {
+        Mapped::Unprocessed { reason } => {
+            unprocessed(&state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, &bytes).await
+        }
+        Mapped::Ignored { reason } => ignored(&state, &parsed.id, &parsed.event_type, parsed.created, reason).await,
+        Mapped::Command { customer_id, member_hint, command } => {
+            apply(&state, &parsed, customer_id, member_hint, *command).await
+        }
+    }
+}
+
+fn webhook_idempotency(key: &str) -> Idempotency {
+    Idempotency {
+        scope: WEBHOOK_SCOPE.to_owned(),
+        key: key.to_owned(),
+        fingerprint: Sha256::digest(key.as_bytes()).into(),
+        status: 200,
+    }
+}
+
+async fn record_intake(state: &AppState, key: &str, event: IntakeEvent) -> Result<(), ApiError> {
+    let ledger = state.ledger.clone();
+    let request = Request::new(event, "stripe").with_idempotency(webhook_idempotency(key));
+    actix_web::web::block(move || ledger.record_intake(request)).await??;
+    Ok(())
+}
+
+async fn unprocessed(
+    state: &AppState,
+    event_id: Option<String>,
+    event_type: Option<String>,
+    reason: String,
+    bytes: &[u8],
+) -> Result<HttpResponse, ApiError> {
+    let key = event_id.clone().unwrap_or_else(|| format!("body-{}", hex::encode(Sha256::digest(bytes))));
+    tracing::warn!(stripe_event_id = %key, %reason, "a genuine Stripe event could not be processed; kept on stripe-intake");
+    let payload = String::from_utf8_lossy(bytes).into_owned();
+    let event = IntakeEvent::StripeEventUnprocessed {
+        stripe_event_id: event_id.clone(),
+        event_type,
+        reason: reason.clone(),
+        payload,
+    };
+    record_intake(state, &key, event).await?;
+    state.metrics.stripe_webhook("unprocessed");
+    Ok(HttpResponse::Ok().json(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason})))
+}
+
+async fn ignored(
+    state: &AppState,
+    event_id: &str,
+    event_type: &str,
+    created: i64,
+    reason: String,
+) -> Result<HttpResponse, ApiError> {
+    let created = chrono::DateTime::from_timestamp(created, 0).unwrap_or_default();
+    let event = IntakeEvent::StripeEventIgnored {
+        stripe_event_id: event_id.to_owned(),
+        event_type: event_type.to_owned(),
+        created,
+        reason: reason.clone(),
+    };
+    record_intake(state, event_id, event).await?;
+    state.metrics.stripe_webhook("ignored");
+    Ok(HttpResponse::Ok().json(json!({"status": "ignored", "stripe_event_id": event_id, "reason": reason})))
+}
+
+/// The member a Stripe object belongs to: the customer's link first, then
+/// `metadata.tally_member_id`.
+async fn find_member(
+    state: &AppState,
+    customer_id: Option<String>,
+    member_hint: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    if let Some(customer_id) = customer_id {
+        let ledger = state.ledger.clone();
+        let stream = actix_web::web::block(move || -> Result<Option<String>, LedgerError> {
+            Ok(ledger.reader()?.stripe_customer_stream(&customer_id)?)
+        })
+        .await??;
+        if let Some(member_id) = stream.and_then(|stream| stream.strip_prefix("member-").map(str::to_owned)) {
+            return Ok(Some(member_id));
+        }
+    }
+    Ok(member_hint.filter(|member_id| validate::identifier("tally_member_id", member_id).is_ok()))
+}
+
+async fn apply(
+    state: &AppState,
+    parsed: &tally_stripe::ParsedEvent,
+    customer_id: Option<String>,
+    member_hint: Option<String>,
+    command: StripeCommand,
+) -> Result<HttpResponse, ApiError> {
+    let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
+    let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
+        let reason = format!("Stripe customer {customer} is linked to no member");
+        return ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await;
+    };
+    let ledger = state.ledger.clone();
+    let request =
+        Request::new(MemberCommand::Stripe(command), "stripe").with_idempotency(webhook_idempotency(&parsed.id));
+    let member = member_id.clone();
+    match actix_web::web::block(move || ledger.execute(&member, request)).await? {
+        Ok(executed) => {
+            state.metrics.stripe_webhook("applied");
+            state.metrics.command("stripe.webhook", executed.outcome.events.len());
+            state.projections.notify();
+            let outcome = &executed.outcome;
+            Ok(HttpResponse::Ok().json(json!({
+                "status": "applied",
+                "stripe_event_id": parsed.id,
+                "member_id": member_id,
+                "replayed": executed.replayed,
+                "position": outcome.position,
+                "events": outcome.events.iter().map(|appended| &appended.event).collect::<Vec<_>>(),
+            })))
+        }
+        Err(LedgerError::Rejected(DomainError::MemberNotFound)) => {
+            let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");
+            ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await
+        }
+        Err(error) => {
+            state.metrics.stripe_webhook("refused");
+            Err(error.into())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outbound: a Stripe-billed subscription
+// ---------------------------------------------------------------------------
+
+/// Start a Stripe-billed subscription: create the Stripe customer (unless
+/// the member has one) and subscription, then record Stripe's answer. A
+/// Stripe error leaves the ledger unchanged (`payment_provider_error`).
+/// Stripe's idempotency keys derive from the request's, so a retried
+/// request gets the same customer and subscription.
+pub(crate) async fn start_with_stripe(
+    state: &AppState,
+    request: &HttpRequest,
+    bytes: &[u8],
+    plan_id: String,
+    route: Route,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(state, request)?;
+    principal.require_admin()?;
+    let member_id = member_path(request.match_info().get("member").unwrap_or_default())?;
+    let Some(api) = state.stripe.api.clone() else {
+        return Err(ApiError::validation("billing", "Stripe is not configured: set TALLY_STRIPE_SECRET_KEY"));
+    };
+    let idempotency =
+        crate::commands::idempotency(request, &principal, &member_id, route.name, bytes, route.status, true)?
+            .ok_or_else(|| ApiError::validation("Idempotency-Key", "this route needs an Idempotency-Key header"))?;
+    // A retried request is answered from its record before anything is
+    // checked or sent to Stripe again (a different body is refused).
+    let ledger = state.ledger.clone();
+    let (scope, key) = (idempotency.scope.clone(), idempotency.key.clone());
+    let recorded =
+        actix_web::web::block(move || -> Result<_, LedgerError> { Ok(ledger.reader()?.idempotency(&scope, &key)?) })
+            .await??;
+    if let Some(record) = recorded {
+        if record.fingerprint != idempotency.fingerprint {
+            return Err(ApiError::Ledger(LedgerError::IdempotencyKeyReused));
+        }
+        let outcome = serde_json::from_str(&record.response)
+            .map_err(|error| ApiError::Internal(format!("a stored response does not decode: {error}")))?;
+        let executed = tally_ledger::Executed { outcome, replayed: true, status: record.status };
+        return Ok(crate::commands::render(Some(member_id), executed, route.status));
+    }
+    let key = idempotency.key;
+    let entry = state.ledger.catalog().plan(&plan_id).cloned().ok_or_else(|| {
+        ApiError::Ledger(LedgerError::Rejected(DomainError::PlanNotFound { plan_id: plan_id.clone() }))
+    })?;
+    let Some(price_id) = entry.terms.plan.stripe_price_id.clone() else {
+        return Err(ApiError::validation("plan_id", "the plan has no stripe_price_id: it cannot be billed by Stripe"));
+    };
+    if entry.retired {
+        return Err(ApiError::validation("plan_id", "the plan is retired and cannot be newly chosen"));
+    }
+    let ledger = state.ledger.clone();
+    let member = member_id.clone();
+    let member_state = actix_web::web::block(move || ledger.member_state(&member)).await??;
+    if !member_state.is_registered() {
+        return Err(ApiError::Ledger(LedgerError::Rejected(DomainError::MemberNotFound)));
+    }
+    if member_state.subscription.as_ref().is_some_and(|subscription| subscription.is_live()) {
+        return Err(ApiError::validation("plan_id", "the member already has an active subscription"));
+    }
+
+    let customer_id = match member_state.profile.stripe_customer_id.clone() {
+        Some(customer_id) => customer_id,
+        None => api.create_customer(&member_id, &key).await.map_err(ApiError::from)?,
+    };
+    let facts = api.create_subscription(&customer_id, &price_id, &member_id, &key).await?;
+    let subscription =
+        tally_stripe::mapping::subscription_snapshot(&facts, false).map_err(|mapped| ApiError::PaymentProvider {
+            status: None,
+            code: "unexpected_response".to_owned(),
+            message: format!("Stripe's subscription cannot be recorded: {mapped:?}"),
+        })?;
+    let command = MemberCommand::Stripe(StripeCommand::Subscription {
+        event: StripeEventRef {
+            event_id: format!("tally_created_{}", facts.id),
+            // Not a Stripe event type: tally's own creation sets no watermark,
+            // so Stripe's `customer.subscription.*` events still apply.
+            event_type: "tally.subscription.created".to_owned(),
+            created: state.ledger.now(),
+            customer_id: Some(customer_id),
+        },
+        subscription,
+    });
+    execute_member(state, request, bytes, &principal, member_id, route, command).await
+}

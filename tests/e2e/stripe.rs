@@ -1,0 +1,583 @@
+//! Stripe through the real binary: signed webhooks (every fixture, every
+//! signature failure), a subscription's whole life driven by Stripe events
+//! built from the fixtures' shapes with consistent values, redelivery and
+//! shuffled delivery, and outbound creation against a fake Stripe server.
+
+use crate::fake_stripe::FakeStripe;
+use crate::support::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use tempfile::TempDir;
+
+const SECRET: &str = "whsec_e2e_test_secret";
+
+fn stripe_server(clock: Option<&str>, extra_env: &[(&str, &str)]) -> Server {
+    let mut env = vec![("TALLY_STRIPE_WEBHOOK_SECRET", SECRET)];
+    env.extend_from_slice(extra_env);
+    let args: Vec<&str> = match clock {
+        Some(start) => vec!["--test-clock", "--start", start],
+        None => Vec::new(),
+    };
+    Server::start_with_env(TempDir::new().unwrap(), &args, &env)
+}
+
+fn wall_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// POST raw bytes to the webhook with the given Stripe-Signature header.
+fn post_raw(server: &Server, body: &[u8], signature: Option<&str>) -> (u16, Value) {
+    let mut request = server.client.post(server.url("/v1/webhooks/stripe")).body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("Stripe-Signature", signature);
+    }
+    let response = request.send().expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn deliver_bytes(server: &Server, body: &[u8]) -> (u16, Value) {
+    post_raw(server, body, Some(&tally_stripe::sign(body, SECRET, wall_now())))
+}
+
+fn deliver(server: &Server, event: &Value) -> (u16, Value) {
+    deliver_bytes(server, event.to_string().as_bytes())
+}
+
+fn fixture_bytes(path: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/fixtures/stripe/{path}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+fn event_fixtures() -> Vec<String> {
+    let mut files = Vec::new();
+    for folder in ["composed", "genuine/stripe-dotnet", "genuine/supabase-stripe-sync-engine"] {
+        let dir = format!("{}/fixtures/stripe/events/{folder}", env!("CARGO_MANIFEST_DIR"));
+        for entry in std::fs::read_dir(dir).expect("fixture folder") {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            files.push(format!("events/{folder}/{name}"));
+        }
+    }
+    files.sort();
+    files
+}
+
+fn stripe_plan(plan_id: &str, price: i64, credits: i64, rollover: i64, price_id: &str) -> Value {
+    let mut plan = plan(plan_id, price, credits, rollover, None);
+    plan["stripe_price_id"] = json!(price_id);
+    plan
+}
+
+// ---------------------------------------------------------------------------
+// Signatures and fixtures
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_signature_failure_is_a_400_with_its_reason_and_writes_nothing() {
+    let server = stripe_server(None, &[]);
+    let body = fixture_bytes("events/composed/invoice.paid.json");
+    let head = server.head_position();
+    let now = wall_now();
+    let valid = tally_stripe::sign(&body, SECRET, now);
+    let v1 = valid.split_once(",v1=").unwrap().1.to_owned();
+    let cases: Vec<(Option<String>, &[u8], &str)> = vec![
+        (None, &body, "missing_header"),
+        (Some(String::new()), &body, "missing_header"),
+        (Some("bad_header".into()), &body, "malformed_header"),
+        (Some(format!("t=soon,v1={v1}")), &body, "malformed_header"),
+        (Some(format!("t={now},v0={v1}")), &body, "no_v1_signature"),
+        (Some(tally_stripe::sign(&body, "whsec_another_secret", now)), &body, "signature_mismatch"),
+        (Some(valid.clone()), b"{\"id\":\"evt_tampered\"}", "signature_mismatch"),
+        // A valid signature replayed after the tolerance: refused.
+        (Some(tally_stripe::sign(&body, SECRET, now - 400)), &body, "timestamp_outside_tolerance"),
+        (Some(tally_stripe::sign(&body, SECRET, now + 400)), &body, "timestamp_outside_tolerance"),
+    ];
+    for (header, payload, reason) in cases {
+        let (status, problem) = post_raw(&server, payload, header.as_deref());
+        assert_eq!((status, problem["code"].as_str()), (400, Some("invalid_signature")), "{header:?}: {problem}");
+        assert_eq!(problem["reason"], reason, "{header:?}: {problem}");
+    }
+    assert_eq!(server.head_position(), head, "refused webhooks wrote nothing");
+    // Rolled secret: the header carries a stale v1 first, then the good one.
+    let rolled = format!("t={now},v1={},v1={v1}", "0".repeat(64));
+    assert_eq!(post_raw(&server, &body, Some(&rolled)).0, 200);
+    let (_, metrics) = (0, server.client.get(server.url("/metrics")).send().unwrap().text().unwrap());
+    assert!(metrics.contains("tally_stripe_webhooks_total{outcome=\"invalid_signature\"} 9"), "{metrics}");
+}
+
+#[test]
+fn webhooks_are_refused_until_a_secret_is_configured() {
+    let server = Server::start(&[]);
+    let body = fixture_bytes("events/composed/invoice.paid.json");
+    let (status, problem) = post_raw(&server, &body, Some(&tally_stripe::sign(&body, SECRET, wall_now())));
+    assert_eq!((status, problem["code"].as_str()), (404, Some("stripe_not_configured")), "{problem}");
+}
+
+/// Every fixture, signed, to a real server: once with no member linked
+/// (everything acknowledged and recorded as ignored or unprocessed), once
+/// with every fixture customer linked and every fixture price in the
+/// catalog (each applied, or refused with a clear 4xx). Never a 5xx.
+#[test]
+fn every_fixture_event_is_accepted_or_refused_with_a_clear_4xx() {
+    let files = event_fixtures();
+    assert_eq!(files.len(), 16);
+
+    let unlinked = stripe_server(None, &[]);
+    for file in &files {
+        let (status, answer) = deliver_bytes(&unlinked, &fixture_bytes(file));
+        assert_eq!(status, 200, "{file}: {answer}");
+        assert!(matches!(answer["status"].as_str(), Some("ignored" | "unprocessed")), "{file}: {answer}");
+    }
+    // Recorded on the intake stream, once each, even when delivered again.
+    let head = unlinked.head_position();
+    for file in &files {
+        let (status, answer) = deliver_bytes(&unlinked, &fixture_bytes(file));
+        assert_eq!(status, 200, "{file}: {answer}");
+    }
+    assert_eq!(unlinked.head_position(), head, "redelivered fixtures wrote nothing");
+    assert_eq!(head, 16);
+    let (_, events) = unlinked.admin_get("/v1/events?limit=100");
+    let types: Vec<&str> =
+        events["events"].as_array().unwrap().iter().map(|event| event["event_type"].as_str().unwrap()).collect();
+    assert!(types.iter().all(|kind| *kind == "StripeEventIgnored" || *kind == "StripeEventUnprocessed"), "{types:?}");
+
+    let linked = stripe_server(None, &[]);
+    assert_eq!(
+        linked.admin_post("/v1/plans", stripe_plan("fixture", 2_000, 1_000, 0, "price_1PgafmB7WZ01zgkW6dKueIc5")).0,
+        201
+    );
+    assert_eq!(
+        linked.admin_post("/v1/plans", stripe_plan("supabase", 0, 100, 0, "price_1IDQm5JDPojXS6LNM31hxKzp")).0,
+        201
+    );
+    let customers = [
+        ("composed", "cus_QXg1o8vcGmoR32", "USD"),
+        ("sb1", "cus_IhGfebO16cMIGN", "EUR"),
+        ("sb2", "cus_J7Mkgr8mvbl1eK", "USD"),
+        ("sb3", "cus_JsuO3bmrj0QlAw", "USD"),
+        ("sb4", "cus_JVhbiWW9p3F6wq", "USD"),
+    ];
+    for (member, customer, currency) in customers {
+        let body = json!({"stripe_customer_id": customer, "currency": currency});
+        assert_eq!(linked.put(&format!("/v1/members/{member}"), ADMIN_KEY, &body).status(), 200);
+    }
+    let mut outcomes = BTreeMap::new();
+    for file in &files {
+        let head = linked.head_position();
+        let (status, answer) = deliver_bytes(&linked, &fixture_bytes(file));
+        assert!(status == 200 || (400..500).contains(&status), "{file}: {status} {answer}");
+        if status != 200 {
+            assert!(answer["code"].is_string() && answer["detail"].is_string(), "{file}: {answer}");
+            assert_eq!(linked.head_position(), head, "{file}: a refusal wrote nothing");
+        }
+        let outcome = answer["status"].as_str().or(answer["code"].as_str()).unwrap().to_owned();
+        outcomes.insert(file.rsplit('/').next().unwrap().to_owned(), outcome);
+    }
+    // The composed subscription has its period backwards (a fixture value):
+    // refused, and Stripe would retry. Its invoices are recorded.
+    assert_eq!(outcomes["customer.subscription.created.json"], "validation_failed");
+    assert_eq!(outcomes["invoice.finalized.json"], "applied");
+    assert_eq!(outcomes["invoice.paid.json"], "applied");
+    // A pre-basil (2020-03-02) subscription, read by the fallback.
+    assert_eq!(outcomes["subscription_created.json"], "validation_failed", "EUR member, USD plan: {outcomes:?}");
+    assert_eq!(outcomes["invoice_paid.json"], "applied");
+    assert_eq!(outcomes["customer_updated.json"], "ignored");
+    let (status, invoices) = linked.admin_get("/v1/members/composed/invoices?min_position=1");
+    assert_eq!(status, 200, "{invoices}");
+    linked.sync("composed");
+    let (_, invoices) = linked.admin_get("/v1/members/composed/invoices");
+    let invoice = &invoices["invoices"][0];
+    assert_eq!((invoice["total"].as_i64(), invoice["status"].as_str()), (Some(1_000), Some("paid")), "{invoices}");
+}
+
+// ---------------------------------------------------------------------------
+// A subscription's life through Stripe
+// ---------------------------------------------------------------------------
+
+fn at(text: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp()
+}
+
+const P1: (&str, &str) = ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
+const P2: (&str, &str) = ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z");
+
+fn composed(name: &str) -> Value {
+    serde_json::from_slice(&fixture_bytes(&format!("events/composed/{name}.json"))).unwrap()
+}
+
+struct Sub {
+    status: &'static str,
+    price: &'static str,
+    period: (&'static str, &'static str),
+    cancel_at_period_end: bool,
+}
+
+/// A subscription event in the composed fixture's shape, with consistent values.
+fn subscription_event(id: &str, event_type: &str, created: &str, sub: Sub) -> Value {
+    let mut event = composed("customer.subscription.created");
+    event["id"] = json!(id);
+    event["type"] = json!(event_type);
+    event["created"] = json!(at(created));
+    let object = &mut event["data"]["object"];
+    object["id"] = json!("sub_life");
+    object["customer"] = json!("cus_life");
+    object["status"] = json!(sub.status);
+    object["cancel_at_period_end"] = json!(sub.cancel_at_period_end);
+    object["cancel_at"] = if sub.cancel_at_period_end { json!(at(sub.period.1)) } else { Value::Null };
+    let ended = sub.status == "canceled";
+    object["canceled_at"] = if ended { json!(at(created)) } else { Value::Null };
+    object["ended_at"] = object["canceled_at"].clone();
+    object["latest_invoice"] = Value::Null;
+    let item = &mut object["items"]["data"][0];
+    item["subscription"] = json!("sub_life");
+    item["price"]["id"] = json!(sub.price);
+    item["current_period_start"] = json!(at(sub.period.0));
+    item["current_period_end"] = json!(at(sub.period.1));
+    event
+}
+
+/// An invoice event in the composed fixture's shape, for the subscription.
+struct Bill {
+    invoice: &'static str,
+    reason: &'static str,
+    price: &'static str,
+    amount: i64,
+    period: (&'static str, &'static str),
+}
+
+fn invoice_event(id: &str, event_type: &str, created: &str, bill: Bill) -> Value {
+    let Bill { invoice, reason, price, amount, period } = bill;
+    let mut event = composed("invoice.paid");
+    event["id"] = json!(id);
+    event["type"] = json!(event_type);
+    event["created"] = json!(at(created));
+    let paid = event_type == "invoice.paid";
+    let object = &mut event["data"]["object"];
+    object["id"] = json!(invoice);
+    object["customer"] = json!("cus_life");
+    object["status"] = json!(if paid { "paid" } else { "open" });
+    object["billing_reason"] = json!(reason);
+    for field in ["total", "subtotal", "amount_due"] {
+        object[field] = json!(amount);
+    }
+    object["amount_paid"] = json!(if paid { amount } else { 0 });
+    object["amount_remaining"] = json!(if paid { 0 } else { amount });
+    object["parent"] = json!({"type": "subscription_details", "quote_details": null,
+        "subscription_details": {"metadata": null, "subscription": "sub_life"}});
+    let line = &mut object["lines"]["data"][0];
+    line["amount"] = json!(amount);
+    line["subtotal"] = json!(amount);
+    line["description"] = json!(format!("1 × {price}"));
+    line["period"] = json!({"start": at(period.0), "end": at(period.1)});
+    line["pricing"] = json!({"type": "price_details", "unit_amount_decimal": null,
+        "price_details": {"price": price, "product": "prod_life"}});
+    line["parent"] = json!({"type": "subscription_item_details", "invoice_item_details": null,
+        "subscription_item_details": {"invoice_item": null, "proration": false, "proration_details": {"credited_items": null},
+            "subscription": "sub_life", "subscription_item": "si_life"}});
+    event
+}
+
+/// The life: created on basic, first invoice paid, an upgrade to plus, a
+/// cancel at period end scheduled and taken back, the cycle invoice's
+/// payment failing (past due), then paid (active again).
+fn lifecycle() -> Vec<Value> {
+    let active = |price, period| Sub { status: "active", price, period, cancel_at_period_end: false };
+    let first =
+        || Bill { invoice: "in_l1", reason: "subscription_create", price: "price_basic", amount: 1_000, period: P1 };
+    let cycle =
+        || Bill { invoice: "in_l2", reason: "subscription_cycle", price: "price_plus", amount: 2_000, period: P2 };
+    vec![
+        subscription_event(
+            "evt_l01",
+            "customer.subscription.created",
+            "2026-01-01T00:00:10Z",
+            active("price_basic", P1),
+        ),
+        invoice_event("evt_l02", "invoice.finalized", "2026-01-01T00:00:20Z", first()),
+        invoice_event("evt_l03", "invoice.paid", "2026-01-01T00:00:30Z", first()),
+        subscription_event(
+            "evt_l04",
+            "customer.subscription.updated",
+            "2026-01-15T00:00:00Z",
+            active("price_plus", P1),
+        ),
+        subscription_event(
+            "evt_l05",
+            "customer.subscription.updated",
+            "2026-01-20T00:00:00Z",
+            Sub { cancel_at_period_end: true, ..active("price_plus", P1) },
+        ),
+        subscription_event(
+            "evt_l06",
+            "customer.subscription.updated",
+            "2026-01-25T00:00:00Z",
+            active("price_plus", P1),
+        ),
+        invoice_event("evt_l07", "invoice.finalized", "2026-02-01T00:00:10Z", cycle()),
+        invoice_event("evt_l08", "invoice.payment_failed", "2026-02-01T00:00:20Z", cycle()),
+        subscription_event(
+            "evt_l09",
+            "customer.subscription.updated",
+            "2026-02-01T00:00:30Z",
+            Sub { status: "past_due", ..active("price_plus", P2) },
+        ),
+        invoice_event("evt_l10", "invoice.paid", "2026-02-03T00:00:00Z", cycle()),
+        subscription_event(
+            "evt_l11",
+            "customer.subscription.updated",
+            "2026-02-03T00:00:10Z",
+            active("price_plus", P2),
+        ),
+    ]
+}
+
+fn life_server() -> Server {
+    let server = stripe_server(Some("2026-01-01T00:00:00Z"), &[]);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("plus", 2_000, 3_000, 1_000, "price_plus")).0, 201);
+    let response = server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"}));
+    assert_eq!(response.status(), 200);
+    server
+}
+
+fn set_clock(server: &Server, instant: &str) {
+    let (status, answer) = server.admin_post("/v1/admin/clock", json!({"now": instant}));
+    assert_eq!(status, 200, "{answer}");
+}
+
+fn created_of(event: &Value) -> String {
+    chrono::DateTime::from_timestamp(event["created"].as_i64().unwrap(), 0).unwrap().to_rfc3339()
+}
+
+/// What a reader sees of the member: subscription, balance, invoices.
+fn books(server: &Server) -> Value {
+    server.sync("life");
+    let (_, subscription) = server.admin_get("/v1/members/life/subscription");
+    let (_, mut balance) = server.admin_get("/v1/members/life/balance");
+    // Where the last change sits in the log depends on how many events got there.
+    balance.as_object_mut().unwrap().remove("last_position");
+    let (_, invoices) = server.admin_get("/v1/members/life/invoices");
+    // tally numbers Stripe's invoices in arrival order: compare by Stripe's id.
+    let mut invoices: Vec<Value> = invoices["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|invoice| json!([invoice["stripe_invoice_id"], invoice["status"], invoice["total"]]))
+        .collect();
+    invoices.sort_by_key(|invoice| invoice.to_string());
+    json!({
+        "subscription": [subscription["status"], subscription["plan_id"], subscription["billing"],
+            subscription["period_start"], subscription["period_end"], subscription["cancel_at_period_end"],
+            subscription["stripe_subscription_id"]],
+        "balance": balance,
+        "invoices": invoices,
+    })
+}
+
+/// Deliver the life in order, each event at its own instant on tally's
+/// clock, each `deliveries` times; usage spends 300 credits on Jan 10.
+fn live_through(server: &Server, deliveries: usize) {
+    for event in lifecycle() {
+        let created = created_of(&event);
+        if created.as_str() >= "2026-01-10" && event["id"] == "evt_l04" {
+            set_clock(server, "2026-01-10T00:00:00Z");
+            let (status, used) = server
+                .admin_post("/v1/members/life/usage", json!({"usage_id": "u1", "metric": "calls", "credits": 300}));
+            assert_eq!(status, 201, "{used}");
+        }
+        set_clock(server, &created);
+        for delivery in 0..deliveries {
+            let (status, answer) = deliver(server, &event);
+            assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{}: {answer}", event["id"]);
+            assert_eq!(answer["replayed"], delivery > 0, "{answer}");
+        }
+    }
+}
+
+#[test]
+fn a_subscriptions_life_through_stripe_events() {
+    let server = life_server();
+    live_through(&server, 1);
+    let books = books(&server);
+    // Plus, active again in February's period, both invoices paid.
+    assert_eq!(
+        books["subscription"],
+        json!(["active", "plus", "stripe", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z", false, "sub_life"]),
+        "{books}"
+    );
+    assert_eq!(books["invoices"], json!([["in_l1", "paid", 1_000], ["in_l2", "paid", 2_000]]), "{books}");
+    // January: 1,000 allocated (the paid create invoice), 300 spent, the
+    // upgrade from Stripe grants nothing (Stripe prorates). At February's
+    // close 700 roll over (plus's cap 1,000); February's paid cycle invoice
+    // allocates plus's 3,000.
+    assert_eq!(books["balance"]["available"], 3_700, "{books}");
+
+    // Stripe ends it: the period closes now and allocation and rollover lapse.
+    set_clock(&server, "2026-02-20T00:00:00Z");
+    let deleted = subscription_event(
+        "evt_l12",
+        "customer.subscription.deleted",
+        "2026-02-20T00:00:00Z",
+        Sub { status: "canceled", price: "price_plus", period: P2, cancel_at_period_end: false },
+    );
+    let (status, answer) = deliver(&server, &deleted);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+    let types: Vec<&str> =
+        answer["events"].as_array().unwrap().iter().map(|event| event["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["StripeEventApplied", "CreditsExpired", "CreditsExpired", "SubscriptionPeriodClosed", "SubscriptionCanceled"]
+    );
+    let books_after = self::books(&server);
+    assert_eq!(books_after["subscription"][0], "canceled");
+    assert_eq!(books_after["balance"]["available"], 0);
+
+    // The member's log names the Stripe event behind each change.
+    let (_, log) = server.admin_get("/v1/events?limit=1000");
+    let applied: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["event_type"] == "StripeEventApplied")
+        .map(|event| event["payload"]["stripe_event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(applied.len(), 12, "{applied:?}");
+    assert_eq!((applied[0], applied[11]), ("evt_l01", "evt_l12"));
+}
+
+#[test]
+fn every_event_delivered_three_times_leaves_the_same_books_as_once() {
+    let once = life_server();
+    live_through(&once, 1);
+    let thrice = life_server();
+    live_through(&thrice, 3);
+    assert_eq!(books(&once), books(&thrice));
+    assert_eq!(once.head_position(), thrice.head_position(), "redeliveries appended nothing");
+}
+
+/// A tiny seeded shuffle (xorshift), so the orders are reproducible.
+fn shuffled<T>(mut items: Vec<T>, mut seed: u64) -> Vec<T> {
+    for index in (1..items.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        items.swap(index, (seed % (index as u64 + 1)) as usize);
+    }
+    items
+}
+
+#[test]
+fn shuffled_delivery_reaches_the_same_books_as_in_order() {
+    // Everything arrives late, at one instant after the last event, as after
+    // an outage: in order, then in three shuffled orders (plus reversed).
+    let deliver_all = |events: Vec<Value>| {
+        let server = life_server();
+        set_clock(&server, "2026-02-03T01:00:00Z");
+        for event in events {
+            let (status, answer) = deliver(&server, &event);
+            assert_eq!(status, 200, "{}: {answer}", event["id"]);
+        }
+        books(&server)
+    };
+    let expected = deliver_all(lifecycle());
+    assert_eq!(expected["subscription"][0], "active", "{expected}");
+    assert_eq!(expected["balance"]["available"], 3_000, "February's allocation only: {expected}");
+    let mut reversed = lifecycle();
+    reversed.reverse();
+    assert_eq!(deliver_all(reversed), expected, "reversed");
+    for seed in [7, 1_234, 987_654_321] {
+        let order = shuffled(lifecycle(), seed);
+        let ids: Vec<String> = order.iter().map(|event| event["id"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(deliver_all(order), expected, "order {ids:?}");
+    }
+}
+
+#[test]
+fn a_checkout_with_tally_metadata_buys_credits() {
+    let server = life_server();
+    let mut event: Value =
+        serde_json::from_slice(&fixture_bytes("events/composed/checkout.session.completed.json")).unwrap();
+    event["id"] = json!("evt_checkout");
+    let session = &mut event["data"]["object"];
+    session["customer"] = json!("cus_life");
+    session["payment_status"] = json!("paid");
+    session["status"] = json!("complete");
+    session["amount_total"] = json!(4_900);
+    session["currency"] = json!("usd");
+    session["metadata"] = json!({"tally_purchase_credits": "5000"});
+    let (status, answer) = deliver(&server, &event);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+    let (_, balance) = server.admin_get(&format!("/v1/members/life/balance?min_position={}", answer["position"]));
+    assert_eq!(balance["available"], 5_000);
+    // Unpaid (Stripe's own fixture value): acknowledged, ignored.
+    event["id"] = json!("evt_checkout_unpaid");
+    event["data"]["object"]["payment_status"] = json!("unpaid");
+    assert_eq!(deliver(&server, &event).1["status"], "ignored");
+}
+
+// ---------------------------------------------------------------------------
+// Outbound
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_stripe_billed_subscription_is_created_through_a_fake_stripe_and_errors_change_nothing() {
+    let fake = FakeStripe::start();
+    let server =
+        stripe_server(None, &[("TALLY_STRIPE_SECRET_KEY", "sk_test_fake"), ("TALLY_STRIPE_API_BASE", &fake.base)]);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 0, "price_basic")).0, 201);
+    assert_eq!(server.admin_post("/v1/plans", plan("local", 1_000, 1_000, 0, None)).0, 201);
+    assert_eq!(server.put("/v1/members/m1", ADMIN_KEY, &json!({})).status(), 200);
+
+    let body = json!({"plan_id": "basic", "billing": "stripe"});
+    let response = server.post("/v1/members/m1/subscription", ADMIN_KEY, &body, Some("create-1"));
+    let status = response.status().as_u16();
+    let created: Value = response.json().unwrap();
+    assert_eq!(status, 201, "{created}");
+    let seen = fake.seen();
+    assert_eq!(
+        seen.iter().map(|request| request.path.as_str()).collect::<Vec<_>>(),
+        ["/v1/customers", "/v1/subscriptions"]
+    );
+    assert_eq!(seen[0].field("metadata[tally_member_id]"), Some("m1"));
+    assert_eq!(seen[1].field("customer"), Some("cus_fake_1"));
+    assert_eq!(seen[1].field("items[0][price]"), Some("price_basic"));
+    assert!(seen.iter().all(|request| request.idempotency_key.as_deref().is_some_and(|key| key.contains("create-1"))));
+    server.sync("m1");
+    let (_, subscription) = server.admin_get("/v1/members/m1/subscription");
+    assert_eq!(
+        (
+            subscription["billing"].as_str(),
+            subscription["stripe_subscription_id"].as_str(),
+            subscription["stripe_customer_id"].as_str()
+        ),
+        (Some("stripe"), Some("sub_fake_1"), Some("cus_fake_1")),
+        "{subscription}"
+    );
+    // The retried request is answered from the idempotency record.
+    let replay = server.post("/v1/members/m1/subscription", ADMIN_KEY, &body, Some("create-1"));
+    assert_eq!(replay.status().as_u16(), 201);
+    assert_eq!(replay.headers().get("Idempotent-Replayed").map(|value| value.to_str().unwrap()), Some("true"));
+
+    // Stripe declines: a clear 502 problem, and the ledger is unchanged.
+    fake.fail_subscriptions(
+        402,
+        json!({"error": {"type": "card_error", "code": "card_declined", "message": "Your card was declined."}}),
+    );
+    assert_eq!(server.put("/v1/members/m2", ADMIN_KEY, &json!({})).status(), 200);
+    let head = server.head_position();
+    let response = server.post("/v1/members/m2/subscription", ADMIN_KEY, &body, Some("create-2"));
+    assert_eq!(response.status().as_u16(), 502);
+    let problem: Value = response.json().unwrap();
+    assert_eq!(problem["code"], "payment_provider_error", "{problem}");
+    assert_eq!(
+        (problem["provider_code"].as_str(), problem["provider_status"].as_u64()),
+        (Some("card_declined"), Some(402)),
+        "{problem}"
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("Your card was declined."), "{problem}");
+    assert_eq!(server.head_position(), head, "nothing was written");
+
+    // A plan without a Stripe price cannot be billed by Stripe.
+    let (status, problem) =
+        server.admin_post("/v1/members/m2/subscription", json!({"plan_id": "local", "billing": "stripe"}));
+    assert_eq!((status, problem["field"].as_str()), (422, Some("plan_id")), "{problem}");
+}
