@@ -312,6 +312,8 @@ pub async fn start_subscription(
 ) -> Result<HttpResponse, ApiError> {
     let route =
         Route { name: "subscription.start", status: 201, idempotency_required: true, member_key_allowed: false };
+    // Credentials before the body: a refused caller learns nothing from validation.
+    authenticate(&state, &request)?.require_admin()?;
     let body: StartSubscriptionBody = body::parse(&bytes)?;
     match body.billing.as_deref() {
         None | Some("tally") => {}

@@ -125,7 +125,7 @@ pub async fn balance(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let member = member_id.clone();
@@ -141,6 +141,14 @@ pub async fn balance(
 /// A page of one member's rows as `{member_id, <list>: [...], next_cursor}`,
 /// plus `extra` fields; `not_found` when the member was never registered.
 #[allow(clippy::too_many_arguments)]
+/// Credentials, then the right to the path's member, before anything of the
+/// request is parsed: a refused caller learns nothing from validation.
+fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal, ApiError> {
+    let principal = authenticate(state, request)?;
+    principal.require_member(request.match_info().get("member").unwrap_or_default())?;
+    Ok(principal)
+}
+
 async fn member_page<T: Serialize + Send + 'static>(
     state: &AppState,
     principal: &Principal,
@@ -177,7 +185,7 @@ pub async fn transactions(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: PageQuery = query(&request)?;
     let page = page_request(params.cursor, params.limit)?;
     let read_models = &[ReadModel::CreditBalances, ReadModel::CreditTransactions];
@@ -207,7 +215,7 @@ pub async fn daily_usage(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: DailyQuery = query(&request)?;
     let from = date("from", &params.from)?;
     let to = date("to", &params.to)?;
@@ -244,7 +252,7 @@ pub async fn invoices(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: PageQuery = query(&request)?;
     let page = page_request(params.cursor, params.limit)?;
     let read_models = &[ReadModel::CreditBalances, ReadModel::Invoices];
@@ -271,7 +279,7 @@ pub async fn invoice(
     request: HttpRequest,
     path: Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let (member_id, invoice_id) = path.into_inner();
     let member = member_id.clone();
@@ -294,7 +302,7 @@ pub async fn subscription(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authenticate(&state, &request)?;
+    let principal = authorize_member(&state, &request)?;
     let params: ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let member = member_id.clone();

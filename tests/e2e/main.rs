@@ -5,5 +5,6 @@ mod api;
 mod cli;
 mod crash;
 mod fake_stripe;
+mod security;
 mod stripe;
 mod support;

@@ -36,6 +36,8 @@ pub struct Server {
     pub base: String,
     pub data_dir: TempDir,
     pub client: Client,
+    /// Where the server's stderr (its logs) goes, when captured.
+    pub log: Option<PathBuf>,
 }
 
 impl Server {
@@ -55,6 +57,19 @@ impl Server {
 
     /// With extra environment variables (Stripe settings, say).
     pub fn start_with_env(data_dir: TempDir, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(data_dir, extra, env, None)
+    }
+
+    /// With the server's logs (stderr) written to `log`.
+    pub fn start_logged(extra: &[&str], env: &[(&str, &str)], log: &Path) -> Server {
+        Server::spawn(TempDir::new().expect("temp dir"), extra, env, Some(log))
+    }
+
+    fn spawn(data_dir: TempDir, extra: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(tally_binary())
             .arg("--data-dir")
             .arg(data_dir.path())
@@ -64,7 +79,7 @@ impl Server {
             .env("TALLY_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("tally starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -78,7 +93,7 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let client = Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        Server { child, base, data_dir, client }
+        Server { child, base, data_dir, client, log: log.map(Path::to_path_buf) }
     }
 
     pub fn url(&self, path: &str) -> String {
