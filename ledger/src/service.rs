@@ -644,7 +644,12 @@ impl Shell<'_, '_> {
                 Ok(value)
             }
             Err(error) => {
-                self.batch.rollback_command()?;
+                // A rollback that fails means SQLite ended the whole
+                // transaction (a full disk, say): the commit will fail too,
+                // and this command's own error is the one to answer.
+                if let Err(rollback) = self.batch.rollback_command() {
+                    tracing::warn!(%rollback, %error, "a command's savepoint could not be rolled back");
+                }
                 Err(error)
             }
         }

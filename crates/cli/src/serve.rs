@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// HTTP worker threads; the number of cores by default.
     #[arg(long)]
     workers: Option<usize>,
+    /// A size budget for the event log, in bytes: past it, writes are
+    /// refused with 503 as on a full disk (reads go on). No limit by default.
+    #[arg(long, env = "TALLY_MAX_LOG_BYTES", value_parser = clap::value_parser!(u64).range(65_536..))]
+    max_log_bytes: Option<u64>,
 }
 
 /// Tells the CLI where to ask for work only the owner of the projections
@@ -72,7 +76,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         }
     }
 
-    let ledger = Arc::new(Ledger::open(&events_path, LedgerOptions::default(), clock)?);
+    let mut options = LedgerOptions::default();
+    options.store.max_log_bytes = args.max_log_bytes;
+    let ledger = Arc::new(Ledger::open(&events_path, options, clock)?);
     let projections = Arc::new(Projections::open(&projections_path, &events_path)?);
     let runner = projections.start_runner()?;
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok().filter(|key| !key.is_empty());

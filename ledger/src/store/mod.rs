@@ -45,6 +45,8 @@
 //! the error enums.
 
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 mod hash;
 mod reader;
 mod rows;
@@ -272,10 +274,15 @@ pub struct StoreOptions {
     /// How long a write waits for another process's write lock before
     /// [`StoreError::Busy`], in milliseconds.
     pub busy_timeout_ms: u32,
+    /// A budget for the log file: past it an append fails with
+    /// [`StoreError::Full`] exactly as on a full disk (SQLite's
+    /// `max_page_count`), writing nothing; reads go on. `None`: no limit
+    /// but the disk's.
+    pub max_log_bytes: Option<u64>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { synchronous_full: true, busy_timeout_ms: 5_000 }
+        StoreOptions { synchronous_full: true, busy_timeout_ms: 5_000, max_log_bytes: None }
     }
 }

@@ -62,6 +62,12 @@ impl EventStore {
     /// not exist. A file that is not a tally log is refused, unchanged.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let connection = open_for_writing(path, options.synchronous_full, options.busy_timeout_ms)?;
+        if let Some(bytes) = options.max_log_bytes {
+            let page_size: i64 = connection.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+            // SQLite keeps the current size if the budget is below it.
+            let pages = (bytes / page_size.max(1) as u64).clamp(1, i64::MAX as u64);
+            let _: i64 = connection.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |row| row.get(0))?;
+        }
         let tip = rows::read_tip(&connection)?;
         Ok(EventStore { connection, path: path.to_path_buf(), tip })
     }
@@ -112,7 +118,15 @@ impl EventStore {
             }
         };
         self.tip = tip;
-        Ok(Batch { store: self, tip, command_tips: Vec::new(), import_cursor: None, aborted: false, finished: false })
+        Ok(Batch {
+            store: self,
+            tip,
+            command_tips: Vec::new(),
+            import_cursor: None,
+            aborted: false,
+            abort_cause: None,
+            finished: false,
+        })
     }
 
     /// Deletes idempotency records accepted before `now - retention`, and
@@ -157,8 +171,17 @@ pub struct Batch<'store> {
     import_cursor: Option<Head>,
     /// SQLite ended the transaction on its own; nothing more may run.
     aborted: bool,
+    /// Why, when it was a full disk or a lock: the commit reports that kind
+    /// (503, retry later) rather than a generic abort.
+    abort_cause: Option<AbortCause>,
     /// Committed or rolled back already; `Drop` has nothing to do.
     finished: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AbortCause {
+    Full,
+    Busy,
 }
 
 impl std::fmt::Debug for Batch<'_> {
@@ -264,7 +287,7 @@ impl Batch<'_> {
             Err(error) => {
                 let undone = self.connection().execute_batch("ROLLBACK TO append; RELEASE append");
                 if undone.is_err() || self.store.connection.is_autocommit() {
-                    self.aborted = true;
+                    self.abort(&error);
                 }
                 Err(error)
             }
@@ -548,11 +571,20 @@ impl Batch<'_> {
         self.finished = true;
         if self.aborted || self.store.connection.is_autocommit() {
             self.store.rollback_and_reload();
-            return Err(StoreError::BatchAborted);
+            return Err(match self.abort_cause {
+                Some(AbortCause::Full) => StoreError::Full,
+                Some(AbortCause::Busy) => StoreError::Busy,
+                None => StoreError::BatchAborted,
+            });
         }
         if !self.command_tips.is_empty() {
             self.store.rollback_and_reload();
             return Err(StoreError::Misuse("commit with a command still open (the batch was rolled back)"));
+        }
+        #[cfg(feature = "fault-injection")]
+        if let Some(error) = super::faults::commit_fault(&self.store.path) {
+            self.store.rollback_and_reload();
+            return Err(error);
         }
         match self.store.connection.execute_batch("COMMIT") {
             Ok(()) => {
@@ -587,10 +619,24 @@ impl Batch<'_> {
     where
         StoreError: From<E>,
     {
-        if result.is_err() && self.store.connection.is_autocommit() {
-            self.aborted = true;
+        let result = result.map_err(StoreError::from);
+        if let Err(error) = &result
+            && self.store.connection.is_autocommit()
+        {
+            self.abort(error);
         }
-        result.map_err(StoreError::from)
+        result
+    }
+
+    /// SQLite ended the transaction (it may, on a full disk or an I/O
+    /// error): remember it, and why.
+    fn abort(&mut self, error: &StoreError) {
+        self.aborted = true;
+        self.abort_cause = self.abort_cause.or(match error {
+            StoreError::Full => Some(AbortCause::Full),
+            StoreError::Busy => Some(AbortCause::Busy),
+            _ => None,
+        });
     }
 }
 

@@ -25,7 +25,7 @@ fn the_write_connection_uses_synchronous_full_by_default_and_normal_when_asked()
     assert_eq!(synchronous, 2, "FULL");
     drop(store);
 
-    let options = StoreOptions { synchronous_full: false, busy_timeout_ms: 100 };
+    let options = StoreOptions { synchronous_full: false, busy_timeout_ms: 100, max_log_bytes: None };
     let store = EventStore::open(&log.path, options).expect("open");
     let synchronous: i64 = store.connection.query_row("PRAGMA synchronous", [], |row| row.get(0)).expect("synchronous");
     assert_eq!(synchronous, 1, "NORMAL");

@@ -1,0 +1,187 @@
+//! Fault injection on real SQLite files: a full disk (the log's byte budget,
+//! SQLite's own `SQLITE_FULL`), a second writer holding the lock
+//! (`SQLITE_BUSY`), and an I/O error on commit (the store's fault point,
+//! feature `fault-injection`). Each time: the failing commands get an error,
+//! nothing partial is written, reads go on, and the ledger recovers when the
+//! fault clears.
+
+use chrono::{TimeZone, Utc};
+use std::sync::Arc;
+use tally_ledger::domain::*;
+use tally_ledger::service::Idempotency;
+use tally_ledger::store::{EventReader, StoreError, StoreOptions, faults};
+use tally_ledger::{Ledger, LedgerError, LedgerOptions, ManualClock, Request};
+use tempfile::TempDir;
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()))
+}
+
+fn options(store: StoreOptions) -> LedgerOptions {
+    LedgerOptions { store, ..LedgerOptions::default() }
+}
+
+fn usage(usage_id: &str, credits: i64) -> MemberCommand {
+    MemberCommand::RecordUsage(RecordUsage {
+        usage_id: usage_id.into(),
+        metric: "api_calls".into(),
+        quantity: 1,
+        credits: Credits(credits),
+        occurred_at: None,
+        integration_id: None,
+        query_id: None,
+    })
+}
+
+fn keyed(command: MemberCommand, key: &str) -> Request<MemberCommand> {
+    let fingerprint = {
+        let mut bytes = [0u8; 32];
+        bytes[..key.len().min(32)].copy_from_slice(&key.as_bytes()[..key.len().min(32)]);
+        bytes
+    };
+    Request::new(command, "admin").with_idempotency(Idempotency {
+        scope: "admin/m/usage".into(),
+        key: key.into(),
+        fingerprint,
+        status: 201,
+    })
+}
+
+fn grant(amount: i64) -> Request<MemberCommand> {
+    Request::new(MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, amount)), "admin")
+}
+
+fn head(path: &std::path::Path) -> u64 {
+    EventReader::open(path).unwrap().head().unwrap().position
+}
+
+fn is_full(error: &LedgerError) -> bool {
+    matches!(error, LedgerError::Store(StoreError::Full))
+}
+
+#[test]
+fn a_full_log_refuses_writes_whole_keeps_reads_and_recovers_when_space_is_freed() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let budget = StoreOptions { max_log_bytes: Some(256 * 1024), ..StoreOptions::default() };
+    let ledger = Ledger::open(&path, options(budget), clock()).unwrap();
+    ledger.execute("m", grant(1_000_000)).unwrap();
+
+    // Fill the budget with usage until the disk is "full".
+    let mut accepted = 0;
+    let failure = loop {
+        match ledger.execute("m", keyed(usage(&format!("u{accepted}"), 1), &format!("k{accepted}"))) {
+            Ok(_) => accepted += 1,
+            Err(error) => break error,
+        }
+        assert!(accepted < 100_000, "the budget never filled");
+    };
+    assert!(is_full(&failure), "{failure:?}");
+    assert!(accepted > 100, "{accepted}");
+    let head_when_full = head(&path);
+
+    // Nothing partial: the refused command left no event, no usage id, no key.
+    let state = ledger.member_state("m").unwrap();
+    assert_eq!(state.available(), Credits(1_000_000 - accepted));
+    for _ in 0..3 {
+        let again = ledger.execute("m", keyed(usage(&format!("u{accepted}"), 1), &format!("k{accepted}")));
+        assert!(again.as_ref().is_err_and(is_full), "{again:?}");
+    }
+    assert_eq!(head(&path), head_when_full);
+    // Reads go on: the log, the chain, the member's state.
+    let reader = EventReader::open(&path).unwrap();
+    assert_eq!(reader.verify_chain(|_| {}).unwrap().events_checked, head_when_full);
+    ledger.shutdown();
+
+    // The operator frees space (here: a larger budget) and restarts.
+    let roomy = StoreOptions { max_log_bytes: Some(64 * 1024 * 1024), ..StoreOptions::default() };
+    let ledger = Ledger::open(&path, options(roomy), clock()).unwrap();
+    let retried = ledger.execute("m", keyed(usage(&format!("u{accepted}"), 1), &format!("k{accepted}"))).unwrap();
+    assert!(!retried.replayed, "the refused command was never recorded, so its retry applies now");
+    assert_eq!(ledger.member_state("m").unwrap().available(), Credits(1_000_000 - accepted - 1));
+    // And the accepted ones stay exactly once.
+    let replay = ledger.execute("m", keyed(usage("u0", 1), "k0")).unwrap();
+    assert!(replay.replayed);
+}
+
+#[test]
+fn a_second_writer_holding_the_lock_gets_busy_answers_and_the_ledger_recovers() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let quick = StoreOptions { busy_timeout_ms: 100, ..StoreOptions::default() };
+    let ledger = Ledger::open(&path, options(quick), clock()).unwrap();
+    ledger.execute("m", grant(100)).unwrap();
+    let before = head(&path);
+
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let busy = ledger.execute("m", keyed(usage("u1", 5), "busy-1"));
+    assert!(matches!(busy, Err(LedgerError::Store(StoreError::Busy))), "{busy:?}");
+    // A reader is not blocked by a writer's lock (WAL).
+    assert_eq!(head(&path), before);
+    assert_eq!(EventReader::open(&path).unwrap().read_all(0, 10).unwrap().len() as u64, before);
+    other.execute_batch("ROLLBACK").unwrap();
+
+    let executed = ledger.execute("m", keyed(usage("u1", 5), "busy-1")).unwrap();
+    assert!(!executed.replayed);
+    assert_eq!(ledger.member_state("m").unwrap().available(), Credits(95));
+    assert_eq!(head(&path), before + 2);
+}
+
+#[test]
+fn a_failed_commit_fails_its_whole_batch_and_retries_apply_exactly_once() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let ledger = Arc::new(Ledger::open(&path, LedgerOptions::default(), clock()).unwrap());
+    for member in ["a", "b", "c", "d"] {
+        ledger.execute(member, grant(1_000)).unwrap();
+    }
+    let before = head(&path);
+
+    // Several submitters while the next commits fail with an I/O error.
+    faults::fail_next_commits(&path, 3);
+    let submit = |round: &str| {
+        let handles: Vec<_> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|member| {
+                let ledger = ledger.clone();
+                let key = format!("{member}-{round}");
+                std::thread::spawn(move || ledger.execute(member, keyed(usage(&key, 10), &key)))
+            })
+            .collect();
+        handles.into_iter().map(|handle| handle.join().unwrap()).collect::<Vec<_>>()
+    };
+    let mut failed = 0;
+    for round in 0..3 {
+        for result in submit(&round.to_string()) {
+            match result {
+                Ok(executed) => assert!(!executed.replayed),
+                Err(error) => {
+                    assert!(error.is_storage_failure(), "{error:?}");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    assert!(failed >= 3, "three commits failed, each failing at least one command: {failed}");
+    let accepted = 12 - failed;
+    assert_eq!(head(&path), before + 2 * accepted as u64, "a failed batch left nothing behind");
+
+    // The writer goes on; every command retried with its key applies once.
+    for round in 0..3 {
+        for result in submit(&round.to_string()) {
+            result.unwrap();
+        }
+    }
+    assert_eq!(head(&path), before + 2 * 12);
+    for member in ["a", "b", "c", "d"] {
+        assert_eq!(ledger.member_state(member).unwrap().available(), Credits(970), "{member}");
+    }
+    // The cache agrees with a cold replay of the log.
+    Arc::try_unwrap(ledger).ok().unwrap().shutdown();
+    let reopened = Ledger::open(&path, LedgerOptions::default(), clock()).unwrap();
+    for member in ["a", "b", "c", "d"] {
+        assert_eq!(reopened.member_state(member).unwrap().available(), Credits(970), "{member}");
+    }
+    assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 24);
+}
