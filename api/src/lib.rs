@@ -236,7 +236,9 @@ pub async fn observe(
         .get(actix_web::http::header::CONTENT_TYPE)
         .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/problem+json"));
     let response = if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
-        let problem = ApiError::PayloadTooLarge { limit_bytes: REQUEST_BODY_BYTES_MAX }.error_response();
+        let limit_bytes =
+            if route == "/v1/webhooks/stripe" { stripe::WEBHOOK_BODY_BYTES_MAX } else { REQUEST_BODY_BYTES_MAX };
+        let problem = ApiError::PayloadTooLarge { limit_bytes }.error_response();
         response.into_response(problem)
     } else if response.status().is_client_error() && !is_problem {
         let detail =

@@ -5,10 +5,11 @@
 //! tolerance), then parsed, mapped and executed as a member command with
 //! Stripe's event id as the idempotency key: a redelivery is answered from
 //! the idempotency record and changes nothing. A genuine event tally does
-//! not act on is acknowledged (200) and recorded on the `stripe-intake`
-//! stream, never answered with a 5xx that Stripe would retry for days. An
-//! event the ledger refuses (a price no plan has, say) gets a 4xx problem:
-//! Stripe retries it, and a retry after the catalog is fixed succeeds.
+//! not act on, or that the ledger refuses for good (a currency that is not
+//! the member's, say), is acknowledged (200) and recorded on the
+//! `stripe-intake` stream, never answered with a status that Stripe would
+//! retry for days. An event whose price no plan has gets a 422: Stripe
+//! retries it, and a retry after the catalog is fixed succeeds.
 
 use crate::commands::{Route, execute_member, member_path};
 use crate::error::ApiError;
@@ -25,8 +26,12 @@ use tally_stripe::{Mapped, StripeApi};
 
 /// Webhook bodies are larger than API bodies: an invoice with many lines.
 pub const WEBHOOK_BODY_BYTES_MAX: usize = 512 * 1024;
-/// Every webhook's idempotency records live under this scope.
+/// Idempotency scopes: an applied event's record (written with its member
+/// events) and an ignored or unprocessed event's record on `stripe-intake`.
+/// Apart, so that an event ignored today (its customer not yet linked) is
+/// applied when Stripe sends it again after the link.
 const WEBHOOK_SCOPE: &str = "stripe/webhook";
+const INTAKE_SCOPE: &str = "stripe/intake";
 
 /// Stripe settings, from the environment of `tally serve`.
 #[derive(Clone, Default)]
@@ -68,9 +73,12 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
     };
     let header = match request.headers().get("Stripe-Signature") {
         None => None,
-        Some(value) => Some(value.to_str().map_err(|_| ApiError::InvalidSignature {
-            reason: "malformed_header",
-            detail: "the Stripe-Signature header is not ASCII".to_owned(),
+        Some(value) => Some(value.to_str().map_err(|_| {
+            state.metrics.stripe_webhook("invalid_signature");
+            ApiError::InvalidSignature {
+                reason: "malformed_header",
+                detail: "the Stripe-Signature header is not ASCII".to_owned(),
+            }
         })?),
     };
     if let Err(error) = tally_stripe::verify(header, &bytes, &secret, wall_clock_now(), Some(state.stripe.tolerance_s))
@@ -95,14 +103,14 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
         }
         Mapped::Ignored { reason } => ignored(&state, &parsed.id, &parsed.event_type, parsed.created, reason).await,
         Mapped::Command { customer_id, member_hint, command } => {
-            apply(&state, &parsed, customer_id, member_hint, *command).await
+            apply(&state, &parsed, customer_id, member_hint, *command, &bytes).await
         }
     }
 }
 
-fn webhook_idempotency(key: &str) -> Idempotency {
+fn webhook_idempotency(scope: &str, key: &str) -> Idempotency {
     Idempotency {
-        scope: WEBHOOK_SCOPE.to_owned(),
+        scope: scope.to_owned(),
         key: key.to_owned(),
         fingerprint: Sha256::digest(key.as_bytes()).into(),
         status: 200,
@@ -111,7 +119,7 @@ fn webhook_idempotency(key: &str) -> Idempotency {
 
 async fn record_intake(state: &AppState, key: &str, event: IntakeEvent) -> Result<(), ApiError> {
     let ledger = state.ledger.clone();
-    let request = Request::new(event, "stripe").with_idempotency(webhook_idempotency(key));
+    let request = Request::new(event, "stripe").with_idempotency(webhook_idempotency(INTAKE_SCOPE, key));
     actix_web::web::block(move || ledger.record_intake(request)).await??;
     Ok(())
 }
@@ -182,6 +190,7 @@ async fn apply(
     customer_id: Option<String>,
     member_hint: Option<String>,
     command: StripeCommand,
+    bytes: &[u8],
 ) -> Result<HttpResponse, ApiError> {
     let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
     let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
@@ -189,8 +198,8 @@ async fn apply(
         return ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await;
     };
     let ledger = state.ledger.clone();
-    let request =
-        Request::new(MemberCommand::Stripe(command), "stripe").with_idempotency(webhook_idempotency(&parsed.id));
+    let request = Request::new(MemberCommand::Stripe(command), "stripe")
+        .with_idempotency(webhook_idempotency(WEBHOOK_SCOPE, &parsed.id));
     let member = member_id.clone();
     match actix_web::web::block(move || ledger.execute(&member, request)).await? {
         Ok(executed) => {
@@ -210,6 +219,18 @@ async fn apply(
         Err(LedgerError::Rejected(DomainError::MemberNotFound)) => {
             let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");
             ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await
+        }
+        // A price no plan has: refused, so that Stripe retries, and a retry
+        // after the catalog is fixed goes through.
+        Err(LedgerError::Rejected(rejection)) if rejection.field() == Some("stripe_price_id") => {
+            state.metrics.stripe_webhook("refused");
+            Err(LedgerError::Rejected(rejection).into())
+        }
+        // Anything else the ledger refuses would be refused again on every
+        // retry: acknowledged, kept verbatim with the reason for an operator.
+        Err(LedgerError::Rejected(rejection)) => {
+            let reason = format!("member {member_id}: {rejection}");
+            unprocessed(state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, bytes).await
         }
         Err(error) => {
             state.metrics.stripe_webhook("refused");
@@ -278,6 +299,12 @@ pub(crate) async fn start_with_stripe(
     if member_state.subscription.as_ref().is_some_and(|subscription| subscription.is_live()) {
         return Err(ApiError::validation("plan_id", "the member already has an active subscription"));
     }
+    if !entry.terms.plan.currency.eq_ignore_ascii_case(&member_state.profile.currency) {
+        return Err(ApiError::validation("plan_id", "the plan's currency differs from the member's"));
+    }
+    // Stripe's keys: the request's key within its scope (principal, member,
+    // route), hashed to a fixed length.
+    let key = hex::encode(Sha256::digest(format!("{}\n{key}", idempotency.scope).as_bytes()));
 
     let customer_id = match member_state.profile.stripe_customer_id.clone() {
         Some(customer_id) => customer_id,

@@ -13,11 +13,11 @@
 //! Everything is one transaction: dropping an [`Import`] without
 //! [`Import::commit`], or any error, leaves the log as it was.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::codec;
 use crate::domain::{CATALOG_STREAM, MemberEvent, MemberState, next_due};
-use crate::service::LedgerError;
+use crate::service::{LedgerError, relink_stripe_customer};
 use crate::store::{Batch, EventStore, Head, Imported, RecordedEvent};
 
 /// The prefix of member streams, `member-{member_id}`.
@@ -42,6 +42,8 @@ pub struct Import<'store> {
     /// Member streams that received events, whose due instant is refreshed
     /// at commit.
     member_streams: BTreeSet<String>,
+    /// The Stripe customer each imported member stream names so far.
+    customers: HashMap<String, Option<String>>,
     report: ImportReport,
 }
 
@@ -60,6 +62,7 @@ impl<'store> Import<'store> {
         Ok(Import {
             batch,
             member_streams: BTreeSet::new(),
+            customers: HashMap::new(),
             report: ImportReport { already_present: 0, appended: 0, head },
         })
     }
@@ -95,9 +98,10 @@ impl<'store> Import<'store> {
             MemberEvent::UsageReversed { usage_id, .. } => {
                 self.batch.mark_usage_reversed(stream_id, usage_id, position)?;
             }
-            MemberEvent::MemberRegistered { stripe_customer_id: Some(customer_id), .. }
-            | MemberEvent::MemberProfileChanged { stripe_customer_id: Some(customer_id), .. } => {
-                self.batch.link_stripe_customer(customer_id, stream_id)?;
+            MemberEvent::MemberRegistered { stripe_customer_id, .. }
+            | MemberEvent::MemberProfileChanged { stripe_customer_id, .. } => {
+                let current = self.customers.entry(stream_id.to_owned()).or_default();
+                relink_stripe_customer(&mut self.batch, stream_id, current, stripe_customer_id.as_deref())?;
             }
             _ => {}
         }

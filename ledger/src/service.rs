@@ -742,11 +742,12 @@ impl Shell<'_, '_> {
             };
             match self.append_member(&stream_id, &state, &decision, request) {
                 Ok(positions) => {
+                    let previous_customer = state.profile.stripe_customer_id.clone();
                     let mut state = state;
                     for occurred in &decision {
                         state.apply(&occurred.event);
                     }
-                    self.index_member(&stream_id, &state, &decision, &positions)?;
+                    self.index_member(&stream_id, &state, &decision, &positions, previous_customer.as_deref())?;
                     let outcome = self.outcome(&stream_id, &decision, &positions, Some(BalanceView::of(&state)));
                     let executed = self.finish(request, outcome)?;
                     self.members.insert(member_id.to_owned(), state);
@@ -792,7 +793,9 @@ impl Shell<'_, '_> {
         state: &MemberState,
         decision: &Decision,
         positions: &[u64],
+        previous_customer: Option<&str>,
     ) -> Result<(), LedgerError> {
+        let mut customer = previous_customer.map(str::to_owned);
         for (occurred, position) in decision.iter().zip(positions) {
             match &occurred.event {
                 MemberEvent::UsageRecorded { usage_id, credits, .. } => {
@@ -801,9 +804,9 @@ impl Shell<'_, '_> {
                 MemberEvent::UsageReversed { usage_id, .. } => {
                     self.batch.mark_usage_reversed(stream_id, usage_id, *position)?;
                 }
-                MemberEvent::MemberRegistered { stripe_customer_id: Some(customer_id), .. }
-                | MemberEvent::MemberProfileChanged { stripe_customer_id: Some(customer_id), .. } => {
-                    self.batch.link_stripe_customer(customer_id, stream_id)?;
+                MemberEvent::MemberRegistered { stripe_customer_id, .. }
+                | MemberEvent::MemberProfileChanged { stripe_customer_id, .. } => {
+                    relink_stripe_customer(self.batch, stream_id, &mut customer, stripe_customer_id.as_deref())?;
                 }
                 _ => {}
             }
@@ -966,6 +969,26 @@ impl Shell<'_, '_> {
         report.position = self.batch.head().position;
         Ok(report)
     }
+}
+
+/// Keep the customer index in step with a member's profile: the customer it
+/// names now points here; one it named before and no longer does, no more.
+pub(crate) fn relink_stripe_customer(
+    batch: &mut Batch<'_>,
+    stream_id: &str,
+    current: &mut Option<String>,
+    named: Option<&str>,
+) -> Result<(), StoreError> {
+    if let Some(previous) = current.as_deref()
+        && Some(previous) != named
+    {
+        batch.unlink_stripe_customer(previous, stream_id)?;
+    }
+    if let Some(customer_id) = named {
+        batch.link_stripe_customer(customer_id, stream_id)?;
+    }
+    *current = named.map(str::to_owned);
+    Ok(())
 }
 
 fn metadata<C>(request: &Request<C>, actor: &str, occurred_at: Option<DateTime<Utc>>) -> EventMetadata {

@@ -173,12 +173,13 @@ fn every_fixture_event_is_accepted_or_refused_with_a_clear_4xx() {
         outcomes.insert(file.rsplit('/').next().unwrap().to_owned(), outcome);
     }
     // The composed subscription has its period backwards (a fixture value):
-    // refused, and Stripe would retry. Its invoices are recorded.
-    assert_eq!(outcomes["customer.subscription.created.json"], "validation_failed");
+    // refused for good, so acknowledged and kept for an operator. Its
+    // invoices are recorded.
+    assert_eq!(outcomes["customer.subscription.created.json"], "unprocessed");
     assert_eq!(outcomes["invoice.finalized.json"], "applied");
     assert_eq!(outcomes["invoice.paid.json"], "applied");
     // A pre-basil (2020-03-02) subscription, read by the fallback.
-    assert_eq!(outcomes["subscription_created.json"], "validation_failed", "EUR member, USD plan: {outcomes:?}");
+    assert_eq!(outcomes["subscription_created.json"], "unprocessed", "EUR member, USD plan: {outcomes:?}");
     assert_eq!(outcomes["invoice_paid.json"], "applied");
     assert_eq!(outcomes["customer_updated.json"], "ignored");
     let (status, invoices) = linked.admin_get("/v1/members/composed/invoices?min_position=1");
@@ -492,6 +493,47 @@ fn shuffled_delivery_reaches_the_same_books_as_in_order() {
 }
 
 #[test]
+fn an_event_ignored_before_the_link_applies_when_sent_again_and_an_unknown_price_is_retried() {
+    let server = stripe_server(Some("2026-01-01T00:00:00Z"), &[]);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+    let created = subscription_event(
+        "evt_early",
+        "customer.subscription.created",
+        "2026-01-01T00:00:10Z",
+        Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false },
+    );
+    assert_eq!(deliver(&server, &created).1["status"], "ignored");
+    assert_eq!(deliver(&server, &created).1["status"], "ignored", "still unlinked: the same record");
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"})).status(), 200);
+    let (status, answer) = deliver(&server, &created);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+
+    // A price no plan has: 422, so Stripe retries; after the catalog knows
+    // it, the retry goes through.
+    let upgrade = subscription_event(
+        "evt_gold",
+        "customer.subscription.updated",
+        "2026-01-02T00:00:00Z",
+        Sub { status: "active", price: "price_gold", period: P1, cancel_at_period_end: false },
+    );
+    let (status, problem) = deliver(&server, &upgrade);
+    assert_eq!((status, problem["field"].as_str()), (422, Some("stripe_price_id")), "{problem}");
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("gold", 5_000, 9_000, 0, "price_gold")).0, 201);
+    let (status, answer) = deliver(&server, &upgrade);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+    server.sync("life");
+    assert_eq!(server.admin_get("/v1/members/life/subscription").1["plan_id"], "gold");
+
+    // The member moves to another Stripe customer: the old one links to nothing.
+    let moved = json!({"stripe_customer_id": "cus_elsewhere"});
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &moved).status(), 200);
+    let mut late = upgrade.clone();
+    late["id"] = json!("evt_after_move");
+    let (status, answer) = deliver(&server, &late);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("ignored")), "{answer}");
+}
+
+#[test]
 fn a_checkout_with_tally_metadata_buys_credits() {
     let server = life_server();
     let mut event: Value =
@@ -540,7 +582,9 @@ fn a_stripe_billed_subscription_is_created_through_a_fake_stripe_and_errors_chan
     assert_eq!(seen[0].field("metadata[tally_member_id]"), Some("m1"));
     assert_eq!(seen[1].field("customer"), Some("cus_fake_1"));
     assert_eq!(seen[1].field("items[0][price]"), Some("price_basic"));
-    assert!(seen.iter().all(|request| request.idempotency_key.as_deref().is_some_and(|key| key.contains("create-1"))));
+    // Stripe idempotency keys derive from the request's (hashed with its scope).
+    let keys: Vec<&str> = seen.iter().map(|request| request.idempotency_key.as_deref().unwrap()).collect();
+    assert!(keys[0].starts_with("tally-customer-") && keys[1].starts_with("tally-subscription-"), "{keys:?}");
     server.sync("m1");
     let (_, subscription) = server.admin_get("/v1/members/m1/subscription");
     assert_eq!(

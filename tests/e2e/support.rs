@@ -36,8 +36,6 @@ pub struct Server {
     pub base: String,
     pub data_dir: TempDir,
     pub client: Client,
-    /// Where the server's stderr (its logs) goes, when captured.
-    pub log: Option<PathBuf>,
 }
 
 impl Server {
@@ -93,7 +91,7 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let client = Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        Server { child, base, data_dir, client, log: log.map(Path::to_path_buf) }
+        Server { child, base, data_dir, client }
     }
 
     pub fn url(&self, path: &str) -> String {

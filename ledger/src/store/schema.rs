@@ -124,6 +124,31 @@ PRAGMA user_version = 1;
 
 const STRIPE_CUSTOMERS_SQL: &str = "CREATE TABLE IF NOT EXISTS stripe_customers (customer_id TEXT NOT NULL PRIMARY KEY, stream_id TEXT NOT NULL) WITHOUT ROWID, STRICT;";
 
+/// The customer index came after the first logs were written: a file
+/// without it gets it built from its member events (the last link written
+/// wins, as when the writer keeps it).
+fn add_stripe_customers(connection: &Connection) -> Result<(), StoreError> {
+    let exists: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'stripe_customers')",
+        [],
+        |row| row.get(0),
+    )?;
+    if exists {
+        return Ok(());
+    }
+    connection.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         {STRIPE_CUSTOMERS_SQL}
+         INSERT OR REPLACE INTO stripe_customers (customer_id, stream_id)
+             SELECT json_extract(payload, '$.stripe_customer_id'), stream_id FROM events
+             WHERE event_type IN ('MemberRegistered', 'MemberProfileChanged')
+               AND json_extract(payload, '$.stripe_customer_id') IS NOT NULL
+             ORDER BY position;
+         COMMIT;"
+    ))?;
+    Ok(())
+}
+
 /// What a SQLite file holds, as far as tally is concerned.
 #[derive(Debug, PartialEq, Eq)]
 enum Contents {
@@ -156,9 +181,7 @@ pub(super) fn open_for_writing(
     if contents == Contents::Empty {
         create_schema(&connection, path)?;
     }
-    // Added after the first files were written: an index, derived from the
-    // events, so a file from before gets it empty (an import fills it).
-    connection.execute_batch(STRIPE_CUSTOMERS_SQL)?;
+    add_stripe_customers(&connection)?;
     refuse_missing_triggers(&connection)?;
     Ok(connection)
 }

@@ -452,6 +452,17 @@ impl Batch<'_> {
         self.after(result)
     }
 
+    /// Drops a customer's link to a stream whose profile no longer names it.
+    pub fn unlink_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let result = self
+            .connection()
+            .prepare_cached("DELETE FROM stripe_customers WHERE customer_id = ?1 AND stream_id = ?2")
+            .and_then(|mut statement| statement.execute(params![customer_id, stream_id]))
+            .map(drop);
+        self.after(result)
+    }
+
     /// Links a Stripe customer to a member stream (the last link wins).
     pub fn link_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
         self.ensure_open()?;

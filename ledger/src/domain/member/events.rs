@@ -349,10 +349,11 @@ pub enum MemberEvent {
         invoice_id: String,
     },
 
-    /// A Stripe event reached this member. Written first in every append a
-    /// Stripe event causes: the audit trail names the Stripe event behind
-    /// each change, and the newest applied `created` is the watermark that
-    /// keeps an older subscription state from overwriting a newer one.
+    /// A Stripe event reached this member. Written in every append a Stripe
+    /// event causes, before the event's own effects: the audit trail names
+    /// the Stripe event behind each change, and its `created` moves the
+    /// watermarks that keep an older subscription state from overwriting a
+    /// newer one.
     StripeEventApplied {
         stripe_event_id: String,
         event_type: String,
@@ -361,6 +362,11 @@ pub enum MemberEvent {
         /// True when the event was older than what was already applied and
         /// so changed nothing.
         stale: bool,
+        /// The Stripe subscription whose order this event moves: its
+        /// snapshot watermark (subscription events) and its status watermark
+        /// (those and `invoice.paid` / `invoice.payment_failed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        synced: Option<StripeSynced>,
     },
 }
 
@@ -398,6 +404,15 @@ impl MemberEvent {
             MemberEvent::StripeEventApplied { .. } => "StripeEventApplied",
         }
     }
+}
+
+/// Which watermarks of a Stripe subscription a Stripe event moves to its
+/// `created`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeSynced {
+    pub subscription_id: String,
+    pub snapshot: bool,
+    pub status: bool,
 }
 
 /// An event with the instant it took effect: the caller's time for a

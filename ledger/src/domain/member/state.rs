@@ -74,6 +74,8 @@ pub struct Subscription {
     pub cancel_at_period_end: bool,
     /// A Stripe-managed period that ended and awaits Stripe's renewal.
     pub period_closed: bool,
+    /// The invoice whose failed payment made it past due, if one did.
+    pub past_due_invoice: Option<String>,
     pub stripe_subscription_id: Option<String>,
 }
 
@@ -130,6 +132,15 @@ pub struct Totals {
     pub debt_billed: Credits,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StripeWatermarks {
+    /// The newest subscription snapshot applied.
+    pub snapshot_at: Option<Timestamp>,
+    /// The newest event that decided the status (a snapshot, or an invoice
+    /// paid or failed).
+    pub status_at: Option<Timestamp>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemberState {
     /// `None` until `MemberRegistered`.
@@ -149,9 +160,9 @@ pub struct MemberState {
     pub invoices: BTreeMap<String, InvoiceRecord>,
     pub invoices_issued: u64,
     pub totals: Totals,
-    /// The `created` of the newest Stripe event applied to the subscription's
-    /// state: an older one changes nothing (out-of-order delivery).
-    pub stripe_synced_at: Option<Timestamp>,
+    /// Per Stripe subscription, the `created` of the newest Stripe event
+    /// applied to it: older ones change nothing (out-of-order delivery).
+    pub stripe_subscriptions: BTreeMap<String, StripeWatermarks>,
     /// Stripe invoice id → tally invoice id, for Stripe's invoices of record.
     pub stripe_invoices: BTreeMap<String, String>,
     /// Stripe period starts already allocated for: once per period.
@@ -240,6 +251,7 @@ impl MemberState {
                     scheduled_change: None,
                     cancel_at_period_end: false,
                     period_closed: false,
+                    past_due_invoice: None,
                     stripe_subscription_id: stripe_subscription_id.clone(),
                 });
             }
@@ -284,8 +296,10 @@ impl MemberState {
                     self.totals.debt_billed = self.totals.debt_billed.plus(*debt_cleared);
                 }
             }
-            MemberEvent::SubscriptionPastDue { .. } => {
-                self.subscription_mut().status = SubscriptionStatus::PastDue;
+            MemberEvent::SubscriptionPastDue { invoice_id } => {
+                let subscription = self.subscription_mut();
+                subscription.status = SubscriptionStatus::PastDue;
+                subscription.past_due_invoice = invoice_id.clone();
             }
             MemberEvent::SubscriptionCanceled { .. } => {
                 let subscription = self.subscription_mut();
@@ -294,7 +308,9 @@ impl MemberState {
                 subscription.cancel_at_period_end = false;
             }
             MemberEvent::SubscriptionReactivated {} => {
-                self.subscription_mut().status = SubscriptionStatus::Active;
+                let subscription = self.subscription_mut();
+                subscription.status = SubscriptionStatus::Active;
+                subscription.past_due_invoice = None;
             }
             MemberEvent::CreditsGranted {
                 grant_id,
@@ -418,7 +434,9 @@ impl MemberState {
                 if let Some(stripe_invoice_id) = stripe_invoice_id {
                     self.stripe_invoices.insert(stripe_invoice_id.clone(), invoice_id.clone());
                 }
-                if period_start.is_some() {
+                // Only tally's own period invoice takes the draft's lines; a
+                // Stripe invoice of record is Stripe's.
+                if period_start.is_some() && stripe_invoice_id.is_none() {
                     self.period_lines.clear();
                 }
                 if debt_cleared.is_positive() {
@@ -437,11 +455,16 @@ impl MemberState {
             MemberEvent::InvoiceMarkedUncollectible { invoice_id } => {
                 self.set_invoice_status(invoice_id, InvoiceStatus::Uncollectible)
             }
-            MemberEvent::StripeEventApplied { event_type, created, stale, .. } => {
-                if !stale && moves_subscription_state(event_type) {
-                    self.stripe_synced_at = self.stripe_synced_at.max(Some(*created));
+            MemberEvent::StripeEventApplied { created, synced: Some(synced), .. } => {
+                let watermarks = self.stripe_subscriptions.entry(synced.subscription_id.clone()).or_default();
+                if synced.snapshot {
+                    watermarks.snapshot_at = watermarks.snapshot_at.max(Some(*created));
+                }
+                if synced.status {
+                    watermarks.status_at = watermarks.status_at.max(Some(*created));
                 }
             }
+            MemberEvent::StripeEventApplied { synced: None, .. } => {}
         }
     }
 
@@ -479,13 +502,6 @@ impl MemberState {
     fn drop_empty_grants(&mut self) {
         self.grants.retain(|_, grant| grant.remaining.is_positive() || grant.held.is_positive());
     }
-}
-
-/// The Stripe event types whose order decides the subscription's status.
-pub(crate) fn moves_subscription_state(event_type: &str) -> bool {
-    event_type.starts_with("customer.subscription.")
-        || event_type == "invoice.paid"
-        || event_type == "invoice.payment_failed"
 }
 
 pub(crate) fn purchase_line(amount: Credits, price: MinorUnits) -> InvoiceLine {

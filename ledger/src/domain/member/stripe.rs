@@ -7,10 +7,13 @@
 //!
 //! - **Snapshots, not deltas.** A subscription event carries the whole
 //!   subscription as Stripe has it; tally moves its own state to match.
-//! - **A watermark.** Every Stripe-driven append starts with
-//!   `StripeEventApplied`; the newest applied `created` of a status-bearing
-//!   event is kept, and an older subscription snapshot changes nothing. A
-//!   Stripe subscription, once canceled, stays canceled.
+//! - **Watermarks per Stripe subscription.** Every append a Stripe event
+//!   causes holds a `StripeEventApplied` before the event's own effects (time
+//!   effects that fell due come first). It moves the subscription's snapshot
+//!   watermark (the newest snapshot applied: an older one changes nothing)
+//!   and its status watermark (the newest snapshot or invoice payment: an
+//!   older one does not decide the status). A Stripe subscription, once
+//!   canceled, stays canceled.
 //! - **Monotone invoice facts.** An invoice is recorded once per Stripe id
 //!   (by whichever of finalized / paid / payment_failed comes first), paid is
 //!   final, a failure after payment is history, and each Stripe period is
@@ -26,7 +29,7 @@ use super::state::*;
 use crate::domain::amount::{Credits, MinorUnits};
 use crate::domain::catalog::{Catalog, PlanTerms};
 use crate::domain::error::DomainError;
-use crate::domain::limits::COMMAND_CREDITS_MAX;
+use crate::domain::limits::*;
 use crate::domain::validate;
 
 /// The Stripe event behind a command.
@@ -124,39 +127,39 @@ pub fn status_from_stripe(status: &str) -> SubscriptionStatus {
 pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog: &Catalog) -> Result<(), DomainError> {
     let event = command.event();
     validate::identifier("stripe_event_id", &event.event_id)?;
-    let fresh = draft.state.stripe_synced_at.is_none_or(|synced_at| event.created >= synced_at);
-    let stale = match command {
-        StripeCommand::Subscription { subscription, .. } => !fresh || ended_here(&draft.state, subscription),
-        _ => false,
-    };
+    stripe_instant("created", event.created)?;
     // Rejections come before anything is emitted, so that they write nothing.
     match command {
-        StripeCommand::Subscription { subscription, .. } if !stale => {
-            check_subscription(&draft.state, subscription, catalog)?
-        }
-        StripeCommand::Purchase { credits, currency, .. } => {
+        StripeCommand::Subscription { subscription, .. } => check_subscription(&draft.state, subscription, catalog)?,
+        StripeCommand::Invoice { invoice, outcome, .. } => check_invoice(&draft.state, invoice, *outcome, catalog)?,
+        StripeCommand::Purchase { credits, price, currency, .. } => {
             validate::range("tally_purchase_credits", credits.0, 1, COMMAND_CREDITS_MAX)?;
+            validate::range("amount_total", price.0, 0, PRICE_MINOR_MAX)?;
             if !currency.eq_ignore_ascii_case(&draft.state.profile.currency) {
                 return Err(DomainError::invalid("currency", "the checkout's currency differs from the member's"));
             }
         }
-        StripeCommand::Invoice { invoice, .. } => check_invoice(&draft.state, invoice)?,
-        _ => {}
     }
 
+    let (stale, synced, status_fresh) = order(&draft.state, command);
     draft.emit_now(MemberEvent::StripeEventApplied {
         stripe_event_id: event.event_id.clone(),
         event_type: event.event_type.clone(),
         created: event.created,
         stale,
+        synced,
     });
     link_customer(draft, event)?;
     if stale {
         return Ok(());
     }
     match command {
-        StripeCommand::Subscription { subscription, .. } => apply_subscription(draft, subscription, catalog),
-        StripeCommand::Invoice { invoice, outcome, .. } => apply_invoice(draft, invoice, *outcome, fresh, catalog),
+        StripeCommand::Subscription { subscription, .. } => {
+            apply_subscription(draft, subscription, catalog, status_fresh)
+        }
+        StripeCommand::Invoice { invoice, outcome, .. } => {
+            apply_invoice(draft, invoice, *outcome, status_fresh, catalog)
+        }
         StripeCommand::Purchase { session_id, credits, price, .. } => {
             let terms = GrantTerms {
                 source: GrantSource::Purchase,
@@ -182,14 +185,54 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
     Ok(())
 }
 
+/// Where an event stands in its subscription's order: whether it is stale
+/// (changes nothing), which watermarks it moves, and whether it may still
+/// decide the status.
+///
+/// - A snapshot older than the newest applied snapshot of the same Stripe
+///   subscription is stale; so is any snapshot of a subscription tally saw
+///   end, and a `created` of one tally already has (`created` and the first
+///   `updated` often share a second).
+/// - The status follows the newest of the snapshots and the invoice
+///   payments (paid or failed) of a subscription tally knows.
+fn order(state: &MemberState, command: &StripeCommand) -> (bool, Option<StripeSynced>, bool) {
+    let created = command.event().created;
+    let (subscription_id, snapshot) = match command {
+        StripeCommand::Subscription { subscription, .. } => (subscription.subscription_id.as_str(), true),
+        StripeCommand::Invoice {
+            invoice,
+            outcome: StripeInvoiceOutcome::Paid | StripeInvoiceOutcome::PaymentFailed,
+            ..
+        } => match invoice.subscription_id.as_deref() {
+            Some(id) if same_subscription(state, id).is_some() => (id, false),
+            _ => return (false, None, false),
+        },
+        _ => return (false, None, false),
+    };
+    let watermarks = state.stripe_subscriptions.get(subscription_id).copied().unwrap_or_default();
+    let status_fresh = watermarks.status_at.is_none_or(|at| created >= at);
+    let known = same_subscription(state, subscription_id);
+    let stale = snapshot
+        && (watermarks.snapshot_at.is_some_and(|at| created < at)
+            || known.is_some_and(|current| !current.is_live())
+            || (known.is_some() && command.event().event_type == "customer.subscription.created"));
+    let synced =
+        (!stale).then(|| StripeSynced { subscription_id: subscription_id.to_owned(), snapshot, status: status_fresh });
+    (stale, synced, status_fresh && !stale)
+}
+
+fn stripe_instant(field: &'static str, instant: Timestamp) -> Result<(), DomainError> {
+    use chrono::Datelike;
+    if (STRIPE_YEAR_MIN..=STRIPE_YEAR_MAX).contains(&instant.year()) {
+        Ok(())
+    } else {
+        Err(DomainError::invalid(field, format!("must lie in the years {STRIPE_YEAR_MIN} to {STRIPE_YEAR_MAX}")))
+    }
+}
+
 /// The member's subscription with this Stripe id, live or not.
 fn same_subscription<'a>(state: &'a MemberState, subscription_id: &str) -> Option<&'a Subscription> {
     state.subscription.as_ref().filter(|current| current.stripe_subscription_id.as_deref() == Some(subscription_id))
-}
-
-/// A Stripe subscription that tally saw end never comes back.
-fn ended_here(state: &MemberState, subscription: &StripeSubscription) -> bool {
-    same_subscription(state, &subscription.subscription_id).is_some_and(|current| !current.is_live())
 }
 
 fn plan_for_price<'a>(catalog: &'a Catalog, price_id: &str) -> Result<&'a PlanTerms, DomainError> {
@@ -204,13 +247,15 @@ fn check_subscription(
     catalog: &Catalog,
 ) -> Result<(), DomainError> {
     validate::identifier("stripe_subscription_id", &subscription.subscription_id)?;
+    stripe_instant("current_period_start", subscription.period_start)?;
+    stripe_instant("current_period_end", subscription.period_end)?;
     if subscription.period_end <= subscription.period_start {
         return Err(DomainError::invalid("current_period_end", "the period ends before it starts"));
     }
     let terms = plan_for_price(catalog, &subscription.price_id)?;
     let currency = &terms.plan.currency;
     if !currency.eq_ignore_ascii_case(&state.profile.currency) {
-        return Err(DomainError::invalid("stripe_price_id", "the plan's currency differs from the member's"));
+        return Err(DomainError::invalid("currency", "the plan's currency differs from the member's"));
     }
     if let Some(current) = state.subscription.as_ref().filter(|current| current.is_live())
         && current.stripe_subscription_id.as_deref() != Some(subscription.subscription_id.as_str())
@@ -223,21 +268,46 @@ fn check_subscription(
     Ok(())
 }
 
-fn check_invoice(state: &MemberState, invoice: &StripeInvoice) -> Result<(), DomainError> {
+fn check_invoice(
+    state: &MemberState,
+    invoice: &StripeInvoice,
+    outcome: StripeInvoiceOutcome,
+    catalog: &Catalog,
+) -> Result<(), DomainError> {
     validate::identifier("stripe_invoice_id", &invoice.invoice_id)?;
     if !state.stripe_invoices.contains_key(&invoice.invoice_id)
         && !invoice.currency.eq_ignore_ascii_case(&state.profile.currency)
     {
         return Err(DomainError::invalid("currency", "the invoice's currency differs from the member's"));
     }
+    if invoice.lines.len() > STRIPE_INVOICE_LINES_MAX {
+        return Err(DomainError::invalid("lines", format!("more than {STRIPE_INVOICE_LINES_MAX} lines")));
+    }
+    validate::range("total", invoice.total.0, -PRICE_MINOR_MAX, PRICE_MINOR_MAX)?;
     for line in &invoice.lines {
+        validate::range("lines.amount", line.amount.0, -PRICE_MINOR_MAX, PRICE_MINOR_MAX)?;
+        for instant in [line.period_start, line.period_end].into_iter().flatten() {
+            stripe_instant("lines.period", instant)?;
+        }
         if let (Some(start), Some(end)) = (line.period_start, line.period_end)
             && end < start
         {
             return Err(DomainError::invalid("lines.period", "a line's period ends before it starts"));
         }
     }
+    // A paid subscription invoice must bring its period's credits: a price no
+    // plan has is refused (Stripe retries; a catalog fix lets it through).
+    if outcome == StripeInvoiceOutcome::Paid
+        && brings_allocation(invoice)
+        && let Some(price_id) = subscription_line(invoice).and_then(|line| line.price_id.as_deref())
+    {
+        plan_for_price(catalog, price_id)?;
+    }
     Ok(())
+}
+
+fn brings_allocation(invoice: &StripeInvoice) -> bool {
+    matches!(invoice.billing_reason.as_deref(), Some("subscription_create" | "subscription_cycle"))
 }
 
 fn link_customer(draft: &mut Draft, event: &StripeEventRef) -> Result<(), DomainError> {
@@ -260,7 +330,7 @@ fn link_customer(draft: &mut Draft, event: &StripeEventRef) -> Result<(), Domain
 }
 
 /// Move tally's subscription to Stripe's snapshot (checked before).
-fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog: &Catalog) {
+fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog: &Catalog, status_fresh: bool) {
     let terms = plan_for_price(catalog, &snapshot.price_id).expect("checked").clone();
     let status = if snapshot.deleted { SubscriptionStatus::Canceled } else { status_from_stripe(&snapshot.status) };
     let Some(current) = same_subscription(&draft.state, &snapshot.subscription_id).cloned() else {
@@ -304,7 +374,9 @@ fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog:
         (true, false) => draft.emit_now(MemberEvent::SubscriptionCancelRevoked {}),
         _ => {}
     }
-    set_status(draft, status, None);
+    if status_fresh {
+        set_status(draft, status, None);
+    }
 }
 
 fn set_status(draft: &mut Draft, status: SubscriptionStatus, invoice_id: Option<String>) {
@@ -362,7 +434,11 @@ fn apply_invoice(
             if matches!(status, Some(InvoiceStatus::Open | InvoiceStatus::Uncollectible)) {
                 draft.emit_now(MemberEvent::PaymentSucceeded { invoice_id: invoice_id.clone(), amount: total });
             }
-            if fresh && of_live_subscription(&draft.state, invoice) {
+            let made_past_due = draft.state.subscription.as_ref().and_then(|current| current.past_due_invoice.clone());
+            if fresh
+                && of_live_subscription(&draft.state, invoice)
+                && made_past_due.is_none_or(|past_due| past_due == invoice_id)
+            {
                 set_status(draft, SubscriptionStatus::Active, None);
             }
             allocate(draft, invoice, catalog);
@@ -450,9 +526,12 @@ fn subscription_line(invoice: &StripeInvoice) -> Option<&StripeInvoiceLine> {
 /// a period that already ended gets none. A later period than the
 /// subscription's own renews it first.
 fn allocate(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) {
-    let by_subscription =
-        matches!(invoice.billing_reason.as_deref(), Some("subscription_create" | "subscription_cycle"));
-    if !by_subscription {
+    if !brings_allocation(invoice) {
+        return;
+    }
+    // Credits of a subscription tally saw end would outlive it.
+    let known = invoice.subscription_id.as_deref().and_then(|id| same_subscription(&draft.state, id));
+    if known.is_some_and(|current| !current.is_live()) {
         return;
     }
     let Some(line) = subscription_line(invoice) else { return };

@@ -1250,6 +1250,7 @@ mod stripe_managed {
                 event_type: "customer.subscription.updated".into(),
                 created: at(2026, 1, 5),
                 stale: true,
+                synced: None,
             }]
         );
         assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::PastDue);
@@ -1363,5 +1364,58 @@ mod stripe_managed {
         assert_eq!(types(&events), ["StripeEventApplied", "MemberProfileChanged", "CreditsGranted"]);
         assert!(life.state.period_lines.is_empty(), "Stripe collected the price: no line on tally's invoice");
         assert_eq!(life.state.available(), Credits(1_500));
+    }
+
+    #[test]
+    fn an_invoice_arriving_before_its_subscription_does_not_make_the_subscription_stale() {
+        let mut life = stripe_life(at(2026, 1, 2));
+        let paid = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+        life.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::Paid, paid));
+        let created = MemberCommand::Stripe(StripeCommand::Subscription {
+            event: event("evt_1", "customer.subscription.created", at(2026, 1, 1) - Duration::seconds(5)),
+            subscription: snapshot("active", "price_starter", january()),
+        });
+        let events = life.run(created.clone());
+        assert_eq!(types(&events), ["StripeEventApplied", "SubscriptionStarted"]);
+        assert_eq!(life.state.available(), Credits(1_000));
+        // A `created` of a subscription tally already has changes nothing.
+        assert_eq!(types(&life.run(created)), ["StripeEventApplied"]);
+    }
+
+    #[test]
+    fn a_paid_invoice_after_the_end_grants_nothing_and_only_the_failed_invoice_reactivates() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let failed = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+        life.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::PaymentFailed, failed.clone()));
+        let other = invoice("in_other", "manual", "price_starter", january(), 50);
+        let events = life.run(invoice_event("evt_3", at(2026, 1, 2), StripeInvoiceOutcome::Paid, other));
+        assert!(!types(&events).contains(&"SubscriptionReactivated"), "another invoice's payment: {events:?}");
+        let mut deleted = snapshot("canceled", "price_starter", january());
+        deleted.deleted = true;
+        life.run(subscription_event("evt_4", at(2026, 1, 3), deleted));
+        let events = life.run(invoice_event("evt_5", at(2026, 1, 4), StripeInvoiceOutcome::Paid, failed));
+        assert_eq!(types(&events), ["StripeEventApplied", "PaymentSucceeded"]);
+        assert_eq!(life.state.available(), Credits(0), "no credits for a subscription that ended");
+    }
+
+    #[test]
+    fn hostile_amounts_instants_and_unknown_prices_are_refused() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let mut huge = invoice("in_1", "manual", "price_starter", january(), 1_000);
+        huge.total = MinorUnits(i64::MAX);
+        let refused = life.rejection(invoice_event("evt_1", at(2026, 1, 1), StripeInvoiceOutcome::Finalized, huge));
+        assert_eq!(field(refused), Some("total"));
+        let mut lines = invoice("in_1", "manual", "price_starter", january(), 1_000);
+        lines.lines[0].amount = MinorUnits(i64::MIN);
+        let refused = life.rejection(invoice_event("evt_1", at(2026, 1, 1), StripeInvoiceOutcome::Finalized, lines));
+        assert_eq!(field(refused), Some("lines.amount"));
+        let unknown = invoice("in_1", "subscription_cycle", "price_nope", january(), 1_000);
+        let refused = life.rejection(invoice_event("evt_1", at(2026, 1, 1), StripeInvoiceOutcome::Paid, unknown));
+        assert_eq!(field(refused), Some("stripe_price_id"));
+        let far = (at(2026, 1, 1), Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0).unwrap());
+        let refused =
+            life.rejection(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", far)));
+        assert_eq!(field(refused), Some("current_period_end"));
     }
 }
