@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod crash;
 mod fake_stripe;
+mod faults;
 mod security;
 mod stripe;
 mod support;
