@@ -7,5 +7,6 @@ mod crash;
 mod fake_stripe;
 mod faults;
 mod security;
+mod soak;
 mod stripe;
 mod support;

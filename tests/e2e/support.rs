@@ -94,6 +94,10 @@ impl Server {
         Server { child, base, data_dir, client }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
