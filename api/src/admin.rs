@@ -21,22 +21,20 @@ pub const EVENTS_PAGE_SIZE_DEFAULT: usize = 100;
 pub(crate) fn plan_view(entry: &tally_ledger::domain::CatalogEntry) -> PlanView {
     let plan = &entry.terms.plan;
     PlanView {
-        plan: PlanBody {
-            plan_id: plan.plan_id.clone(),
-            name: plan.name.clone(),
-            price: plan.price.0,
-            currency: plan.currency.clone(),
-            interval: "month".to_owned(),
-            monthly_credits: plan.monthly_credits.0,
-            rollover: RolloverBody { enabled: plan.rollover.enabled, max_credits: plan.rollover.max_credits.0 },
-            overage: OverageBody {
-                allowed: plan.overage.allowed,
-                limit_credits: plan.overage.limit_credits.0,
-                unit_price: plan.overage.unit_price.0,
-            },
-            rate_limit_per_minute: plan.rate_limit_per_minute,
-            stripe_price_id: plan.stripe_price_id.clone(),
+        plan_id: plan.plan_id.clone(),
+        name: plan.name.clone(),
+        price: plan.price.0,
+        currency: plan.currency.clone(),
+        interval: "month".to_owned(),
+        monthly_credits: plan.monthly_credits.0,
+        rollover: RolloverBody { enabled: plan.rollover.enabled, max_credits: plan.rollover.max_credits.0 },
+        overage: OverageBody {
+            allowed: plan.overage.allowed,
+            limit_credits: plan.overage.limit_credits.0,
+            unit_price: plan.overage.unit_price.0,
         },
+        rate_limit_per_minute: plan.rate_limit_per_minute,
+        stripe_price_id: plan.stripe_price_id.clone(),
         plan_version: entry.terms.plan_version,
         retired: entry.retired,
     }

@@ -57,10 +57,21 @@ fn month() -> String {
     "month".to_owned()
 }
 
+/// A plan as the catalog holds it: the fields of [`PlanBody`] (spelled out,
+/// since a request body refuses unknown fields and this answer has more),
+/// its version and whether it is retired.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanView {
-    #[serde(flatten)]
-    pub plan: PlanBody,
+    pub plan_id: String,
+    pub name: String,
+    pub price: i64,
+    pub currency: String,
+    pub interval: String,
+    pub monthly_credits: i64,
+    pub rollover: RolloverBody,
+    pub overage: OverageBody,
+    pub rate_limit_per_minute: u32,
+    pub stripe_price_id: Option<String>,
     pub plan_version: u32,
     pub retired: bool,
 }

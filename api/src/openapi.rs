@@ -16,6 +16,53 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every operation may answer with these problems, whatever its own
+/// annotation lists; errors are `application/problem+json`.
+struct ProblemResponses;
+
+const COMMON_PROBLEMS: &[(&str, &str)] = &[
+    ("400", "malformed_request: the body or a parameter is not what the route reads"),
+    ("401", "unauthorized: no or an unknown bearer key"),
+    ("403", "forbidden: the key may not do this"),
+    ("404", "not_found"),
+    ("405", "method_not_allowed"),
+    ("413", "payload_too_large"),
+    ("422", "validation_failed, naming the field"),
+    ("429", "rate_limited, with Retry-After"),
+    ("503", "service_unavailable: busy, full or lagging; retry"),
+];
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = || ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                for (status, response) in responses.iter_mut() {
+                    if let RefOr::T(response) = response
+                        && (status.starts_with('4') || status.starts_with('5'))
+                        && let Some(content) = response.content.shift_remove("application/json")
+                    {
+                        response.content.insert("application/problem+json".to_owned(), content);
+                    }
+                }
+                for (status, description) in COMMON_PROBLEMS {
+                    responses.entry((*status).to_owned()).or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(*description)
+                                .content("application/problem+json", problem())
+                                .build(),
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tally", description = "An event-sourced credits ledger. Errors are application/problem+json with a stable `code`."),
@@ -55,7 +102,7 @@ impl Modify for BearerAuth {
         crate::admin::metrics,
         crate::stripe::webhook,
     ),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ProblemResponses)
 )]
 pub struct ApiDoc;
 
