@@ -138,9 +138,6 @@ pub async fn balance(
     Ok(HttpResponse::Ok().json(balance))
 }
 
-/// A page of one member's rows as `{member_id, <list>: [...], next_cursor}`,
-/// plus `extra` fields; `not_found` when the member was never registered.
-#[allow(clippy::too_many_arguments)]
 /// Credentials, then the right to the path's member, before anything of the
 /// request is parsed: a refused caller learns nothing from validation.
 fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal, ApiError> {
@@ -149,6 +146,9 @@ fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal
     Ok(principal)
 }
 
+/// A page of one member's rows as `{member_id, <list>: [...], next_cursor}`,
+/// plus `extra` fields; `not_found` when the member was never registered.
+#[allow(clippy::too_many_arguments)]
 async fn member_page<T: Serialize + Send + 'static>(
     state: &AppState,
     principal: &Principal,

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::codec;
 use crate::domain::{CATALOG_STREAM, MemberEvent, MemberState, next_due};
 use crate::service::{LedgerError, relink_stripe_customer};
-use crate::store::{Batch, EventStore, Head, Imported, RecordedEvent};
+use crate::store::{Batch, EventStore, Head, Imported, RecordedEvent, StoreError};
 
 /// The prefix of member streams, `member-{member_id}`.
 const MEMBER_STREAM_PREFIX: &str = "member-";
@@ -125,7 +125,23 @@ impl<'store> Import<'store> {
         loop {
             let page = self.batch.read_stream(stream_id, state.version + 1, STREAM_PAGE_SIZE)?;
             for recorded in &page {
-                state.apply(&codec::decode_member(recorded)?);
+                let event = codec::decode_member(recorded)?;
+                // A re-chained file can hold events that each decode but
+                // contradict one another (a part of a grant never granted):
+                // the fold's own checks stop there, and the file is refused.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.apply(&event)));
+                if let Err(panic) = applied {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                        .unwrap_or_else(|| "a broken invariant".to_owned());
+                    return Err(StoreError::ImportRefused {
+                        position: recorded.position,
+                        reason: format!("the stream {stream_id} contradicts itself: {message}"),
+                    }
+                    .into());
+                }
             }
             if page.len() < STREAM_PAGE_SIZE {
                 return Ok(state);

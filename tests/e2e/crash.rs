@@ -17,8 +17,11 @@ use std::time::{Duration, Instant};
 const CLOCK: [&str; 3] = ["--test-clock", "--start", "2026-01-01T00:00:00Z"];
 const MEMBERS: [&str; 3] = ["crash-a", "crash-b", "crash-c"];
 const CLIENTS: u64 = 4;
-const KILLS: usize = 24;
-const CHAOS: Duration = Duration::from_secs(28);
+/// `TALLY_CRASH_KILLS` (24), `TALLY_CRASH_SECONDS` (28) and `TALLY_CRASH_SEED`
+/// set a longer or different run.
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
 
 /// Knuth's MMIX linear congruential generator.
 struct Lcg(u64);
@@ -248,9 +251,11 @@ fn acknowledged_writes_survive_repeated_sigkills_and_retries_never_double_apply(
         .collect();
 
     // Kill at seeded moments and restart on the same directory.
-    let mut rng = Lcg(20_260_101);
+    let (kills_wanted, chaos) =
+        (knob("TALLY_CRASH_KILLS", 24) as usize, Duration::from_secs(knob("TALLY_CRASH_SECONDS", 28)));
+    let mut rng = Lcg(knob("TALLY_CRASH_SEED", 20_260_101));
     let mut kills = 0;
-    while kills < KILLS && started.elapsed() < CHAOS {
+    while kills < kills_wanted && started.elapsed() < chaos {
         thread::sleep(Duration::from_millis(50 + rng.below(700)));
         let data_dir = server.kill();
         kills += 1;
