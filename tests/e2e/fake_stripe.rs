@@ -31,6 +31,7 @@ struct Shared {
     fail_subscriptions: Option<(u16, Value)>,
     customers: u32,
     subscriptions: u32,
+    invoice_items: u32,
 }
 
 pub struct FakeStripe {
@@ -141,6 +142,21 @@ fn answer(seen: &Seen, shared: &mut Shared) -> (u16, Value) {
             item["current_period_start"] = json!(now);
             item["current_period_end"] = json!(now + 30 * 86_400);
             (200, subscription)
+        }
+        ("POST", "/v1/invoiceitems") => {
+            shared.invoice_items += 1;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let amount: i64 = seen.field("amount").and_then(|amount| amount.parse().ok()).unwrap_or(0);
+            let item = json!({
+                "id": format!("ii_fake_{}", shared.invoice_items), "object": "invoiceitem",
+                "amount": amount, "currency": seen.field("currency"), "customer": seen.field("customer"),
+                "customer_account": null, "date": now, "description": seen.field("description"),
+                "discountable": true, "discounts": null, "frozen_fields": null, "invoice": null,
+                "invoicing_rules": null, "livemode": false, "metadata": {}, "net_amount": amount, "parent": null,
+                "period": {"start": now, "end": now}, "pricing": null, "proration": false,
+                "proration_details": null, "quantity": 1, "quantity_decimal": "1", "tax_rates": null, "test_clock": null
+            });
+            (200, item)
         }
         _ => (404, json!({"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}})),
     }

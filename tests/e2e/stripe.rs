@@ -625,3 +625,59 @@ fn a_stripe_billed_subscription_is_created_through_a_fake_stripe_and_errors_chan
         server.admin_post("/v1/members/m2/subscription", json!({"plan_id": "local", "billing": "stripe"}));
     assert_eq!((status, problem["field"].as_str()), (422, Some("plan_id")), "{problem}");
 }
+
+/// A Stripe-managed member's overage goes to Stripe as an invoice item when
+/// tally's clock closes the period, once, even across a restart.
+#[test]
+fn overage_of_a_stripe_managed_member_is_sent_to_stripe_once() {
+    let fake = FakeStripe::start();
+    let env = [
+        ("TALLY_STRIPE_WEBHOOK_SECRET", SECRET),
+        ("TALLY_STRIPE_SECRET_KEY", "sk_test_fake"),
+        ("TALLY_STRIPE_API_BASE", fake.base.as_str()),
+    ];
+    let clock = ["--test-clock", "--start", "2026-01-01T00:00:00Z"];
+    let server = Server::start_with_env(TempDir::new().unwrap(), &clock, &env);
+    let mut metered = stripe_plan("metered", 1_000, 1_000, 0, "price_metered");
+    metered["overage"] = json!({"allowed": true, "limit_credits": 5_000, "unit_price": 2});
+    assert_eq!(server.admin_post("/v1/plans", metered).0, 201);
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"})).status(), 200);
+    let active = Sub { status: "active", price: "price_metered", period: P1, cancel_at_period_end: false };
+    let bill =
+        Bill { invoice: "in_m1", reason: "subscription_create", price: "price_metered", amount: 1_000, period: P1 };
+    for event in [
+        subscription_event("evt_m1", "customer.subscription.created", "2026-01-01T00:00:10Z", active),
+        invoice_event("evt_m2", "invoice.paid", "2026-01-01T00:00:20Z", bill),
+    ] {
+        assert_eq!(deliver(&server, &event).1["status"], "applied");
+    }
+    let (status, used) =
+        server.admin_post("/v1/members/life/usage", json!({"usage_id": "big", "metric": "calls", "credits": 1_300}));
+    assert_eq!(status, 201, "{used}");
+    assert_eq!(used["balance"]["debt"], 300);
+    assert!(fake.seen().is_empty(), "nothing is sent before the period closes");
+
+    set_clock(&server, "2026-02-01T00:00:00Z");
+    let items = |fake: &FakeStripe| -> Vec<crate::fake_stripe::Seen> {
+        fake.seen().into_iter().filter(|seen| seen.path == "/v1/invoiceitems").collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while items(&fake).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let sent = items(&fake);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].field("customer"), sent[0].field("amount"), sent[0].field("currency")),
+        (Some("cus_life"), Some("600"), Some("usd"))
+    );
+    assert!(sent[0].field("description").unwrap().contains("300 credits"), "{sent:?}");
+    assert!(sent[0].idempotency_key.as_deref().unwrap().starts_with("tally-overage-"));
+
+    // A restart does not send it again.
+    let data_dir = server.terminate();
+    let server = Server::start_with_env(data_dir, &clock, &env);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(items(&fake).len(), 1);
+    drop(server);
+}

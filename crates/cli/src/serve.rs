@@ -53,6 +53,9 @@ fn publish_address(data_dir: &DataDir, bound: SocketAddr) -> Result<()> {
     address.publish(data_dir)
 }
 
+/// How often the Stripe outbox looks for overage to send.
+const OUTBOX_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often the scheduler looks for due renewals, expiries and timeouts.
 const SCHEDULER_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -89,9 +92,36 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     }
     let mut app_state = AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone());
     app_state.stripe = stripe_settings()?;
+    let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
     let stop_scheduler = Arc::new(AtomicBool::new(false));
+    // The Stripe outbox: overage of Stripe-managed members, as invoice items.
+    let outbox = stripe_api.map(|api| {
+        let outbox = tally_stripe::Outbox::new(api, &data_dir.root().join("stripe-outbox.position"));
+        let ledger = ledger.clone();
+        let stop = stop_scheduler.clone();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => return tracing::error!(%error, "the Stripe outbox cannot start"),
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match runtime.block_on(outbox.run_once(&ledger)) {
+                    Ok(report) if report.invoice_items > 0 => {
+                        tracing::info!(
+                            items = report.invoice_items,
+                            position = report.position,
+                            "sent overage to Stripe"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "the Stripe outbox will try again"),
+                }
+                std::thread::sleep(OUTBOX_INTERVAL);
+            }
+        })
+    });
     let scheduler = (test_clock.is_none()).then(|| {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
@@ -136,6 +166,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     stop_scheduler.store(true, Ordering::Relaxed);
     if let Some(scheduler) = scheduler {
         let _ = scheduler.join();
+    }
+    if let Some(outbox) = outbox {
+        let _ = outbox.join();
     }
     runner.stop();
     drop(ledger);

@@ -11,6 +11,7 @@
 //! - [`mapping`] turns those facts into a ledger [`StripeCommand`](tally_ledger::domain::StripeCommand), or says
 //!   why the event is ignored or cannot be processed.
 //! - [`outbound`] creates Stripe customers and subscriptions through async-stripe, against a configurable base URL.
+//! - [`outbox`] follows the log and sends a Stripe-managed member's overage to Stripe as invoice items.
 //!
 //! Invariant: apart from [`outbound`], nothing here does I/O or reads a clock; the caller passes `now` in. Verification always comes before
 //! parsing, and a genuine event that cannot be read is an error value, never a panic.
@@ -18,6 +19,7 @@
 pub mod event;
 pub mod mapping;
 pub mod outbound;
+pub mod outbox;
 pub mod signature;
 
 pub use event::{
@@ -26,4 +28,5 @@ pub use event::{
 };
 pub use mapping::{Mapped, map};
 pub use outbound::{OutboundError, StripeApi};
+pub use outbox::{Outbox, OutboxError, OutboxReport};
 pub use signature::{DEFAULT_TOLERANCE_S, SignatureError, SignatureHeader, parse_header, sign, verify};

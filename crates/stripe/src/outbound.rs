@@ -5,6 +5,7 @@
 use crate::event::SubscriptionFacts;
 use std::collections::HashMap;
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_billing::invoice_item::CreateInvoiceItem;
 use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems};
 use stripe_core::customer::CreateCustomer;
 
@@ -92,6 +93,40 @@ impl StripeApi {
             canceled_at: subscription.canceled_at,
             metadata: subscription.metadata.into_iter().collect(),
         })
+    }
+}
+
+impl StripeApi {
+    /// Adds a pending invoice item (overage) to the customer's next invoice;
+    /// returns its id. `idempotency_key` is the caller's, used as is.
+    pub async fn create_invoice_item(
+        &self,
+        customer_id: &str,
+        amount: i64,
+        currency: &str,
+        description: &str,
+        idempotency_key: &str,
+    ) -> Result<String, OutboundError> {
+        let currency = currency.to_ascii_lowercase().parse::<stripe_types::Currency>().map_err(|_| OutboundError {
+            status: None,
+            code: "invalid_currency".to_owned(),
+            message: format!("{currency} is not a currency Stripe knows"),
+        })?;
+        let key = IdempotencyKey::new(idempotency_key).map_err(|error| OutboundError {
+            status: None,
+            code: "invalid_idempotency_key".to_owned(),
+            message: error.to_string(),
+        })?;
+        let item = CreateInvoiceItem::new()
+            .customer(customer_id)
+            .amount(amount)
+            .currency(currency)
+            .description(description)
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(&self.client)
+            .await?;
+        Ok(item.id.to_string())
     }
 }
 

@@ -285,12 +285,14 @@ fn close_period(draft: &mut Draft, instant: Timestamp, catalog: &Catalog) {
         }
         Billing::Stripe => {
             let debt_cleared = draft.state.debt();
+            let overage_lines = overage_lines(&draft.state.debt);
             draft.emit(
                 instant,
                 MemberEvent::SubscriptionPeriodClosed {
                     period_start: subscription.period_start,
                     period_end: subscription.period_end,
                     debt_cleared,
+                    overage_lines,
                 },
             );
             return;
@@ -707,10 +709,12 @@ pub(super) fn close_period_now(draft: &mut Draft, subscription: &Subscription, r
         None => lapse_allocations(draft),
     }
     let debt_cleared = draft.state.debt();
+    let overage_lines = overage_lines(&draft.state.debt);
     draft.emit_now(MemberEvent::SubscriptionPeriodClosed {
         period_start: subscription.period_start,
         period_end: now,
         debt_cleared,
+        overage_lines,
     });
 }
 

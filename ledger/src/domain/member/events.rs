@@ -210,6 +210,11 @@ pub enum MemberEvent {
         period_end: Timestamp,
         /// Overage handed to Stripe as invoice items, cleared here.
         debt_cleared: Credits,
+        /// What that overage costs: one line per unit price in force when
+        /// it was incurred. tally's Stripe outbox sends each line to Stripe
+        /// as an invoice item on the customer's next invoice.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        overage_lines: Vec<InvoiceLine>,
     },
     SubscriptionPastDue {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,111 @@
+//! The Stripe outbox: what a Stripe-managed member owes beyond Stripe's own
+//! fees goes to Stripe as invoice items on the customer's next invoice
+//! (DESIGN.md §3). Today that is overage: each `SubscriptionPeriodClosed`
+//! carries its `overage_lines`, and the outbox sends one invoice item per
+//! line.
+//!
+//! It follows the log like a projector: from a checkpoint (a small file in
+//! the data directory) it reads the events after it, sends what they ask,
+//! and moves the checkpoint past an event only once Stripe took all of its
+//! items. Stripe's idempotency key for a line is the event's id and the
+//! line's index, so a resend after a crash (between Stripe's answer and the
+//! checkpoint) is deduplicated by Stripe: each line is billed once.
+
+use crate::outbound::{OutboundError, StripeApi};
+use std::path::{Path, PathBuf};
+use tally_ledger::domain::MemberEvent;
+use tally_ledger::{Ledger, LedgerError, codec};
+
+/// Events read per page.
+const PAGE_EVENTS: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Stripe(#[from] OutboundError),
+    #[error("the outbox checkpoint {path}: {source}")]
+    Checkpoint { path: PathBuf, source: std::io::Error },
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxReport {
+    pub events_read: u64,
+    pub invoice_items: u64,
+    /// The log position the outbox has handled up to.
+    pub position: u64,
+}
+
+pub struct Outbox {
+    api: std::sync::Arc<StripeApi>,
+    checkpoint: PathBuf,
+}
+
+impl Outbox {
+    pub fn new(api: std::sync::Arc<StripeApi>, checkpoint: &Path) -> Outbox {
+        Outbox { api, checkpoint: checkpoint.to_path_buf() }
+    }
+
+    /// The position handled so far (0 before the first pass).
+    pub fn position(&self) -> Result<u64, OutboxError> {
+        match std::fs::read_to_string(&self.checkpoint) {
+            Ok(text) => text.trim().parse().map_err(|_| OutboxError::Checkpoint {
+                path: self.checkpoint.clone(),
+                source: std::io::Error::other(format!("not a position: {text:?}")),
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(OutboxError::Checkpoint { path: self.checkpoint.clone(), source }),
+        }
+    }
+
+    fn save(&self, position: u64) -> Result<(), OutboxError> {
+        let checkpoint_error = |source| OutboxError::Checkpoint { path: self.checkpoint.clone(), source };
+        let temporary = self.checkpoint.with_extension("tmp");
+        std::fs::write(&temporary, position.to_string()).map_err(checkpoint_error)?;
+        std::fs::rename(&temporary, &self.checkpoint).map_err(checkpoint_error)
+    }
+
+    /// Send everything the log asks for up to its head. On a Stripe error
+    /// the pass stops before the event that failed, to be tried again.
+    pub async fn run_once(&self, ledger: &Ledger) -> Result<OutboxReport, OutboxError> {
+        let mut report = OutboxReport { position: self.position()?, ..OutboxReport::default() };
+        loop {
+            let page = ledger.reader()?.read_all(report.position, PAGE_EVENTS).map_err(LedgerError::from)?;
+            let Some(last) = page.last().map(|event| event.position) else { return Ok(report) };
+            for recorded in &page {
+                report.events_read += 1;
+                if recorded.event_type != "SubscriptionPeriodClosed" {
+                    continue;
+                }
+                let MemberEvent::SubscriptionPeriodClosed { overage_lines, .. } =
+                    codec::decode_member(recorded).map_err(LedgerError::from)?
+                else {
+                    continue;
+                };
+                if overage_lines.is_empty() {
+                    continue;
+                }
+                let Some(member_id) = recorded.stream_id.strip_prefix("member-") else { continue };
+                let profile = ledger.member_state(member_id)?.profile;
+                let Some(customer_id) = profile.stripe_customer_id else {
+                    tracing::warn!(%member_id, "overage of a Stripe-managed member without a Stripe customer: not sent");
+                    continue;
+                };
+                for (index, line) in overage_lines.iter().enumerate() {
+                    let key = format!("tally-overage-{}-{index}", recorded.event_id);
+                    let description = format!("{} (tally, period ending {})", line.description, recorded.recorded_at);
+                    self.api
+                        .create_invoice_item(&customer_id, line.amount.0, &profile.currency, &description, &key)
+                        .await?;
+                    report.invoice_items += 1;
+                }
+                report.position = recorded.position;
+                self.save(report.position)?;
+            }
+            report.position = last;
+            self.save(last)?;
+        }
+    }
+}
