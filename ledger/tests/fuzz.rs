@@ -659,6 +659,7 @@ fn member_events() -> Vec<MemberEvent> {
             schedule_id: Some("sg3".into()),
             stripe_period_start: Some(instant(1)),
             stripe_checkout_session_id: None,
+            stripe_invoice_item: false,
         },
         MemberEvent::CreditsGrantScheduled {
             schedule_id: "sg3".into(),

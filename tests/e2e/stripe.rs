@@ -672,12 +672,27 @@ fn overage_of_a_stripe_managed_member_is_sent_to_stripe_once() {
         (Some("cus_life"), Some("600"), Some("usd"))
     );
     assert!(sent[0].field("description").unwrap().contains("300 credits"), "{sent:?}");
-    assert!(sent[0].idempotency_key.as_deref().unwrap().starts_with("tally-overage-"));
+    assert!(sent[0].idempotency_key.as_deref().unwrap().starts_with("tally-"));
+
+    // A priced purchase granted through tally: on Stripe's invoice too, not tally's.
+    let body = json!({"source": "purchase", "amount": 500, "price": 990});
+    let (status, granted) = server.admin_post("/v1/members/life/credits/grants", body);
+    assert_eq!(status, 201, "{granted}");
+    let types: Vec<&str> =
+        granted["events"].as_array().unwrap().iter().map(|event| event["type"].as_str().unwrap()).collect();
+    assert!(!types.contains(&"InvoiceIssued"), "{types:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while items(&fake).len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let sent = items(&fake);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!((sent[1].field("amount"), sent[1].field("description")), (Some("990"), Some("Purchase of 500 credits")));
 
     // A restart does not send it again.
     let data_dir = server.terminate();
     let server = Server::start_with_env(data_dir, &clock, &env);
     std::thread::sleep(std::time::Duration::from_secs(3));
-    assert_eq!(items(&fake).len(), 1);
+    assert_eq!(items(&fake).len(), 2);
     drop(server);
 }

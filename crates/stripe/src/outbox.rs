@@ -1,8 +1,8 @@
 //! The Stripe outbox: what a Stripe-managed member owes beyond Stripe's own
 //! fees goes to Stripe as invoice items on the customer's next invoice
-//! (DESIGN.md §3). Today that is overage: each `SubscriptionPeriodClosed`
-//! carries its `overage_lines`, and the outbox sends one invoice item per
-//! line.
+//! (DESIGN.md §3): overage (each `SubscriptionPeriodClosed` carries its
+//! `overage_lines`, one invoice item per line) and priced purchases granted
+//! through tally (`CreditsGranted` with `stripe_invoice_item`).
 //!
 //! It follows the log like a projector: from a checkpoint (a small file in
 //! the data directory) it reads the events after it, sends what they ask,
@@ -76,29 +76,19 @@ impl Outbox {
             let Some(last) = page.last().map(|event| event.position) else { return Ok(report) };
             for recorded in &page {
                 report.events_read += 1;
-                if recorded.event_type != "SubscriptionPeriodClosed" {
-                    continue;
-                }
-                let MemberEvent::SubscriptionPeriodClosed { overage_lines, .. } =
-                    codec::decode_member(recorded).map_err(LedgerError::from)?
-                else {
-                    continue;
-                };
-                if overage_lines.is_empty() {
+                let items = invoice_items(recorded)?;
+                if items.is_empty() {
                     continue;
                 }
                 let Some(member_id) = recorded.stream_id.strip_prefix("member-") else { continue };
                 let profile = ledger.member_state(member_id)?.profile;
                 let Some(customer_id) = profile.stripe_customer_id else {
-                    tracing::warn!(%member_id, "overage of a Stripe-managed member without a Stripe customer: not sent");
+                    tracing::warn!(%member_id, "a charge of a Stripe-managed member without a Stripe customer: not sent");
                     continue;
                 };
-                for (index, line) in overage_lines.iter().enumerate() {
-                    let key = format!("tally-overage-{}-{index}", recorded.event_id);
-                    let description = format!("{} (tally, period ending {})", line.description, recorded.recorded_at);
-                    self.api
-                        .create_invoice_item(&customer_id, line.amount.0, &profile.currency, &description, &key)
-                        .await?;
+                for (index, (amount, description)) in items.iter().enumerate() {
+                    let key = format!("tally-{}-{index}", recorded.event_id);
+                    self.api.create_invoice_item(&customer_id, *amount, &profile.currency, description, &key).await?;
                     report.invoice_items += 1;
                 }
                 report.position = recorded.position;
@@ -108,4 +98,23 @@ impl Outbox {
             self.save(last)?;
         }
     }
+}
+
+/// The invoice items an event asks for: (amount, description).
+fn invoice_items(recorded: &tally_ledger::store::RecordedEvent) -> Result<Vec<(i64, String)>, OutboxError> {
+    if !matches!(recorded.event_type.as_str(), "SubscriptionPeriodClosed" | "CreditsGranted") {
+        return Ok(Vec::new());
+    }
+    let event = codec::decode_member(recorded).map_err(LedgerError::from)?;
+    Ok(match event {
+        MemberEvent::SubscriptionPeriodClosed { overage_lines, period_end, .. } => overage_lines
+            .into_iter()
+            .map(|line| (line.amount.0, format!("{} (period ending {})", line.description, period_end.date_naive())))
+            .collect(),
+        MemberEvent::CreditsGranted { terms, stripe_invoice_item: true, .. } => {
+            let price = terms.price.map_or(0, |price| price.0);
+            vec![(price, format!("Purchase of {} credits", terms.amount))]
+        }
+        _ => Vec::new(),
+    })
 }

@@ -160,6 +160,7 @@ impl Draft {
                 schedule_id,
                 stripe_period_start: None,
                 stripe_checkout_session_id: None,
+                stripe_invoice_item: false,
             },
         );
     }
@@ -783,9 +784,29 @@ fn grant_credits(draft: &mut Draft, grant: &GrantCredits) -> Result<(), DomainEr
 /// Grant, and bill a priced purchase: on the open period's invoice (the
 /// grant's evolve adds the line), or on a one-off invoice issued at once.
 fn grant_with_invoice(draft: &mut Draft, instant: Timestamp, terms: GrantTerms, schedule_id: Option<String>) {
-    let one_off_price = terms.price.filter(|price| {
-        terms.source == GrantSource::Purchase && price.is_positive() && !draft.state.has_billing_period()
-    });
+    let priced_purchase = terms.price.filter(|price| terms.source == GrantSource::Purchase && price.is_positive());
+    let stripe_managed = draft
+        .state
+        .subscription
+        .as_ref()
+        .is_some_and(|subscription| subscription.is_live() && subscription.billing == Billing::Stripe);
+    if priced_purchase.is_some() && stripe_managed {
+        // Stripe bills this member: the price goes to Stripe as an invoice item.
+        let grant_id = format!("g{}", draft.next_version());
+        let granted = MemberEvent::CreditsGranted {
+            grant_id,
+            terms,
+            transferred_from: Vec::new(),
+            usage_id: None,
+            schedule_id,
+            stripe_period_start: None,
+            stripe_checkout_session_id: None,
+            stripe_invoice_item: true,
+        };
+        draft.emit(instant, granted);
+        return;
+    }
+    let one_off_price = priced_purchase.filter(|_| !draft.state.has_billing_period());
     let amount = terms.amount;
     draft.grant_scheduled(instant, terms, Vec::new(), None, schedule_id);
     if let Some(price) = one_off_price {

@@ -249,6 +249,11 @@ pub enum MemberEvent {
         /// collected the price, so it goes on no tally invoice.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stripe_checkout_session_id: Option<String>,
+        /// A priced purchase of a Stripe-managed member: its price goes to
+        /// Stripe as an invoice item (tally's Stripe outbox), on no tally
+        /// invoice.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stripe_invoice_item: bool,
     },
     CreditsGrantScheduled {
         schedule_id: String,

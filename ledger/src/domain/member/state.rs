@@ -320,6 +320,7 @@ impl MemberState {
                 schedule_id,
                 stripe_period_start,
                 stripe_checkout_session_id,
+                stripe_invoice_item: _,
             } => {
                 if let Some(schedule_id) = schedule_id {
                     self.scheduled_grants.remove(schedule_id);

@@ -179,6 +179,7 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
                 schedule_id: None,
                 stripe_period_start: None,
                 stripe_checkout_session_id: Some(session_id.clone()),
+                stripe_invoice_item: false,
             });
         }
     }
@@ -569,6 +570,7 @@ fn allocate(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) {
             schedule_id: None,
             stripe_period_start: Some(period_start),
             stripe_checkout_session_id: None,
+            stripe_invoice_item: false,
         });
     }
 }

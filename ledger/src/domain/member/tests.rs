@@ -832,6 +832,7 @@ fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
             schedule_id: None,
             stripe_period_start: None,
             stripe_checkout_session_id: None,
+            stripe_invoice_item: false,
         },
         MemberEvent::CreditsExpired { grant_id: "g3".into(), amount: Credits(200) },
     ];
@@ -1417,5 +1418,17 @@ mod stripe_managed {
         let refused =
             life.rejection(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", far)));
         assert_eq!(field(refused), Some("current_period_end"));
+    }
+
+    #[test]
+    fn a_priced_purchase_of_a_stripe_managed_member_goes_to_stripe_not_to_a_tally_invoice() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let events = life.run(grant_with(GrantSource::Purchase, 500, |grant| grant.price = Some(MinorUnits(990))));
+        assert_eq!(types(&events), ["CreditsGranted"]);
+        let MemberEvent::CreditsGranted { stripe_invoice_item, terms, .. } = &events[0] else { unreachable!() };
+        assert!(*stripe_invoice_item);
+        assert_eq!(terms.price, Some(MinorUnits(990)));
+        assert!(life.state.invoices.is_empty());
     }
 }
