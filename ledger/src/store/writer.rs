@@ -205,7 +205,7 @@ impl Batch<'_> {
     /// return to without touching the batch's other commands.
     pub fn begin_command(&mut self) -> Result<(), StoreError> {
         self.ensure_open()?;
-        let result = self.connection().execute_batch("SAVEPOINT command");
+        let result = run_cached(self.connection(), "SAVEPOINT command");
         self.after(result)?;
         self.command_tips.push(self.tip);
         Ok(())
@@ -217,7 +217,7 @@ impl Batch<'_> {
         if self.command_tips.is_empty() {
             return Err(StoreError::Misuse("commit_command without begin_command"));
         }
-        let result = self.connection().execute_batch("RELEASE command");
+        let result = run_cached(self.connection(), "RELEASE command");
         self.after(result)?;
         self.command_tips.pop();
         Ok(())
@@ -272,10 +272,10 @@ impl Batch<'_> {
         };
 
         let first_position = self.tip.head.position + 1;
-        self.after(self.connection().execute_batch("SAVEPOINT append"))?;
+        self.after(run_cached(self.connection(), "SAVEPOINT append"))?;
         match insert_events(self.connection(), self.tip.head, stream_id, actual, &events, recorded_at) {
             Ok(head) => {
-                self.after(self.connection().execute_batch("RELEASE append"))?;
+                self.after(run_cached(self.connection(), "RELEASE append"))?;
                 self.tip = Tip { head, recorded_at: Some(recorded_at) };
                 Ok(AppendOutcome {
                     first_position,
@@ -788,4 +788,10 @@ fn check_key(what: &str, key: &str) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// Runs a statement without parameters through the statement cache: the
+/// savepoints around every command and append are parsed once, not per use.
+fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(drop)
 }
