@@ -154,6 +154,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::readyz)
         .service(admin::metrics)
         .service(admin::openapi_json)
+        .service(stripe::replay)
         .service(
             web::resource("/v1/webhooks/stripe")
                 .app_data(web::PayloadConfig::new(stripe::WEBHOOK_BODY_BYTES_MAX))

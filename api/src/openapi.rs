@@ -101,6 +101,7 @@ impl Modify for ProblemResponses {
         crate::admin::readyz,
         crate::admin::metrics,
         crate::stripe::webhook,
+        crate::stripe::replay,
     ),
     modifiers(&BearerAuth, &ProblemResponses)
 )]

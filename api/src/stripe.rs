@@ -87,25 +87,85 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
         return Err(ApiError::InvalidSignature { reason: error.reason(), detail: error.to_string() });
     }
 
-    let parsed = match tally_stripe::parse(&bytes) {
+    let answer = process(&state, &bytes).await?;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// What a verified body leads to: applied, ignored or unprocessed (the JSON
+/// answer), or a refusal Stripe should retry (an error).
+async fn process(state: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let parsed = match tally_stripe::parse(bytes) {
         Ok(parsed) => parsed,
         Err(error) => {
             let event_id = match &error {
                 tally_stripe::ParseError::UnreadableObject { event_id, .. } => Some(event_id.clone()),
                 _ => None,
             };
-            return unprocessed(&state, event_id, None, error.to_string(), &bytes).await;
+            return unprocessed(state, event_id, None, error.to_string(), bytes).await;
         }
     };
     match tally_stripe::map(&parsed) {
         Mapped::Unprocessed { reason } => {
-            unprocessed(&state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, &bytes).await
+            unprocessed(state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, bytes).await
         }
-        Mapped::Ignored { reason } => ignored(&state, &parsed.id, &parsed.event_type, parsed.created, reason).await,
+        Mapped::Ignored { reason } => ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await,
         Mapped::Command { customer_id, member_hint, command } => {
-            apply(&state, &parsed, customer_id, member_hint, *command, &bytes).await
+            apply(state, &parsed, customer_id, member_hint, *command, bytes).await
         }
     }
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ReplayReport {
+    /// Unprocessed events found on `stripe-intake` and run again.
+    pub replayed: u64,
+    pub applied: u64,
+    pub ignored: u64,
+    pub still_unprocessed: u64,
+    /// Refused by the ledger (a price no plan has): fix and replay again.
+    pub refused: u64,
+}
+
+/// Run every `StripeEventUnprocessed` kept on `stripe-intake` through
+/// parsing, mapping and the ledger again, as after an upgrade or a catalog
+/// fix. Their signatures were verified when they arrived. Idempotent: an
+/// event applied once is answered from its record.
+#[utoipa::path(post, path = "/v1/admin/stripe/replay", tag = "stripe",
+    responses((status = 200, body = ReplayReport)), security(("bearer" = [])))]
+#[actix_web::post("/v1/admin/stripe/replay")]
+pub async fn replay(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    authenticate(&state, &request)?.require_admin()?;
+    let ledger = state.ledger.clone();
+    let payloads = actix_web::web::block(move || -> Result<Vec<String>, ApiError> {
+        let reader = ledger.reader().map_err(ApiError::from)?;
+        let mut payloads: Vec<String> = Vec::new();
+        for recorded in reader.stream_events(tally_ledger::domain::STRIPE_INTAKE_STREAM, None, 1_000) {
+            let recorded = recorded.map_err(|error| ApiError::from(LedgerError::from(error)))?;
+            let event = tally_ledger::codec::decode_intake(&recorded)
+                .map_err(|error| ApiError::from(LedgerError::from(error)))?;
+            if let IntakeEvent::StripeEventUnprocessed { payload, .. } = event
+                && !payloads.contains(&payload)
+            {
+                payloads.push(payload);
+            }
+        }
+        Ok(payloads)
+    })
+    .await??;
+    let mut report = ReplayReport { replayed: 0, applied: 0, ignored: 0, still_unprocessed: 0, refused: 0 };
+    for payload in payloads {
+        report.replayed += 1;
+        match process(&state, payload.as_bytes()).await {
+            Ok(answer) => match answer["status"].as_str() {
+                Some("applied") => report.applied += 1,
+                Some("ignored") => report.ignored += 1,
+                _ => report.still_unprocessed += 1,
+            },
+            Err(ApiError::Ledger(LedgerError::Rejected(_))) => report.refused += 1,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(HttpResponse::Ok().json(report))
 }
 
 fn webhook_idempotency(scope: &str, key: &str) -> Idempotency {
@@ -130,7 +190,7 @@ async fn unprocessed(
     event_type: Option<String>,
     reason: String,
     bytes: &[u8],
-) -> Result<HttpResponse, ApiError> {
+) -> Result<serde_json::Value, ApiError> {
     let key = event_id.clone().unwrap_or_else(|| format!("body-{}", hex::encode(Sha256::digest(bytes))));
     tracing::warn!(stripe_event_id = %key, %reason, "a genuine Stripe event could not be processed; kept on stripe-intake");
     let payload = String::from_utf8_lossy(bytes).into_owned();
@@ -142,7 +202,7 @@ async fn unprocessed(
     };
     record_intake(state, &key, event).await?;
     state.metrics.stripe_webhook("unprocessed");
-    Ok(HttpResponse::Ok().json(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason})))
+    Ok(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason}))
 }
 
 async fn ignored(
@@ -151,7 +211,7 @@ async fn ignored(
     event_type: &str,
     created: i64,
     reason: String,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<serde_json::Value, ApiError> {
     let created = chrono::DateTime::from_timestamp(created, 0).unwrap_or_default();
     let event = IntakeEvent::StripeEventIgnored {
         stripe_event_id: event_id.to_owned(),
@@ -161,7 +221,7 @@ async fn ignored(
     };
     record_intake(state, event_id, event).await?;
     state.metrics.stripe_webhook("ignored");
-    Ok(HttpResponse::Ok().json(json!({"status": "ignored", "stripe_event_id": event_id, "reason": reason})))
+    Ok(json!({"status": "ignored", "stripe_event_id": event_id, "reason": reason}))
 }
 
 /// The member a Stripe object belongs to: the customer's link first, then
@@ -191,7 +251,7 @@ async fn apply(
     member_hint: Option<String>,
     command: StripeCommand,
     bytes: &[u8],
-) -> Result<HttpResponse, ApiError> {
+) -> Result<serde_json::Value, ApiError> {
     let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
     let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
         let reason = format!("Stripe customer {customer} is linked to no member");
@@ -207,14 +267,14 @@ async fn apply(
             state.metrics.command("stripe.webhook", executed.outcome.events.len());
             state.projections.notify();
             let outcome = &executed.outcome;
-            Ok(HttpResponse::Ok().json(json!({
+            Ok(json!({
                 "status": "applied",
                 "stripe_event_id": parsed.id,
                 "member_id": member_id,
                 "replayed": executed.replayed,
                 "position": outcome.position,
                 "events": outcome.events.iter().map(|appended| &appended.event).collect::<Vec<_>>(),
-            })))
+            }))
         }
         Err(LedgerError::Rejected(DomainError::MemberNotFound)) => {
             let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");

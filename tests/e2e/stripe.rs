@@ -696,3 +696,43 @@ fn overage_of_a_stripe_managed_member_is_sent_to_stripe_once() {
     assert_eq!(items(&fake).len(), 2);
     drop(server);
 }
+
+/// A genuine event the ledger could not take is kept verbatim; after the
+/// cause is fixed an operator replays it.
+#[test]
+fn an_operator_replays_unprocessed_events_after_fixing_their_cause() {
+    let server = stripe_server(Some("2026-01-01T00:00:00Z"), &[]);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+    let euro = json!({"stripe_customer_id": "cus_life", "currency": "EUR"});
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &euro).status(), 200);
+    let created = subscription_event(
+        "evt_eur",
+        "customer.subscription.created",
+        "2026-01-01T00:00:10Z",
+        Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false },
+    );
+    let (status, answer) = deliver(&server, &created);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("unprocessed")), "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("currency"), "{answer}");
+
+    let (status, report) = server.admin_post("/v1/admin/stripe/replay", json!({}));
+    assert_eq!(
+        (status, report["replayed"].as_u64(), report["still_unprocessed"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &json!({"currency": "USD"})).status(), 200);
+    let (_, report) = server.admin_post("/v1/admin/stripe/replay", json!({}));
+    assert_eq!((report["replayed"].as_u64(), report["applied"].as_u64()), (Some(1), Some(1)), "{report}");
+    let head = server.head_position();
+    let (_, again) = server.admin_post("/v1/admin/stripe/replay", json!({}));
+    assert_eq!(again["applied"].as_u64(), Some(1), "{again}");
+    assert_eq!(server.head_position(), head, "a second replay is answered from the record");
+    server.sync("life");
+    let (_, subscription) = server.admin_get("/v1/members/life/subscription");
+    assert_eq!((subscription["plan_id"].as_str(), subscription["billing"].as_str()), (Some("basic"), Some("stripe")));
+    // Only the admin replays.
+    let (_, issued) = server.admin_post("/v1/members/life/api-keys", json!({}));
+    let member_key = issued["secret"].as_str().unwrap();
+    assert_eq!(server.post("/v1/admin/stripe/replay", member_key, &json!({}), None).status(), 403);
+}
