@@ -42,7 +42,7 @@
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Number, Value};
 use std::fmt::Debug;
 use std::path::Path;
@@ -50,52 +50,14 @@ use tally_stripe::signature::{HEADER_BYTES_MAX, V1_ENTRIES_MAX, hmac_hex};
 use tally_stripe::{
     EventObject, Mapped, ParseError, SignatureError, SignatureHeader, map, parse, parse_header, sign, verify,
 };
+use tally_testkit::fuzz::{fuzz, json_paths};
 
 // ---------------------------------------------------------------------------------------------------------------------
-// The runner: case count and seed from the environment, a deterministic RNG
+// Case counts (the runner, `tally_testkit::fuzz`, reads TALLY_FUZZ_CASES and TALLY_FUZZ_SEED)
 // ---------------------------------------------------------------------------------------------------------------------
 
-const FUZZ_SEED_DEFAULT: u64 = 0x7a11_7a11;
 const SIGNATURE_CASES_DEFAULT: u32 = 20_000;
 const EVENT_CASES_DEFAULT: u32 = 5_000;
-
-fn fuzz_cases(default_cases: u32) -> u32 {
-    match std::env::var("TALLY_FUZZ_CASES") {
-        Ok(text) => text.trim().parse().unwrap_or_else(|_| panic!("TALLY_FUZZ_CASES={text:?} is not a case count")),
-        Err(_) => default_cases,
-    }
-}
-
-fn fuzz_seed() -> u64 {
-    let Ok(text) = std::env::var("TALLY_FUZZ_SEED") else {
-        return FUZZ_SEED_DEFAULT;
-    };
-    let digits = text.trim().replace('_', "");
-    let parsed = match digits.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => digits.parse().ok(),
-    };
-    parsed.unwrap_or_else(|| panic!("TALLY_FUZZ_SEED={text:?} is not a u64"))
-}
-
-/// Runs `property` on `cases` inputs drawn from `strategy` with a ChaCha RNG
-/// seeded from `TALLY_FUZZ_SEED`, and panics with the shrunk input on failure.
-fn fuzz<S>(target: &str, default_cases: u32, strategy: S, property: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    let cases = fuzz_cases(default_cases);
-    let seed = fuzz_seed();
-    let mut seed_bytes = [0u8; 32];
-    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let config = Config { cases, failure_persistence: None, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
-    if let Err(failure) = runner.run(&strategy, property) {
-        panic!("fuzz {target}: failed with TALLY_FUZZ_SEED={seed:#x} TALLY_FUZZ_CASES={cases}: {failure}");
-    }
-    eprintln!("fuzz {target}: {cases} cases, seed {seed:#x}");
-}
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Signature headers
@@ -821,27 +783,6 @@ fn json_mutation() -> BoxedStrategy<JsonMutation> {
         1 => prop::sample::select(EVENT_TYPES).prop_map(JsonMutation::SetType),
     ]
     .boxed()
-}
-
-fn json_paths(value: &Value, prefix: &str, paths: &mut Vec<String>) {
-    let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
-    match value {
-        Value::Object(map) => {
-            for (key, child) in map {
-                let path = format!("{prefix}/{}", escape(key));
-                paths.push(path.clone());
-                json_paths(child, &path, paths);
-            }
-        }
-        Value::Array(items) => {
-            for (index, child) in items.iter().enumerate() {
-                let path = format!("{prefix}/{index}");
-                paths.push(path.clone());
-                json_paths(child, &path, paths);
-            }
-        }
-        _ => {}
-    }
 }
 
 fn apply_json_mutation(root: &mut Value, mutation: &JsonMutation) {
