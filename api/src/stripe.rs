@@ -327,17 +327,8 @@ pub(crate) async fn start_with_stripe(
     // A retried request is answered from its record before anything is
     // checked or sent to Stripe again (a different body is refused).
     let ledger = state.ledger.clone();
-    let (scope, key) = (idempotency.scope.clone(), idempotency.key.clone());
-    let recorded =
-        actix_web::web::block(move || -> Result<_, LedgerError> { Ok(ledger.reader()?.idempotency(&scope, &key)?) })
-            .await??;
-    if let Some(record) = recorded {
-        if record.fingerprint != idempotency.fingerprint {
-            return Err(ApiError::Ledger(LedgerError::IdempotencyKeyReused));
-        }
-        let outcome = serde_json::from_str(&record.response)
-            .map_err(|error| ApiError::Internal(format!("a stored response does not decode: {error}")))?;
-        let executed = tally_ledger::Executed { outcome, replayed: true, status: record.status };
+    let lookup = idempotency.clone();
+    if let Some(executed) = actix_web::web::block(move || ledger.recorded(&lookup)).await?? {
         return Ok(crate::commands::render(Some(member_id), executed, route.status));
     }
     let key = idempotency.key;

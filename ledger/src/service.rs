@@ -341,6 +341,17 @@ impl Ledger {
         self.submit(|reply| Job::Intake { request, reply })
     }
 
+    /// The recorded answer to a request with this idempotency key, if one
+    /// was recorded (`IdempotencyKeyReused` for another body): for callers
+    /// that must not start outside work (a call to Stripe) for a retry.
+    /// Read from the file, not through the writer.
+    pub fn recorded(&self, idempotency: &Idempotency) -> Result<Option<Executed>, LedgerError> {
+        match self.reader()?.idempotency(&idempotency.scope, &idempotency.key)? {
+            Some(record) => replayed(idempotency, record).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Would a deduction of `credits` be allowed now? Answered from the
     /// writer's state, never from a read model; writes nothing.
     pub fn check(&self, member_id: &str, credits: Credits) -> Result<CheckOutcome, LedgerError> {
@@ -695,15 +706,6 @@ impl Shell<'_, '_> {
         Ok(check(state, credits, &Context { member_id, now, catalog: &catalog, usage: None })?)
     }
 
-    fn replayed(idempotency: &Idempotency, record: IdempotencyRecord) -> Result<Executed, LedgerError> {
-        if record.fingerprint != idempotency.fingerprint {
-            return Err(LedgerError::IdempotencyKeyReused);
-        }
-        let outcome = serde_json::from_str(&record.response)
-            .map_err(|error| StoreError::Corrupt(format!("stored idempotent response does not decode: {error}")))?;
-        Ok(Executed { outcome, replayed: true, status: record.status })
-    }
-
     fn usage_facts(&mut self, stream_id: &str, command: &MemberCommand) -> Result<Option<UsageFacts>, LedgerError> {
         let usage_id = match command {
             MemberCommand::RecordUsage(usage) => &usage.usage_id,
@@ -721,7 +723,7 @@ impl Shell<'_, '_> {
         if let Some(idempotency) = &request.idempotency
             && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
         {
-            return Self::replayed(idempotency, record);
+            return replayed(idempotency, record);
         }
         let stream_id = member_stream(member_id);
         for _attempt in 0..=self.options.conflict_retries_max {
@@ -864,7 +866,7 @@ impl Shell<'_, '_> {
         if let Some(idempotency) = &request.idempotency
             && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
         {
-            return Self::replayed(idempotency, record);
+            return replayed(idempotency, record);
         }
         let mut attempts = 0;
         let (events, appended) = loop {
@@ -917,7 +919,7 @@ impl Shell<'_, '_> {
         if let Some(idempotency) = &request.idempotency
             && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
         {
-            return Self::replayed(idempotency, record);
+            return replayed(idempotency, record);
         }
         let event =
             new_event(codec::encode_intake(&request.command), metadata(request, &request.actor, Some(self.now)));
@@ -969,6 +971,17 @@ impl Shell<'_, '_> {
         report.position = self.batch.head().position;
         Ok(report)
     }
+}
+
+/// A stored answer for a retried request: the same key must come with the
+/// same request.
+fn replayed(idempotency: &Idempotency, record: IdempotencyRecord) -> Result<Executed, LedgerError> {
+    if record.fingerprint != idempotency.fingerprint {
+        return Err(LedgerError::IdempotencyKeyReused);
+    }
+    let outcome = serde_json::from_str(&record.response)
+        .map_err(|error| StoreError::Corrupt(format!("stored idempotent response does not decode: {error}")))?;
+    Ok(Executed { outcome, replayed: true, status: record.status })
 }
 
 /// Keep the customer index in step with a member's profile: the customer it

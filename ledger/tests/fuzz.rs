@@ -431,8 +431,6 @@ fn json_mutation() -> impl Strategy<Value = JsonMutation> {
     ]
 }
 
-/// JSON pointers to every node below the root.
-
 fn parent_and_last(path: &str) -> (&str, String) {
     let (parent, last) = path.rsplit_once('/').expect("paths start with '/'");
     (parent, last.replace("~1", "/").replace("~0", "~"))

@@ -112,18 +112,13 @@ impl StripeApi {
             code: "invalid_currency".to_owned(),
             message: format!("{currency} is not a currency Stripe knows"),
         })?;
-        let key = IdempotencyKey::new(idempotency_key).map_err(|error| OutboundError {
-            status: None,
-            code: "invalid_idempotency_key".to_owned(),
-            message: error.to_string(),
-        })?;
         let item = CreateInvoiceItem::new()
             .customer(customer_id)
             .amount(amount)
             .currency(currency)
             .description(description)
             .customize()
-            .request_strategy(RequestStrategy::Idempotent(key))
+            .request_strategy(idempotent(idempotency_key)?)
             .send(&self.client)
             .await?;
         Ok(item.id.to_string())
@@ -133,7 +128,11 @@ impl StripeApi {
 /// Stripe deduplicates on its idempotency key: a retried API call (same
 /// `Idempotency-Key`) gets the same customer and subscription back.
 fn strategy(idempotency_key: &str, what: &str) -> Result<RequestStrategy, OutboundError> {
-    let key = IdempotencyKey::new(format!("tally-{what}-{idempotency_key}")).map_err(|error| OutboundError {
+    idempotent(&format!("tally-{what}-{idempotency_key}"))
+}
+
+fn idempotent(key: &str) -> Result<RequestStrategy, OutboundError> {
+    let key = IdempotencyKey::new(key).map_err(|error| OutboundError {
         status: None,
         code: "invalid_idempotency_key".to_owned(),
         message: error.to_string(),
