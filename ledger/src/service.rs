@@ -744,7 +744,15 @@ impl Shell<'_, '_> {
             };
             match self.append_member(&stream_id, &state, &decision, request) {
                 Ok(positions) => {
-                    let previous_customer = state.profile.stripe_customer_id.clone();
+                    // Only a profile event can move the customer index: no
+                    // clone on the usage path.
+                    let profile_changes = decision.iter().any(|occurred| {
+                        matches!(
+                            occurred.event,
+                            MemberEvent::MemberRegistered { .. } | MemberEvent::MemberProfileChanged { .. }
+                        )
+                    });
+                    let previous_customer = profile_changes.then(|| state.profile.stripe_customer_id.clone()).flatten();
                     let mut state = state;
                     for occurred in &decision {
                         state.apply(&occurred.event);
