@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,10 +25,10 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Members, each pre-funded with a large promotional grant.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 10_000)]
     members: usize,
     /// Events in the log before tally is measured.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     prefill: usize,
     /// Where the databases go (a fresh subdirectory is made and removed).
     /// Defaults to the workspace's target directory.
@@ -44,7 +45,9 @@ const INSERT_EVENT: &str = "INSERT INTO events (position, stream_id, version, ev
 const INSERT_IDEMPOTENCY: &str = "INSERT INTO idempotency (scope, key, fingerprint, status, response, position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 const INSERT_USAGE: &str =
     "INSERT INTO usages (stream_id, usage_id, position, credits, reversed_position) VALUES (?1, ?2, ?3, ?4, NULL)";
-const UPSERT_SCHEDULE: &str = "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at";
+
+/// Prefill submitters: enough for large group-commit batches.
+const PREFILL_THREADS: usize = 64;
 
 struct Row {
     name: String,
@@ -97,7 +100,7 @@ fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
             name: format!("physical limit (tally rows), batch {batch}"),
             commands_per_s: rate,
             latency: None,
-            note: format!("5 rows/cmd ({:.0} rows/s)", rate * 5.0),
+            note: format!("4 rows/cmd ({:.0} rows/s)", rate * 4.0),
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
@@ -111,14 +114,20 @@ fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
-    let (rate, latency) = naive_crud(&dir.join("naive.db"), args.members, duration)?;
-    rows.push(Row {
-        name: "naive CRUD, 1 tx/command, 1 submitter".to_owned(),
-        commands_per_s: rate,
-        latency: Some(latency),
-        note: "read + UPDATE + INSERT".to_owned(),
-    });
-    eprintln!("  done: {}", rows.last().expect("row").name);
+    for submitters in [1, 64] {
+        let (rate, latency, busy) =
+            naive_crud(&dir.join(format!("naive-{submitters}.db")), args.members, submitters, duration)?;
+        rows.push(Row {
+            name: format!("naive CRUD, 1 tx/command, {submitters} submitter(s)"),
+            commands_per_s: rate,
+            latency: Some(latency),
+            note: format!(
+                "read + UPDATE + INSERT{}",
+                if busy > 0 { format!(", {busy} busy retries") } else { String::new() }
+            ),
+        });
+        eprintln!("  done: {}", rows.last().expect("row").name);
+    }
     rows.extend(tally(&dir.join("tally.db"), args, duration)?);
     Ok(rows)
 }
@@ -130,6 +139,8 @@ fn open_full(path: &Path) -> Result<Connection> {
         bail!("SQLite refused WAL mode ({mode})");
     }
     connection.pragma_update(None, "synchronous", "FULL")?;
+    // The same page cache as tally's writer connection.
+    connection.pragma_update(None, "cache_size", -tally_ledger::store::WRITER_CACHE_KIB)?;
     Ok(connection)
 }
 
@@ -189,7 +200,6 @@ fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally
             let mut insert_event = connection.prepare_cached(INSERT_EVENT)?;
             let mut insert_idempotency = connection.prepare_cached(INSERT_IDEMPOTENCY)?;
             let mut insert_usage = connection.prepare_cached(INSERT_USAGE)?;
-            let mut upsert_schedule = connection.prepare_cached(UPSERT_SCHEDULE)?;
             for _ in 0..batch {
                 let member_index = member_cursor % members;
                 member_cursor = member_cursor.wrapping_add(7919);
@@ -224,7 +234,6 @@ fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally
                 }
                 if tally_rows {
                     insert_usage.execute(params![stream, usage_id, position - 1, 1_i64])?;
-                    upsert_schedule.execute(params![stream, now])?;
                 }
                 let key = Uuid::now_v7().to_string();
                 let fingerprint = Sha256::digest(key.as_bytes());
@@ -246,8 +255,10 @@ fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally
 }
 
 /// One transaction per command: read the balance, UPDATE it, INSERT a
-/// transaction row. One submitter.
-fn naive_crud(path: &Path, members: usize, duration: Duration) -> Result<(f64, Latency)> {
+/// transaction row; `submitters` threads, each with its own connection, as a
+/// web service with a connection pool would run it. Returns (commands/s,
+/// latencies, commands that met a busy lock and were retried).
+fn naive_crud(path: &Path, members: usize, submitters: usize, duration: Duration) -> Result<(f64, Latency, u64)> {
     let connection = open_full(path)?;
     connection.execute_batch(
         "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance INTEGER NOT NULL) STRICT;
@@ -260,43 +271,73 @@ fn naive_crud(path: &Path, members: usize, duration: Duration) -> Result<(f64, L
     for index in 0..members {
         connection.execute(
             "INSERT INTO accounts (id, balance) VALUES (?1, ?2)",
-            params![format!("m{index:06}"), 1_000_000_000_i64],
+            params![member_id(index), 1_000_000_000_i64],
         )?;
     }
     connection.execute_batch("COMMIT")?;
-    let mut latencies = Vec::new();
-    let mut cursor = 0_usize;
+    drop(connection);
+    let deadline = Instant::now() + duration;
     let started = Instant::now();
-    while started.elapsed() < duration {
-        let begun = Instant::now();
-        let member = format!("m{:06}", cursor % members);
-        cursor = cursor.wrapping_add(7919);
-        connection.execute_batch("BEGIN IMMEDIATE")?;
-        let balance: i64 = connection
-            .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
-            .query_row([&member], |row| row.get(0))?;
-        if balance < 1 {
-            bail!("naive CRUD ran out of balance");
-        }
-        connection
-            .prepare_cached("UPDATE accounts SET balance = ?2 WHERE id = ?1")?
-            .execute(params![member, balance - 1])?;
-        connection
-            .prepare_cached(
-                "INSERT INTO transactions (account_id, amount, usage_id, metric, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                member,
-                -1_i64,
-                Uuid::now_v7().to_string(),
-                "api_calls",
-                format_recorded_at(Utc::now())
-            ])?;
-        connection.execute_batch("COMMIT")?;
-        latencies.push(begun.elapsed());
+    let handles: Vec<_> = (0..submitters)
+        .map(|thread| {
+            let path = path.to_owned();
+            std::thread::spawn(move || -> Result<(Vec<Duration>, u64)> {
+                let connection = open_full(&path)?;
+                connection.busy_timeout(Duration::from_secs(10))?;
+                let mut latencies = Vec::new();
+                let mut busy = 0_u64;
+                let mut cursor = thread.wrapping_mul(104_729);
+                while Instant::now() < deadline {
+                    let begun = Instant::now();
+                    let member = member_id(cursor % members);
+                    cursor = cursor.wrapping_add(7919);
+                    loop {
+                        match naive_usage(&connection, &member) {
+                            Ok(()) => break,
+                            Err(rusqlite::Error::SqliteFailure(error, _))
+                                if error.code == rusqlite::ErrorCode::DatabaseBusy =>
+                            {
+                                let _ = connection.execute_batch("ROLLBACK");
+                                busy += 1;
+                            }
+                            Err(error) => return Err(error.into()),
+                        }
+                    }
+                    latencies.push(begun.elapsed());
+                }
+                Ok((latencies, busy))
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut busy = 0;
+    for handle in handles {
+        let (thread_latencies, thread_busy) = handle.join().expect("naive submitter thread")?;
+        latencies.extend(thread_latencies);
+        busy += thread_busy;
     }
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    Ok((rate, percentiles(&mut latencies)))
+    Ok((rate, percentiles(&mut latencies), busy))
+}
+
+fn naive_usage(connection: &Connection, member: &str) -> rusqlite::Result<()> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let balance: i64 = connection
+        .prepare_cached("SELECT balance FROM accounts WHERE id = ?1")?
+        .query_row([member], |row| row.get(0))?;
+    if balance < 1 {
+        connection.execute_batch("ROLLBACK")?;
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
+    connection
+        .prepare_cached("UPDATE accounts SET balance = ?2 WHERE id = ?1")?
+        .execute(params![member, balance - 1])?;
+    connection
+        .prepare_cached(
+            "INSERT INTO transactions (account_id, amount, usage_id, metric, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![member, -1_i64, Uuid::now_v7().to_string(), "api_calls", format_recorded_at(Utc::now())])?;
+    connection.execute_batch("COMMIT")
 }
 
 fn member_id(index: usize) -> String {
@@ -375,8 +416,8 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     let mut events = ledger.reader()?.head()?.position;
     while (events as usize) < args.prefill {
         let remaining = (args.prefill - events as usize).div_ceil(2);
-        let per_thread = remaining.div_ceil(8).max(1);
-        let handles: Vec<_> = (0..8)
+        let per_thread = remaining.div_ceil(PREFILL_THREADS).max(1);
+        let handles: Vec<_> = (0..PREFILL_THREADS)
             .map(|thread| {
                 let ledger = Arc::clone(&ledger);
                 let members = args.members;
@@ -401,19 +442,26 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     let ledger = Arc::new(Ledger::open(path, LedgerOptions::default(), Arc::new(SystemClock))?);
     let mut rows = Vec::new();
     for threads in [1, 8, 64] {
-        let batches_before = ledger.stats().batches.load(std::sync::atomic::Ordering::Relaxed);
+        let stats = ledger.stats();
+        let batches_before = stats.batches.load(Relaxed);
+        let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
         let started = Instant::now();
         let (done, mut latencies, failed) = drive(&ledger, threads, args.members, duration);
         let elapsed = started.elapsed().as_secs_f64();
-        let batches = ledger.stats().batches.load(std::sync::atomic::Ordering::Relaxed) - batches_before;
+        let batches = stats.batches.load(Relaxed) - batches_before;
+        let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
+        let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
         let rate = done as f64 / elapsed;
         rows.push(Row {
             name: format!("tally Ledger, {threads} submitter(s)"),
             commands_per_s: rate,
             latency: Some(percentiles(&mut latencies)),
             note: format!(
-                "{:.1} cmds/commit{}",
+                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}",
                 done as f64 / batches.max(1) as f64,
+                batch_nanos as f64 / 1e7 / elapsed,
+                commit_nanos as f64 * 100.0 / batch_nanos.max(1) as f64,
+                batch_nanos as f64 / 1e3 / done.max(1) as f64,
                 if failed > 0 { format!(", {failed} overloaded") } else { String::new() }
             ),
         });

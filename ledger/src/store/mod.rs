@@ -63,7 +63,7 @@ use uuid::Uuid;
 pub use error::{ChainError, StoreError};
 pub use hash::{CHAIN_HASH_ZERO, ChainLink, RECORDED_AT_FORMAT, chain_hash, format_recorded_at};
 pub use reader::{CatchUp, ChainReport, EventReader, StreamEvents};
-pub use schema::{CREATE_SCHEMA_SQL, SCHEMA_VERSION};
+pub use schema::{CREATE_SCHEMA_SQL, SCHEMA_VERSION, WRITER_CACHE_KIB};
 pub use writer::{Batch, EventStore, IDEMPOTENCY_RETENTION_MIN_DAYS};
 
 /// Most events one append may carry. A command produces a handful of events;

@@ -14,8 +14,66 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::StoreError;
 
-/// The tally schema version, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The tally schema version, kept in `PRAGMA user_version`. Version 1 keyed
+/// `idempotency` by (scope, key) and `usages` by (stream_id, usage_id); a
+/// writer opening a version 1 log migrates it (see [`migrate_from_v1`]).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The write connection's page cache, in KiB (SQLite's default is 2 MiB).
+pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
+/// The oldest schema version this build still opens.
+const SCHEMA_VERSION_OLDEST: i64 = 1;
+
+/// `idempotency` and `usages` are looked up by both key columns at once, so
+/// either order serves the lookups; the key that grows comes first. Keys and
+/// usage ids made from UUID v7 (as tally's own clients and tests make them)
+/// then insert at the right edge of the B-tree instead of at a random page
+/// per command: with the member first, every command dirtied one more
+/// random page per table, which the commit writes whole to the WAL.
+macro_rules! idempotency_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint BLOB    NOT NULL CHECK (length(fingerprint) = 32),
+    status      INTEGER NOT NULL,
+    response    TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    recorded_at TEXT    NOT NULL,
+    PRIMARY KEY (key, scope)
+) WITHOUT ROWID, STRICT;
+"
+        )
+    };
+}
+
+macro_rules! usages_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
+    stream_id         TEXT    NOT NULL,
+    usage_id          TEXT    NOT NULL,
+    position          INTEGER NOT NULL,
+    credits           INTEGER NOT NULL,
+    reversed_position INTEGER,
+    PRIMARY KEY (usage_id, stream_id)
+) WITHOUT ROWID, STRICT;
+"
+        )
+    };
+}
+
+macro_rules! idempotency_index {
+    () => {
+        "CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);\n"
+    };
+}
 
 /// Every SQLite 3 database file starts with these 16 bytes.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -41,12 +99,13 @@ const EVENT_COLUMNS: [&str; 10] = [
 /// without them: someone removed them, and the log may have been altered.
 const APPEND_ONLY_TRIGGERS: [&str; 3] = ["events_append_at_head", "events_no_delete", "events_no_update"];
 
-/// Version 1 of the schema. Tables are STRICT so that a value of the wrong
-/// type is refused rather than stored (the hash covers stored bytes, and a
-/// silently coerced value would be a second source of truth).
-/// The DDL of a tally event log, public so that a benchmark writing "the
-/// same rows" uses exactly this layout.
-pub const CREATE_SCHEMA_SQL: &str = "
+/// The DDL of a tally event log (the current schema version), public so that
+/// a benchmark writing "the same rows" uses exactly this layout. Tables are
+/// STRICT so that a value of the wrong type is refused rather than stored
+/// (the hash covers stored bytes, and a silently coerced value would be a
+/// second source of truth).
+pub const CREATE_SCHEMA_SQL: &str = concat!(
+    "
 CREATE TABLE events (
     position       INTEGER PRIMARY KEY,
     stream_id      TEXT    NOT NULL,
@@ -80,28 +139,11 @@ BEGIN
     SELECT RAISE(ABORT, 'events are append-only');
 END;
 
-CREATE TABLE idempotency (
-    scope       TEXT    NOT NULL,
-    key         TEXT    NOT NULL,
-    fingerprint BLOB    NOT NULL CHECK (length(fingerprint) = 32),
-    status      INTEGER NOT NULL,
-    response    TEXT    NOT NULL,
-    position    INTEGER NOT NULL,
-    recorded_at TEXT    NOT NULL,
-    PRIMARY KEY (scope, key)
-) WITHOUT ROWID, STRICT;
-
-CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);
-
-CREATE TABLE usages (
-    stream_id         TEXT    NOT NULL,
-    usage_id          TEXT    NOT NULL,
-    position          INTEGER NOT NULL,
-    credits           INTEGER NOT NULL,
-    reversed_position INTEGER,
-    PRIMARY KEY (stream_id, usage_id)
-) WITHOUT ROWID, STRICT;
-
+",
+    idempotency_table!("idempotency"),
+    idempotency_index!(),
+    usages_table!("usages"),
+    "
 -- When each stream next has time-driven work (an expiry, a renewal, a
 -- reservation timeout), so that a sweep finds due members without loading
 -- them all. Derived from the events, and written in the same transaction.
@@ -119,8 +161,9 @@ CREATE TABLE stripe_customers (
     stream_id   TEXT NOT NULL
 ) WITHOUT ROWID, STRICT;
 
-PRAGMA user_version = 1;
-";
+PRAGMA user_version = 2;
+"
+);
 
 const STRIPE_CUSTOMERS_SQL: &str = "CREATE TABLE IF NOT EXISTS stripe_customers (customer_id TEXT NOT NULL PRIMARY KEY, stream_id TEXT NOT NULL) WITHOUT ROWID, STRICT;";
 
@@ -149,13 +192,33 @@ fn add_stripe_customers(connection: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Version 1 → 2: `idempotency` and `usages` get their growing key first.
+/// One transaction, under the write lock, so a crash leaves version 1 whole
+/// and a second process finds the work done.
+const MIGRATE_FROM_V1_SQL: &str = concat!(
+    idempotency_table!("idempotency_v2"),
+    "INSERT INTO idempotency_v2 (scope, key, fingerprint, status, response, position, recorded_at)
+     SELECT scope, key, fingerprint, status, response, position, recorded_at FROM idempotency;
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v2 RENAME TO idempotency;
+",
+    idempotency_index!(),
+    usages_table!("usages_v2"),
+    "INSERT INTO usages_v2 (stream_id, usage_id, position, credits, reversed_position)
+     SELECT stream_id, usage_id, position, credits, reversed_position FROM usages;
+DROP TABLE usages;
+ALTER TABLE usages_v2 RENAME TO usages;
+PRAGMA user_version = 2;
+"
+);
+
 /// What a SQLite file holds, as far as tally is concerned.
 #[derive(Debug, PartialEq, Eq)]
 enum Contents {
     /// No tables and no user version: a new file, or an empty database.
     Empty,
-    /// A tally log of the supported schema version.
-    Ledger,
+    /// A tally log of a schema version this build opens.
+    Ledger { schema_version: i64 },
 }
 
 /// Opens (creating if needed) the log for writing: WAL, the configured
@@ -177,9 +240,15 @@ pub(super) fn open_for_writing(
     let synchronous = if synchronous_full { "FULL" } else { "NORMAL" };
     connection.pragma_update(None, "synchronous", synchronous)?;
     connection.set_prepared_statement_cache_capacity(32);
+    // The writer reads the stream, usage and idempotency index pages a
+    // command touches; SQLite's default 2 MiB cache holds few of them once
+    // the log has millions of events.
+    connection.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
 
-    if contents == Contents::Empty {
-        create_schema(&connection, path)?;
+    match contents {
+        Contents::Empty => create_schema(&connection, path)?,
+        Contents::Ledger { schema_version: 1 } => migrate_from_v1(&connection, path)?,
+        Contents::Ledger { .. } => {}
     }
     add_stripe_customers(&connection)?;
     refuse_missing_triggers(&connection)?;
@@ -230,7 +299,9 @@ pub(super) fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
     connection.busy_timeout(Duration::from_secs(5))?;
     connection.set_prepared_statement_cache_capacity(32);
     match inspect_in_one_snapshot(&connection, path)? {
-        Contents::Ledger => Ok(connection),
+        // A reader of a version 1 log reads it as it is: its tables have the
+        // same columns, and the lookups name both key columns.
+        Contents::Ledger { .. } => Ok(connection),
         Contents::Empty => Err(StoreError::NotALedger {
             path: path.to_path_buf(),
             reason: "the database is empty (no tally schema yet)".to_string(),
@@ -305,9 +376,9 @@ fn inspect_contents(connection: &Connection, path: &Path) -> Result<Contents, St
             supported: SCHEMA_VERSION,
         });
     }
-    if user_version != SCHEMA_VERSION {
+    if user_version < SCHEMA_VERSION_OLDEST {
         return Err(not_a_ledger(format!(
-            "it has tally's table names but user_version {user_version}, not {SCHEMA_VERSION}"
+            "it has tally's table names but user_version {user_version}, not {SCHEMA_VERSION_OLDEST}..={SCHEMA_VERSION}"
         )));
     }
     let columns = event_column_names(connection).map_err(unreadable)?;
@@ -318,7 +389,7 @@ fn inspect_contents(connection: &Connection, path: &Path) -> Result<Contents, St
             EVENT_COLUMNS.join(", ")
         )));
     }
-    Ok(Contents::Ledger)
+    Ok(Contents::Ledger { schema_version: user_version })
 }
 
 fn table_names(connection: &Connection) -> rusqlite::Result<Vec<String>> {
@@ -352,6 +423,30 @@ fn create_schema(connection: &Connection, path: &Path) -> Result<(), StoreError>
                 return Err(error.into());
             }
             tracing::info!(path = %path.display(), "created a new tally event log");
+            Ok(())
+        }
+        Err(error) => {
+            rollback_quietly(connection);
+            Err(error)
+        }
+    }
+}
+
+/// Migrates a version 1 log to the current schema in one transaction; the
+/// version is checked again under the write lock (another process may have
+/// migrated it meanwhile). The events table is not touched, so the chain and
+/// its hashes are as they were.
+fn migrate_from_v1(connection: &Connection, path: &Path) -> Result<(), StoreError> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = inspect_contents(connection, path).and_then(|contents| {
+        if contents == (Contents::Ledger { schema_version: 1 }) {
+            connection.execute_batch(MIGRATE_FROM_V1_SQL)?;
+        }
+        Ok(())
+    });
+    match migrated.and_then(|()| connection.execute_batch("COMMIT").map_err(StoreError::from)) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "migrated the event log from schema version 1 to {SCHEMA_VERSION}");
             Ok(())
         }
         Err(error) => {

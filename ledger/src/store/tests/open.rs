@@ -111,10 +111,97 @@ fn a_foreign_sqlite_database_is_refused_and_left_unchanged() {
 fn a_log_from_a_newer_schema_is_refused() {
     let log = temp_log();
     drop(open_store(&log.path));
-    raw(&log.path).execute_batch("PRAGMA user_version = 2").expect("bump the schema version");
+    raw(&log.path).execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).expect("bump the version");
 
     let error = EventStore::open(&log.path, StoreOptions::default()).expect_err("a newer schema");
-    assert!(matches!(error, StoreError::UnsupportedSchemaVersion { found: 2, supported: 1, .. }), "{error:?}");
+    assert!(
+        matches!(error, StoreError::UnsupportedSchemaVersion { found, supported: SCHEMA_VERSION, .. } if found == SCHEMA_VERSION + 1),
+        "{error:?}"
+    );
+}
+
+/// A log written by a build of schema version 1: the same tables, with the
+/// member-scoped column first in the keys of `idempotency` and `usages`.
+fn downgrade_to_v1(path: &std::path::Path) {
+    raw(path)
+        .execute_batch(
+            "BEGIN;
+             CREATE TABLE idempotency_v1 (
+                 scope TEXT NOT NULL, key TEXT NOT NULL,
+                 fingerprint BLOB NOT NULL CHECK (length(fingerprint) = 32), status INTEGER NOT NULL,
+                 response TEXT NOT NULL, position INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+                 PRIMARY KEY (scope, key)
+             ) WITHOUT ROWID, STRICT;
+             INSERT INTO idempotency_v1 SELECT scope, key, fingerprint, status, response, position, recorded_at FROM idempotency;
+             DROP TABLE idempotency;
+             ALTER TABLE idempotency_v1 RENAME TO idempotency;
+             CREATE INDEX idempotency_by_recorded_at ON idempotency (recorded_at);
+             CREATE TABLE usages_v1 (
+                 stream_id TEXT NOT NULL, usage_id TEXT NOT NULL, position INTEGER NOT NULL,
+                 credits INTEGER NOT NULL, reversed_position INTEGER,
+                 PRIMARY KEY (stream_id, usage_id)
+             ) WITHOUT ROWID, STRICT;
+             INSERT INTO usages_v1 SELECT stream_id, usage_id, position, credits, reversed_position FROM usages;
+             DROP TABLE usages;
+             ALTER TABLE usages_v1 RENAME TO usages;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )
+        .expect("rewrite as version 1");
+}
+
+fn table_sql(path: &std::path::Path, table: &str) -> String {
+    raw(path)
+        .query_row("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1", [table], |row| row.get(0))
+        .expect("the table's DDL")
+}
+
+#[test]
+fn a_version_1_log_is_read_as_it_is_and_migrated_by_the_writer_with_every_row_kept() {
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    append_many(&mut store, "member-a", 3);
+    let head = store.head();
+    drop(store);
+    raw(&log.path)
+        .execute_batch(
+            "INSERT INTO idempotency VALUES ('admin:a:usage', 'k1', zeroblob(32), 201, '{}', 1, '2025-01-01T00:00:00.000000Z');
+             INSERT INTO usages VALUES ('member-a', 'u1', 2, 7, NULL);
+             INSERT INTO usages VALUES ('member-a', 'u2', 3, 9, 3);",
+        )
+        .expect("index rows");
+    downgrade_to_v1(&log.path);
+    assert!(table_sql(&log.path, "idempotency").contains("PRIMARY KEY (scope, key)"));
+
+    // A reader does not write: it reads version 1 as it is.
+    let reader = EventReader::open(&log.path).expect("a version 1 log opens for reading");
+    assert_eq!(reader.idempotency("admin:a:usage", "k1").expect("lookup").map(|record| record.position), Some(1));
+    assert_eq!(reader.usage("member-a", "u1").expect("lookup").map(|entry| entry.credits), Some(7));
+    drop(reader);
+    let user_version: i64 = raw(&log.path).query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
+    assert_eq!(user_version, 1);
+
+    let store = open_store(&log.path);
+    assert_eq!(store.head(), head, "the events are untouched");
+    drop(store);
+    let user_version: i64 = raw(&log.path).query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
+    assert_eq!(user_version, SCHEMA_VERSION);
+    assert!(table_sql(&log.path, "idempotency").contains("PRIMARY KEY (key, scope)"));
+    assert!(table_sql(&log.path, "usages").contains("PRIMARY KEY (usage_id, stream_id)"));
+    let reader = EventReader::open(&log.path).expect("reader");
+    let record = reader.idempotency("admin:a:usage", "k1").expect("lookup").expect("kept");
+    assert_eq!((record.status, record.position), (201, 1));
+    assert_eq!(reader.usage("member-a", "u1").expect("lookup").map(|entry| entry.credits), Some(7));
+    assert_eq!(reader.usage("member-a", "u2").expect("lookup").and_then(|entry| entry.reversed_position), Some(3));
+    let index_count: i64 = raw(&log.path)
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = 'idempotency_by_recorded_at'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("index");
+    assert_eq!(index_count, 1);
+    reader.verify_chain(|_| {}).expect("the chain still verifies");
 }
 
 #[test]
