@@ -14,7 +14,7 @@
 use crate::codec::{self, CodecError};
 use crate::domain::*;
 use crate::store::{
-    Batch, EventMetadata, EventReader, EventStore, ExpectedVersion, IdempotencyRecord, NewEvent, StoreError,
+    Batch, EventMetadata, EventReader, EventStore, ExpectedVersion, IdempotencyRecord, NewEvent, Snapshot, StoreError,
     StoreOptions,
 };
 use chrono::{DateTime, Utc};
@@ -81,6 +81,11 @@ pub struct LedgerOptions {
     pub member_cache_max: usize,
     /// Reload-and-decide-again attempts after a version conflict.
     pub conflict_retries_max: u32,
+    /// A member's state is snapshotted every this many events (and when a
+    /// load had to replay at least this many), so that loading a member reads
+    /// at most about this many events past its snapshot. 0: no snapshots are
+    /// read or written (every load replays the whole stream).
+    pub snapshot_every: u64,
 }
 
 impl Default for LedgerOptions {
@@ -91,6 +96,7 @@ impl Default for LedgerOptions {
             queue_commands_max: 16_384,
             member_cache_max: 100_000,
             conflict_retries_max: 8,
+            snapshot_every: 1_000,
         }
     }
 }
@@ -594,6 +600,12 @@ struct Shell<'batch, 'store> {
 
 const STREAM_PAGE_SIZE: usize = 1_000;
 
+/// The serialisation of [`MemberState`] in snapshots (serde JSON of the
+/// struct). Bump it with any change to `MemberState` or the types inside
+/// it: snapshots of another format are then passed over and rewritten. The
+/// test `a_member_snapshot_has_the_pinned_shape` fails until it is bumped.
+pub const MEMBER_SNAPSHOT_FORMAT: u32 = 1;
+
 impl Shell<'_, '_> {
     /// Run one job. A panic (a broken ledger invariant, which `assert!`s
     /// stop rather than write a wrong balance) fails only this job: its
@@ -677,18 +689,56 @@ impl Shell<'_, '_> {
         }
     }
 
+    /// A member's state: its snapshot (if any, and usable) and the events
+    /// after it. A load that replayed many events leaves a snapshot behind.
     fn load_member(&mut self, member_id: &str) -> Result<MemberState, LedgerError> {
         let stream_id = member_stream(member_id);
-        let mut state = MemberState::default();
+        let mut state = self.snapshot(&stream_id)?.unwrap_or_default();
+        let from = state.version;
         loop {
             let page = self.batch.read_stream(&stream_id, state.version + 1, STREAM_PAGE_SIZE)?;
             for recorded in &page {
                 state.apply(&codec::decode_member(recorded)?);
             }
             if page.len() < STREAM_PAGE_SIZE {
-                return Ok(state);
+                break;
             }
         }
+        let every = self.options.snapshot_every;
+        if every > 0 && state.version - from >= every {
+            self.save_snapshot(&stream_id, &state)?;
+        }
+        Ok(state)
+    }
+
+    /// The stored snapshot of a member, if snapshots are on and it is one
+    /// this build wrote. One that no longer reads is logged and passed over:
+    /// a snapshot is a cache, and the log still has every event.
+    fn snapshot(&mut self, stream_id: &str) -> Result<Option<MemberState>, LedgerError> {
+        if self.options.snapshot_every == 0 {
+            return Ok(None);
+        }
+        let Some(snapshot) = self.batch.snapshot(stream_id)? else { return Ok(None) };
+        if snapshot.format != MEMBER_SNAPSHOT_FORMAT {
+            return Ok(None);
+        }
+        match serde_json::from_str::<MemberState>(&snapshot.state) {
+            Ok(state) if state.version == snapshot.version => Ok(Some(state)),
+            Ok(state) => {
+                tracing::warn!(%stream_id, snapshot.version, state.version, "a snapshot disagrees with its own version; replaying the stream");
+                Ok(None)
+            }
+            Err(error) => {
+                tracing::warn!(%stream_id, %error, "a snapshot does not read; replaying the stream");
+                Ok(None)
+            }
+        }
+    }
+
+    fn save_snapshot(&mut self, stream_id: &str, state: &MemberState) -> Result<(), LedgerError> {
+        let state_json = serde_json::to_string(state).expect("member state serialises");
+        let snapshot = Snapshot { version: state.version, format: MEMBER_SNAPSHOT_FORMAT, state: state_json };
+        Ok(self.batch.save_snapshot(stream_id, &snapshot)?)
     }
 
     fn state(&mut self, member_id: &str) -> Result<&MemberState, LedgerError> {
@@ -765,9 +815,14 @@ impl Shell<'_, '_> {
                     });
                     let previous_customer = profile_changes.then(|| state.profile.stripe_customer_id.clone()).flatten();
                     let due_before = next_due(&state);
+                    let version_before = state.version;
                     let mut state = state;
                     for occurred in &decision {
                         state.apply(&occurred.event);
+                    }
+                    let every = self.options.snapshot_every;
+                    if every > 0 && state.version / every != version_before / every {
+                        self.save_snapshot(&stream_id, &state)?;
                     }
                     self.index_member(
                         &stream_id,

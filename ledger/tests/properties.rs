@@ -198,6 +198,8 @@ proptest! {
         let mut options = LedgerOptions::default();
         // Durability is not what this property is about; fsyncs would only slow it.
         options.store.synchronous_full = false;
+        // Snapshots every few events, so that scenarios take and use many.
+        options.snapshot_every = 3;
         let ledger = Ledger::open(&path, options, clock.clone()).unwrap();
         for plan in strategies::plans() {
             ledger.execute_catalog(Request::new(CatalogCommand::PublishPlan(plan), "admin")).unwrap();
@@ -248,9 +250,16 @@ proptest! {
         let report = ledger.reader().unwrap().verify_chain(|_| {}).unwrap();
         prop_assert_eq!(report.head.position, head(&ledger));
         drop(ledger);
-        let reopened = Ledger::open(&path, options, clock).unwrap();
+        // Loaded from a snapshot and the events after it ...
+        let reopened = Ledger::open(&path, options, clock.clone()).unwrap();
         for (member, state) in &live {
-            prop_assert_eq!(&reopened.member_state(member).unwrap(), state, "replay of the stored stream of {}", member);
+            prop_assert_eq!(&reopened.member_state(member).unwrap(), state, "snapshot + tail of {}", member);
+        }
+        drop(reopened);
+        // ... and from the whole stream.
+        let replayed = Ledger::open(&path, LedgerOptions { snapshot_every: 0, ..options }, clock).unwrap();
+        for (member, state) in &live {
+            prop_assert_eq!(&replayed.member_state(member).unwrap(), state, "replay of the stored stream of {}", member);
         }
     }
 }

@@ -251,6 +251,17 @@ pub struct IdempotencyRecord {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// A stream's state folded up to `version`, serialised by its owner (the
+/// service): a cache that bounds how much of a long stream is read when the
+/// stream is first needed, never a source of truth. `format` names the
+/// serialisation; a snapshot of another format is not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub format: u32,
+    pub state: String,
+}
+
 /// One entry of the per-stream usage-id index, which makes a `usage_id`
 /// unique for ever without keeping a set of ids in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

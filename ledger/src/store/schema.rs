@@ -165,6 +165,17 @@ PRAGMA user_version = 2;
 "
 );
 
+/// Snapshots of stream states (see `Snapshot`): a cache beside the log,
+/// keyed to the hash of the event they were taken at. Made by any writer
+/// that opens a log without it.
+const SNAPSHOTS_SQL: &str = "CREATE TABLE IF NOT EXISTS snapshots (
+    stream_id TEXT    NOT NULL PRIMARY KEY,
+    version   INTEGER NOT NULL,
+    format    INTEGER NOT NULL,
+    hash      BLOB    NOT NULL,
+    state     TEXT    NOT NULL
+) STRICT;";
+
 const STRIPE_CUSTOMERS_SQL: &str = "CREATE TABLE IF NOT EXISTS stripe_customers (customer_id TEXT NOT NULL PRIMARY KEY, stream_id TEXT NOT NULL) WITHOUT ROWID, STRICT;";
 
 /// The customer index came after the first logs were written: a file
@@ -212,6 +223,18 @@ PRAGMA user_version = 2;
 "
 );
 
+fn add_snapshots(connection: &Connection) -> Result<(), StoreError> {
+    let exists: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'snapshots')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        connection.execute_batch(SNAPSHOTS_SQL)?;
+    }
+    Ok(())
+}
+
 /// What a SQLite file holds, as far as tally is concerned.
 #[derive(Debug, PartialEq, Eq)]
 enum Contents {
@@ -251,6 +274,7 @@ pub(super) fn open_for_writing(
         Contents::Ledger { .. } => {}
     }
     add_stripe_customers(&connection)?;
+    add_snapshots(&connection)?;
     refuse_missing_triggers(&connection)?;
     Ok(connection)
 }

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, Utc};
-use rusqlite::{Connection, ffi, params};
+use rusqlite::{Connection, OptionalExtension, ffi, params};
 
 use super::error::is_constraint;
 use super::hash::{ChainLink, chain_hash, format_recorded_at};
@@ -26,7 +26,7 @@ use super::schema::{open_for_writing, rollback_quietly};
 use super::{
     APPEND_EVENTS_MAX, AppendOutcome, EVENT_PAYLOAD_BYTES_MAX, EVENT_TYPE_BYTES_MAX, EventMetadata, EventReader,
     ExpectedVersion, Head, IDEMPOTENCY_RESPONSE_BYTES_MAX, IdempotencyRecord, Imported, KEY_BYTES_MAX, NewEvent,
-    RecordedEvent, STREAM_ID_BYTES_MAX, StoreError, StoreOptions, UsageIndexEntry,
+    RecordedEvent, STREAM_ID_BYTES_MAX, Snapshot, StoreError, StoreOptions, UsageIndexEntry,
 };
 
 /// Idempotency records are kept at least this long, so that a client
@@ -450,6 +450,52 @@ impl Batch<'_> {
         self.ensure_open()?;
         let result = rows::usage(self.connection(), stream_id, usage_id);
         self.after(result)
+    }
+
+    /// The stored snapshot of a stream's state, if one matches the log: the
+    /// event at its version must still be there with the hash it had when
+    /// the snapshot was taken (a log restored from an older copy, or
+    /// rewritten by an import, invalidates it).
+    pub fn snapshot(&mut self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.ensure_open()?;
+        let result = self
+            .connection()
+            .prepare_cached(
+                "SELECT s.version, s.format, s.state FROM snapshots s
+                 JOIN events e ON e.stream_id = s.stream_id AND e.version = s.version AND e.hash = s.hash
+                 WHERE s.stream_id = ?1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([stream_id], |row| {
+                        Ok(Snapshot { version: row.get::<_, i64>(0)? as u64, format: row.get(1)?, state: row.get(2)? })
+                    })
+                    .optional()
+            });
+        self.after(result)
+    }
+
+    /// Stores (replaces) the snapshot of a stream's state at `version`, an
+    /// event of this stream already appended (in this batch or before).
+    pub fn save_snapshot(&mut self, stream_id: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.ensure_open()?;
+        let version = to_sql_integer(snapshot.version, "version")?;
+        let result = self
+            .connection()
+            .prepare_cached(
+                "INSERT INTO snapshots (stream_id, version, format, hash, state)
+                 SELECT ?1, ?2, ?3, hash, ?4 FROM events WHERE stream_id = ?1 AND version = ?2
+                 ON CONFLICT (stream_id) DO UPDATE
+                 SET version = excluded.version, format = excluded.format, hash = excluded.hash, state = excluded.state",
+            )
+            .and_then(|mut statement| statement.execute(params![stream_id, version, snapshot.format, snapshot.state]));
+        match self.after(result)? {
+            1 => Ok(()),
+            _ => Err(StoreError::InvalidArgument(format!(
+                "no event at version {} of stream {stream_id} to snapshot",
+                snapshot.version
+            ))),
+        }
     }
 
     /// Drops a customer's link to a stream whose profile no longer names it.
