@@ -545,3 +545,15 @@ fn bad_input_is_a_one_line_error_and_changes_nothing() {
     assert_eq!(missing_file.code, 1);
     assert!(one_line_error(&missing_file).contains("cannot open /nonexistent/log.ndjson"));
 }
+
+/// The scheduler and the outbox pause between rounds (5 s, 1 s); a SIGTERM
+/// must not wait the pause out. Before the stop signal a shutdown right
+/// after start-up took the scheduler's whole 5 s pause.
+#[test]
+fn serve_stops_promptly_on_sigterm_without_waiting_out_the_scheduler_pause() {
+    let server = Server::start(&[]);
+    let started = std::time::Instant::now();
+    let _data_dir = server.terminate();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(4_000), "SIGTERM to exit took {took:?}");
+}

@@ -9,8 +9,7 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 use tally_api::AppState;
 use tally_api::auth::KeyStore;
@@ -59,6 +58,29 @@ const OUTBOX_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the scheduler looks for due renewals, expiries and timeouts.
 const SCHEDULER_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Tells the background threads to stop; one waiting between two rounds
+/// hears it at once (a shutdown does not wait out a 5 s pause).
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl StopSignal {
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits up to `pause`; true once a stop was asked.
+    fn wait(&self, pause: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stopped, _) =
+            self.wake.wait_timeout_while(stopped, pause, |stopped| !*stopped).unwrap_or_else(PoisonError::into_inner);
+        *stopped
+    }
+}
+
 pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let data_dir = DataDir::new(data_dir);
     data_dir.create()?;
@@ -95,7 +117,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
-    let stop_scheduler = Arc::new(AtomicBool::new(false));
+    let stop_scheduler = Arc::new(StopSignal::default());
     // The Stripe outbox: overage of Stripe-managed members, as invoice items.
     let outbox = stripe_api.map(|api| {
         let outbox = tally_stripe::Outbox::new(api, &data_dir.root().join("stripe-outbox.position"));
@@ -106,7 +128,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                 Ok(runtime) => runtime,
                 Err(error) => return tracing::error!(%error, "the Stripe outbox cannot start"),
             };
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 match runtime.block_on(outbox.run_once(&ledger)) {
                     Ok(report) if report.invoice_items > 0 => {
                         tracing::info!(
@@ -118,7 +140,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "the Stripe outbox will try again"),
                 }
-                std::thread::sleep(OUTBOX_INTERVAL);
+                if stop.wait(OUTBOX_INTERVAL) {
+                    break;
+                }
             }
         })
     });
@@ -126,11 +150,13 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 if let Err(error) = ledger.run_due() {
                     tracing::error!(%error, "scheduler sweep failed");
                 }
-                std::thread::sleep(SCHEDULER_INTERVAL);
+                if stop.wait(SCHEDULER_INTERVAL) {
+                    break;
+                }
             }
         })
     });
@@ -163,7 +189,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     served?;
 
     tracing::info!("shutting down: stopping the scheduler and the projection runner, flushing the writer");
-    stop_scheduler.store(true, Ordering::Relaxed);
+    stop_scheduler.stop();
     if let Some(scheduler) = scheduler {
         let _ = scheduler.join();
     }
