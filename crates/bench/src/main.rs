@@ -445,23 +445,33 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
         let stats = ledger.stats();
         let batches_before = stats.batches.load(Relaxed);
         let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
+        let sched_before = writer_schedstat();
         let started = Instant::now();
         let (done, mut latencies, failed) = drive(&ledger, threads, args.members, duration);
         let elapsed = started.elapsed().as_secs_f64();
         let batches = stats.batches.load(Relaxed) - batches_before;
         let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
         let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
+        let on_cpu = match (sched_before, writer_schedstat()) {
+            (Some(before), Some(after)) => format!(
+                "; writer on CPU {:.0} µs/cmd, waiting for a CPU {:.0} µs/cmd",
+                (after.0 - before.0) as f64 / 1e3 / done.max(1) as f64,
+                (after.1 - before.1) as f64 / 1e3 / done.max(1) as f64
+            ),
+            _ => String::new(),
+        };
         let rate = done as f64 / elapsed;
         rows.push(Row {
             name: format!("tally Ledger, {threads} submitter(s)"),
             commands_per_s: rate,
             latency: Some(percentiles(&mut latencies)),
             note: format!(
-                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}",
+                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}{}",
                 done as f64 / batches.max(1) as f64,
                 batch_nanos as f64 / 1e7 / elapsed,
                 commit_nanos as f64 * 100.0 / batch_nanos.max(1) as f64,
                 batch_nanos as f64 / 1e3 / done.max(1) as f64,
+                on_cpu,
                 if failed > 0 { format!(", {failed} overloaded") } else { String::new() }
             ),
         });
@@ -491,6 +501,21 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     );
     println!("tally log at the end: {head} events");
     Ok(rows)
+}
+
+/// The writer thread's (time on a CPU, time runnable but waiting for one),
+/// in nanoseconds, from Linux's `/proc/self/task/*/schedstat`; `None`
+/// elsewhere. What is left of its busy time is blocked time: fsync, I/O.
+fn writer_schedstat() -> Option<(u64, u64)> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "tally-writer" {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let mut fields = stat.split_whitespace().map(|field| field.parse::<u64>().ok());
+            return Some((fields.next()??, fields.next()??));
+        }
+    }
+    None
 }
 
 fn percentiles(latencies: &mut [Duration]) -> Latency {

@@ -267,6 +267,10 @@ pub(super) fn open_for_writing(
     // command touches; SQLite's default 2 MiB cache holds few of them once
     // the log has millions of events.
     connection.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    // Each command's SAVEPOINT journals the pages it changes; past 64 KiB a
+    // batch's sub-journal spills to a temporary file, written through the
+    // kernel for nothing (it dies with the transaction). Keep it in memory.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
 
     match contents {
         Contents::Empty => create_schema(&connection, path)?,
