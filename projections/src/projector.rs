@@ -7,8 +7,17 @@
 //! rebuild can fill new tables beside the live ones. SQL is written as
 //! templates with `{table}` placeholders, and [`ProjectorTx::statement`]
 //! renders them for the generation being written.
+//!
+//! A projector may also keep what it works on in memory for the rest of a
+//! batch ([`ProjectorTx::batch_state`]): rows read once per batch rather
+//! than once per event, and written once per batch, when the runner calls
+//! [`ProjectorTx::finish`] before it moves the checkpoint in the same
+//! transaction. That changes no result (the rows at the end of the batch are
+//! the same) and keeps exactly-once: a batch that fails is rolled back with
+//! its batch state dropped unwritten.
 
-use std::cell::RefCell;
+use std::any::Any;
+use std::cell::{RefCell, RefMut};
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -123,14 +132,23 @@ pub(crate) fn render(template: &str, tables: &[TableSpec], version: u32, generat
 /// Rendered SQL of one generation, by template.
 pub(crate) type RenderedSql = RefCell<HashMap<&'static str, String>>;
 
+/// What a projector holds in memory during one batch, written by
+/// [`BatchState::flush`] at the end of the batch.
+pub(crate) trait BatchState: Any {
+    /// Writes everything the batch changed through `tx`. Called once, after
+    /// the batch's last event and before the checkpoint moves.
+    fn flush(&mut self, tx: &ProjectorTx<'_>) -> Result<(), ProjectionError>;
+}
+
 /// The write side of one projector generation inside the runner's open
-/// transaction.
+/// transaction, for one batch.
 pub struct ProjectorTx<'conn> {
     connection: &'conn Connection,
     tables: &'static [TableSpec],
     version: u32,
     generation: u64,
     rendered: &'conn RenderedSql,
+    batch_state: RefCell<Option<Box<dyn BatchState>>>,
 }
 
 impl<'conn> ProjectorTx<'conn> {
@@ -141,7 +159,31 @@ impl<'conn> ProjectorTx<'conn> {
         generation: u64,
         rendered: &'conn RenderedSql,
     ) -> ProjectorTx<'conn> {
-        ProjectorTx { connection, tables, version, generation, rendered }
+        ProjectorTx { connection, tables, version, generation, rendered, batch_state: RefCell::new(None) }
+    }
+
+    /// The projector's state for the rest of this batch, made on first use.
+    /// A projector uses one state type; holding the state while calling
+    /// `batch_state` again panics (a programmer error).
+    pub(crate) fn batch_state<State: BatchState + Default>(&self) -> RefMut<'_, State> {
+        let mut slot = self.batch_state.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Box::new(State::default()));
+        }
+        RefMut::map(slot, |slot| {
+            let state: &mut dyn Any = slot.as_deref_mut().expect("made above");
+            state.downcast_mut::<State>().expect("a projector keeps one type of batch state")
+        })
+    }
+
+    /// Writes the batch state, if the batch made one. The runner calls it
+    /// once, after the batch's last event, inside the projector's savepoint.
+    pub(crate) fn finish(&self) -> Result<(), ProjectionError> {
+        let state = self.batch_state.borrow_mut().take();
+        match state {
+            Some(mut state) => state.flush(self),
+            None => Ok(()),
+        }
     }
 
     /// A prepared (and cached) statement for a SQL template whose `{table}`

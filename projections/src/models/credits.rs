@@ -21,6 +21,13 @@
 //! figure (a reservation's 0-amount row still says how much it held).
 //! A grant with nothing left and nothing held is dropped, as the ledger
 //! drops it, which keeps the table bounded by the live grants.
+//!
+//! Within a batch a member's balance row and grants are read once, moved
+//! by each event in memory, and written once at the end of the batch
+//! (its transaction rows too, in key order): the same rows as one statement
+//! per movement would leave, for a fraction of the statements.
+
+use std::collections::HashMap;
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -28,7 +35,7 @@ use tally_ledger::domain::{GrantPart, MemberEvent, ReleaseReason};
 
 use crate::error::ProjectionError;
 use crate::page::{Cursor, Order, Page, PageRequest};
-use crate::projector::{ProjectedEvent, Projector, ProjectorTx, TableSpec};
+use crate::projector::{BatchState, ProjectedEvent, Projector, ProjectorTx, TableSpec};
 use crate::read::Snapshot;
 use crate::registry::ReadModel;
 use crate::values::{checked, instant_at, instant_text, optional_instant_at, u64_at};
@@ -156,15 +163,17 @@ impl Projector for CreditsProjector {
     }
 
     fn apply(&self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError> {
-        let mut apply = Apply { tx, event, member_id: event.member_id };
-        apply.run()
+        let mut batch = tx.batch_state::<CreditsBatch>();
+        batch.apply(tx, event)
     }
 }
 
-/// The counters of a member's balance row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Counters {
+/// A member's `credit_balances` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BalanceRow {
     balance: i64,
+    available: i64,
+    held: i64,
     debt: i64,
     granted: i64,
     used: i64,
@@ -173,7 +182,90 @@ struct Counters {
     debt_incurred: i64,
     debt_reduced: i64,
     debt_billed: i64,
+    next_expiry_at: Option<String>,
+    next_expiry_amount: i64,
     transactions: i64,
+    last_position: i64,
+    updated_at: String,
+}
+
+impl BalanceRow {
+    /// The row of a member first seen at this event: nothing yet.
+    fn empty(last_position: i64, updated_at: String) -> BalanceRow {
+        BalanceRow {
+            balance: 0,
+            available: 0,
+            held: 0,
+            debt: 0,
+            granted: 0,
+            used: 0,
+            debited: 0,
+            expired: 0,
+            debt_incurred: 0,
+            debt_reduced: 0,
+            debt_billed: 0,
+            next_expiry_at: None,
+            next_expiry_amount: 0,
+            transactions: 0,
+            last_position,
+            updated_at,
+        }
+    }
+}
+
+/// One `credit_grants` row, with what the table holds for it.
+#[derive(Clone, Debug)]
+struct GrantRow {
+    grant_id: String,
+    source: String,
+    category: String,
+    priority: i64,
+    amount: i64,
+    remaining: i64,
+    held: i64,
+    expires_at: Option<String>,
+    expired: bool,
+    granted_at: String,
+    position: i64,
+    /// (remaining, held, expired) as stored; `None` for a grant made in
+    /// this batch.
+    stored: Option<(i64, i64, bool)>,
+}
+
+/// One `credit_transactions` row to insert.
+struct TransactionRow {
+    seq: i64,
+    position: i64,
+    kind: &'static str,
+    amount: i64,
+    credits: i64,
+    balance_after: i64,
+    grant_id: Option<String>,
+    usage_id: Option<String>,
+    reservation_id: Option<String>,
+    invoice_id: Option<String>,
+    reason: Option<String>,
+    occurred_at: String,
+}
+
+/// A member's rows during a batch: read once, moved by each event in
+/// memory, written once by [`CreditsBatch::flush`].
+struct MemberCredits {
+    balance: BalanceRow,
+    /// Whether `balance` differs from the stored row (or no row is stored).
+    balance_changed: bool,
+    /// Every grant the member has, as the table would hold it now.
+    grants: Vec<GrantRow>,
+    /// Stored grants dropped (exhausted) during the batch.
+    dropped: Vec<String>,
+    /// The member's new `credit_transactions` rows, in log order.
+    transactions: Vec<TransactionRow>,
+}
+
+/// The credits projector's batch state.
+#[derive(Default)]
+pub(crate) struct CreditsBatch {
+    members: HashMap<String, MemberCredits>,
 }
 
 /// What one event adds to `credit_transactions`.
@@ -193,44 +285,265 @@ impl<'event> Entry<'event> {
     }
 }
 
-const INSERT_BALANCE: &str = "INSERT OR IGNORE INTO {credit_balances} (member_id, balance, available, held, debt,
+/// How a grant movement changes a grant, and when it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Movement {
+    /// Spend unheld credit of an unexpired grant.
+    TakeRemaining,
+    /// Spend held credit (a settled part).
+    TakeHeld,
+    /// Hold unheld credit of an unexpired grant.
+    Hold,
+    /// Give held credit back (a released part).
+    Unhold,
+    /// Lapse unheld credit, and mark the grant expired.
+    Expire,
+}
+
+const SELECT_BALANCE: &str = "SELECT balance, available, held, debt, granted, used, debited, expired, debt_incurred,
+    debt_reduced, debt_billed, next_expiry_at, next_expiry_amount, transactions, last_position, updated_at
+    FROM {credit_balances} WHERE member_id = ?1";
+const WRITE_BALANCE: &str = "INSERT OR REPLACE INTO {credit_balances} (member_id, balance, available, held, debt,
     granted, used, debited, expired, debt_incurred, debt_reduced, debt_billed, next_expiry_at, next_expiry_amount,
-    transactions, last_position, updated_at) VALUES (?1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, 0, 0, ?2, ?3)";
-const SELECT_COUNTERS: &str = "SELECT balance, debt, granted, used, debited, expired, debt_incurred, debt_reduced,
-    debt_billed, transactions FROM {credit_balances} WHERE member_id = ?1";
-const UPDATE_BALANCE: &str = "UPDATE {credit_balances} SET balance = ?2, available = ?3, held = ?4, debt = ?5,
-    granted = ?6, used = ?7, debited = ?8, expired = ?9, debt_incurred = ?10, debt_reduced = ?11, debt_billed = ?12,
-    next_expiry_at = ?13, next_expiry_amount = ?14, transactions = ?15, last_position = ?16, updated_at = ?17
-    WHERE member_id = ?1";
+    transactions, last_position, updated_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+const SELECT_GRANTS: &str = "SELECT grant_id, source, category, priority, amount, remaining, held, expires_at, expired,
+    granted_at, position FROM {credit_grants} WHERE member_id = ?1";
 const INSERT_GRANT: &str = "INSERT INTO {credit_grants} (member_id, grant_id, source, category, priority, amount,
-    remaining, held, expires_at, expired, granted_at, position) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0, ?7, 0, ?8, ?9)";
-const TAKE_REMAINING: &str = "UPDATE {credit_grants} SET remaining = remaining - ?3
-    WHERE member_id = ?1 AND grant_id = ?2 AND expired = 0 AND remaining - held >= ?3";
-const TAKE_HELD: &str = "UPDATE {credit_grants} SET remaining = remaining - ?3, held = held - ?3
-    WHERE member_id = ?1 AND grant_id = ?2 AND held >= ?3";
-const HOLD: &str = "UPDATE {credit_grants} SET held = held + ?3
-    WHERE member_id = ?1 AND grant_id = ?2 AND expired = 0 AND remaining - held >= ?3";
-const UNHOLD: &str = "UPDATE {credit_grants} SET held = held - ?3
-    WHERE member_id = ?1 AND grant_id = ?2 AND held >= ?3";
-const EXPIRE: &str = "UPDATE {credit_grants} SET remaining = remaining - ?3, expired = 1
-    WHERE member_id = ?1 AND grant_id = ?2 AND remaining - held >= ?3";
-const DROP_EXHAUSTED: &str = "DELETE FROM {credit_grants} WHERE member_id = ?1 AND remaining = 0 AND held = 0";
-const SUM_GRANTS: &str = "SELECT coalesce(sum(CASE WHEN expired = 0 THEN remaining - held ELSE 0 END), 0),
-    coalesce(sum(held), 0) FROM {credit_grants} WHERE member_id = ?1";
-const NEXT_EXPIRY: &str = "SELECT expires_at, sum(remaining - held) FROM {credit_grants}
-    WHERE member_id = ?1 AND expired = 0 AND expires_at IS NOT NULL AND remaining > held
-    GROUP BY expires_at ORDER BY expires_at LIMIT 1";
+    remaining, held, expires_at, expired, granted_at, position) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+const UPDATE_GRANT: &str = "UPDATE {credit_grants} SET remaining = ?3, held = ?4, expired = ?5
+    WHERE member_id = ?1 AND grant_id = ?2";
+const DELETE_GRANT: &str = "DELETE FROM {credit_grants} WHERE member_id = ?1 AND grant_id = ?2";
 const INSERT_TRANSACTION: &str = "INSERT INTO {credit_transactions} (member_id, seq, position, type, amount,
     credits, balance_after, grant_id, usage_id, reservation_id, invoice_id, reason, occurred_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
-struct Apply<'tx, 'conn, 'event> {
-    tx: &'tx ProjectorTx<'conn>,
-    event: &'tx ProjectedEvent<'event>,
-    member_id: &'event str,
+impl CreditsBatch {
+    fn apply(&mut self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError> {
+        let position = crate::storage::to_sql_integer(event.position());
+        if !self.members.contains_key(event.member_id) {
+            let member = load_member(tx, event.member_id, position, || instant_text(event.occurred_at))?;
+            self.members.insert(event.member_id.to_owned(), member);
+        }
+        let member = self.members.get_mut(event.member_id).expect("loaded above");
+        let apply = Apply { event };
+        let before = member.balance.balance;
+        let Some(entry) = apply.apply_event(member)? else { return Ok(()) };
+        member.drop_exhausted();
+        let (available, held) = apply.sums(&member.grants)?;
+        let next_expiry = apply.next_expiry(&member.grants)?;
+        let balance = apply.difference(apply.sum(available, held)?, member.balance.debt)?;
+        let amount = apply.difference(balance, before)?;
+        let occurred_at = instant_text(event.occurred_at);
+        let row = &mut member.balance;
+        row.balance = balance;
+        row.available = available;
+        row.held = held;
+        row.transactions = apply.sum(row.transactions, 1)?;
+        (row.next_expiry_at, row.next_expiry_amount) = match next_expiry {
+            Some((at, amount)) => (Some(at.to_owned()), amount),
+            None => (None, 0),
+        };
+        row.last_position = position;
+        row.updated_at.clone_from(&occurred_at);
+        member.balance_changed = true;
+        member.transactions.push(TransactionRow {
+            seq: row.transactions,
+            position,
+            kind: entry.kind,
+            amount,
+            credits: entry.credits,
+            balance_after: balance,
+            grant_id: entry.grant_id.map(str::to_owned),
+            usage_id: entry.usage_id.map(str::to_owned),
+            reservation_id: entry.reservation_id.map(str::to_owned),
+            invoice_id: entry.invoice_id.map(str::to_owned),
+            reason: entry.reason.map(str::to_owned),
+            occurred_at,
+        });
+        Ok(())
+    }
 }
 
-impl<'event> Apply<'_, '_, 'event> {
+impl BatchState for CreditsBatch {
+    fn flush(&mut self, tx: &ProjectorTx<'_>) -> Result<(), ProjectionError> {
+        // In key order, so that each member's rows go into the same pages
+        // one after the other.
+        let mut members: Vec<(&String, &MemberCredits)> = self.members.iter().collect();
+        members.sort_unstable_by_key(|(member_id, _)| *member_id);
+        for (member_id, member) in members {
+            member.write(tx, member_id)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a member's balance row and grants, or makes the empty row a member
+/// gets at the first event this projector handles for it.
+fn load_member(
+    tx: &ProjectorTx<'_>,
+    member_id: &str,
+    position: i64,
+    occurred_at: impl FnOnce() -> String,
+) -> Result<MemberCredits, ProjectionError> {
+    let stored = tx
+        .statement(SELECT_BALANCE)?
+        .query_row(params![member_id], |row| {
+            Ok(BalanceRow {
+                balance: row.get(0)?,
+                available: row.get(1)?,
+                held: row.get(2)?,
+                debt: row.get(3)?,
+                granted: row.get(4)?,
+                used: row.get(5)?,
+                debited: row.get(6)?,
+                expired: row.get(7)?,
+                debt_incurred: row.get(8)?,
+                debt_reduced: row.get(9)?,
+                debt_billed: row.get(10)?,
+                next_expiry_at: row.get(11)?,
+                next_expiry_amount: row.get(12)?,
+                transactions: row.get(13)?,
+                last_position: row.get(14)?,
+                updated_at: row.get(15)?,
+            })
+        })
+        .optional()?;
+    let Some(balance) = stored else {
+        let balance = BalanceRow::empty(position, occurred_at());
+        return Ok(MemberCredits {
+            balance,
+            balance_changed: true,
+            grants: Vec::new(),
+            dropped: Vec::new(),
+            transactions: Vec::new(),
+        });
+    };
+    let grants = tx
+        .statement(SELECT_GRANTS)?
+        .query_map(params![member_id], |row| {
+            let remaining: i64 = row.get(5)?;
+            let held: i64 = row.get(6)?;
+            let expired = row.get::<_, i64>(8)? != 0;
+            Ok(GrantRow {
+                grant_id: row.get(0)?,
+                source: row.get(1)?,
+                category: row.get(2)?,
+                priority: row.get(3)?,
+                amount: row.get(4)?,
+                remaining,
+                held,
+                expires_at: row.get(7)?,
+                expired,
+                granted_at: row.get(9)?,
+                position: row.get(10)?,
+                stored: Some((remaining, held, expired)),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MemberCredits { balance, balance_changed: false, grants, dropped: Vec::new(), transactions: Vec::new() })
+}
+
+impl MemberCredits {
+    /// A grant with nothing left and nothing held goes, as in the ledger.
+    fn drop_exhausted(&mut self) {
+        let dropped = &mut self.dropped;
+        self.grants.retain(|grant| {
+            let exhausted = grant.remaining == 0 && grant.held == 0;
+            if exhausted && grant.stored.is_some() {
+                dropped.push(grant.grant_id.clone());
+            }
+            !exhausted
+        });
+    }
+
+    fn write(&self, tx: &ProjectorTx<'_>, member_id: &str) -> Result<(), ProjectionError> {
+        // Deletes first: a grant id dropped and granted again in one batch
+        // is deleted, then inserted anew.
+        for grant_id in &self.dropped {
+            tx.statement(DELETE_GRANT)?.execute(params![member_id, grant_id])?;
+        }
+        for grant in &self.grants {
+            let now = (grant.remaining, grant.held, grant.expired);
+            match grant.stored {
+                Some(stored) if stored == now => {}
+                Some(_) => {
+                    tx.statement(UPDATE_GRANT)?.execute(params![
+                        member_id,
+                        grant.grant_id,
+                        grant.remaining,
+                        grant.held,
+                        i64::from(grant.expired)
+                    ])?;
+                }
+                None => {
+                    tx.statement(INSERT_GRANT)?.execute(params![
+                        member_id,
+                        grant.grant_id,
+                        grant.source,
+                        grant.category,
+                        grant.priority,
+                        grant.amount,
+                        grant.remaining,
+                        grant.held,
+                        grant.expires_at,
+                        i64::from(grant.expired),
+                        grant.granted_at,
+                        grant.position,
+                    ])?;
+                }
+            }
+        }
+        let mut insert = tx.statement(INSERT_TRANSACTION)?;
+        for row in &self.transactions {
+            insert.execute(params![
+                member_id,
+                row.seq,
+                row.position,
+                row.kind,
+                row.amount,
+                row.credits,
+                row.balance_after,
+                row.grant_id,
+                row.usage_id,
+                row.reservation_id,
+                row.invoice_id,
+                row.reason,
+                row.occurred_at,
+            ])?;
+        }
+        if self.balance_changed {
+            let row = &self.balance;
+            tx.statement(WRITE_BALANCE)?.execute(params![
+                member_id,
+                row.balance,
+                row.available,
+                row.held,
+                row.debt,
+                row.granted,
+                row.used,
+                row.debited,
+                row.expired,
+                row.debt_incurred,
+                row.debt_reduced,
+                row.debt_billed,
+                row.next_expiry_at,
+                row.next_expiry_amount,
+                row.transactions,
+                row.last_position,
+                row.updated_at,
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+/// The rules of one event, on a member's rows in memory.
+struct Apply<'tx, 'event> {
+    event: &'tx ProjectedEvent<'event>,
+}
+
+impl<'event> Apply<'_, 'event> {
     fn inconsistent(&self, reason: impl Into<String>) -> ProjectionError {
         self.event.inconsistent(PROJECTOR_NAME, reason)
     }
@@ -243,48 +556,17 @@ impl<'event> Apply<'_, '_, 'event> {
         checked(left.checked_sub(right), PROJECTOR_NAME, self.event.position())
     }
 
-    fn run(&mut self) -> Result<(), ProjectionError> {
-        self.ensure_balance_row()?;
-        let before = self.counters()?;
-        let mut counters = before;
-        let Some(entry) = self.apply_event(&mut counters)? else { return Ok(()) };
-        self.tx.statement(DROP_EXHAUSTED)?.execute(params![self.member_id])?;
-        self.write(before, counters, entry)
-    }
-
-    fn ensure_balance_row(&self) -> Result<(), ProjectionError> {
-        let occurred_at = instant_text(self.event.occurred_at);
-        let position = crate::storage::to_sql_integer(self.event.position());
-        self.tx.statement(INSERT_BALANCE)?.execute(params![self.member_id, position, occurred_at])?;
-        Ok(())
-    }
-
-    fn counters(&self) -> Result<Counters, ProjectionError> {
-        Ok(self.tx.statement(SELECT_COUNTERS)?.query_row(params![self.member_id], |row| {
-            Ok(Counters {
-                balance: row.get(0)?,
-                debt: row.get(1)?,
-                granted: row.get(2)?,
-                used: row.get(3)?,
-                debited: row.get(4)?,
-                expired: row.get(5)?,
-                debt_incurred: row.get(6)?,
-                debt_reduced: row.get(7)?,
-                debt_billed: row.get(8)?,
-                transactions: row.get(9)?,
-            })
-        })?)
-    }
-
     /// Moves grants and counters as the event says; returns the
     /// transaction row it makes, if any.
-    fn apply_event(&self, counters: &mut Counters) -> Result<Option<Entry<'event>>, ProjectionError> {
+    fn apply_event(&self, member: &mut MemberCredits) -> Result<Option<Entry<'event>>, ProjectionError> {
         let event: &'event MemberEvent = self.event.event;
+        let counters = &mut member.balance;
+        let grants = &mut member.grants;
         let entry = match event {
             MemberEvent::MemberRegistered { .. } => return Ok(None),
             MemberEvent::CreditsGranted { grant_id, terms, transferred_from, usage_id, .. } => {
-                self.move_parts(TAKE_REMAINING, transferred_from, "transfer")?;
-                self.insert_grant(grant_id, terms)?;
+                self.move_parts(grants, Movement::TakeRemaining, transferred_from, "transfer")?;
+                self.insert_grant(grants, grant_id, terms)?;
                 // Rolled credit is a transfer, not new credit.
                 if transferred_from.is_empty() {
                     counters.granted = self.sum(counters.granted, terms.amount.0)?;
@@ -297,30 +579,30 @@ impl<'event> Apply<'_, '_, 'event> {
                 }
             }
             MemberEvent::CreditsDeducted { usage_id, amount, parts, debt, .. } => {
-                self.move_parts(TAKE_REMAINING, parts, "deduction")?;
+                self.move_parts(grants, Movement::TakeRemaining, parts, "deduction")?;
                 counters.used = self.sum(counters.used, amount.0)?;
                 counters.debt = self.sum(counters.debt, debt.0)?;
                 counters.debt_incurred = self.sum(counters.debt_incurred, debt.0)?;
                 Entry { usage_id: Some(usage_id), ..Entry::new(transaction_type::USAGE_DEDUCTION, amount.0) }
             }
             MemberEvent::CreditsDebited { amount, parts, reason } => {
-                self.move_parts(TAKE_REMAINING, parts, "debit")?;
+                self.move_parts(grants, Movement::TakeRemaining, parts, "debit")?;
                 counters.debited = self.sum(counters.debited, amount.0)?;
                 Entry { reason: Some(reason), ..Entry::new(transaction_type::DEBIT, amount.0) }
             }
             MemberEvent::CreditsExpired { grant_id, amount } => {
                 let part = GrantPart { grant_id: grant_id.clone(), amount: *amount };
-                self.move_parts(EXPIRE, std::slice::from_ref(&part), "expiry")?;
+                self.move_parts(grants, Movement::Expire, std::slice::from_ref(&part), "expiry")?;
                 counters.expired = self.sum(counters.expired, amount.0)?;
                 Entry { grant_id: Some(grant_id), ..Entry::new(transaction_type::EXPIRATION, amount.0) }
             }
             MemberEvent::CreditsReserved { reservation_id, amount, holds, .. } => {
-                self.move_parts(HOLD, holds, "hold")?;
+                self.move_parts(grants, Movement::Hold, holds, "hold")?;
                 Entry { reservation_id: Some(reservation_id), ..Entry::new(transaction_type::RESERVATION, amount.0) }
             }
             MemberEvent::ReservationSettled { reservation_id, charged, parts, released_parts, .. } => {
-                self.move_parts(TAKE_HELD, parts, "settled part")?;
-                self.move_parts(UNHOLD, released_parts, "released part")?;
+                self.move_parts(grants, Movement::TakeHeld, parts, "settled part")?;
+                self.move_parts(grants, Movement::Unhold, released_parts, "released part")?;
                 counters.used = self.sum(counters.used, charged.0)?;
                 Entry {
                     reservation_id: Some(reservation_id),
@@ -328,7 +610,7 @@ impl<'event> Apply<'_, '_, 'event> {
                 }
             }
             MemberEvent::ReservationReleased { reservation_id, reason, released, released_parts } => {
-                self.move_parts(UNHOLD, released_parts, "released part")?;
+                self.move_parts(grants, Movement::Unhold, released_parts, "released part")?;
                 let reason = match reason {
                     ReleaseReason::Released => "released",
                     ReleaseReason::Expired => "expired",
@@ -370,50 +652,59 @@ impl<'event> Apply<'_, '_, 'event> {
         Ok(Some(entry))
     }
 
-    fn clear_debt(&self, counters: &mut Counters, cleared: i64) -> Result<(), ProjectionError> {
+    fn clear_debt(&self, counters: &mut BalanceRow, cleared: i64) -> Result<(), ProjectionError> {
         counters.debt = self.difference(counters.debt, cleared)?;
         counters.debt_billed = self.sum(counters.debt_billed, cleared)?;
         Ok(())
     }
 
-    fn insert_grant(&self, grant_id: &str, terms: &tally_ledger::domain::GrantTerms) -> Result<(), ProjectionError> {
+    fn insert_grant(
+        &self,
+        grants: &mut Vec<GrantRow>,
+        grant_id: &str,
+        terms: &tally_ledger::domain::GrantTerms,
+    ) -> Result<(), ProjectionError> {
+        if grants.iter().any(|grant| grant.grant_id == grant_id) {
+            return Err(self.inconsistent(format!("grant {grant_id} is granted twice")));
+        }
         let category = match terms.category {
             tally_ledger::domain::GrantCategory::Promotional => "promotional",
             tally_ledger::domain::GrantCategory::Paid => "paid",
         };
-        let inserted = self.tx.statement(INSERT_GRANT)?.execute(params![
-            self.member_id,
-            grant_id,
-            terms.source.as_str(),
-            category,
-            terms.priority,
-            terms.amount.0,
-            terms.expires_at.map(instant_text),
-            instant_text(self.event.occurred_at),
-            crate::storage::to_sql_integer(self.event.position()),
-        ]);
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(error, _)) if error.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(self.inconsistent(format!("grant {grant_id} is granted twice")))
-            }
-            Err(error) => Err(error.into()),
-        }
+        grants.push(GrantRow {
+            grant_id: grant_id.to_owned(),
+            source: terms.source.as_str().to_owned(),
+            category: category.to_owned(),
+            priority: i64::from(terms.priority),
+            amount: terms.amount.0,
+            remaining: terms.amount.0,
+            held: 0,
+            expires_at: terms.expires_at.map(instant_text),
+            expired: false,
+            granted_at: instant_text(self.event.occurred_at),
+            position: crate::storage::to_sql_integer(self.event.position()),
+            stored: None,
+        });
+        Ok(())
     }
 
     /// Applies one grant movement per part; a part the grant cannot give is
     /// a contradiction of the log.
-    fn move_parts(&self, template: &'static str, parts: &[GrantPart], what: &str) -> Result<(), ProjectionError> {
-        if parts.is_empty() {
-            return Ok(());
-        }
-        let mut statement = self.tx.statement(template)?;
+    fn move_parts(
+        &self,
+        grants: &mut [GrantRow],
+        movement: Movement,
+        parts: &[GrantPart],
+        what: &str,
+    ) -> Result<(), ProjectionError> {
         for part in parts {
-            if part.amount.0 < 0 {
+            let amount = part.amount.0;
+            if amount < 0 {
                 return Err(self.inconsistent(format!("a {what} of {} on grant {}", part.amount, part.grant_id)));
             }
-            let changed = statement.execute(params![self.member_id, part.grant_id, part.amount.0])?;
-            if changed != 1 {
+            let grant = grants.iter_mut().find(|grant| grant.grant_id == part.grant_id);
+            let moved = grant.is_some_and(|grant| move_grant(grant, movement, amount));
+            if !moved {
                 return Err(self.inconsistent(format!(
                     "grant {} cannot take a {what} of {} (unknown, expired or short)",
                     part.grant_id, part.amount
@@ -423,60 +714,67 @@ impl<'event> Apply<'_, '_, 'event> {
         Ok(())
     }
 
-    fn write(&self, before: Counters, mut counters: Counters, entry: Entry<'_>) -> Result<(), ProjectionError> {
-        let (available, held): (i64, i64) =
-            self.tx.statement(SUM_GRANTS)?.query_row(params![self.member_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        let next_expiry: Option<(String, i64)> = self
-            .tx
-            .statement(NEXT_EXPIRY)?
-            .query_row(params![self.member_id], |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()?;
-        let balance = self.difference(self.sum(available, held)?, counters.debt)?;
-        let amount = self.difference(balance, before.balance)?;
-        counters.balance = balance;
-        counters.transactions = self.sum(counters.transactions, 1)?;
-        let position = crate::storage::to_sql_integer(self.event.position());
-        let occurred_at = instant_text(self.event.occurred_at);
-        let (next_expiry_at, next_expiry_amount) = match next_expiry {
-            Some((at, amount)) => (Some(at), amount),
-            None => (None, 0),
-        };
-        self.tx.statement(UPDATE_BALANCE)?.execute(params![
-            self.member_id,
-            counters.balance,
-            available,
-            held,
-            counters.debt,
-            counters.granted,
-            counters.used,
-            counters.debited,
-            counters.expired,
-            counters.debt_incurred,
-            counters.debt_reduced,
-            counters.debt_billed,
-            next_expiry_at,
-            next_expiry_amount,
-            counters.transactions,
-            position,
-            occurred_at,
-        ])?;
-        self.tx.statement(INSERT_TRANSACTION)?.execute(params![
-            self.member_id,
-            counters.transactions,
-            position,
-            entry.kind,
-            amount,
-            entry.credits,
-            balance,
-            entry.grant_id,
-            entry.usage_id,
-            entry.reservation_id,
-            entry.invoice_id,
-            entry.reason,
-            occurred_at,
-        ])?;
-        Ok(())
+    /// Available (the unheld rest of unexpired grants) and held.
+    fn sums(&self, grants: &[GrantRow]) -> Result<(i64, i64), ProjectionError> {
+        let (mut available, mut held) = (0i64, 0i64);
+        for grant in grants {
+            if !grant.expired {
+                available = self.sum(available, self.difference(grant.remaining, grant.held)?)?;
+            }
+            held = self.sum(held, grant.held)?;
+        }
+        Ok((available, held))
     }
+
+    /// The soonest expiry among unexpired grants with spendable credit, and
+    /// the spendable credit of every grant expiring then.
+    fn next_expiry<'grants>(
+        &self,
+        grants: &'grants [GrantRow],
+    ) -> Result<Option<(&'grants str, i64)>, ProjectionError> {
+        let spendable = || {
+            grants
+                .iter()
+                .filter(|grant| !grant.expired && grant.remaining > grant.held)
+                .filter_map(|grant| grant.expires_at.as_deref().map(|at| (at, grant)))
+        };
+        let Some(soonest) = spendable().map(|(at, _)| at).min() else { return Ok(None) };
+        let mut amount = 0i64;
+        for (_, grant) in spendable().filter(|(at, _)| *at == soonest) {
+            amount = self.sum(amount, self.difference(grant.remaining, grant.held)?)?;
+        }
+        Ok(Some((soonest, amount)))
+    }
+}
+
+/// Moves one part on one grant if the grant can give it, as the conditions
+/// of [`Movement`] say; false (nothing moved) otherwise.
+fn move_grant(grant: &mut GrantRow, movement: Movement, amount: i64) -> bool {
+    // In i128: the conditions compare exactly whatever the figures.
+    let unheld = i128::from(grant.remaining) - i128::from(grant.held);
+    let (remaining, held, expired) = match movement {
+        Movement::TakeRemaining if !grant.expired && unheld >= i128::from(amount) => {
+            (grant.remaining.checked_sub(amount), Some(grant.held), grant.expired)
+        }
+        Movement::TakeHeld if grant.held >= amount => {
+            (grant.remaining.checked_sub(amount), grant.held.checked_sub(amount), grant.expired)
+        }
+        Movement::Hold if !grant.expired && unheld >= i128::from(amount) => {
+            (Some(grant.remaining), grant.held.checked_add(amount), grant.expired)
+        }
+        Movement::Unhold if grant.held >= amount => {
+            (Some(grant.remaining), grant.held.checked_sub(amount), grant.expired)
+        }
+        Movement::Expire if unheld >= i128::from(amount) => {
+            (grant.remaining.checked_sub(amount), Some(grant.held), true)
+        }
+        _ => return false,
+    };
+    let (Some(remaining), Some(held)) = (remaining, held) else { return false };
+    grant.remaining = remaining;
+    grant.held = held;
+    grant.expired = expired;
+    true
 }
 
 // ---------------------------------------------------------------------------

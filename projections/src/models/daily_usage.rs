@@ -12,6 +12,10 @@
 //!   duration (total and max), its rows as quantity and its credits.
 //! - A reversal does not change usage statistics: the usage happened; its
 //!   credits come back in `credit_transactions`.
+//! - Within a batch the additions to each row are summed in memory and
+//!   written once, at the end of the batch.
+
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -21,10 +25,10 @@ use tally_ledger::domain::{MemberEvent, QueryStatus};
 
 use crate::error::ProjectionError;
 use crate::page::{Cursor, Order, Page, PageRequest};
-use crate::projector::{ProjectedEvent, Projector, ProjectorTx, TableSpec};
+use crate::projector::{BatchState, ProjectedEvent, Projector, ProjectorTx, TableSpec};
 use crate::read::Snapshot;
 use crate::registry::ReadModel;
-use crate::values::{day_at, day_text};
+use crate::values::{checked, day_at, day_text};
 
 pub const PROJECTOR_NAME: &str = "daily_usage";
 pub const PROJECTOR_VERSION: u32 = 1;
@@ -64,8 +68,10 @@ const HANDLES: &[&str] = &["MemberRegistered", "MemberProfileChanged", "UsageRec
 const UPSERT_MEMBER: &str = "INSERT INTO {daily_usage_members} (member_id, time_zone) VALUES (?1, ?2)
     ON CONFLICT (member_id) DO UPDATE SET time_zone = excluded.time_zone";
 const SELECT_TIME_ZONE: &str = "SELECT time_zone FROM {daily_usage_members} WHERE member_id = ?1";
+/// Adds one batch's sums to a row (`?9` the summed durations, `?10` the
+/// longest).
 const ADD: &str = "INSERT INTO {daily_usage_stats} (member_id, day, metric, quantity, credits, records, query_count,
-    query_errors, duration_ms_total, duration_ms_max) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+    query_errors, duration_ms_total, duration_ms_max) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
     ON CONFLICT (member_id, day, metric) DO UPDATE SET
         quantity = quantity + excluded.quantity,
         credits = credits + excluded.credits,
@@ -87,7 +93,7 @@ pub fn local_day(instant: DateTime<Utc>, time_zone: Tz) -> NaiveDate {
 
 pub struct DailyUsageProjector;
 
-/// One day's addition to a row.
+/// One event's addition to a row.
 struct Addition<'event> {
     metric: &'event str,
     quantity: i64,
@@ -96,6 +102,133 @@ struct Addition<'event> {
     query_count: i64,
     query_errors: i64,
     duration_ms: i64,
+}
+
+/// What a batch adds to one row: the sums of its additions, and the
+/// longest duration among them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sums {
+    quantity: i64,
+    credits: i64,
+    records: i64,
+    query_count: i64,
+    query_errors: i64,
+    duration_ms_total: i64,
+    duration_ms_max: i64,
+}
+
+/// The daily usage projector's batch state: members' time zones read once
+/// per batch, and the batch's additions summed per row, so that each row
+/// is written once per batch (addition commutes, and so does `max`).
+#[derive(Default)]
+pub(crate) struct DailyUsageBatch {
+    members: HashMap<String, MemberDays>,
+}
+
+/// One member's share of a batch.
+struct MemberDays {
+    time_zone: Tz,
+    /// The time zone's name, when the batch set it.
+    time_zone_set: Option<String>,
+    /// Sums by day and metric.
+    days: BTreeMap<NaiveDate, BTreeMap<String, Sums>>,
+}
+
+impl BatchState for DailyUsageBatch {
+    fn flush(&mut self, tx: &ProjectorTx<'_>) -> Result<(), ProjectionError> {
+        // In key order, so that each member's rows go into the same pages
+        // one after the other.
+        let mut members: Vec<(&String, &MemberDays)> = self.members.iter().collect();
+        members.sort_unstable_by_key(|(member_id, _)| *member_id);
+        for (member_id, member) in members {
+            if let Some(time_zone) = &member.time_zone_set {
+                tx.statement(UPSERT_MEMBER)?.execute(params![member_id, time_zone])?;
+            }
+            let mut add = tx.statement(ADD)?;
+            for (day, metrics) in &member.days {
+                let day = day_text(*day);
+                for (metric, sums) in metrics {
+                    add.execute(params![
+                        member_id,
+                        day,
+                        metric,
+                        sums.quantity,
+                        sums.credits,
+                        sums.records,
+                        sums.query_count,
+                        sums.query_errors,
+                        sums.duration_ms_total,
+                        sums.duration_ms_max,
+                    ])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DailyUsageBatch {
+    fn set_time_zone(&mut self, member_id: &str, time_zone: &str) {
+        let parsed = parse_time_zone(Some(time_zone));
+        match self.members.get_mut(member_id) {
+            Some(member) => {
+                member.time_zone = parsed;
+                member.time_zone_set = Some(time_zone.to_owned());
+            }
+            None => {
+                let member =
+                    MemberDays { time_zone: parsed, time_zone_set: Some(time_zone.to_owned()), days: BTreeMap::new() };
+                self.members.insert(member_id.to_owned(), member);
+            }
+        }
+    }
+
+    fn member(&mut self, tx: &ProjectorTx<'_>, member_id: &str) -> Result<&mut MemberDays, ProjectionError> {
+        if !self.members.contains_key(member_id) {
+            let name: Option<String> =
+                tx.statement(SELECT_TIME_ZONE)?.query_row(params![member_id], |row| row.get(0)).optional()?;
+            let member =
+                MemberDays { time_zone: parse_time_zone(name.as_deref()), time_zone_set: None, days: BTreeMap::new() };
+            self.members.insert(member_id.to_owned(), member);
+        }
+        Ok(self.members.get_mut(member_id).expect("inserted above"))
+    }
+
+    fn add(
+        &mut self,
+        tx: &ProjectorTx<'_>,
+        event: &ProjectedEvent<'_>,
+        instant: DateTime<Utc>,
+        addition: &Addition<'_>,
+    ) -> Result<(), ProjectionError> {
+        let member = self.member(tx, event.member_id)?;
+        let metrics = member.days.entry(local_day(instant, member.time_zone)).or_default();
+        let sums = match metrics.get_mut(addition.metric) {
+            Some(sums) => sums,
+            None => metrics.entry(addition.metric.to_owned()).or_default(),
+        };
+        let total = |sum: i64, value: i64| checked(sum.checked_add(value), PROJECTOR_NAME, event.position());
+        *sums = Sums {
+            quantity: total(sums.quantity, addition.quantity)?,
+            credits: total(sums.credits, addition.credits)?,
+            records: total(sums.records, addition.records)?,
+            query_count: total(sums.query_count, addition.query_count)?,
+            query_errors: total(sums.query_errors, addition.query_errors)?,
+            duration_ms_total: total(sums.duration_ms_total, addition.duration_ms)?,
+            duration_ms_max: if sums.records + sums.query_count == 0 {
+                addition.duration_ms
+            } else {
+                sums.duration_ms_max.max(addition.duration_ms)
+            },
+        };
+        Ok(())
+    }
+}
+
+/// The ledger validated the name with the same chrono-tz; a member whose
+/// registration this projector never saw counts in UTC, the default.
+fn parse_time_zone(name: Option<&str>) -> Tz {
+    name.and_then(|name| name.parse::<Tz>().ok()).unwrap_or(Tz::UTC)
 }
 
 impl Projector for DailyUsageProjector {
@@ -116,9 +249,10 @@ impl Projector for DailyUsageProjector {
     }
 
     fn apply(&self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError> {
+        let mut batch = tx.batch_state::<DailyUsageBatch>();
         match event.event {
             MemberEvent::MemberRegistered { time_zone, .. } | MemberEvent::MemberProfileChanged { time_zone, .. } => {
-                tx.statement(UPSERT_MEMBER)?.execute(params![event.member_id, time_zone])?;
+                batch.set_time_zone(event.member_id, time_zone);
                 Ok(())
             }
             MemberEvent::UsageRecorded { metric, quantity, credits, occurred_at, .. } => {
@@ -131,7 +265,7 @@ impl Projector for DailyUsageProjector {
                     query_errors: 0,
                     duration_ms: 0,
                 };
-                add(tx, event, *occurred_at, &addition)
+                batch.add(tx, event, *occurred_at, &addition)
             }
             MemberEvent::QueryExecuted { execution, credits, .. } => {
                 let metric = query_metric(&execution.integration_id, &execution.query_id);
@@ -144,41 +278,11 @@ impl Projector for DailyUsageProjector {
                     query_errors: i64::from(execution.status == QueryStatus::Failed),
                     duration_ms: execution.duration_ms,
                 };
-                add(tx, event, event.occurred_at, &addition)
+                batch.add(tx, event, event.occurred_at, &addition)
             }
             _ => Ok(()),
         }
     }
-}
-
-fn member_time_zone(tx: &ProjectorTx<'_>, member_id: &str) -> Result<Tz, ProjectionError> {
-    let name: Option<String> =
-        tx.statement(SELECT_TIME_ZONE)?.query_row(params![member_id], |row| row.get(0)).optional()?;
-    // The ledger validated the name with the same chrono-tz; a member whose
-    // registration this projector never saw counts in UTC, the default.
-    Ok(name.and_then(|name| name.parse::<Tz>().ok()).unwrap_or(Tz::UTC))
-}
-
-fn add(
-    tx: &ProjectorTx<'_>,
-    event: &ProjectedEvent<'_>,
-    instant: DateTime<Utc>,
-    addition: &Addition<'_>,
-) -> Result<(), ProjectionError> {
-    let time_zone = member_time_zone(tx, event.member_id)?;
-    let day = day_text(local_day(instant, time_zone));
-    tx.statement(ADD)?.execute(params![
-        event.member_id,
-        day,
-        addition.metric,
-        addition.quantity,
-        addition.credits,
-        addition.records,
-        addition.query_count,
-        addition.query_errors,
-        addition.duration_ms,
-    ])?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------

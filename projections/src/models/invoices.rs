@@ -21,6 +21,8 @@
 //! invoices issued, the sequence used for pagination, the draft's id) and
 //! `invoice_debts` (unbilled overage entries with their unit price).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -28,7 +30,7 @@ use tally_ledger::domain::{Billing, GrantSource, InvoiceLine, InvoiceLineKind, M
 
 use crate::error::ProjectionError;
 use crate::page::{Cursor, Order, Page, PageRequest};
-use crate::projector::{ProjectedEvent, Projector, ProjectorTx, TableSpec};
+use crate::projector::{BatchState, ProjectedEvent, Projector, ProjectorTx, TableSpec};
 use crate::read::Snapshot;
 use crate::registry::ReadModel;
 use crate::storage::to_sql_integer;
@@ -152,8 +154,6 @@ const SET_DRAFT_TOTALS: &str = "UPDATE {invoices} SET subtotal = ?3, total = ?3,
     WHERE member_id = ?1 AND invoice_id = ?2";
 const RENAME_INVOICE: &str = "UPDATE {invoices} SET invoice_id = ?3 WHERE member_id = ?1 AND invoice_id = ?2";
 const RENAME_LINES: &str = "UPDATE {invoice_lines} SET invoice_id = ?3 WHERE member_id = ?1 AND invoice_id = ?2";
-const INSERT_DEBT: &str = "INSERT INTO {invoice_debts} (member_id, seq, credits, unit_price)
-    VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM {invoice_debts} WHERE member_id = ?1), ?2, ?3)";
 const SELECT_DEBTS_NEWEST_FIRST: &str =
     "SELECT seq, credits FROM {invoice_debts} WHERE member_id = ?1 ORDER BY seq DESC";
 const SET_DEBT: &str = "UPDATE {invoice_debts} SET credits = ?3 WHERE member_id = ?1 AND seq = ?2";
@@ -190,8 +190,185 @@ impl Projector for InvoicesProjector {
     }
 
     fn apply(&self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError> {
+        let mut batch = tx.batch_state::<InvoicesBatch>();
+        if let MemberEvent::CreditsDeducted { debt, unit_price, .. } = event.event {
+            if !debt.is_positive() {
+                return Ok(());
+            }
+            return batch.add_debt(tx, event, debt.0, unit_price.0);
+        }
+        // The other events are rare and read the member's rows in SQL:
+        // write what the batch holds of the member first.
+        batch.write_member(tx, event.member_id)?;
+        drop(batch);
         Apply { tx, event }.run()
     }
+}
+
+/// The invoices projector's batch state: overage, the one event that comes
+/// with usage. Each `CreditsDeducted` with debt adds a debt entry and, with
+/// a draft open, rewrites the draft's overage lines and totals; here a
+/// member's debt and draft are read once per batch and written once.
+#[derive(Default)]
+pub(crate) struct InvoicesBatch {
+    members: HashMap<String, MemberOverage>,
+}
+
+/// A member's unbilled debt and draft, as the tables would hold them now.
+struct MemberOverage {
+    /// Unbilled debt per unit price, in the order the prices first
+    /// appeared: (unit price, credits, first entry's seq).
+    by_price: Vec<(i64, i64, i64)>,
+    /// The highest debt entry seq.
+    last_seq: i64,
+    /// Entries added during the batch: (seq, credits, unit price).
+    added: Vec<(i64, i64, i64)>,
+    draft: Option<DraftOverage>,
+}
+
+/// The open draft's figures that overage changes.
+struct DraftOverage {
+    invoice_id: String,
+    /// The sum of the lines that are not overage.
+    other_lines_amount: i64,
+    /// The number of the first overage line: after every other line.
+    first_overage_line_no: i64,
+    /// Set once overage changed during the batch: the overage lines and
+    /// totals are then rewritten, with this `updated_position`.
+    changed_at: Option<i64>,
+    subtotal: i64,
+}
+
+const SELECT_LAST_DEBT_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM {invoice_debts} WHERE member_id = ?1";
+const INSERT_DEBT_AT: &str =
+    "INSERT INTO {invoice_debts} (member_id, seq, credits, unit_price) VALUES (?1, ?2, ?3, ?4)";
+const OTHER_LINES: &str = "SELECT coalesce(max(line_no), 0) + 1, coalesce(sum(amount), 0) FROM {invoice_lines}
+    WHERE member_id = ?1 AND invoice_id = ?2 AND kind <> 'overage'";
+
+impl BatchState for InvoicesBatch {
+    fn flush(&mut self, tx: &ProjectorTx<'_>) -> Result<(), ProjectionError> {
+        let mut members: Vec<(&String, &MemberOverage)> = self.members.iter().collect();
+        members.sort_unstable_by_key(|(member_id, _)| *member_id);
+        for (member_id, member) in members {
+            member.write(tx, member_id)?;
+        }
+        self.members.clear();
+        Ok(())
+    }
+}
+
+impl InvoicesBatch {
+    /// Writes and forgets what the batch holds of a member.
+    fn write_member(&mut self, tx: &ProjectorTx<'_>, member_id: &str) -> Result<(), ProjectionError> {
+        match self.members.remove(member_id) {
+            Some(member) => member.write(tx, member_id),
+            None => Ok(()),
+        }
+    }
+
+    /// A debt entry, and the draft's overage lines and totals refreshed.
+    fn add_debt(
+        &mut self,
+        tx: &ProjectorTx<'_>,
+        event: &ProjectedEvent<'_>,
+        credits: i64,
+        unit_price: i64,
+    ) -> Result<(), ProjectionError> {
+        if !self.members.contains_key(event.member_id) {
+            let member = MemberOverage::load(tx, event.member_id)?;
+            self.members.insert(event.member_id.to_owned(), member);
+        }
+        let member = self.members.get_mut(event.member_id).expect("loaded above");
+        let position = event.position();
+        let seq = checked(member.last_seq.checked_add(1), PROJECTOR_NAME, position)?;
+        member.last_seq = seq;
+        member.added.push((seq, credits, unit_price));
+        match member.by_price.iter_mut().find(|(price, _, _)| *price == unit_price) {
+            Some((_, sum, _)) => *sum = checked(sum.checked_add(credits), PROJECTOR_NAME, position)?,
+            None => member.by_price.push((unit_price, credits, seq)),
+        }
+        let Some(draft) = &mut member.draft else { return Ok(()) };
+        let mut subtotal = draft.other_lines_amount;
+        for (unit_price, credits, _) in &member.by_price {
+            let line = overage_line(*credits, *unit_price, position)?;
+            subtotal = checked(subtotal.checked_add(line.amount.0), PROJECTOR_NAME, position)?;
+        }
+        draft.subtotal = subtotal;
+        draft.changed_at = Some(to_sql_integer(position));
+        Ok(())
+    }
+}
+
+impl MemberOverage {
+    fn load(tx: &ProjectorTx<'_>, member_id: &str) -> Result<MemberOverage, ProjectionError> {
+        let draft_invoice_id: Option<String> =
+            tx.statement(SELECT_MEMBER)?.query_row(params![member_id], |row| row.get(3)).optional()?.flatten();
+        let by_price: Vec<(i64, i64, i64)> = tx
+            .statement(OVERAGE_BY_PRICE)?
+            .query_map(params![member_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let last_seq: i64 = tx.statement(SELECT_LAST_DEBT_SEQ)?.query_row(params![member_id], |row| row.get(0))?;
+        let draft = match draft_invoice_id {
+            Some(invoice_id) => {
+                let (first_overage_line_no, other_lines_amount): (i64, i64) = tx
+                    .statement(OTHER_LINES)?
+                    .query_row(params![member_id, invoice_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                Some(DraftOverage {
+                    invoice_id,
+                    other_lines_amount,
+                    first_overage_line_no,
+                    changed_at: None,
+                    subtotal: other_lines_amount,
+                })
+            }
+            None => None,
+        };
+        Ok(MemberOverage { by_price, last_seq, added: Vec::new(), draft })
+    }
+
+    fn write(&self, tx: &ProjectorTx<'_>, member_id: &str) -> Result<(), ProjectionError> {
+        let mut insert = tx.statement(INSERT_DEBT_AT)?;
+        for (seq, credits, unit_price) in &self.added {
+            insert.execute(params![member_id, seq, credits, unit_price])?;
+        }
+        let Some(draft) = &self.draft else { return Ok(()) };
+        let Some(updated_position) = draft.changed_at else { return Ok(()) };
+        tx.statement(DELETE_OVERAGE_LINES)?.execute(params![member_id, draft.invoice_id])?;
+        let mut insert_line = tx.statement(INSERT_LINE)?;
+        for (line_no, (unit_price, credits, _)) in (draft.first_overage_line_no..).zip(&self.by_price) {
+            // Computed without overflow when the debt was added.
+            let line = overage_line(*credits, *unit_price, 0)?;
+            insert_line.execute(params![
+                member_id,
+                draft.invoice_id,
+                line_no,
+                kind_text(line.kind),
+                line.description,
+                line.quantity,
+                line.unit_amount.0,
+                line.amount.0,
+            ])?;
+        }
+        tx.statement(SET_DRAFT_TOTALS)?.execute(params![
+            member_id,
+            draft.invoice_id,
+            draft.subtotal,
+            updated_position
+        ])?;
+        Ok(())
+    }
+}
+
+/// The draft line for the unbilled debt at one unit price.
+fn overage_line(credits: i64, unit_price: i64, position: u64) -> Result<InvoiceLine, ProjectionError> {
+    let amount = checked(credits.checked_mul(unit_price), PROJECTOR_NAME, position)?;
+    Ok(InvoiceLine {
+        kind: InvoiceLineKind::Overage,
+        description: format!("Overage: {credits} credits"),
+        quantity: credits,
+        unit_amount: tally_ledger::domain::MinorUnits(unit_price),
+        amount: tally_ledger::domain::MinorUnits(amount),
+    })
 }
 
 /// The internal per-member row.
@@ -303,13 +480,8 @@ impl Apply<'_, '_, '_> {
                 self.add_draft_line(draft_id, &line)?;
                 self.refresh_draft(draft_id)
             }
-            MemberEvent::CreditsDeducted { debt, unit_price, .. } => {
-                if !debt.is_positive() {
-                    return Ok(());
-                }
-                self.tx.statement(INSERT_DEBT)?.execute(params![self.member_id(), debt.0, unit_price.0])?;
-                self.refresh_member_draft()
-            }
+            // `CreditsDeducted` goes through the batch state
+            // (`InvoicesBatch::add_debt`).
             MemberEvent::UsageReversed { debt_reduced, .. } => {
                 if !debt_reduced.is_positive() {
                     return Ok(());
@@ -504,14 +676,7 @@ impl Apply<'_, '_, '_> {
         let first_line_no: i64 =
             self.tx.statement(NEXT_LINE_NO)?.query_row(params![member_id, invoice_id], |row| row.get(0))?;
         for (line_no, (unit_price, credits)) in (first_line_no..).zip(by_price) {
-            let amount = checked(credits.checked_mul(unit_price), PROJECTOR_NAME, self.event.position())?;
-            let line = InvoiceLine {
-                kind: InvoiceLineKind::Overage,
-                description: format!("Overage: {credits} credits"),
-                quantity: credits,
-                unit_amount: tally_ledger::domain::MinorUnits(unit_price),
-                amount: tally_ledger::domain::MinorUnits(amount),
-            };
+            let line = overage_line(credits, unit_price, self.event.position())?;
             self.insert_line(invoice_id, line_no, &line)?;
         }
         let subtotal: i64 =
