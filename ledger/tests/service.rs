@@ -422,3 +422,26 @@ fn a_member_loads_from_its_snapshot_and_a_snapshot_that_does_not_fit_the_log_is_
     assert_eq!(version, live.version);
     assert_eq!(serde_json::from_str::<MemberState>(&state).unwrap(), live);
 }
+
+#[test]
+fn a_due_row_that_went_missing_is_written_again_by_the_members_next_command() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    let mut grant = GrantCredits::new(GrantSource::Promotional, 100);
+    grant.expires_at = Some(start_instant() + Duration::days(30));
+    ledger.execute("m", admin(MemberCommand::GrantCredits(grant))).unwrap();
+    let due = |path: &std::path::Path| -> Option<String> {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("SELECT due_at FROM schedule WHERE stream_id = 'member-m'", [], |row| row.get(0))
+            .ok()
+    };
+    let expected = due(&path).expect("the grant's expiry is scheduled");
+    raw_execute(&path, "DELETE FROM schedule");
+
+    // The usage does not move the due instant; the row comes back all the same.
+    ledger.execute("m", admin(usage("u1", 1))).unwrap();
+    assert_eq!(due(&path), Some(expected));
+}

@@ -267,19 +267,25 @@ pub(super) fn open_for_writing(
     // command touches; SQLite's default 2 MiB cache holds few of them once
     // the log has millions of events.
     connection.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-    // Each command's SAVEPOINT journals the pages it changes; past 64 KiB a
-    // batch's sub-journal spills to a temporary file, written through the
-    // kernel for nothing (it dies with the transaction). Keep it in memory.
-    connection.pragma_update(None, "temp_store", "MEMORY")?;
 
     match contents {
         Contents::Empty => create_schema(&connection, path)?,
-        Contents::Ledger { schema_version: 1 } => migrate_from_v1(&connection, path)?,
+        Contents::Ledger { schema_version: 1 } => {
+            // A tampered log is refused before anything rewrites it.
+            refuse_missing_triggers(&connection)?;
+            migrate_from_v1(&connection, path)?;
+        }
         Contents::Ledger { .. } => {}
     }
     add_stripe_customers(&connection)?;
     add_snapshots(&connection)?;
     refuse_missing_triggers(&connection)?;
+    // Each command's SAVEPOINT journals the pages it changes; past 64 KiB a
+    // batch's sub-journal spills to a temporary file, written through the
+    // kernel for nothing (it dies with the transaction). Keep it in memory.
+    // Only after the migration and backfills above: their sorts and journals
+    // grow with the log and may spill to disk.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(connection)
 }
 
@@ -469,14 +475,12 @@ fn migrate_from_v1(connection: &Connection, path: &Path) -> Result<(), StoreErro
     let migrated = inspect_contents(connection, path).and_then(|contents| {
         if contents == (Contents::Ledger { schema_version: 1 }) {
             connection.execute_batch(MIGRATE_FROM_V1_SQL)?;
+            tracing::info!(path = %path.display(), "migrating the event log from schema version 1 to {SCHEMA_VERSION}");
         }
         Ok(())
     });
     match migrated.and_then(|()| connection.execute_batch("COMMIT").map_err(StoreError::from)) {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "migrated the event log from schema version 1 to {SCHEMA_VERSION}");
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(error) => {
             rollback_quietly(connection);
             Err(error)

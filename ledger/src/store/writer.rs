@@ -583,7 +583,8 @@ impl Batch<'_> {
     }
 
     /// Sets when `stream_id` next has time-driven work; `None` removes it
-    /// from the schedule.
+    /// from the schedule. A row that already holds `due_at` is left as it is
+    /// (the upsert's `WHERE`): no page is dirtied for the commit to write.
     pub fn set_due(&mut self, stream_id: &str, due_at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
         self.ensure_open()?;
         let result = match due_at {
@@ -591,7 +592,7 @@ impl Batch<'_> {
                 check_year(due_at, "due_at")?;
                 self.connection()
                     .prepare_cached(
-                        "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at",
+                        "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at WHERE due_at IS NOT excluded.due_at",
                     )
                     .and_then(|mut statement| {
                         statement.execute(params![stream_id, format_recorded_at(due_at)])

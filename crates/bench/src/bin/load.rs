@@ -435,8 +435,11 @@ impl StepReport {
         }
     }
 
+    /// For `--smoke`: a failure, a non-2xx answer, or no answer at all. A
+    /// few tickets unsent (a stall of the machine at 200 req/s, a debug
+    /// build) say nothing about correctness, so they do not fail it.
     fn failed(&self) -> bool {
-        self.non_2xx > 0 || self.errors > 0 || self.unsent > 0
+        self.non_2xx > 0 || self.errors > 0 || self.latency.is_none()
     }
 
     fn table_row(&self) -> String {
@@ -641,7 +644,7 @@ fn main() -> Result<()> {
         println!("{}", report.note());
     }
     if args.smoke && reports.iter().any(StepReport::failed) {
-        bail!("smoke run failed: some requests failed, answered non-2xx or were never sent (see the notes)");
+        bail!("smoke run failed: some requests failed or answered non-2xx, or none succeeded (see the notes)");
     }
     Ok(())
 }

@@ -593,6 +593,8 @@ mod snapshot_format {
         for StripeWatermarks { snapshot_at: _, status_at: _ } in stripe_subscriptions.values() {}
     }
 
+    const GOLDEN_FORMAT_1: &str = r#"{"member_id":null,"profile":{"time_zone":"UTC","currency":"USD"},"version":7,"grants":{},"scheduled_grants":{},"reservations":{},"closed_reservations":{"rsv_3":{"Settled":{"charged":2}}},"debt":[{"credits":3,"unit_price":5}],"subscription":null,"period_lines":[],"invoices":{"inv_m_1":{"status":"Paid","total":900}},"invoices_issued":2,"totals":{"granted":40,"used":0,"debited":0,"expired":0,"debt_incurred":0,"debt_reduced":0,"debt_billed":0},"stripe_subscriptions":{},"stripe_invoices":{},"stripe_allocations":[]}"#;
+
     #[test]
     fn a_member_snapshot_has_the_pinned_shape_and_reads_back_equal() {
         let mut state = MemberState { version: 7, invoices_issued: 2, ..MemberState::default() };
@@ -603,5 +605,10 @@ mod snapshot_format {
         pinned(&state);
         let json = serde_json::to_string(&state).expect("serialises");
         assert_eq!(serde_json::from_str::<MemberState>(&json).expect("reads back"), state);
+        // The bytes a snapshot of format 1 holds for this state. A change
+        // here means old snapshots read differently: bump
+        // MEMBER_SNAPSHOT_FORMAT, then update this text and the number.
+        assert_eq!(crate::service::MEMBER_SNAPSHOT_FORMAT, 1);
+        assert_eq!(json, GOLDEN_FORMAT_1, "the snapshot format changed: bump MEMBER_SNAPSHOT_FORMAT");
     }
 }
