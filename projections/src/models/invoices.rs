@@ -170,6 +170,26 @@ const SET_VOID: &str = "UPDATE {invoices} SET status = 'void', voided_at = ?3, u
 const SET_UNCOLLECTIBLE: &str = "UPDATE {invoices} SET status = 'uncollectible', uncollectible_at = ?3,
     updated_position = ?4 WHERE member_id = ?1 AND invoice_id = ?2 AND status <> 'draft'";
 
+fn insert_line(
+    tx: &ProjectorTx<'_>,
+    member_id: &str,
+    invoice_id: &str,
+    line_no: i64,
+    line: &InvoiceLine,
+) -> Result<(), ProjectionError> {
+    tx.statement(INSERT_LINE)?.execute(params![
+        member_id,
+        invoice_id,
+        line_no,
+        kind_text(line.kind),
+        line.description,
+        line.quantity,
+        line.unit_amount.0,
+        line.amount.0,
+    ])?;
+    Ok(())
+}
+
 pub struct InvoicesProjector;
 
 impl Projector for InvoicesProjector {
@@ -334,20 +354,10 @@ impl MemberOverage {
         let Some(draft) = &self.draft else { return Ok(()) };
         let Some(updated_position) = draft.changed_at else { return Ok(()) };
         tx.statement(DELETE_OVERAGE_LINES)?.execute(params![member_id, draft.invoice_id])?;
-        let mut insert_line = tx.statement(INSERT_LINE)?;
         for (line_no, (unit_price, credits, _)) in (draft.first_overage_line_no..).zip(&self.by_price) {
             // Computed without overflow when the debt was added.
             let line = overage_line(*credits, *unit_price, 0)?;
-            insert_line.execute(params![
-                member_id,
-                draft.invoice_id,
-                line_no,
-                kind_text(line.kind),
-                line.description,
-                line.quantity,
-                line.unit_amount.0,
-                line.amount.0,
-            ])?;
+            insert_line(tx, member_id, &draft.invoice_id, line_no, &line)?;
         }
         tx.statement(SET_DRAFT_TOTALS)?.execute(params![
             member_id,
@@ -634,17 +644,7 @@ impl Apply<'_, '_, '_> {
     }
 
     fn insert_line(&self, invoice_id: &str, line_no: i64, line: &InvoiceLine) -> Result<(), ProjectionError> {
-        self.tx.statement(INSERT_LINE)?.execute(params![
-            self.member_id(),
-            invoice_id,
-            line_no,
-            kind_text(line.kind),
-            line.description,
-            line.quantity,
-            line.unit_amount.0,
-            line.amount.0,
-        ])?;
-        Ok(())
+        insert_line(self.tx, self.member_id(), invoice_id, line_no, line)
     }
 
     /// Appends a line to a draft, before its overage lines (which

@@ -62,6 +62,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tally_bench::thousands;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
@@ -483,19 +484,6 @@ const TABLE_HEADER: &str = "| route | offered req/s | achieved req/s | p50 ms | 
 
 fn milliseconds(duration: Duration) -> String {
     format!("{:.2}", duration.as_secs_f64() * 1_000.0)
-}
-
-/// `20000` → `20,000`, as in BENCHMARKS.md.
-fn thousands(value: u64) -> String {
-    let digits = value.to_string();
-    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    grouped
 }
 
 /// `--members`: a count (ids made from the prefix) or a comma-separated list.

@@ -54,6 +54,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tally_bench::thousands;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
@@ -188,7 +189,7 @@ fn main() -> Result<()> {
     let touched = touch_members(&admin, &args, touch)?;
     let after_touch = server.memory()?;
     table.touch_rows(&args, &log, &touched);
-    table.row(&format!("RSS after touching {} members", grouped(touch as u64)), after_touch.describe());
+    table.row(&format!("RSS after touching {} members", thousands(touch as u64)), after_touch.describe());
     table.row(
         "RSS growth per touched member (SQLite page caches filling included)",
         format!(
@@ -208,7 +209,7 @@ fn main() -> Result<()> {
         "member cache bound",
         format!(
             "{} states (`LedgerOptions::default().member_cache_max`; `tally serve` has no flag for it)",
-            grouped(LedgerOptions::default().member_cache_max as u64)
+            thousands(LedgerOptions::default().member_cache_max as u64)
         ),
     );
     table.print();
@@ -227,7 +228,7 @@ fn generate(args: &Args, dir: &Path) -> Result<Generation> {
     let events_path = dir.join(EVENTS_FILE);
     let events_before = if events_path.exists() { EventReader::open(&events_path)?.head()?.position } else { 0 };
     if events_before >= args.events {
-        eprintln!("{} holds {} events: generation skipped", events_path.display(), grouped(events_before));
+        eprintln!("{} holds {} events: generation skipped", events_path.display(), thousands(events_before));
         return Ok(Generation {
             generated: false,
             events_before,
@@ -237,10 +238,10 @@ fn generate(args: &Args, dir: &Path) -> Result<Generation> {
     }
     eprintln!(
         "generating {} events of {} members into {} ({} already there)",
-        grouped(args.events),
-        grouped(args.members as u64),
+        thousands(args.events),
+        thousands(args.members as u64),
         events_path.display(),
-        grouped(events_before)
+        thousands(events_before)
     );
     let started = Instant::now();
     let mut options = LedgerOptions::default();
@@ -282,9 +283,9 @@ fn generate(args: &Args, dir: &Path) -> Result<Generation> {
     let elapsed = started.elapsed();
     eprintln!(
         "generated {} events in {:.1} s ({} events/s)",
-        grouped(events_after - events_before),
+        thousands(events_after - events_before),
         elapsed.as_secs_f64(),
-        grouped(per_second(events_after - events_before, elapsed))
+        thousands(per_second(events_after - events_before, elapsed))
     );
     Ok(Generation { generated: true, events_before, events_after, elapsed })
 }
@@ -327,10 +328,10 @@ fn run_submitters(
                 let since_last = last_report.0.elapsed();
                 eprintln!(
                     "  {phase}: {} / {} events, {} events/s now, {} events/s since the phase began",
-                    grouped(head),
-                    grouped(events_target),
-                    grouped(per_second(head - last_report.1, since_last)),
-                    grouped(per_second(head - head_at_start, phase_started.elapsed()))
+                    thousands(head),
+                    thousands(events_target),
+                    thousands(per_second(head - last_report.1, since_last)),
+                    thousands(per_second(head - head_at_start, phase_started.elapsed()))
                 );
                 last_report = (Instant::now(), head);
             }
@@ -700,7 +701,7 @@ fn touch_members(admin: &AdminClient, args: &Args, touch: usize) -> Result<Touch
     let first_after_start = admin.record_usage(&client, &member_id(1), "first")?;
     let long_stream_first = admin.record_usage(&client, &member_id(LONG_STREAM_MEMBER_INDEX), "first")?;
     let rest: Vec<usize> = (2..touch).collect();
-    eprintln!("first command of {} more members from {} clients …", grouped(rest.len() as u64), args.clients);
+    eprintln!("first command of {} more members from {} clients …", thousands(rest.len() as u64), args.clients);
     let (first_commands, first_commands_elapsed) = admin.record_usage_each(&rest, args.clients, "first")?;
     let again = &rest[..rest.len().min(CACHED_COMMANDS_MAX)];
     let (cached_commands, cached_commands_elapsed) = admin.record_usage_each(again, args.clients, "second")?;
@@ -731,9 +732,9 @@ fn latency_summary(latencies: &[Duration], elapsed: Duration, clients: u64) -> S
         milliseconds_bare(percentile(&sorted, 0.50)),
         milliseconds_bare(percentile(&sorted, 0.99)),
         milliseconds_bare(sorted.last().copied().unwrap_or_default()),
-        grouped(sorted.len() as u64),
+        thousands(sorted.len() as u64),
         clients,
-        grouped(per_second(sorted.len() as u64, elapsed))
+        thousands(per_second(sorted.len() as u64, elapsed))
     )
 }
 
@@ -749,19 +750,19 @@ impl Table {
     }
 
     fn log_rows(&mut self, args: &Args, log: &LogFacts, generation: &Generation, rebuild: Option<&Rebuild>) {
-        self.row("log events (head position)", grouped(log.events));
-        self.row("members", grouped(log.members as u64));
+        self.row("log events (head position)", thousands(log.events));
+        self.row("members", thousands(log.members as u64));
         self.row(
             "long-stream member m000000",
-            format!("{} events in its stream (others: ~{} each)", grouped(log.long_stream_version), {
+            format!("{} events in its stream (others: ~{} each)", thousands(log.long_stream_version), {
                 let others = log.events.saturating_sub(log.long_stream_version);
-                grouped(others / log.members.saturating_sub(1).max(1) as u64)
+                thousands(others / log.members.saturating_sub(1).max(1) as u64)
             }),
         );
         self.row(
             "member snapshots in the log",
             match log.snapshots {
-                Some(count) => grouped(count),
+                Some(count) => thousands(count),
                 None => "no snapshots table".to_owned(),
             },
         );
@@ -773,9 +774,9 @@ impl Table {
             if generation.generated {
                 format!(
                     "{} events in {:.1} s ({} events/s, {} submitters)",
-                    grouped(generated),
+                    thousands(generated),
                     generation.elapsed.as_secs_f64(),
-                    grouped(per_second(generated, generation.elapsed)),
+                    thousands(per_second(generated, generation.elapsed)),
                     args.submitters
                 )
             } else {
@@ -787,9 +788,9 @@ impl Table {
             match rebuild {
                 Some(rebuild) => format!(
                     "{} events in {:.1} s ({} events/s, wall clock of the command); it printed: {}",
-                    grouped(rebuild.events),
+                    thousands(rebuild.events),
                     rebuild.elapsed.as_secs_f64(),
-                    grouped(per_second(rebuild.events, rebuild.elapsed)),
+                    thousands(per_second(rebuild.events, rebuild.elapsed)),
                     rebuild.summary.replace('|', "/")
                 ),
                 None => "skipped (read models existed)".to_owned(),
@@ -800,7 +801,7 @@ impl Table {
     fn touch_rows(&mut self, args: &Args, log: &LogFacts, touched: &Touched) {
         self.row("first command after start-up (m000001, alone)", milliseconds(touched.first_after_start));
         self.row(
-            &format!("first command, long-stream member ({} events, alone)", grouped(log.long_stream_version)),
+            &format!("first command, long-stream member ({} events, alone)", thousands(log.long_stream_version)),
             milliseconds(touched.long_stream_first),
         );
         self.row(
@@ -838,17 +839,4 @@ fn milliseconds(duration: Duration) -> String {
 
 fn mebibytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1_024.0 * 1_024.0))
-}
-
-/// `20000` → `20,000`, as in BENCHMARKS.md.
-fn grouped(value: u64) -> String {
-    let digits = value.to_string();
-    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    grouped
 }
