@@ -44,7 +44,7 @@ use std::fmt::Debug;
 use tally_api::body::{fingerprint, parse};
 use tally_api::dto::*;
 use tally_api::error::ApiError;
-use tally_testkit::fuzz::{fuzz, json_paths};
+use tally_testkit::fuzz::{TextDamage, TextMutation, fuzz, json_paths};
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Case counts (the runner, `tally_testkit::fuzz`, reads TALLY_FUZZ_CASES and TALLY_FUZZ_SEED)
@@ -189,14 +189,6 @@ fn json_tree() -> BoxedStrategy<Value> {
         .boxed()
 }
 
-#[derive(Clone, Debug)]
-enum TextMutation {
-    DeleteByte(Index),
-    FlipBit(Index, u8),
-    Insert(Index, &'static str),
-    Truncate(Index),
-}
-
 const JSON_TOKENS: &[&str] = &[
     "{",
     "}",
@@ -217,33 +209,8 @@ const JSON_TOKENS: &[&str] = &[
     "99999999999999999999",
 ];
 
-fn text_mutation() -> BoxedStrategy<TextMutation> {
-    prop_oneof![
-        any::<Index>().prop_map(TextMutation::DeleteByte),
-        (any::<Index>(), 0u8..8).prop_map(|(at, bit)| TextMutation::FlipBit(at, bit)),
-        (any::<Index>(), prop::sample::select(JSON_TOKENS)).prop_map(|(at, token)| TextMutation::Insert(at, token)),
-        any::<Index>().prop_map(TextMutation::Truncate),
-    ]
-    .boxed()
-}
-
-fn apply_text_mutation(bytes: &mut Vec<u8>, mutation: &TextMutation) {
-    match mutation {
-        TextMutation::DeleteByte(at) if !bytes.is_empty() => {
-            bytes.remove(at.index(bytes.len()));
-        }
-        TextMutation::FlipBit(at, bit) if !bytes.is_empty() => {
-            let at = at.index(bytes.len());
-            bytes[at] ^= 1 << bit;
-        }
-        TextMutation::Insert(at, token) => {
-            let at = at.index(bytes.len() + 1);
-            bytes.splice(at..at, token.bytes());
-        }
-        TextMutation::Truncate(at) => bytes.truncate(at.index(bytes.len() + 1)),
-        TextMutation::DeleteByte(_) | TextMutation::FlipBit(..) => {}
-    }
-}
+/// Damage to request bodies (no number replacements).
+const TEXT_DAMAGE: TextDamage = TextDamage { tokens: JSON_TOKENS, numbers: &[], keys_after_braces: false };
 
 /// Damage that keeps the body JSON.
 #[derive(Clone, Debug)]
@@ -312,7 +279,7 @@ enum BodyRecipe {
 
 fn body_recipe() -> BoxedStrategy<BodyRecipe> {
     let mutation = prop_oneof![
-        1 => text_mutation().prop_map(Mutation::Text),
+        1 => TEXT_DAMAGE.mutation().prop_map(Mutation::Text),
         3 => json_mutation().prop_map(Mutation::Json),
     ];
     prop_oneof![
@@ -335,7 +302,7 @@ fn build_body(recipe: &BodyRecipe) -> Vec<u8> {
             let mut bytes = VALID_BODIES[body.index(VALID_BODIES.len())].as_bytes().to_vec();
             for mutation in mutations {
                 match mutation {
-                    Mutation::Text(mutation) => apply_text_mutation(&mut bytes, mutation),
+                    Mutation::Text(mutation) => TEXT_DAMAGE.apply(&mut bytes, mutation),
                     Mutation::Json(mutation) => {
                         if let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) {
                             apply_json_mutation(&mut value, mutation);

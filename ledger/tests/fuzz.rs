@@ -66,7 +66,7 @@ use tally_ledger::store::{
     CHAIN_HASH_ZERO, EventMetadata, EventReader, EventStore, Head, RecordedEvent, StoreError, StoreOptions,
 };
 use tally_ledger::{Ledger, LedgerError, LedgerOptions, ManualClock, Request};
-use tally_testkit::fuzz::{fuzz, json_paths};
+use tally_testkit::fuzz::{TextDamage, TextMutation, fuzz, json_paths};
 use tempfile::TempDir;
 use uuid::Uuid;
 
@@ -294,17 +294,6 @@ fn json_tree() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Damage to text, applied to its bytes (and read back lossily as UTF-8).
-#[derive(Clone, Debug)]
-enum TextMutation {
-    DeleteByte(Index),
-    FlipBit(Index, u8),
-    Insert(Index, &'static str),
-    /// Replaces one run of digits (with its minus sign) by another number.
-    ReplaceNumber(Index, &'static str),
-    Truncate(Index),
-}
-
 const JSON_TOKENS: &[&str] = &[
     "{",
     "}",
@@ -350,60 +339,9 @@ const NUMBER_REPLACEMENTS: &[&str] = &[
     "NaN",
 ];
 
-fn text_mutation() -> impl Strategy<Value = TextMutation> {
-    prop_oneof![
-        any::<Index>().prop_map(TextMutation::DeleteByte),
-        (any::<Index>(), 0u8..8).prop_map(|(at, bit)| TextMutation::FlipBit(at, bit)),
-        (any::<Index>(), prop::sample::select(JSON_TOKENS)).prop_map(|(at, token)| TextMutation::Insert(at, token)),
-        (any::<Index>(), prop::sample::select(NUMBER_REPLACEMENTS))
-            .prop_map(|(at, number)| TextMutation::ReplaceNumber(at, number)),
-        any::<Index>().prop_map(TextMutation::Truncate),
-    ]
-}
-
-fn digit_runs(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index].is_ascii_digit() {
-            let start = if index > 0 && bytes[index - 1] == b'-' { index - 1 } else { index };
-            while index < bytes.len() && bytes[index].is_ascii_digit() {
-                index += 1;
-            }
-            runs.push((start, index));
-        } else {
-            index += 1;
-        }
-    }
-    runs
-}
-
-fn apply_text_mutation(text: &str, mutation: &TextMutation) -> String {
-    let mut bytes = text.as_bytes().to_vec();
-    match mutation {
-        TextMutation::DeleteByte(at) if !bytes.is_empty() => {
-            bytes.remove(at.index(bytes.len()));
-        }
-        TextMutation::FlipBit(at, bit) if !bytes.is_empty() => {
-            let at = at.index(bytes.len());
-            bytes[at] ^= 1 << bit;
-        }
-        TextMutation::Insert(at, token) => {
-            let at = at.index(bytes.len() + 1);
-            bytes.splice(at..at, token.bytes());
-        }
-        TextMutation::ReplaceNumber(at, number) => {
-            let runs = digit_runs(&bytes);
-            if !runs.is_empty() {
-                let (start, end) = runs[at.index(runs.len())];
-                bytes.splice(start..end, number.bytes());
-            }
-        }
-        TextMutation::Truncate(at) => bytes.truncate(at.index(bytes.len() + 1)),
-        TextMutation::DeleteByte(_) | TextMutation::FlipBit(..) => {}
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
+/// Damage to stored text (payloads, metadata), read back lossily as UTF-8.
+const TEXT_DAMAGE: TextDamage =
+    TextDamage { tokens: JSON_TOKENS, numbers: NUMBER_REPLACEMENTS, keys_after_braces: false };
 
 /// Damage to a JSON tree: whatever a foreign writer or a careless upcaster
 /// could produce that is still JSON.
@@ -501,14 +439,14 @@ enum PayloadMutation {
 }
 
 fn payload_mutation() -> impl Strategy<Value = PayloadMutation> {
-    prop_oneof![text_mutation().prop_map(PayloadMutation::Text), json_mutation().prop_map(PayloadMutation::Json)]
+    prop_oneof![TEXT_DAMAGE.mutation().prop_map(PayloadMutation::Text), json_mutation().prop_map(PayloadMutation::Json)]
 }
 
 fn apply_payload_mutations(payload: &str, mutations: &[PayloadMutation]) -> String {
     let mut payload = payload.to_owned();
     for mutation in mutations {
         payload = match mutation {
-            PayloadMutation::Text(mutation) => apply_text_mutation(&payload, mutation),
+            PayloadMutation::Text(mutation) => TEXT_DAMAGE.apply_to_text(&payload, mutation),
             PayloadMutation::Json(mutation) => match serde_json::from_str::<Value>(&payload) {
                 Ok(mut value) => {
                     apply_json_mutation(&mut value, mutation);
@@ -952,7 +890,7 @@ enum RowMutation {
 fn row_mutation() -> impl Strategy<Value = RowMutation> {
     prop_oneof![
         6 => prop::collection::vec(payload_mutation(), 1..3).prop_map(RowMutation::Payload),
-        2 => prop::collection::vec(text_mutation(), 1..3).prop_map(RowMutation::Metadata),
+        2 => prop::collection::vec(TEXT_DAMAGE.mutation(), 1..3).prop_map(RowMutation::Metadata),
         1 => (any::<Index>(), 0u8..8).prop_map(|(at, bit)| RowMutation::Hash(at, bit)),
         1 => number_change().prop_map(RowMutation::Position),
         1 => number_change().prop_map(RowMutation::Version),
@@ -1007,7 +945,7 @@ fn mutate_export(source: &[RecordedEvent], case: &ImportCase) -> Vec<RecordedEve
         RowMutation::Payload(mutations) => event.payload = apply_payload_mutations(&event.payload, mutations),
         RowMutation::Metadata(mutations) => {
             for mutation in mutations {
-                event.metadata_json = apply_text_mutation(&event.metadata_json, mutation);
+                event.metadata_json = TEXT_DAMAGE.apply_to_text(&event.metadata_json, mutation);
             }
             if let Ok(metadata) = serde_json::from_str(&event.metadata_json) {
                 event.metadata = metadata;

@@ -50,7 +50,7 @@ use tally_stripe::signature::{HEADER_BYTES_MAX, V1_ENTRIES_MAX, hmac_hex};
 use tally_stripe::{
     EventObject, Mapped, ParseError, SignatureError, SignatureHeader, map, parse, parse_header, sign, verify,
 };
-use tally_testkit::fuzz::{fuzz, json_paths};
+use tally_testkit::fuzz::{TextDamage, TextMutation, fuzz, json_paths};
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Case counts (the runner, `tally_testkit::fuzz`, reads TALLY_FUZZ_CASES and TALLY_FUZZ_SEED)
@@ -654,16 +654,6 @@ fn event_tree() -> BoxedStrategy<Value> {
         .boxed()
 }
 
-#[derive(Clone, Debug)]
-enum TextMutation {
-    DeleteByte(Index),
-    FlipBit(Index, u8),
-    Insert(Index, &'static str),
-    /// Replaces one run of digits (with its minus sign) by another number.
-    ReplaceNumber(Index, &'static str),
-    Truncate(Index),
-}
-
 const JSON_TOKENS: &[&str] = &[
     "{",
     "}",
@@ -702,66 +692,10 @@ const NUMBER_REPLACEMENTS: &[&str] = &[
     "00",
 ];
 
-fn text_mutation() -> BoxedStrategy<TextMutation> {
-    prop_oneof![
-        any::<Index>().prop_map(TextMutation::DeleteByte),
-        (any::<Index>(), 0u8..8).prop_map(|(at, bit)| TextMutation::FlipBit(at, bit)),
-        (any::<Index>(), prop::sample::select(JSON_TOKENS)).prop_map(|(at, token)| TextMutation::Insert(at, token)),
-        (any::<Index>(), prop::sample::select(NUMBER_REPLACEMENTS))
-            .prop_map(|(at, number)| TextMutation::ReplaceNumber(at, number)),
-        any::<Index>().prop_map(TextMutation::Truncate),
-    ]
-    .boxed()
-}
-
-fn apply_text_mutation(bytes: &mut Vec<u8>, mutation: &TextMutation) {
-    match mutation {
-        TextMutation::DeleteByte(at) if !bytes.is_empty() => {
-            bytes.remove(at.index(bytes.len()));
-        }
-        TextMutation::FlipBit(at, bit) if !bytes.is_empty() => {
-            let at = at.index(bytes.len());
-            bytes[at] ^= 1 << bit;
-        }
-        TextMutation::Insert(at, token) => {
-            // Insertions after an opening brace make repeated keys; elsewhere, damage.
-            let braces: Vec<usize> =
-                bytes.iter().enumerate().filter(|(_, byte)| **byte == b'{').map(|(i, _)| i + 1).collect();
-            let at = if token.ends_with(',') && !braces.is_empty() {
-                braces[at.index(braces.len())]
-            } else {
-                at.index(bytes.len() + 1)
-            };
-            bytes.splice(at..at, token.bytes());
-        }
-        TextMutation::ReplaceNumber(at, number) => {
-            let runs = digit_runs(bytes);
-            if !runs.is_empty() {
-                let (start, end) = runs[at.index(runs.len())];
-                bytes.splice(start..end, number.bytes());
-            }
-        }
-        TextMutation::Truncate(at) => bytes.truncate(at.index(bytes.len() + 1)),
-        TextMutation::DeleteByte(_) | TextMutation::FlipBit(..) => {}
-    }
-}
-
-fn digit_runs(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index].is_ascii_digit() {
-            let start = if index > 0 && bytes[index - 1] == b'-' { index - 1 } else { index };
-            while index < bytes.len() && bytes[index].is_ascii_digit() {
-                index += 1;
-            }
-            runs.push((start, index));
-        } else {
-            index += 1;
-        }
-    }
-    runs
-}
+/// Damage to Stripe bodies. Key tokens go right after an opening brace:
+/// repeated keys, on which the typed reader and the raw JSON must agree.
+const TEXT_DAMAGE: TextDamage =
+    TextDamage { tokens: JSON_TOKENS, numbers: NUMBER_REPLACEMENTS, keys_after_braces: true };
 
 /// Damage that keeps the body JSON: the shapes other API versions, other
 /// event types or a hostile signer with the secret could send.
@@ -837,14 +771,15 @@ enum Mutation {
 }
 
 fn mutation() -> BoxedStrategy<Mutation> {
-    prop_oneof![1 => text_mutation().prop_map(Mutation::Text), 2 => json_mutation().prop_map(Mutation::Json)].boxed()
+    prop_oneof![1 => TEXT_DAMAGE.mutation().prop_map(Mutation::Text), 2 => json_mutation().prop_map(Mutation::Json)]
+        .boxed()
 }
 
 fn apply_mutations(body: &[u8], mutations: &[Mutation]) -> Vec<u8> {
     let mut body = body.to_vec();
     for mutation in mutations {
         match mutation {
-            Mutation::Text(mutation) => apply_text_mutation(&mut body, mutation),
+            Mutation::Text(mutation) => TEXT_DAMAGE.apply(&mut body, mutation),
             Mutation::Json(mutation) => {
                 if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
                     apply_json_mutation(&mut value, mutation);
