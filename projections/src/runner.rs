@@ -1087,7 +1087,13 @@ impl Writer {
                 storage::write_checkpoint(&transaction, Slot::Build, name, new_checkpoint, &new_hash)?;
             }
         }
-        let finished = events_read < batch_events_max && !healthy.is_empty();
+        // A short batch says the head was reached when the batch was read,
+        // which with the read-ahead was a step ago: the log (and the live
+        // generation, which moves between build steps) may be further on.
+        // Swapping behind the live generation would move the served read
+        // models back, so the head is read again here.
+        let at_head = events_read < batch_events_max && self.events.head()?.position <= new_checkpoint;
+        let finished = at_head && !healthy.is_empty();
         let mut dropped_generations = Vec::new();
         if finished {
             for target in &healthy {
