@@ -275,6 +275,9 @@ pub struct WriterStats {
     /// nanoseconds: what overlapping the next batch with a commit could win.
     pub batch_nanos: AtomicU64,
     pub commit_nanos: AtomicU64,
+    /// Batches run a second time with a savepoint per command, because a
+    /// command failed after writing in the first, savepoint-free run.
+    pub replayed_batches: AtomicU64,
 }
 
 impl Ledger {
@@ -452,13 +455,14 @@ impl Pending {
         }
     }
 
-    fn fail(self, error: &StoreError) {
+    /// The same answer slot, now carrying the batch's storage failure.
+    fn failed(self, error: &StoreError) -> Pending {
         let failure = || LedgerError::Store(same_kind(error));
         match self {
-            Pending::Executed(reply, _) => drop(reply.send(Err(failure()))),
-            Pending::Checked(reply, _) => drop(reply.send(Err(failure()))),
-            Pending::State(reply, _) => drop(reply.send(Err(failure()))),
-            Pending::Swept(reply, _) => drop(reply.send(Err(failure()))),
+            Pending::Executed(reply, _) => Pending::Executed(reply, Box::new(Err(failure()))),
+            Pending::Checked(reply, _) => Pending::Checked(reply, Err(failure())),
+            Pending::State(reply, _) => Pending::State(reply, Err(failure())),
+            Pending::Swept(reply, _) => Pending::Swept(reply, Err(failure())),
         }
     }
 }
@@ -473,15 +477,23 @@ fn same_kind(error: &StoreError) -> StoreError {
     }
 }
 
-fn job_reply_error(job: Job, error: LedgerError) {
+/// The answer to a job that could not run: every kind of job gets `error`.
+fn failed(job: &Job, error: LedgerError) -> Pending {
     match job {
         Job::Member { reply, .. } | Job::Catalog { reply, .. } | Job::Intake { reply, .. } => {
-            drop(reply.send(Err(error)))
+            Pending::Executed(reply.clone(), Box::new(Err(error)))
         }
-        Job::Check { reply, .. } => drop(reply.send(Err(error))),
-        Job::State { reply, .. } => drop(reply.send(Err(error))),
-        Job::Sweep { reply, .. } => drop(reply.send(Err(error))),
+        Job::Check { reply, .. } => Pending::Checked(reply.clone(), Err(error)),
+        Job::State { reply, .. } => Pending::State(reply.clone(), Err(error)),
+        Job::Sweep { reply, .. } => Pending::Swept(reply.clone(), Err(error)),
     }
+}
+
+/// Whether a batch gives its commands savepoints (see [`Writer::run_batch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchUndo {
+    Optimistic,
+    Savepoints,
 }
 
 impl Writer {
@@ -503,19 +515,49 @@ impl Writer {
         self.last_now
     }
 
+    /// Runs one batch and answers its callers. The batch first runs without
+    /// savepoints: nearly every command either writes and succeeds, or is
+    /// refused before it writes, and neither needs one. Only when a command
+    /// fails after writing (a full disk part-way, a broken invariant caught
+    /// by a panic after an append) is the whole batch rolled back and run
+    /// again with a savepoint per command, which undoes that command alone;
+    /// its answers are then the only ones sent.
     fn run_batch(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         self.stats.last_batch_jobs.store(jobs.len() as u64, Ordering::Relaxed);
         let now = self.now();
-        let mut batch = match self.store.begin_batch() {
+        let answers = match self.try_batch(&jobs, now, BatchUndo::Optimistic) {
+            Some(answers) => answers,
+            None => {
+                self.stats.replayed_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    jobs = jobs.len(),
+                    "a command failed after writing; replaying its batch with savepoints"
+                );
+                self.try_batch(&jobs, now, BatchUndo::Savepoints)
+                    .expect("a batch with savepoints undoes each command and never asks for a replay")
+            }
+        };
+        answers.into_iter().for_each(Pending::send);
+        self.evict_if_needed();
+        self.stats.batch_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs `jobs` in one transaction and commits it. Returns the answers
+    /// to send, or `None` when an optimistic batch had a command fail after
+    /// writing: nothing of it was committed, the states it touched are
+    /// dropped from the cache, and no caller has been answered.
+    fn try_batch(&mut self, jobs: &[Job], now: DateTime<Utc>, undo: BatchUndo) -> Option<Vec<Pending>> {
+        let begun = match undo {
+            BatchUndo::Optimistic => self.store.begin_optimistic_batch(),
+            BatchUndo::Savepoints => self.store.begin_batch(),
+        };
+        let mut batch = match begun {
             Ok(batch) => batch,
             Err(error) => {
-                for job in jobs {
-                    job_reply_error(job, LedgerError::Store(same_kind(&error)));
-                }
-                return;
+                return Some(jobs.iter().map(|job| failed(job, LedgerError::Store(same_kind(&error)))).collect());
             }
         };
         let mut touched: HashSet<String> = HashSet::new();
@@ -526,11 +568,22 @@ impl Writer {
         let catalog_ok = refresh_catalog(&mut batch, &mut catalog);
         for job in jobs {
             if let Err(error) = &catalog_ok {
-                job_reply_error(job, LedgerError::Store(StoreError::Corrupt(error.to_string())));
+                pending.push(failed(job, LedgerError::Store(StoreError::Corrupt(error.to_string()))));
                 continue;
             }
             let mut shell = Shell { batch: &mut batch, members, catalog: &mut catalog, options, now };
             pending.push(shell.run_guarded(job, &mut touched));
+            if batch.needs_replay_with_savepoints() {
+                break;
+            }
+        }
+        if batch.needs_replay_with_savepoints() {
+            drop(batch);
+            // What we folded into the cache was rolled back with the batch.
+            for member_id in &touched {
+                self.members.remove(member_id);
+            }
+            return None;
         }
         let committing = Instant::now();
         let committed = batch.commit();
@@ -541,7 +594,7 @@ impl Writer {
                     *self.published_catalog.write().expect("catalog lock") = Arc::clone(&catalog);
                     self.catalog = catalog;
                 }
-                pending.into_iter().for_each(Pending::send);
+                Some(pending)
             }
             Err(error) => {
                 self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
@@ -550,13 +603,9 @@ impl Writer {
                     self.members.remove(member_id);
                 }
                 tracing::error!(%error, "batch commit failed; its commands were answered with an error");
-                for answer in pending {
-                    answer.fail(&error);
-                }
+                Some(pending.into_iter().map(|answer| answer.failed(&error)).collect())
             }
         }
-        self.evict_if_needed();
-        self.stats.batch_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     fn evict_if_needed(&mut self) {
@@ -613,34 +662,33 @@ impl Shell<'_, '_> {
     /// stop rather than write a wrong balance) fails only this job: its
     /// savepoint is rolled back, its member's cached state dropped, and the
     /// writer goes on serving everyone else.
-    fn run_guarded(&mut self, job: Job, touched: &mut HashSet<String>) -> Pending {
+    fn run_guarded(&mut self, job: &Job, touched: &mut HashSet<String>) -> Pending {
         match job {
             Job::Member { member_id, request, reply } => {
                 touched.insert(member_id.clone());
-                let result = self.guard(Some(&member_id), |shell| {
-                    shell.in_savepoint(|shell| shell.member_command(&member_id, &request))
+                let result = self.guard(Some(member_id), |shell| {
+                    shell.in_savepoint(|shell| shell.member_command(member_id, request))
                 });
-                Pending::Executed(reply, Box::new(result))
+                Pending::Executed(reply.clone(), Box::new(result))
             }
             Job::Catalog { request, reply } => {
-                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.catalog_command(&request)));
-                Pending::Executed(reply, Box::new(result))
+                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.catalog_command(request)));
+                Pending::Executed(reply.clone(), Box::new(result))
             }
             Job::Intake { request, reply } => {
-                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.intake(&request)));
-                Pending::Executed(reply, Box::new(result))
+                let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.intake(request)));
+                Pending::Executed(reply.clone(), Box::new(result))
             }
             Job::Check { member_id, credits, reply } => {
-                Pending::Checked(reply, self.guard(Some(&member_id), |shell| shell.check(&member_id, credits)))
+                Pending::Checked(reply.clone(), self.guard(Some(member_id), |shell| shell.check(member_id, *credits)))
             }
             Job::State { member_id, reply } => {
-                let result = self.guard(Some(&member_id), |shell| {
-                    shell.fresh_state(&member_id).map(|state| Box::new(state.clone()))
-                });
-                Pending::State(reply, result)
+                let result = self
+                    .guard(Some(member_id), |shell| shell.fresh_state(member_id).map(|state| Box::new(state.clone())));
+                Pending::State(reply.clone(), result)
             }
             Job::Sweep { members_max, reply } => {
-                Pending::Swept(reply, self.guard(None, |shell| shell.sweep(members_max, touched)))
+                Pending::Swept(reply.clone(), self.guard(None, |shell| shell.sweep(*members_max, touched)))
             }
         }
     }
@@ -670,8 +718,9 @@ impl Shell<'_, '_> {
         }
     }
 
-    /// Run one command inside its own savepoint: kept on success, rolled
-    /// back on any error so that a rejection writes nothing.
+    /// Run one command inside its own savepoint (in an optimistic batch, a
+    /// mark): kept on success, undone on any error so that a rejection
+    /// writes nothing.
     fn in_savepoint<T>(&mut self, run: impl FnOnce(&mut Self) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
         self.batch.begin_command()?;
         match run(self) {
@@ -682,8 +731,13 @@ impl Shell<'_, '_> {
             Err(error) => {
                 // A rollback that fails means SQLite ended the whole
                 // transaction (a full disk, say): the commit will fail too,
-                // and this command's own error is the one to answer.
-                if let Err(rollback) = self.batch.rollback_command() {
+                // and this command's own error is the one to answer. In a
+                // batch without savepoints it means the command wrote before
+                // failing: the batch is replayed with savepoints, and this
+                // answer is never sent.
+                if let Err(rollback) = self.batch.rollback_command()
+                    && !self.batch.needs_replay_with_savepoints()
+                {
                     tracing::warn!(%rollback, %error, "a command's savepoint could not be rolled back");
                 }
                 Err(error)

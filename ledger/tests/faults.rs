@@ -185,3 +185,50 @@ fn a_failed_commit_fails_its_whole_batch_and_retries_apply_exactly_once() {
     }
     assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 24);
 }
+
+#[test]
+fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_with_savepoints() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let ledger = Arc::new(Ledger::open(&path, LedgerOptions::default(), clock()).unwrap());
+    let members = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for member in members {
+        ledger.execute(member, grant(1_000)).unwrap();
+    }
+    let before = head(&path);
+
+    // The first usage index write fails: its command has appended its
+    // events by then. It fails again when its batch is replayed with a
+    // savepoint per command, which undoes that command alone.
+    faults::fail_next_usage_index_writes(&path, 2);
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|member| {
+            let ledger = ledger.clone();
+            std::thread::spawn(move || ledger.execute(member, keyed(usage(&format!("u-{member}"), 10), member)))
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|handle| handle.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter(|result| result.is_err()).collect();
+    assert_eq!(failed.len(), 1, "{results:?}");
+    assert!(failed[0].as_ref().is_err_and(|error| error.is_storage_failure()), "{failed:?}");
+    assert!(ledger.stats().replayed_batches.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(head(&path), before + 2 * 7, "seven usages, and nothing of the failed one");
+
+    // Every member's state agrees with the log, and the failed command's
+    // key and usage id were not recorded: its retry applies now.
+    let mut available: Vec<i64> =
+        members.iter().map(|member| ledger.member_state(member).unwrap().available().0).collect();
+    available.sort_unstable();
+    assert_eq!(available, vec![990, 990, 990, 990, 990, 990, 990, 1_000]);
+    let failed_member = members[results.iter().position(|result| result.is_err()).unwrap()];
+    let retried =
+        ledger.execute(failed_member, keyed(usage(&format!("u-{failed_member}"), 10), failed_member)).unwrap();
+    assert!(!retried.replayed);
+    Arc::try_unwrap(ledger).ok().unwrap().shutdown();
+    let reopened = Ledger::open(&path, LedgerOptions::default(), clock()).unwrap();
+    for member in members {
+        assert_eq!(reopened.member_state(member).unwrap().available(), Credits(990), "{member}");
+    }
+    assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 16);
+}

@@ -18,6 +18,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::error::ProjectionError;
@@ -89,6 +90,12 @@ impl Slot {
 pub(crate) fn open_for_writing(path: &Path, busy_timeout: Duration) -> Result<Connection, ProjectionError> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(busy_timeout)?;
+    // Plans never depend on bound values (query planner stability). Without
+    // it SQLite marks any statement whose plan a bound value might change
+    // (every lookup of a stream in `events`) to be re-prepared when its
+    // bindings are cleared, which rusqlite's statement cache does each time
+    // a statement goes back to it: a parse and a plan on every run.
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     refuse_foreign(&connection, path)?;
     let journal_mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !journal_mode.eq_ignore_ascii_case("wal") {
@@ -120,6 +127,8 @@ pub(crate) fn open_for_reading(path: &Path, busy_timeout: Duration) -> Result<Co
     let connection = Connection::open_with_flags(path, flags)?;
     connection.busy_timeout(busy_timeout)?;
     connection.pragma_update(None, "query_only", "ON")?;
+    // Statements are planned once (see open_for_writing).
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(connection)
 }

@@ -37,6 +37,23 @@ struct Args {
     /// Tiny sizes (~2 s in all), for CI.
     #[arg(long)]
     smoke: bool,
+    /// Which cases to run (all by default): physical, naive, tally.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Case>,
+    /// A tally log prefilled by an earlier run (`--keep-tally-log`): copied
+    /// and used instead of prefilling a new one.
+    #[arg(long)]
+    tally_log: Option<PathBuf>,
+    /// Keep the prefilled tally log (before the measured cases) at this path.
+    #[arg(long)]
+    keep_tally_log: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Case {
+    Physical,
+    Naive,
+    Tally,
 }
 
 /// The statements below write tally's rows into tally's own schema
@@ -94,6 +111,21 @@ fn main() -> Result<()> {
 
 fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let runs = |case: Case| args.only.is_empty() || args.only.contains(&case);
+    if runs(Case::Physical) {
+        rows.extend(physical_limits(args, dir, duration)?);
+    }
+    if runs(Case::Naive) {
+        rows.extend(naive_cruds(args, dir, duration)?);
+    }
+    if runs(Case::Tally) {
+        rows.extend(tally(&dir.join("tally.db"), args, duration)?);
+    }
+    Ok(rows)
+}
+
+fn physical_limits(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
     for batch in [64, 512] {
         let rate = physical(&dir.join(format!("phys-tally-{batch}.db")), batch, args.members, duration, true)?;
         rows.push(Row {
@@ -114,6 +146,11 @@ fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
+    Ok(rows)
+}
+
+fn naive_cruds(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
     for submitters in [1, 64] {
         let (rate, latency, busy) =
             naive_crud(&dir.join(format!("naive-{submitters}.db")), args.members, submitters, duration)?;
@@ -128,7 +165,6 @@ fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
-    rows.extend(tally(&dir.join("tally.db"), args, duration)?);
     Ok(rows)
 }
 
@@ -366,6 +402,36 @@ fn usage_request(member: &str) -> Request<MemberCommand> {
 
 /// Submit usage commands from `threads` threads until the deadline.
 /// Returns (commands done, latencies, overloaded/failed count).
+/// Loads every member's state into the writer's cache (a `check`, which
+/// writes nothing), 8 at a time, so that the measured cases that follow see
+/// warm states, as a running server does; reports the cold loads' rate (each
+/// replays the member's ~100 events: no snapshot below 1,000 events).
+fn load_members(ledger: &Arc<Ledger>, members: usize) -> Result<Row> {
+    const LOADERS: usize = 8;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..LOADERS)
+        .map(|loader| {
+            let ledger = Arc::clone(ledger);
+            std::thread::spawn(move || -> Result<(), LedgerError> {
+                for index in (loader..members).step_by(LOADERS) {
+                    ledger.check(&member_id(index), Credits(1))?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("loader thread")?;
+    }
+    let rate = members as f64 / started.elapsed().as_secs_f64();
+    Ok(Row {
+        name: "tally member loads, cold cache (check)".to_owned(),
+        commands_per_s: rate,
+        latency: None,
+        note: format!("{members} members read from the log into the writer's cache, 8 at a time"),
+    })
+}
+
 fn drive(ledger: &Arc<Ledger>, threads: usize, members: usize, duration: Duration) -> (u64, Vec<Duration>, u64) {
     let deadline = Instant::now() + duration;
     let handles: Vec<_> = (0..threads)
@@ -405,10 +471,14 @@ fn drive(ledger: &Arc<Ledger>, threads: usize, members: usize, duration: Duratio
 fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     // Setup, fast: the ledger itself with synchronous=NORMAL.
     let setup_started = Instant::now();
+    if let Some(prefilled) = &args.tally_log {
+        std::fs::copy(prefilled, path).with_context(|| format!("copying {}", prefilled.display()))?;
+    }
     let mut fast = LedgerOptions::default();
     fast.store.synchronous_full = false;
     let ledger = Arc::new(Ledger::open(path, fast, Arc::new(SystemClock))?);
-    for index in 0..args.members {
+    let funded = ledger.reader()?.head()?.position > 0;
+    for index in (0..args.members).filter(|_| !funded) {
         let member = member_id(index);
         let grant = MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, 1_000_000_000));
         ledger.execute(&member, Request::new(grant, "admin")).with_context(|| format!("funding {member}"))?;
@@ -437,19 +507,25 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     }
     Arc::into_inner(ledger).context("ledger still shared after prefill")?.shutdown();
     eprintln!("  tally setup: {events} events in {:.1} s", setup_started.elapsed().as_secs_f64());
+    if let Some(keep) = &args.keep_tally_log {
+        std::fs::copy(path, keep).with_context(|| format!("keeping the prefilled log at {}", keep.display()))?;
+    }
 
     // Measured: default options (synchronous=FULL).
     let ledger = Arc::new(Ledger::open(path, LedgerOptions::default(), Arc::new(SystemClock))?);
-    let mut rows = Vec::new();
+    let mut rows = vec![load_members(&ledger, args.members)?];
+    eprintln!("  done: {}", rows.last().expect("row").name);
     for threads in [1, 8, 64] {
         let stats = ledger.stats();
         let batches_before = stats.batches.load(Relaxed);
+        let replays_before = stats.replayed_batches.load(Relaxed);
         let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
         let sched_before = writer_schedstat();
         let started = Instant::now();
         let (done, mut latencies, failed) = drive(&ledger, threads, args.members, duration);
         let elapsed = started.elapsed().as_secs_f64();
         let batches = stats.batches.load(Relaxed) - batches_before;
+        let replays = stats.replayed_batches.load(Relaxed) - replays_before;
         let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
         let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
         let on_cpu = match (sched_before, writer_schedstat()) {
@@ -473,7 +549,11 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
                 batch_nanos as f64 / 1e3 / done.max(1) as f64,
                 on_cpu,
                 if failed > 0 { format!(", {failed} overloaded") } else { String::new() }
-            ),
+            ) + &if replays > 0 {
+                format!(", {replays} batches replayed with savepoints")
+            } else {
+                String::new()
+            },
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }

@@ -1,30 +1,56 @@
-//! Fault points for tests (feature `fault-injection`): make the next commits
-//! of the log at a given path fail as an fsync I/O error would, after the
-//! batch's statements ran, so that the writer's handling of a failed commit
-//! (roll back, answer every caller with an error, drop cached state, go on)
-//! is exercised on a real file. Keyed by path, so tests running in
-//! parallel do not see each other's faults.
+//! Fault points for tests (feature `fault-injection`), on a real file:
+//!
+//! - the next commits of the log at a given path fail as an fsync I/O
+//!   error would, after the batch's statements ran, so that the writer's
+//!   handling of a failed commit (roll back, answer every caller with an
+//!   error, drop cached state, go on) is exercised;
+//! - the next writes of the usage index fail as an I/O error would, after
+//!   the command's events were appended: a command that fails after it
+//!   wrote, which a batch without savepoints cannot undo alone.
+//!
+//! Keyed by path, so tests running in parallel do not see each other's
+//! faults.
 
 use super::StoreError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-static COMMIT_FAULTS: Mutex<Option<HashMap<PathBuf, u32>>> = Mutex::new(None);
+type Faults = Mutex<Option<HashMap<PathBuf, u32>>>;
+
+static COMMIT_FAULTS: Faults = Mutex::new(None);
+static USAGE_INDEX_FAULTS: Faults = Mutex::new(None);
 
 /// The next `count` commits of the log at `path` fail.
 pub fn fail_next_commits(path: &Path, count: u32) {
-    let mut faults = COMMIT_FAULTS.lock().expect("faults lock");
-    faults.get_or_insert_with(HashMap::new).insert(path.to_path_buf(), count);
+    arm(&COMMIT_FAULTS, path, count);
+}
+
+/// The next `count` usage index writes to the log at `path` fail.
+pub fn fail_next_usage_index_writes(path: &Path, count: u32) {
+    arm(&USAGE_INDEX_FAULTS, path, count);
 }
 
 pub(super) fn commit_fault(path: &Path) -> Option<StoreError> {
-    let mut faults = COMMIT_FAULTS.lock().expect("faults lock");
+    take(&COMMIT_FAULTS, path, rusqlite::ffi::SQLITE_IOERR_FSYNC, "injected: fsync failed on commit")
+}
+
+pub(super) fn usage_index_fault(path: &Path) -> Option<StoreError> {
+    take(&USAGE_INDEX_FAULTS, path, rusqlite::ffi::SQLITE_IOERR_WRITE, "injected: the usage index write failed")
+}
+
+fn arm(faults: &Faults, path: &Path, count: u32) {
+    let mut faults = faults.lock().expect("faults lock");
+    faults.get_or_insert_with(HashMap::new).insert(path.to_path_buf(), count);
+}
+
+fn take(faults: &Faults, path: &Path, code: std::ffi::c_int, message: &str) -> Option<StoreError> {
+    let mut faults = faults.lock().expect("faults lock");
     let remaining = faults.as_mut()?.get_mut(path)?;
     if *remaining == 0 {
         return None;
     }
     *remaining -= 1;
-    let code = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC);
-    Some(StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, Some("injected: fsync failed on commit".to_owned()))))
+    let code = rusqlite::ffi::Error::new(code);
+    Some(StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, Some(message.to_owned()))))
 }

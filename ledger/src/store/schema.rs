@@ -10,6 +10,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
 use super::StoreError;
@@ -256,6 +257,12 @@ pub(super) fn open_for_writing(
     let connection = Connection::open_with_flags(path, flags)
         .map_err(|source| StoreError::CannotOpen { path: path.to_path_buf(), source })?;
     connection.busy_timeout(Duration::from_millis(u64::from(busy_timeout_ms)))?;
+    // Plans never depend on bound values (query planner stability). Without
+    // it SQLite marks any statement whose plan a bound value might change
+    // (every lookup of a stream in `events`) to be re-prepared when its
+    // bindings are cleared, which rusqlite's statement cache does each time
+    // a statement goes back to it: a parse and a plan on every run.
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     // Checked before the first write: a foreign database stays untouched.
     let contents = inspect_in_one_snapshot(&connection, path)?;
 
@@ -331,6 +338,8 @@ pub(super) fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
     // Readers rarely wait (WAL), but they do while a crashed writer's WAL is
     // recovered.
     connection.busy_timeout(Duration::from_secs(5))?;
+    // As for the writer: statements are planned once (see open_for_writing).
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     connection.set_prepared_statement_cache_capacity(32);
     match inspect_in_one_snapshot(&connection, path)? {
         // A reader of a version 1 log reads it as it is: its tables have the

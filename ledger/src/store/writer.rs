@@ -8,6 +8,18 @@
 //! overwritten. Inside one batch the head is carried in memory from append to
 //! append, and restored when a command's savepoint is rolled back.
 //!
+//! A batch comes in two kinds. [`EventStore::begin_batch`] gives every
+//! command a SAVEPOINT, so that a command that fails part-way is undone on
+//! its own. [`EventStore::begin_optimistic_batch`] gives commands no
+//! savepoint at all: a command that is refused before it writes (a business
+//! rejection, a version conflict, a duplicate key found by its lookup) has
+//! nothing to undo, and one that fails after writing marks the batch as
+//! needing a replay ([`Batch::needs_replay_with_savepoints`]): the caller
+//! drops it, which rolls all of it back, and runs the same commands again in
+//! a batch with savepoints. Savepoints are not free: each one journals the
+//! first change to every page it touches (a 4 KiB copy per page and command)
+//! and costs two statements, which was a fifth of the writer's time.
+//!
 //! A batch must never fall back to autocommit: SQLite ends a transaction by
 //! itself on some errors (a full disk, an I/O error), after which each
 //! further statement would commit on its own. Every batch operation checks
@@ -101,9 +113,22 @@ impl EventStore {
         Ok(outcome)
     }
 
-    /// Starts a group commit: `BEGIN IMMEDIATE` (waiting up to the busy
-    /// timeout for another writer), then re-reads the head from the file.
+    /// Starts a group commit whose commands each run in a SAVEPOINT:
+    /// `BEGIN IMMEDIATE` (waiting up to the busy timeout for another
+    /// writer), then re-reads the head from the file.
     pub fn begin_batch(&mut self) -> Result<Batch<'_>, StoreError> {
+        self.begin(CommandUndo::Savepoint)
+    }
+
+    /// Starts a group commit whose commands run without savepoints (see the
+    /// module's documentation): the caller must check
+    /// [`Batch::needs_replay_with_savepoints`] and, when it says so, drop
+    /// the batch and run its commands again in [`EventStore::begin_batch`].
+    pub fn begin_optimistic_batch(&mut self) -> Result<Batch<'_>, StoreError> {
+        self.begin(CommandUndo::NothingWritten)
+    }
+
+    fn begin(&mut self, undo: CommandUndo) -> Result<Batch<'_>, StoreError> {
         if !self.connection.is_autocommit() {
             // Only reachable if a rollback failed earlier; never build on it.
             tracing::warn!("a transaction was left open on the event log; rolling it back");
@@ -121,7 +146,10 @@ impl EventStore {
         Ok(Batch {
             store: self,
             tip,
-            command_tips: Vec::new(),
+            undo,
+            writes: 0,
+            needs_replay: false,
+            commands: Vec::new(),
             import_cursor: None,
             aborted: false,
             abort_cause: None,
@@ -164,8 +192,18 @@ pub struct Batch<'store> {
     store: &'store mut EventStore,
     /// The head including this batch's appends so far.
     tip: Tip,
-    /// The head at each open command's savepoint, innermost last.
-    command_tips: Vec<Tip>,
+    /// How a command is undone.
+    undo: CommandUndo,
+    /// Write statements run in this batch so far (attempted ones included:
+    /// a failed statement may still have ended the transaction).
+    writes: u64,
+    /// A command of an optimistic batch failed after it wrote: the batch
+    /// cannot undo it, refuses to commit, and must be run again with
+    /// savepoints.
+    needs_replay: bool,
+    /// Each open command, innermost last: the head and the write count when
+    /// it began.
+    commands: Vec<CommandMark>,
     /// The last event [`Batch::import_event`] checked, whether it was
     /// already in the log or appended: the next one must follow it.
     import_cursor: Option<Head>,
@@ -176,6 +214,21 @@ pub struct Batch<'store> {
     abort_cause: Option<AbortCause>,
     /// Committed or rolled back already; `Drop` has nothing to do.
     finished: bool,
+}
+
+/// How a batch undoes a command that fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CommandUndo {
+    /// Each command runs in a SAVEPOINT and is rolled back to it.
+    Savepoint,
+    /// No savepoint: only a command that wrote nothing can be undone.
+    NothingWritten,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CommandMark {
+    tip: Tip,
+    writes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,7 +242,8 @@ impl std::fmt::Debug for Batch<'_> {
         formatter
             .debug_struct("Batch")
             .field("head", &self.tip.head)
-            .field("open_commands", &self.command_tips.len())
+            .field("open_commands", &self.commands.len())
+            .field("undo", &self.undo)
             .field("aborted", &self.aborted)
             .finish_non_exhaustive()
     }
@@ -202,41 +256,66 @@ impl Batch<'_> {
     }
 
     /// Starts a command: a savepoint that [`Batch::rollback_command`] can
-    /// return to without touching the batch's other commands.
+    /// return to without touching the batch's other commands (in an
+    /// optimistic batch, only a mark of what the batch had written).
     pub fn begin_command(&mut self) -> Result<(), StoreError> {
         self.ensure_open()?;
-        let result = run_cached(self.connection(), "SAVEPOINT command");
-        self.after(result)?;
-        self.command_tips.push(self.tip);
+        if self.undo == CommandUndo::Savepoint {
+            let result = run_cached(self.connection(), "SAVEPOINT command");
+            self.after(result)?;
+        }
+        self.commands.push(CommandMark { tip: self.tip, writes: self.writes });
         Ok(())
     }
 
     /// Keeps the current command's writes in the batch.
     pub fn commit_command(&mut self) -> Result<(), StoreError> {
         self.ensure_open()?;
-        if self.command_tips.is_empty() {
+        if self.commands.is_empty() {
             return Err(StoreError::Misuse("commit_command without begin_command"));
         }
-        let result = run_cached(self.connection(), "RELEASE command");
-        self.after(result)?;
-        self.command_tips.pop();
+        if self.undo == CommandUndo::Savepoint {
+            let result = run_cached(self.connection(), "RELEASE command");
+            self.after(result)?;
+        }
+        self.commands.pop();
         Ok(())
     }
 
     /// Undoes the current command's writes, and its appends to the head.
+    ///
+    /// In an optimistic batch a command that wrote cannot be undone: the
+    /// batch is then marked for a replay with savepoints, refuses every
+    /// further statement and its commit, and this returns
+    /// [`StoreError::BatchAborted`].
     pub fn rollback_command(&mut self) -> Result<(), StoreError> {
         self.ensure_open()?;
-        let Some(command_tip) = self.command_tips.pop() else {
+        let Some(command) = self.commands.pop() else {
             return Err(StoreError::Misuse("rollback_command without begin_command"));
         };
+        if self.undo == CommandUndo::NothingWritten {
+            if self.writes != command.writes {
+                self.needs_replay = true;
+                self.aborted = true;
+                return Err(StoreError::BatchAborted);
+            }
+            return Ok(());
+        }
         let result = self.connection().execute_batch("ROLLBACK TO command; RELEASE command");
         if let Err(error) = result {
             // The savepoint's state is unknown now; only a full rollback is safe.
             self.aborted = true;
             return Err(error.into());
         }
-        self.tip = command_tip;
+        self.tip = command.tip;
         Ok(())
+    }
+
+    /// True when a command of this optimistic batch failed after writing:
+    /// drop the batch (which rolls it all back) and run its commands again
+    /// in a batch with savepoints. Its commit would fail.
+    pub fn needs_replay_with_savepoints(&self) -> bool {
+        self.needs_replay
     }
 
     /// The stream's current version, including this batch's appends (0 = no stream).
@@ -272,10 +351,19 @@ impl Batch<'_> {
         };
 
         let first_position = self.tip.head.position + 1;
-        self.after(run_cached(self.connection(), "SAVEPOINT append"))?;
+        // An optimistic batch needs no savepoint here: if the inserts fail
+        // part-way, the command fails after writing and the batch is
+        // replayed with savepoints.
+        let savepoint = self.undo == CommandUndo::Savepoint;
+        if savepoint {
+            self.after(run_cached(self.connection(), "SAVEPOINT append"))?;
+        }
+        self.will_write();
         match insert_events(self.connection(), self.tip.head, stream_id, actual, &events, recorded_at) {
             Ok(head) => {
-                self.after(run_cached(self.connection(), "RELEASE append"))?;
+                if savepoint {
+                    self.after(run_cached(self.connection(), "RELEASE append"))?;
+                }
                 self.tip = Tip { head, recorded_at: Some(recorded_at) };
                 Ok(AppendOutcome {
                     first_position,
@@ -283,6 +371,12 @@ impl Batch<'_> {
                     last_version: actual + events.len() as u64,
                     recorded_at,
                 })
+            }
+            Err(error) if !savepoint => {
+                if self.store.connection.is_autocommit() {
+                    self.abort(&error);
+                }
+                Err(error)
             }
             Err(error) => {
                 let undone = self.connection().execute_batch("ROLLBACK TO append; RELEASE append");
@@ -361,6 +455,7 @@ impl Batch<'_> {
     /// log's triggers would refuse, so that the refusal can say why.
     fn append_imported(&mut self, event: &RecordedEvent) -> Result<(), StoreError> {
         validate_imported(event)?;
+        self.will_write();
         let stream_version = self.after(rows::stream_version(self.connection(), &event.stream_id))?;
         if event.version != stream_version + 1 {
             return Err(StoreError::InvalidArgument(format!(
@@ -414,6 +509,7 @@ impl Batch<'_> {
     /// recorded in this scope is [`StoreError::Duplicate`]: look it up first.
     pub fn record_idempotency(&mut self, scope: &str, key: &str, record: &IdempotencyRecord) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         check_key("idempotency scope", scope)?;
         check_key("idempotency key", key)?;
         if record.response.len() > IDEMPOTENCY_RESPONSE_BYTES_MAX {
@@ -479,6 +575,7 @@ impl Batch<'_> {
     /// event of this stream already appended (in this batch or before).
     pub fn save_snapshot(&mut self, stream_id: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         let version = to_sql_integer(snapshot.version, "version")?;
         let result = self
             .connection()
@@ -501,6 +598,7 @@ impl Batch<'_> {
     /// Drops a customer's link to a stream whose profile no longer names it.
     pub fn unlink_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         let result = self
             .connection()
             .prepare_cached("DELETE FROM stripe_customers WHERE customer_id = ?1 AND stream_id = ?2")
@@ -512,6 +610,7 @@ impl Batch<'_> {
     /// Links a Stripe customer to a member stream (the last link wins).
     pub fn link_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         check_key("stripe customer id", customer_id)?;
         let result = self
             .connection()
@@ -535,6 +634,11 @@ impl Batch<'_> {
     ) -> Result<(), StoreError> {
         self.ensure_open()?;
         check_key("usage id", usage_id)?;
+        self.will_write();
+        #[cfg(feature = "fault-injection")]
+        if let Some(error) = super::faults::usage_index_fault(&self.store.path) {
+            return Err(error);
+        }
         let position = to_sql_integer(position, "position")?;
         let mut statement = self.connection().prepare_cached(
             "INSERT INTO usages (stream_id, usage_id, position, credits, reversed_position) VALUES (?1, ?2, ?3, ?4, NULL)",
@@ -554,6 +658,7 @@ impl Batch<'_> {
     /// unknown or already reversed usage is refused: the caller checks first.
     pub fn mark_usage_reversed(&mut self, stream_id: &str, usage_id: &str, position: u64) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         let position = to_sql_integer(position, "position")?;
         let mut statement = self.connection().prepare_cached(
             "UPDATE usages SET reversed_position = ?3 WHERE stream_id = ?1 AND usage_id = ?2 AND reversed_position IS NULL",
@@ -587,6 +692,7 @@ impl Batch<'_> {
     /// (the upsert's `WHERE`): no page is dirtied for the commit to write.
     pub fn set_due(&mut self, stream_id: &str, due_at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
         self.ensure_open()?;
+        self.will_write();
         let result = match due_at {
             Some(due_at) => {
                 check_year(due_at, "due_at")?;
@@ -635,7 +741,7 @@ impl Batch<'_> {
                 None => StoreError::BatchAborted,
             });
         }
-        if !self.command_tips.is_empty() {
+        if !self.commands.is_empty() {
             self.store.rollback_and_reload();
             return Err(StoreError::Misuse("commit with a command still open (the batch was rolled back)"));
         }
@@ -658,6 +764,12 @@ impl Batch<'_> {
 
     fn connection(&self) -> &Connection {
         &self.store.connection
+    }
+
+    /// Counts a write statement about to run, so that an optimistic batch
+    /// knows whether a failing command left anything to undo.
+    fn will_write(&mut self) {
+        self.writes += 1;
     }
 
     /// Refuses to run anything once the transaction is gone.

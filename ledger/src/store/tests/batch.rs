@@ -260,3 +260,75 @@ fn the_schedule_finds_due_streams_and_follows_savepoints() {
         vec!["member-early", "member-late", "member-future"]
     );
 }
+
+#[test]
+fn an_optimistic_batch_undoes_a_command_that_wrote_nothing_and_commits_the_rest() {
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    let mut batch = store.begin_optimistic_batch().expect("batch");
+    batch.begin_command().expect("command 1");
+    batch.append("member-a", ExpectedVersion::NoStream, vec![event("A", "{}")], instant(0)).expect("append");
+    batch.record_idempotency("scope", "key-a", &record(1)).expect("record");
+    batch.commit_command().expect("keep");
+    // Refused before writing (a version conflict): nothing to undo.
+    batch.begin_command().expect("command 2");
+    assert_eq!(batch.idempotency("scope", "key-b").expect("lookup"), None);
+    let conflict = batch.append("member-a", ExpectedVersion::NoStream, vec![event("B", "{}")], instant(0));
+    assert!(matches!(conflict, Err(StoreError::VersionConflict { actual: 1, .. })), "{conflict:?}");
+    batch.rollback_command().expect("a command that wrote nothing is undone");
+    assert!(!batch.needs_replay_with_savepoints());
+    batch.begin_command().expect("command 3");
+    let outcome = batch.append("member-c", ExpectedVersion::NoStream, vec![event("C", "{}")], instant(1)).expect("c");
+    assert_eq!(outcome.first_position, 2);
+    batch.commit_command().expect("keep");
+    batch.commit().expect("commit");
+
+    let reader = store.reader().expect("reader");
+    let types: Vec<String> = reader.read_all(0, 10).expect("read").into_iter().map(|event| event.event_type).collect();
+    assert_eq!(types, vec!["A", "C"]);
+    reader.verify_chain(|_| {}).expect("a valid chain");
+}
+
+#[test]
+fn an_optimistic_batch_cannot_undo_a_command_that_wrote_and_commits_nothing() {
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    store.append("member-a", ExpectedVersion::NoStream, vec![event("A", "{}")], instant(0)).expect("seed");
+    let head_before = store.head();
+
+    let mut batch = store.begin_optimistic_batch().expect("batch");
+    batch.begin_command().expect("command 1");
+    batch.append("member-b", ExpectedVersion::NoStream, vec![event("B", "{}")], instant(1)).expect("append b");
+    batch.commit_command().expect("keep");
+    // Fails after its append wrote: the usage id is already indexed.
+    batch.begin_command().expect("command 2");
+    batch.append("member-c", ExpectedVersion::NoStream, vec![event("C", "{}")], instant(1)).expect("append c");
+    batch.record_usage("member-c", "u1", 3, 5).expect("usage");
+    let duplicate = batch.record_usage("member-c", "u1", 3, 5);
+    assert!(matches!(duplicate, Err(StoreError::Duplicate { what: "usage id", .. })), "{duplicate:?}");
+    let undone = batch.rollback_command();
+    assert!(matches!(undone, Err(StoreError::BatchAborted)), "{undone:?}");
+    assert!(batch.needs_replay_with_savepoints());
+    // Nothing more runs in it, and it does not commit.
+    assert!(matches!(batch.stream_version("member-b"), Err(StoreError::BatchAborted)));
+    assert!(matches!(batch.commit(), Err(StoreError::BatchAborted)));
+
+    assert_eq!(store.head(), head_before);
+    let reader = store.reader().expect("reader");
+    assert_eq!(reader.head().expect("head"), head_before, "none of the batch reached the file");
+    assert_eq!(reader.stream_version("member-b").expect("version"), 0);
+    // The same commands in a batch with savepoints: the failing one alone is undone.
+    let mut batch = store.begin_batch().expect("batch");
+    batch.begin_command().expect("command 1");
+    batch.append("member-b", ExpectedVersion::NoStream, vec![event("B", "{}")], instant(1)).expect("append b");
+    batch.commit_command().expect("keep");
+    batch.begin_command().expect("command 2");
+    batch.append("member-c", ExpectedVersion::NoStream, vec![event("C", "{}")], instant(1)).expect("append c");
+    batch.record_usage("member-c", "u1", 3, 5).expect("usage");
+    assert!(batch.record_usage("member-c", "u1", 3, 5).is_err());
+    batch.rollback_command().expect("a savepoint undoes it");
+    batch.commit().expect("commit");
+    assert_eq!(reader.stream_version("member-b").expect("version"), 1);
+    assert_eq!(reader.stream_version("member-c").expect("version"), 0);
+    assert_eq!(reader.usage("member-c", "u1").expect("lookup"), None);
+}

@@ -14,6 +14,7 @@ mod idempotency;
 mod import;
 mod open;
 mod read;
+mod statements;
 
 use std::path::{Path, PathBuf};
 
