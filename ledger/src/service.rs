@@ -14,8 +14,8 @@
 use crate::codec::{self, CodecError};
 use crate::domain::*;
 use crate::store::{
-    Batch, EventMetadata, EventReader, EventStore, ExpectedVersion, IdempotencyRecord, NewEvent, Snapshot, StoreError,
-    StoreOptions,
+    Batch, CheckpointOptions, CheckpointStats, EventMetadata, EventReader, EventStore, ExpectedVersion,
+    IdempotencyRecord, NewEvent, Snapshot, StoreError, StoreOptions,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,9 @@ pub struct LedgerOptions {
     /// at most about this many events past its snapshot. 0: no snapshots are
     /// read or written (every load replays the whole stream).
     pub snapshot_every: u64,
+    /// WAL checkpoints beside the writer (see `store/checkpoint.rs`), or
+    /// `None` for SQLite's automatic checkpoint inside the commits.
+    pub checkpoints: Option<CheckpointOptions>,
 }
 
 impl Default for LedgerOptions {
@@ -97,6 +100,7 @@ impl Default for LedgerOptions {
             member_cache_max: 100_000,
             conflict_retries_max: 8,
             snapshot_every: 1_000,
+            checkpoints: Some(CheckpointOptions::default()),
         }
     }
 }
@@ -260,6 +264,7 @@ pub struct Ledger {
     clock: Arc<dyn Clock>,
     path: PathBuf,
     stats: Arc<WriterStats>,
+    checkpoint_stats: Option<Arc<CheckpointStats>>,
 }
 
 /// Counters of the writer's work, for metrics: how well group commit batches.
@@ -282,7 +287,9 @@ pub struct WriterStats {
 
 impl Ledger {
     pub fn open(path: &Path, options: LedgerOptions, clock: Arc<dyn Clock>) -> Result<Ledger, LedgerError> {
-        let store = EventStore::open(path, options.store)?;
+        let mut store = EventStore::open(path, options.store)?;
+        let checkpoint_stats =
+            options.checkpoints.map(|checkpoints| store.checkpoint_in_background(checkpoints)).transpose()?;
         let reader = store.reader()?;
         let catalog = load_catalog(&reader)?;
         let last_now =
@@ -304,7 +311,15 @@ impl Ledger {
             .name("tally-writer".to_owned())
             .spawn(move || writer.run(queue))
             .map_err(|error| StoreError::Corrupt(format!("cannot start the writer thread: {error}")))?;
-        Ok(Ledger { jobs: Some(jobs), writer: Some(writer), catalog, clock, path: path.to_owned(), stats })
+        Ok(Ledger {
+            jobs: Some(jobs),
+            writer: Some(writer),
+            catalog,
+            clock,
+            path: path.to_owned(),
+            stats,
+            checkpoint_stats,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -313,6 +328,12 @@ impl Ledger {
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    /// What the background WAL checkpoints did (`None` when SQLite's
+    /// automatic checkpoint runs instead).
+    pub fn checkpoint_stats(&self) -> Option<&CheckpointStats> {
+        self.checkpoint_stats.as_deref()
     }
 
     pub fn now(&self) -> DateTime<Utc> {

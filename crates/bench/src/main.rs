@@ -14,7 +14,7 @@ use clap::Parser;
 use rusqlite::{Connection, params};
 use sha2::{Digest, Sha256};
 use tally_ledger::domain::{Credits, GrantCredits, GrantSource, MemberCommand, RecordUsage};
-use tally_ledger::store::format_recorded_at;
+use tally_ledger::store::{BackgroundCheckpoints, CheckpointOptions, format_recorded_at};
 use tally_ledger::{Idempotency, Ledger, LedgerError, LedgerOptions, Request, SystemClock};
 use uuid::Uuid;
 
@@ -47,6 +47,11 @@ struct Args {
     /// Keep the prefilled tally log (before the measured cases) at this path.
     #[arg(long)]
     keep_tally_log: Option<PathBuf>,
+    /// tally's WAL checkpoints, in pages: "STEP,REWIND" (background
+    /// checkpoint every STEP pages, rewind at REWIND), or "sqlite" for
+    /// SQLite's automatic checkpoint in the commit. Default: tally's default.
+    #[arg(long)]
+    checkpoints: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,25 +131,25 @@ fn run_all(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
 
 fn physical_limits(args: &Args, dir: &Path, duration: Duration) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for batch in [64, 512] {
-        let rate = physical(&dir.join(format!("phys-tally-{batch}.db")), batch, args.members, duration, true)?;
-        rows.push(Row {
-            name: format!("physical limit (tally rows), batch {batch}"),
-            commands_per_s: rate,
-            latency: None,
-            note: format!("4 rows/cmd ({:.0} rows/s)", rate * 4.0),
-        });
-        eprintln!("  done: {}", rows.last().expect("row").name);
-    }
-    for batch in [64, 512] {
-        let rate = physical(&dir.join(format!("phys-ref-{batch}.db")), batch, args.members, duration, false)?;
-        rows.push(Row {
-            name: format!("physical limit (reference layout), batch {batch}"),
-            commands_per_s: rate,
-            latency: None,
-            note: format!("3 rows/cmd ({:.0} rows/s)", rate * 3.0),
-        });
-        eprintln!("  done: {}", rows.last().expect("row").name);
+    // Each layout at two batch sizes, with SQLite's automatic checkpoint (in
+    // the commit) and with tally's checkpoints beside the writer, so that
+    // the limit tally is held to gets the same I/O policy as tally.
+    let checkpoint_policies = [("SQLite checkpoint", None), ("tally checkpoints", Some(CheckpointOptions::default()))];
+    for (tally_rows, layout, rows_per_command) in [(true, "tally rows", 4.0), (false, "reference layout", 3.0)] {
+        for (policy, checkpoints) in checkpoint_policies {
+            for batch in [64, 512] {
+                let file = format!("phys-{}-{}-{batch}.db", tally_rows, checkpoints.is_some());
+                let case = PhysicalCase { batch, members: args.members, tally_rows, checkpoints };
+                let rate = physical(&dir.join(file), &case, duration)?;
+                rows.push(Row {
+                    name: format!("physical limit ({layout}), batch {batch}, {policy}"),
+                    commands_per_s: rate,
+                    latency: None,
+                    note: format!("{rows_per_command} rows/cmd ({:.0} rows/s)", rate * rows_per_command),
+                });
+                eprintln!("  done: {}", rows.last().expect("row").name);
+            }
+        }
     }
     Ok(rows)
 }
@@ -218,12 +223,25 @@ fn shapes(member: &str, usage_id: &str, now: &str) -> Shapes {
     Shapes { usage_payload, deducted_payload, metadata, response }
 }
 
-/// Plain rusqlite writing tally's rows per usage command (`tally_rows`), or
-/// the reference layout (2 events + 1 idempotency row), `batch` commands per
+#[derive(Clone, Copy)]
+struct PhysicalCase {
+    batch: usize,
+    members: usize,
+    /// tally's rows per usage command, or the reference layout (2 events +
+    /// 1 idempotency row).
+    tally_rows: bool,
+    /// tally's checkpoints beside the writer, or SQLite's in the commit.
+    checkpoints: Option<CheckpointOptions>,
+}
+
+/// Plain rusqlite writing a usage command's rows, `batch` commands per
 /// transaction, for `duration`. Returns commands/s.
-fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally_rows: bool) -> Result<f64> {
-    let connection = open_full(path)?;
+fn physical(path: &Path, case: &PhysicalCase, duration: Duration) -> Result<f64> {
+    let PhysicalCase { batch, members, tally_rows, checkpoints } = *case;
+    let mut connection = open_full(path)?;
     connection.execute_batch(tally_ledger::store::CREATE_SCHEMA_SQL)?;
+    let mut checkpoints =
+        checkpoints.map(|options| BackgroundCheckpoints::start(&mut connection, path, options)).transpose()?;
     let mut versions = vec![0_i64; members];
     let mut position = 0_i64;
     let mut previous_hash = [0_u8; 32];
@@ -231,6 +249,9 @@ fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally
     let mut commands = 0_u64;
     let started = Instant::now();
     while started.elapsed() < duration {
+        if let Some(checkpoints) = &mut checkpoints {
+            checkpoints.before_batch(&connection);
+        }
         connection.execute_batch("BEGIN IMMEDIATE")?;
         {
             let mut insert_event = connection.prepare_cached(INSERT_EVENT)?;
@@ -286,6 +307,9 @@ fn physical(path: &Path, batch: usize, members: usize, duration: Duration, tally
             }
         }
         connection.execute_batch("COMMIT")?;
+        if let Some(checkpoints) = &mut checkpoints {
+            checkpoints.after_commit();
+        }
     }
     Ok(commands as f64 / started.elapsed().as_secs_f64())
 }
@@ -402,6 +426,23 @@ fn usage_request(member: &str) -> Request<MemberCommand> {
 
 /// Submit usage commands from `threads` threads until the deadline.
 /// Returns (commands done, latencies, overloaded/failed count).
+fn checkpoint_options(args: &Args) -> Result<Option<CheckpointOptions>> {
+    match args.checkpoints.as_deref() {
+        None => Ok(LedgerOptions::default().checkpoints),
+        Some("sqlite") => Ok(None),
+        Some(pages) => {
+            let (step, rewind) = pages.split_once(',').context("--checkpoints takes STEP,REWIND or sqlite")?;
+            Ok(Some(CheckpointOptions { background_pages: step.parse()?, rewind_pages: rewind.parse()? }))
+        }
+    }
+}
+
+/// (background checkpoints, WAL rewinds) so far, when the ledger
+/// checkpoints beside its writer.
+fn checkpoint_counts(ledger: &Ledger) -> Option<(u64, u64)> {
+    ledger.checkpoint_stats().map(|stats| (stats.background.load(Relaxed), stats.rewinds.load(Relaxed)))
+}
+
 /// Loads every member's state into the writer's cache (a `check`, which
 /// writes nothing), 8 at a time, so that the measured cases that follow see
 /// warm states, as a running server does; reports the cold loads' rate (each
@@ -512,13 +553,15 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     }
 
     // Measured: default options (synchronous=FULL).
-    let ledger = Arc::new(Ledger::open(path, LedgerOptions::default(), Arc::new(SystemClock))?);
+    let measured = LedgerOptions { checkpoints: checkpoint_options(args)?, ..LedgerOptions::default() };
+    let ledger = Arc::new(Ledger::open(path, measured, Arc::new(SystemClock))?);
     let mut rows = vec![load_members(&ledger, args.members)?];
     eprintln!("  done: {}", rows.last().expect("row").name);
     for threads in [1, 8, 64] {
         let stats = ledger.stats();
         let batches_before = stats.batches.load(Relaxed);
         let replays_before = stats.replayed_batches.load(Relaxed);
+        let checkpoints_before = checkpoint_counts(&ledger);
         let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
         let sched_before = writer_schedstat();
         let started = Instant::now();
@@ -526,6 +569,7 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
         let elapsed = started.elapsed().as_secs_f64();
         let batches = stats.batches.load(Relaxed) - batches_before;
         let replays = stats.replayed_batches.load(Relaxed) - replays_before;
+        let checkpoints = checkpoint_counts(&ledger);
         let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
         let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
         let on_cpu = match (sched_before, writer_schedstat()) {
@@ -553,6 +597,11 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
                 format!(", {replays} batches replayed with savepoints")
             } else {
                 String::new()
+            } + &match (checkpoints_before, checkpoints) {
+                (Some(before), Some(after)) => {
+                    format!(", {} background checkpoints, {} WAL rewinds", after.0 - before.0, after.1 - before.1)
+                }
+                _ => ", SQLite's automatic checkpoint".to_owned(),
             },
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
@@ -623,20 +672,23 @@ fn print_table(rows: &[Row]) {
         println!("| {} | {:.0} | {p50} | {p99} | {max} | {} |", row.name, row.commands_per_s, row.note);
     }
     let find = |prefix: &str| rows.iter().find(|row| row.name.starts_with(prefix)).map(|row| row.commands_per_s);
-    let tally64 = find("tally Ledger, 64");
-    let best_physical = rows
-        .iter()
-        .filter(|row| row.name.starts_with("physical limit (tally rows)"))
-        .map(|row| row.commands_per_s)
-        .fold(0.0_f64, f64::max);
-    let naive = find("naive CRUD");
+    let best = |prefix: &str| {
+        rows.iter().filter(|row| row.name.starts_with(prefix)).map(|row| row.commands_per_s).fold(0.0_f64, f64::max)
+    };
+    let Some(tally64) = find("tally Ledger, 64") else { return };
     println!();
-    if let Some(tally64) = tally64 {
-        if best_physical > 0.0 {
-            println!("tally 64 submitters / physical limit (tally rows, best batch): {:.2}", tally64 / best_physical);
-        }
-        if let Some(naive) = naive.filter(|naive| *naive > 0.0) {
-            println!("tally 64 submitters / naive CRUD: {:.2}", tally64 / naive);
+    for (limit, what) in [
+        (best("physical limit (tally rows)"), "physical limit (tally rows, best batch and checkpoint)"),
+        (best("physical limit (reference layout)"), "physical limit (reference layout, best batch and checkpoint)"),
+        (
+            best("physical limit (tally rows), batch 512, SQLite"),
+            "physical limit (tally rows, batch 512, SQLite checkpoint)",
+        ),
+        (best("naive CRUD, 1 tx/command, 1 "), "naive CRUD, 1 submitter"),
+        (best("naive CRUD, 1 tx/command, 64 "), "naive CRUD, 64 submitters"),
+    ] {
+        if limit > 0.0 {
+            println!("tally 64 submitters / {what}: {:.2}", tally64 / limit);
         }
     }
 }

@@ -37,13 +37,16 @@
 //!   where the log already has one, the next position and version beyond).
 //!
 //! Readers ([`EventReader`]) open their own read-only connections; WAL lets
-//! them read a consistent snapshot beside the writer.
+//! them read a consistent snapshot beside the writer. The store's owner may
+//! move WAL checkpoints off the commit path onto a thread of their own
+//! ([`EventStore::checkpoint_in_background`], `checkpoint.rs`).
 //!
 //! Layout: `schema` opens files and refuses foreign ones, `hash` holds the
 //! chain formula and the timestamp encoding, `writer` the write connection
-//! and its batches, `reader` the read side and chain verification, `error`
+//! and its batches, `checkpoint` WAL checkpoints beside the writer, `reader` the read side and chain verification, `error`
 //! the error enums.
 
+mod checkpoint;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -60,6 +63,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use checkpoint::{BackgroundCheckpoints, CheckpointOptions, CheckpointStats};
 pub use error::{ChainError, StoreError};
 pub use hash::{CHAIN_HASH_ZERO, ChainLink, RECORDED_AT_FORMAT, chain_hash, format_recorded_at};
 pub use reader::{CatchUp, ChainReport, EventReader, StreamEvents};

@@ -27,10 +27,12 @@
 //! [`StoreError::BatchAborted`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, Utc};
 use rusqlite::{Connection, OptionalExtension, ffi, params};
 
+use super::checkpoint::{BackgroundCheckpoints, CheckpointOptions, CheckpointStats};
 use super::error::is_constraint;
 use super::hash::{ChainLink, chain_hash, format_recorded_at};
 use super::rows::{self, Tip, to_sql_integer};
@@ -52,6 +54,9 @@ const INSERT_EVENT_SQL: &str = "INSERT INTO events (position, stream_id, version
 
 /// Owns the single write connection to one event log file.
 pub struct EventStore {
+    /// Declared before `connection` so that it is dropped first: its thread
+    /// closes its own connection before the writer's closes.
+    checkpoints: Option<BackgroundCheckpoints>,
     pub(super) connection: Connection,
     path: PathBuf,
     /// The head after the last committed batch (or as reloaded after a
@@ -81,7 +86,21 @@ impl EventStore {
             let _: i64 = connection.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |row| row.get(0))?;
         }
         let tip = rows::read_tip(&connection)?;
-        Ok(EventStore { connection, path: path.to_path_buf(), tip })
+        Ok(EventStore { checkpoints: None, connection, path: path.to_path_buf(), tip })
+    }
+
+    /// Takes WAL checkpoints off the commit path: a thread of the store's
+    /// own copies the WAL into the database file beside the writer, and the
+    /// writer rewinds the WAL between batches (see `checkpoint.rs`). Without
+    /// this, SQLite checkpoints inside the commit that crosses 1,000 pages.
+    pub fn checkpoint_in_background(&mut self, options: CheckpointOptions) -> Result<Arc<CheckpointStats>, StoreError> {
+        if let Some(running) = &self.checkpoints {
+            return Ok(running.stats());
+        }
+        let checkpoints = BackgroundCheckpoints::start(&mut self.connection, &self.path, options)?;
+        let stats = checkpoints.stats();
+        self.checkpoints = Some(checkpoints);
+        Ok(stats)
     }
 
     pub fn path(&self) -> &Path {
@@ -129,6 +148,9 @@ impl EventStore {
     }
 
     fn begin(&mut self, undo: CommandUndo) -> Result<Batch<'_>, StoreError> {
+        if let Some(checkpoints) = &mut self.checkpoints {
+            checkpoints.before_batch(&self.connection);
+        }
         if !self.connection.is_autocommit() {
             // Only reachable if a rollback failed earlier; never build on it.
             tracing::warn!("a transaction was left open on the event log; rolling it back");
@@ -753,6 +775,9 @@ impl Batch<'_> {
         match self.store.connection.execute_batch("COMMIT") {
             Ok(()) => {
                 self.store.tip = self.tip;
+                if let Some(checkpoints) = &mut self.store.checkpoints {
+                    checkpoints.after_commit();
+                }
                 Ok(())
             }
             Err(error) => {
