@@ -2,9 +2,12 @@
 //!
 //! One thread owns the write connection. It drains the queued commands,
 //! decides each against the member's in-memory state, appends every
-//! accepted command's events inside its own SAVEPOINT of one transaction,
-//! commits once (one fsync for the whole batch), and only then answers the
-//! callers. A rejected command rolls back its savepoint and writes nothing.
+//! accepted command's events in one transaction, commits once (one fsync
+//! for the whole batch), and only then answers the callers. A rejected
+//! command writes nothing: it is refused before it writes. A batch runs
+//! without savepoints; if a command fails after it wrote, the batch is
+//! rolled back and run again with a SAVEPOINT per command, which undoes
+//! that command alone (see `Writer::run_batch`).
 //!
 //! The in-memory states are a cache: every append still names the stream's
 //! expected version, so a second process writing the same file (the CLI
