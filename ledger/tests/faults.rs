@@ -188,6 +188,9 @@ fn a_failed_commit_fails_its_whole_batch_and_retries_apply_exactly_once() {
 
 #[test]
 fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_with_savepoints() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("events.db");
     let ledger = Arc::new(Ledger::open(&path, LedgerOptions::default(), clock()).unwrap());
@@ -197,6 +200,17 @@ fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_wit
     }
     let before = head(&path);
 
+    // All eight usages in one batch: another connection holds the write
+    // lock while the writer waits in its first batch (a grant to "z") and
+    // the usages queue behind it.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let batches_before = ledger.stats().batches.load(Relaxed);
+    let warm_up = {
+        let ledger = ledger.clone();
+        std::thread::spawn(move || ledger.execute("z", grant(1)))
+    };
+    std::thread::sleep(Duration::from_millis(500));
     // The first usage index write fails: its command has appended its
     // events by then. It fails again when its batch is replayed with a
     // savepoint per command, which undoes that command alone.
@@ -208,12 +222,16 @@ fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_wit
             std::thread::spawn(move || ledger.execute(member, keyed(usage(&format!("u-{member}"), 10), member)))
         })
         .collect();
+    std::thread::sleep(Duration::from_millis(1_000));
+    other.execute_batch("ROLLBACK").unwrap();
+    let warm_up_events = warm_up.join().unwrap().unwrap().outcome.events_appended;
     let results: Vec<_> = handles.into_iter().map(|handle| handle.join().unwrap()).collect();
+    assert_eq!(ledger.stats().batches.load(Relaxed) - batches_before, 2, "the grant, then the eight usages");
     let failed: Vec<_> = results.iter().filter(|result| result.is_err()).collect();
     assert_eq!(failed.len(), 1, "{results:?}");
     assert!(failed[0].as_ref().is_err_and(|error| error.is_storage_failure()), "{failed:?}");
-    assert!(ledger.stats().replayed_batches.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    assert_eq!(head(&path), before + 2 * 7, "seven usages, and nothing of the failed one");
+    assert_eq!(ledger.stats().replayed_batches.load(Relaxed), 1);
+    assert_eq!(head(&path), before + warm_up_events + 2 * 7, "seven usages, and nothing of the failed one");
 
     // Every member's state agrees with the log, and the failed command's
     // key and usage id were not recorded: its retry applies now.
@@ -230,5 +248,8 @@ fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_wit
     for member in members {
         assert_eq!(reopened.member_state(member).unwrap().available(), Credits(990), "{member}");
     }
-    assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 16);
+    assert_eq!(
+        EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked,
+        before + warm_up_events + 16
+    );
 }

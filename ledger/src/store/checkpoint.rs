@@ -35,7 +35,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags};
@@ -82,7 +82,8 @@ impl CheckpointOptions {
 pub struct CheckpointStats {
     /// Checkpoints the background thread ran.
     pub background: AtomicU64,
-    /// Checkpoints the writer ran itself before a rewind.
+    /// Checkpoints the writer ran itself before a rewind that copied the
+    /// whole WAL, so that its next commit could start it over.
     pub rewinds: AtomicU64,
     /// Background or rewind checkpoints that failed (logged; retried at the
     /// next step).
@@ -103,6 +104,10 @@ pub struct BackgroundCheckpoints {
     requested_at: u32,
     /// The size seen at the last commit: a smaller one means a rewind.
     last_seen: u32,
+    /// The WAL's size when the writer last copied all of it before a
+    /// rewind: until a commit changes it, there is nothing more to copy
+    /// (batches that only read do not checkpoint again).
+    caught_up_at: Option<u32>,
     requests: Option<SyncSender<()>>,
     /// Held by whoever is checkpointing: the thread, or the writer before a
     /// rewind.
@@ -124,12 +129,6 @@ impl BackgroundCheckpoints {
         let connection = Connection::open_with_flags(path, flags)
             .map_err(|source| StoreError::CannotOpen { path: path.to_path_buf(), source })?;
         let wal_pages = Arc::new(AtomicU32::new(0));
-        let recorded = Arc::clone(&wal_pages);
-        // Replaces (and so turns off) SQLite's automatic checkpoint.
-        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
-            recorded.store(u32::try_from(pages).unwrap_or(0), Ordering::Relaxed);
-            Ok(())
-        }))?;
         let (requests, received) = sync_channel(1);
         let checkpointing = Arc::new(Mutex::new(()));
         let stats = Arc::new(CheckpointStats::default());
@@ -141,11 +140,19 @@ impl BackgroundCheckpoints {
                 .spawn(move || run_background(&connection, &received, &checkpointing, &stats))
                 .map_err(|error| StoreError::Corrupt(format!("cannot start the checkpoint thread: {error}")))?
         };
+        // Only once the thread runs: the hook replaces (and so turns off)
+        // SQLite's automatic checkpoint.
+        let recorded = Arc::clone(&wal_pages);
+        writer.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            recorded.store(u32::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            Ok(())
+        }))?;
         Ok(BackgroundCheckpoints {
             options,
             wal_pages,
             requested_at: 0,
             last_seen: 0,
+            caught_up_at: None,
             requests: Some(requests),
             checkpointing,
             thread: Some(thread),
@@ -164,6 +171,9 @@ impl BackgroundCheckpoints {
         if pages < self.last_seen {
             self.requested_at = 0;
         }
+        if self.caught_up_at != Some(pages) {
+            self.caught_up_at = None;
+        }
         self.last_seen = pages;
         if pages >= self.options.rewind_pages || pages < self.requested_at + self.options.background_pages {
             return;
@@ -181,20 +191,28 @@ impl BackgroundCheckpoints {
     /// thread has not yet, so that this batch's commit rewinds the WAL.
     pub fn before_batch(&mut self, writer: &Connection) {
         let pages = self.wal_pages.load(Ordering::Relaxed);
-        if pages < self.options.rewind_pages {
+        if pages < self.options.rewind_pages || self.caught_up_at == Some(pages) {
             return;
         }
         let idle = match self.checkpointing.try_lock() {
             Ok(idle) => idle,
+            // A panic in the thread poisons the lock; the lock itself still
+            // works, and the thread is gone or idle.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             // Far past the threshold: wait for the thread rather than let
-            // the WAL grow on.
-            Err(_) if pages >= self.options.rewind_pages.saturating_mul(2) => {
-                self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            // the WAL grow on (readers can still hold the rewind back).
+            Err(TryLockError::WouldBlock) if pages >= self.options.rewind_pages.saturating_mul(2) => {
+                self.checkpointing.lock().unwrap_or_else(PoisonError::into_inner)
             }
-            Err(_) => return,
+            Err(TryLockError::WouldBlock) => return,
         };
         match checkpoint(writer) {
-            Ok(()) => drop(self.stats.rewinds.fetch_add(1, Ordering::Relaxed)),
+            Ok(Copied::All) => {
+                self.caught_up_at = Some(pages);
+                self.stats.rewinds.fetch_add(1, Ordering::Relaxed);
+            }
+            // A reader still needs some frames: try again before the next batch.
+            Ok(Copied::Part) => {}
             Err(error) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "a WAL checkpoint before a rewind failed; retrying before the next batch");
@@ -222,9 +240,9 @@ fn run_background(
     stats: &CheckpointStats,
 ) {
     while requests.recv().is_ok() {
-        let _checkpointing = checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _checkpointing = checkpointing.lock().unwrap_or_else(PoisonError::into_inner);
         match checkpoint(connection) {
-            Ok(()) => drop(stats.background.fetch_add(1, Ordering::Relaxed)),
+            Ok(_) => drop(stats.background.fetch_add(1, Ordering::Relaxed)),
             Err(error) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "a background WAL checkpoint failed; retrying at the next step");
@@ -233,13 +251,27 @@ fn run_background(
     }
 }
 
+/// What a checkpoint copied of the WAL.
+enum Copied {
+    /// Every frame: the next write transaction can start the WAL over.
+    All,
+    /// Not every frame: a reader still needed some, or another process was
+    /// checkpointing.
+    Part,
+}
+
 /// A PASSIVE checkpoint: copies every committed frame that no reader still
 /// needs, waiting for no lock. Another process checkpointing the same file
 /// (SQLITE_BUSY) is not an error: that one copies the frames.
-fn checkpoint(connection: &Connection) -> Result<(), StoreError> {
-    match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        Ok(()) => Ok(()),
-        Err(error) if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
+fn checkpoint(connection: &Connection) -> Result<Copied, StoreError> {
+    // The pragma answers (busy, frames in the WAL, frames copied).
+    let answer = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    });
+    match answer {
+        Ok((0, frames, copied)) if copied == frames => Ok(Copied::All),
+        Ok(_) => Ok(Copied::Part),
+        Err(error) if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => Ok(Copied::Part),
         Err(error) => Err(error.into()),
     }
 }

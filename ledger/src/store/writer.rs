@@ -148,13 +148,13 @@ impl EventStore {
     }
 
     fn begin(&mut self, undo: CommandUndo) -> Result<Batch<'_>, StoreError> {
-        if let Some(checkpoints) = &mut self.checkpoints {
-            checkpoints.before_batch(&self.connection);
-        }
         if !self.connection.is_autocommit() {
             // Only reachable if a rollback failed earlier; never build on it.
             tracing::warn!("a transaction was left open on the event log; rolling it back");
             rollback_quietly(&self.connection);
+        }
+        if let Some(checkpoints) = &mut self.checkpoints {
+            checkpoints.before_batch(&self.connection);
         }
         self.connection.execute_batch("BEGIN IMMEDIATE")?;
         let tip = match rows::read_tip(&self.connection) {
@@ -391,8 +391,17 @@ impl Batch<'_> {
             self.after(run_cached(self.connection(), "SAVEPOINT append"))?;
         }
         self.will_write();
-        let inserted = insert_events(self.connection(), self.tip.head, stream_id, assumed, &events, recorded_at);
-        let inserted = inserted.map_err(|failure| self.explain_refusal(failure, stream_id, expected));
+        let inserted = match insert_events(self.connection(), self.tip.head, stream_id, assumed, &events, recorded_at) {
+            Ok(head) => Ok(head),
+            // Some events are in and no savepoint can take them out: the
+            // batch must not go on or commit (all or nothing, here too).
+            Err(failure) if !savepoint && failure.inserted > 0 => {
+                self.needs_replay = true;
+                self.aborted = true;
+                Err(failure.error)
+            }
+            Err(failure) => Err(self.explain_refusal(failure, stream_id, expected)),
+        };
         match inserted {
             Ok(head) => {
                 if savepoint {
@@ -562,7 +571,6 @@ impl Batch<'_> {
     /// recorded in this scope is [`StoreError::Duplicate`]: look it up first.
     pub fn record_idempotency(&mut self, scope: &str, key: &str, record: &IdempotencyRecord) -> Result<(), StoreError> {
         self.ensure_open()?;
-        self.will_write();
         check_key("idempotency scope", scope)?;
         check_key("idempotency key", key)?;
         if record.response.len() > IDEMPOTENCY_RESPONSE_BYTES_MAX {
@@ -572,6 +580,7 @@ impl Batch<'_> {
             )));
         }
         let position = to_sql_integer(record.position, "position")?;
+        self.will_write();
         let mut statement = self.connection().prepare_cached(
             "INSERT INTO idempotency (scope, key, fingerprint, status, response, position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
@@ -628,7 +637,10 @@ impl Batch<'_> {
     /// event of this stream already appended (in this batch or before).
     pub fn save_snapshot(&mut self, stream_id: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         self.ensure_open()?;
-        self.will_write();
+        // Not counted as a command's write: a snapshot is of the stream as
+        // this transaction holds it, so it commits or rolls back with the
+        // events it describes, and a command refused after saving one has
+        // nothing to undo.
         let version = to_sql_integer(snapshot.version, "version")?;
         let result = self
             .connection()
@@ -663,8 +675,8 @@ impl Batch<'_> {
     /// Links a Stripe customer to a member stream (the last link wins).
     pub fn link_stripe_customer(&mut self, customer_id: &str, stream_id: &str) -> Result<(), StoreError> {
         self.ensure_open()?;
-        self.will_write();
         check_key("stripe customer id", customer_id)?;
+        self.will_write();
         let result = self
             .connection()
             .prepare_cached(
@@ -711,8 +723,8 @@ impl Batch<'_> {
     /// unknown or already reversed usage is refused: the caller checks first.
     pub fn mark_usage_reversed(&mut self, stream_id: &str, usage_id: &str, position: u64) -> Result<(), StoreError> {
         self.ensure_open()?;
-        self.will_write();
         let position = to_sql_integer(position, "position")?;
+        self.will_write();
         let mut statement = self.connection().prepare_cached(
             "UPDATE usages SET reversed_position = ?3 WHERE stream_id = ?1 AND usage_id = ?2 AND reversed_position IS NULL",
         )?;
@@ -745,10 +757,12 @@ impl Batch<'_> {
     /// (the upsert's `WHERE`): no page is dirtied for the commit to write.
     pub fn set_due(&mut self, stream_id: &str, due_at: Option<DateTime<Utc>>) -> Result<(), StoreError> {
         self.ensure_open()?;
+        if let Some(due_at) = due_at {
+            check_year(due_at, "due_at")?;
+        }
         self.will_write();
         let result = match due_at {
             Some(due_at) => {
-                check_year(due_at, "due_at")?;
                 self.connection()
                     .prepare_cached(
                         "INSERT INTO schedule (stream_id, due_at) VALUES (?1, ?2) ON CONFLICT (stream_id) DO UPDATE SET due_at = excluded.due_at WHERE due_at IS NOT excluded.due_at",

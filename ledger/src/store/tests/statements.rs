@@ -73,6 +73,6 @@ fn commands_on_many_streams_reprepare_none_of_the_writers_statements() {
     let counts = statement_counts(&store);
     let busy: Vec<_> = counts.iter().filter(|(_, runs, _)| *runs as u64 >= 4 * members).collect();
     assert!(busy.len() >= 9, "the commands ran through cached statements: {counts:#?}");
-    let reprepared: Vec<_> = counts.iter().filter(|(_, _, reprepares)| *reprepares > 1).collect();
+    let reprepared: Vec<_> = counts.iter().filter(|(_, _, reprepares)| *reprepares > 0).collect();
     assert!(reprepared.is_empty(), "statements re-prepared on their runs: {reprepared:#?}");
 }
