@@ -100,13 +100,12 @@ pub struct BackgroundCheckpoints {
     options: CheckpointOptions,
     /// The WAL's size in pages after the last commit (the WAL hook's count).
     wal_pages: Arc<AtomicU32>,
-    /// The WAL's size when the last background checkpoint was asked for.
+    /// The WAL's size when the last background checkpoint was asked for;
+    /// a smaller size since means the WAL was rewound.
     requested_at: u32,
-    /// The size seen at the last commit: a smaller one means a rewind.
-    last_seen: u32,
     /// The WAL's size when the writer last copied all of it before a
-    /// rewind: until a commit changes it, there is nothing more to copy
-    /// (batches that only read do not checkpoint again).
+    /// rewind: until a commit changes the size, there is nothing more to
+    /// copy (batches that only read do not checkpoint again).
     caught_up_at: Option<u32>,
     requests: Option<SyncSender<()>>,
     /// Held by whoever is checkpointing: the thread, or the writer before a
@@ -151,7 +150,6 @@ impl BackgroundCheckpoints {
             options,
             wal_pages,
             requested_at: 0,
-            last_seen: 0,
             caught_up_at: None,
             requests: Some(requests),
             checkpointing,
@@ -168,13 +166,9 @@ impl BackgroundCheckpoints {
     /// grown a step since the last one, unless a rewind is due.
     pub fn after_commit(&mut self) {
         let pages = self.wal_pages.load(Ordering::Relaxed);
-        if pages < self.last_seen {
+        if pages < self.requested_at {
             self.requested_at = 0;
         }
-        if self.caught_up_at != Some(pages) {
-            self.caught_up_at = None;
-        }
-        self.last_seen = pages;
         if pages >= self.options.rewind_pages || pages < self.requested_at + self.options.background_pages {
             return;
         }
