@@ -518,11 +518,13 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     let mut fast = LedgerOptions::default();
     fast.store.synchronous_full = false;
     let ledger = Arc::new(Ledger::open(path, fast, Arc::new(SystemClock))?);
-    let funded = ledger.reader()?.head()?.position > 0;
-    for index in (0..args.members).filter(|_| !funded) {
-        let member = member_id(index);
-        let grant = MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, 1_000_000_000));
-        ledger.execute(&member, Request::new(grant, "admin")).with_context(|| format!("funding {member}"))?;
+    // A prefilled log (`--tally-log`) is funded already.
+    if ledger.reader()?.head()?.position == 0 {
+        for index in 0..args.members {
+            let member = member_id(index);
+            let grant = MemberCommand::GrantCredits(GrantCredits::new(GrantSource::Promotional, 1_000_000_000));
+            ledger.execute(&member, Request::new(grant, "admin")).with_context(|| format!("funding {member}"))?;
+        }
     }
     let mut events = ledger.reader()?.head()?.position;
     while (events as usize) < args.prefill {
@@ -586,23 +588,21 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
             commands_per_s: rate,
             latency: Some(percentiles(&mut latencies)),
             note: format!(
-                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}{}",
+                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}{}{}{}",
                 done as f64 / batches.max(1) as f64,
                 batch_nanos as f64 / 1e7 / elapsed,
                 commit_nanos as f64 * 100.0 / batch_nanos.max(1) as f64,
                 batch_nanos as f64 / 1e3 / done.max(1) as f64,
                 on_cpu,
-                if failed > 0 { format!(", {failed} overloaded") } else { String::new() }
-            ) + &if replays > 0 {
-                format!(", {replays} batches replayed with savepoints")
-            } else {
-                String::new()
-            } + &match (checkpoints_before, checkpoints) {
-                (Some(before), Some(after)) => {
-                    format!(", {} background checkpoints, {} WAL rewinds", after.0 - before.0, after.1 - before.1)
-                }
-                _ => ", SQLite's automatic checkpoint".to_owned(),
-            },
+                if failed > 0 { format!(", {failed} overloaded") } else { String::new() },
+                if replays > 0 { format!(", {replays} batches replayed with savepoints") } else { String::new() },
+                match (checkpoints_before, checkpoints) {
+                    (Some(before), Some(after)) => {
+                        format!(", {} background checkpoints, {} WAL rewinds", after.0 - before.0, after.1 - before.1)
+                    }
+                    _ => ", SQLite's automatic checkpoint".to_owned(),
+                },
+            ),
         });
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
