@@ -47,8 +47,7 @@ fn a_rolled_back_command_leaves_nothing_and_the_next_continues_the_chain() {
 
     assert_eq!(store.head().position, 2);
     let reader = store.reader().expect("reader");
-    let types: Vec<String> = reader.read_all(0, 10).expect("read").into_iter().map(|event| event.event_type).collect();
-    assert_eq!(types, vec!["A", "C"]);
+    assert_eq!(logged_types(&reader), vec!["A", "C"]);
     assert_eq!(reader.stream_version("member-b").expect("version"), 0);
     assert_eq!(reader.idempotency("scope", "key-b").expect("lookup"), None);
     let report = reader.verify_chain(|_| {}).expect("a valid chain");
@@ -284,8 +283,7 @@ fn an_optimistic_batch_undoes_a_command_that_wrote_nothing_and_commits_the_rest(
     batch.commit().expect("commit");
 
     let reader = store.reader().expect("reader");
-    let types: Vec<String> = reader.read_all(0, 10).expect("read").into_iter().map(|event| event.event_type).collect();
-    assert_eq!(types, vec!["A", "C"]);
+    assert_eq!(logged_types(&reader), vec!["A", "C"]);
     reader.verify_chain(|_| {}).expect("a valid chain");
 }
 
@@ -383,4 +381,9 @@ fn background_checkpoints_copy_the_wal_and_rewinds_keep_it_bounded() {
     let reopened = open_store(&log.path);
     assert_eq!(reopened.head(), head);
     assert_eq!(reopened.reader().expect("reader").read_all(0, 2_000).expect("read").len(), 1_600);
+}
+
+/// The event types of the log, in order (at most 10).
+fn logged_types(reader: &crate::store::EventReader) -> Vec<String> {
+    reader.read_all(0, 10).expect("read").into_iter().map(|event| event.event_type).collect()
 }
