@@ -502,7 +502,7 @@ fn same_kind(error: &StoreError) -> StoreError {
 }
 
 /// The answer to a job that could not run: every kind of job gets `error`.
-fn failed(job: &Job, error: LedgerError) -> Pending {
+fn failed_job(job: &Job, error: LedgerError) -> Pending {
     match job {
         Job::Member { reply, .. } | Job::Catalog { reply, .. } | Job::Intake { reply, .. } => {
             Pending::Executed(reply.clone(), Box::new(Err(error)))
@@ -581,7 +581,7 @@ impl Writer {
         let mut batch = match begun {
             Ok(batch) => batch,
             Err(error) => {
-                return Some(jobs.iter().map(|job| failed(job, LedgerError::Store(same_kind(&error)))).collect());
+                return Some(jobs.iter().map(|job| failed_job(job, LedgerError::Store(same_kind(&error)))).collect());
             }
         };
         let mut touched: HashSet<String> = HashSet::new();
@@ -592,7 +592,7 @@ impl Writer {
         let catalog_ok = refresh_catalog(&mut batch, &mut catalog);
         for job in jobs {
             if let Err(error) = &catalog_ok {
-                pending.push(failed(job, LedgerError::Store(StoreError::Corrupt(error.to_string()))));
+                pending.push(failed_job(job, LedgerError::Store(StoreError::Corrupt(error.to_string()))));
                 continue;
             }
             let mut shell = Shell { batch: &mut batch, members, catalog: &mut catalog, options, now };
