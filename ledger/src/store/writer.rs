@@ -910,21 +910,24 @@ fn insert_events(
     recorded_at: DateTime<Utc>,
 ) -> Result<Head, InsertFailure> {
     let recorded_at_text = format_recorded_at(recorded_at);
+    let refused = |error: StoreError, inserted: usize| {
+        let refused_by_trigger =
+            matches!(&error, StoreError::Sqlite(sqlite) if is_constraint(sqlite, ffi::SQLITE_CONSTRAINT_TRIGGER));
+        InsertFailure { error, inserted, refused_by_trigger }
+    };
+    let mut statement = connection.prepare_cached(INSERT_EVENT_SQL).map_err(|error| refused(error.into(), 0))?;
     let mut head = head;
     for (index, event) in events.iter().enumerate() {
         let version = stream_version + index as u64 + 1;
-        head = insert_event(connection, head, stream_id, version, event, &recorded_at_text).map_err(|error| {
-            let refused_by_trigger =
-                matches!(&error, StoreError::Sqlite(sqlite) if is_constraint(sqlite, ffi::SQLITE_CONSTRAINT_TRIGGER));
-            InsertFailure { error, inserted: index, refused_by_trigger }
-        })?;
+        head = insert_event(&mut statement, head, stream_id, version, event, &recorded_at_text)
+            .map_err(|error| refused(error, index))?;
     }
     Ok(head)
 }
 
 /// Inserts one event after `head` at `version`, returning the new head.
 fn insert_event(
-    connection: &Connection,
+    statement: &mut rusqlite::CachedStatement<'_>,
     head: Head,
     stream_id: &str,
     version: u64,
@@ -954,7 +957,6 @@ fn insert_event(
             recorded_at: recorded_at_text.as_bytes(),
         },
     );
-    let mut statement = connection.prepare_cached(INSERT_EVENT_SQL)?;
     let inserted = statement.execute(params![
         to_sql_integer(position, "position")?,
         stream_id,
