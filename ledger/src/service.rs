@@ -2,8 +2,10 @@
 //!
 //! One thread owns the write connection. It drains the queued commands,
 //! decides each against the member's in-memory state, appends every
-//! accepted command's events in one transaction, commits once (one fsync
-//! for the whole batch), and only then answers the callers. A rejected
+//! accepted command's events in one transaction and commits once. A second
+//! thread, the syncer, fsyncs the WAL (one fsync for every batch committed
+//! since the last) and only then answers the batch's callers, while the
+//! writer goes on with the next batch (see `store/durability.rs`). A rejected
 //! command writes nothing: it is refused before it writes. A batch runs
 //! without savepoints; if a command fails after it wrote, the batch is
 //! rolled back and run again with a SAVEPOINT per command, which undoes
@@ -18,14 +20,14 @@ use crate::codec::{self, CodecError};
 use crate::domain::*;
 use crate::store::{
     Batch, CheckpointOptions, CheckpointStats, EventMetadata, EventReader, EventStore, ExpectedVersion,
-    IdempotencyRecord, NewEvent, Snapshot, StoreError, StoreOptions,
+    IdempotencyRecord, NewEvent, Snapshot, StoreError, StoreOptions, VisibleHead, WalSync,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError, channel, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -92,6 +94,11 @@ pub struct LedgerOptions {
     /// WAL checkpoints beside the writer (see `store/checkpoint.rs`), or
     /// `None` for SQLite's automatic checkpoint inside the commits.
     pub checkpoints: Option<CheckpointOptions>,
+    /// Fsync the WAL on the syncer thread, beside the writer, instead of
+    /// inside each `COMMIT` (see `store/durability.rs`). Either way a
+    /// command is answered only once its batch is durable; `false` is the
+    /// plain `synchronous=FULL` path, kept for comparison in benchmarks.
+    pub sync_beside_writer: bool,
 }
 
 impl Default for LedgerOptions {
@@ -104,6 +111,7 @@ impl Default for LedgerOptions {
             conflict_retries_max: 8,
             snapshot_every: 1_000,
             checkpoints: Some(CheckpointOptions::default()),
+            sync_beside_writer: true,
         }
     }
 }
@@ -249,6 +257,8 @@ pub struct SweepReport {
 
 type Reply<T> = SyncSender<Result<T, LedgerError>>;
 
+/// A queued job. `Sync` does nothing but is answered, like every job, only
+/// once everything committed before it is durable.
 enum Job {
     Member { member_id: String, request: Request<MemberCommand>, reply: Reply<Executed> },
     Catalog { request: Request<CatalogCommand>, reply: Reply<Executed> },
@@ -256,6 +266,7 @@ enum Job {
     Check { member_id: String, credits: Credits, reply: Reply<CheckOutcome> },
     State { member_id: String, reply: Reply<MemberState> },
     Sweep { members_max: usize, reply: Reply<SweepReport> },
+    Sync { reply: Reply<()> },
 }
 
 /// The embedded ledger: submit commands from any thread; one writer thread
@@ -268,6 +279,8 @@ pub struct Ledger {
     path: PathBuf,
     stats: Arc<WriterStats>,
     checkpoint_stats: Option<Arc<CheckpointStats>>,
+    durable: Arc<Durable>,
+    visible: Arc<VisibleHead>,
 }
 
 /// Counters of the writer's work, for metrics: how well group commit batches.
@@ -279,13 +292,46 @@ pub struct WriterStats {
     /// The size of the last batch, in jobs.
     pub last_batch_jobs: AtomicU64,
     /// Time spent running batches (deciding, appending, indexing, committing),
-    /// and the part of it spent in `COMMIT` (the WAL write and its fsync), in
-    /// nanoseconds: what overlapping the next batch with a commit could win.
+    /// and the part of it spent in `COMMIT`, in nanoseconds. `COMMIT` writes
+    /// the WAL; its fsync is the syncer's (`sync_nanos`), beside the writer.
     pub batch_nanos: AtomicU64,
     pub commit_nanos: AtomicU64,
     /// Batches run a second time with a savepoint per command, because a
     /// command failed after writing in the first, savepoint-free run.
     pub replayed_batches: AtomicU64,
+    /// Syncer rounds, each one fsync of the WAL covering every batch
+    /// committed before it began (no fsync when the store promised none, or
+    /// when `COMMIT` fsyncs itself), and the time they took, in nanoseconds.
+    pub syncs: AtomicU64,
+    pub sync_nanos: AtomicU64,
+}
+
+/// What the syncer has made durable, shared with the ledger's callers.
+#[derive(Debug, Default)]
+struct Durable {
+    /// The log's head as of the last fsync (of our own commits).
+    position: AtomicU64,
+    /// Set once an fsync failed: the writer refuses every batch after it.
+    failure: Mutex<Option<String>>,
+}
+
+impl Durable {
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn fail(&self, message: String) {
+        self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(message);
+    }
+}
+
+/// The error every command gets once an fsync failed: it may or may not
+/// have been written, and nothing after it will be.
+fn sync_failure(message: &str) -> LedgerError {
+    LedgerError::Store(StoreError::Corrupt(format!(
+        "an fsync of the event log failed, so its last commits may not be on disk; the writer has stopped: \
+         restart tally, then retry with the same idempotency key ({message})"
+    )))
 }
 
 impl Ledger {
@@ -293,6 +339,7 @@ impl Ledger {
         let mut store = EventStore::open(path, options.store)?;
         let checkpoint_stats =
             options.checkpoints.map(|checkpoints| store.checkpoint_in_background(checkpoints)).transpose()?;
+        let wal_sync = if options.sync_beside_writer { store.sync_wal_beside()? } else { store.sync_wal_in_commit() };
         let reader = store.reader()?;
         let catalog = load_catalog(&reader)?;
         let last_now =
@@ -300,8 +347,22 @@ impl Ledger {
         let catalog = Arc::new(RwLock::new(Arc::new(catalog)));
         let (jobs, queue) = sync_channel(options.queue_commands_max);
         let stats = Arc::new(WriterStats::default());
+        let durable = Arc::new(Durable::default());
+        durable.position.store(store.head().position, Ordering::Release);
+        let visible = Arc::new(VisibleHead::default());
+        let (committed, batches) = channel();
+        let syncer = {
+            let (durable, visible, stats) = (durable.clone(), visible.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("tally-sync".to_owned())
+                .spawn(move || run_syncer(wal_sync, batches, &durable, &visible, &stats))
+                .map_err(|error| StoreError::Corrupt(format!("cannot start the syncer thread: {error}")))?
+        };
         let mut writer = Writer {
             stats: stats.clone(),
+            durable: durable.clone(),
+            visible: visible.clone(),
+            syncer: Some((committed, syncer)),
             store,
             options,
             clock: clock.clone(),
@@ -322,6 +383,8 @@ impl Ledger {
             path: path.to_owned(),
             stats,
             checkpoint_stats,
+            durable,
+            visible,
         })
     }
 
@@ -339,13 +402,28 @@ impl Ledger {
         self.checkpoint_stats.as_deref()
     }
 
+    /// The log's head as of the syncer's last fsync: every command this
+    /// ledger answered is at or below it.
+    pub fn durable_position(&self) -> u64 {
+        self.durable.position.load(Ordering::Acquire)
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
-    /// A new read connection on the log.
+    /// A new read connection on the log. It never returns an event of a
+    /// batch this ledger committed but has not yet fsynced.
     pub fn reader(&self) -> Result<EventReader, LedgerError> {
-        Ok(EventReader::open(&self.path)?)
+        let mut reader = EventReader::open(&self.path)?;
+        reader.hide_unsynced(self.visible_head());
+        Ok(reader)
+    }
+
+    /// How far readers of this process may read the log: hand it to
+    /// [`EventReader::hide_unsynced`] (the projection runner does).
+    pub fn visible_head(&self) -> Arc<VisibleHead> {
+        Arc::clone(&self.visible)
     }
 
     /// The catalog as of the last committed batch.
@@ -384,9 +462,16 @@ impl Ledger {
     /// was recorded (`IdempotencyKeyReused` for another body): for callers
     /// that must not start outside work (a call to Stripe) for a retry.
     /// Read from the file, not through the writer.
+    /// A record this ledger committed but has not yet fsynced is answered
+    /// only after the fsync, like the original command.
     pub fn recorded(&self, idempotency: &Idempotency) -> Result<Option<Executed>, LedgerError> {
         match self.reader()?.idempotency(&idempotency.scope, &idempotency.key)? {
-            Some(record) => replayed(idempotency, record).map(Some),
+            Some(record) => {
+                if record.position > self.durable_position() {
+                    self.submit(|reply| Job::Sync { reply })?;
+                }
+                replayed(idempotency, record).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -449,6 +534,12 @@ fn load_catalog(reader: &EventReader) -> Result<Catalog, LedgerError> {
 
 struct Writer {
     stats: Arc<WriterStats>,
+    durable: Arc<Durable>,
+    /// Marks each batch before its commit, until the syncer's fsync.
+    visible: Arc<VisibleHead>,
+    /// Where committed batches wait for their fsync, and the thread that
+    /// takes them there (joined when the writer stops).
+    syncer: Option<(Sender<Committed>, JoinHandle<()>)>,
     store: EventStore,
     options: LedgerOptions,
     clock: Arc<dyn Clock>,
@@ -465,6 +556,7 @@ enum Pending {
     Checked(Reply<CheckOutcome>, Result<CheckOutcome, LedgerError>),
     State(Reply<MemberState>, Result<Box<MemberState>, LedgerError>),
     Swept(Reply<SweepReport>, Result<SweepReport, LedgerError>),
+    Synced(Reply<()>, Result<(), LedgerError>),
 }
 
 impl Pending {
@@ -476,17 +568,67 @@ impl Pending {
             Pending::Checked(reply, result) => drop(reply.send(result)),
             Pending::State(reply, result) => drop(reply.send(result.map(|state| *state))),
             Pending::Swept(reply, result) => drop(reply.send(result)),
+            Pending::Synced(reply, result) => drop(reply.send(result)),
         }
     }
 
     /// The same answer slot, now carrying the batch's storage failure.
     fn failed(self, error: &StoreError) -> Pending {
-        let failure = || LedgerError::Store(same_kind(error));
+        self.failed_with(|| LedgerError::Store(same_kind(error)))
+    }
+
+    fn failed_with(self, failure: impl Fn() -> LedgerError) -> Pending {
         match self {
             Pending::Executed(reply, _) => Pending::Executed(reply, Box::new(Err(failure()))),
             Pending::Checked(reply, _) => Pending::Checked(reply, Err(failure())),
             Pending::State(reply, _) => Pending::State(reply, Err(failure())),
             Pending::Swept(reply, _) => Pending::Swept(reply, Err(failure())),
+            Pending::Synced(reply, _) => Pending::Synced(reply, Err(failure())),
+        }
+    }
+}
+
+/// A committed batch's answers and the head after it, on the way to the
+/// syncer.
+struct Committed {
+    answers: Vec<Pending>,
+    head: u64,
+}
+
+/// The syncer's loop: takes every batch committed so far, fsyncs the WAL
+/// once for all of them, and only then answers their callers. After a failed
+/// fsync nothing is answered as durable again.
+fn run_syncer(
+    wal: WalSync,
+    committed: Receiver<Committed>,
+    durable: &Durable,
+    visible: &VisibleHead,
+    stats: &WriterStats,
+) {
+    while let Ok(first) = committed.recv() {
+        let mut batches = vec![first];
+        batches.extend(committed.try_iter());
+        let started = Instant::now();
+        let synced = match durable.failure() {
+            Some(message) => Err(message),
+            None => wal.sync().map_err(|error| error.to_string()),
+        };
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match synced {
+            Ok(()) => {
+                let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
+                durable.position.fetch_max(head, Ordering::AcqRel);
+                visible.synced(head);
+                batches.into_iter().flat_map(|batch| batch.answers).for_each(Pending::send);
+            }
+            Err(message) => {
+                tracing::error!(%message, "an fsync of the event log failed; the writer stops");
+                durable.fail(message.clone());
+                for answer in batches.into_iter().flat_map(|batch| batch.answers) {
+                    answer.failed_with(|| sync_failure(&message)).send();
+                }
+            }
         }
     }
 }
@@ -510,6 +652,7 @@ fn failed_job(job: &Job, error: LedgerError) -> Pending {
         Job::Check { reply, .. } => Pending::Checked(reply.clone(), Err(error)),
         Job::State { reply, .. } => Pending::State(reply.clone(), Err(error)),
         Job::Sweep { reply, .. } => Pending::Swept(reply.clone(), Err(error)),
+        Job::Sync { reply } => Pending::Synced(reply.clone(), Err(error)),
     }
 }
 
@@ -532,6 +675,26 @@ impl Writer {
             }
             self.run_batch(jobs);
         }
+        // The last answers are sent once their fsync is done.
+        if let Some((committed, syncer)) = self.syncer.take() {
+            drop(committed);
+            let _ = syncer.join();
+        }
+    }
+
+    /// Hands a batch's answers to the syncer, which sends them once the
+    /// batch is durable.
+    fn answer_when_durable(&mut self, answers: Vec<Pending>) {
+        let head = self.store.head().position;
+        let Some((committed, _)) = &self.syncer else {
+            answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
+            return;
+        };
+        if let Err(unsent) = committed.send(Committed { answers, head }) {
+            // The syncer is gone (it panicked): nothing can be made durable.
+            tracing::error!("the syncer thread stopped; answering the batch as unavailable");
+            unsent.0.answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
+        }
     }
 
     fn now(&mut self) -> DateTime<Utc> {
@@ -547,6 +710,10 @@ impl Writer {
     /// again with a savepoint per command, which undoes that command alone;
     /// its answers are then the only ones sent.
     fn run_batch(&mut self, jobs: Vec<Job>) {
+        if let Some(message) = self.durable.failure() {
+            jobs.iter().for_each(|job| failed_job(job, sync_failure(&message)).send());
+            return;
+        }
         let started = Instant::now();
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -564,7 +731,7 @@ impl Writer {
                     .expect("a batch with savepoints undoes each command and never asks for a replay")
             }
         };
-        answers.into_iter().for_each(Pending::send);
+        self.answer_when_durable(answers);
         self.evict_if_needed();
         self.stats.batch_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -574,11 +741,11 @@ impl Writer {
     /// writing: nothing of it was committed, the states it touched are
     /// dropped from the cache, and no caller has been answered.
     fn try_batch(&mut self, jobs: &[Job], now: DateTime<Utc>, undo: BatchUndo) -> Option<Vec<Pending>> {
-        let begun = match undo {
+        let head_before = self.store.head().position;
+        let mut batch = match match undo {
             BatchUndo::Optimistic => self.store.begin_optimistic_batch(),
             BatchUndo::Savepoints => self.store.begin_batch(),
-        };
-        let mut batch = match begun {
+        } {
             Ok(batch) => batch,
             Err(error) => {
                 return Some(jobs.iter().map(|job| failed_job(job, LedgerError::Store(same_kind(&error)))).collect());
@@ -610,6 +777,11 @@ impl Writer {
             return None;
         }
         let committing = Instant::now();
+        let last = batch.head().position;
+        if last > head_before {
+            // Hidden from this process's readers until the syncer's fsync.
+            self.visible.committing(head_before + 1, last);
+        }
         let committed = batch.commit();
         self.stats.commit_nanos.fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match committed {
@@ -622,6 +794,7 @@ impl Writer {
             }
             Err(error) => {
                 self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                self.visible.not_committed(self.store.head().position);
                 // What we folded into the cache never reached the disk.
                 for member_id in &touched {
                     self.members.remove(member_id);
@@ -714,6 +887,7 @@ impl Shell<'_, '_> {
             Job::Sweep { members_max, reply } => {
                 Pending::Swept(reply.clone(), self.guard(None, |shell| shell.sweep(*members_max, touched)))
             }
+            Job::Sync { reply } => Pending::Synced(reply.clone(), Ok(())),
         }
     }
 

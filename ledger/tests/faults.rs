@@ -1,9 +1,10 @@
 //! Fault injection on real SQLite files: a full disk (the log's byte budget,
 //! SQLite's own `SQLITE_FULL`), a second writer holding the lock
-//! (`SQLITE_BUSY`), and an I/O error on commit (the store's fault point,
-//! feature `fault-injection`). Each time: the failing commands get an error,
-//! nothing partial is written, reads go on, and the ledger recovers when the
-//! fault clears.
+//! (`SQLITE_BUSY`), an I/O error on commit and a failed fsync beside the
+//! writer (the store's fault points, feature `fault-injection`). Each time:
+//! the failing commands get an error, nothing partial is written, reads go
+//! on, and the ledger recovers when the fault clears (after a failed fsync:
+//! when it restarts).
 
 use chrono::{TimeZone, Utc};
 use std::sync::Arc;
@@ -252,4 +253,44 @@ fn a_command_that_fails_after_writing_is_undone_alone_by_replaying_its_batch_wit
         EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked,
         before + warm_up_events + 16
     );
+}
+
+#[test]
+fn a_failed_fsync_fails_its_callers_and_stops_the_writer_until_a_restart() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let ledger = Ledger::open(&path, options(StoreOptions::default()), clock()).unwrap();
+    ledger.execute("m", grant(1_000)).unwrap();
+    let warm_up = head(&path);
+    ledger.execute("m", keyed(usage("u0", 5), "k0")).unwrap();
+    let before = head(&path);
+    let per_usage = before - warm_up;
+
+    faults::fail_next_wal_syncs(&path, 1);
+    let failed = ledger.execute("m", keyed(usage("u1", 5), "k1")).unwrap_err();
+    assert!(failed.is_storage_failure());
+    assert!(failed.to_string().contains("fsync"), "{failed}");
+    // The batch was committed (its frames are in the OS's cache), but
+    // nothing after a failed fsync is trusted: every later command is
+    // refused without being written, even though the fault has cleared.
+    let refused = ledger.execute("m", keyed(usage("u2", 5), "k2")).unwrap_err();
+    assert!(refused.to_string().contains("the writer has stopped"), "{refused}");
+    assert!(ledger.member_state("m").is_err());
+    assert_eq!(head(&path), before + per_usage, "u1 committed, u2 never written");
+    // This process's readers (the API's, the projection runner's) never
+    // see the batch whose fsync failed.
+    let reader = ledger.reader().unwrap();
+    assert_eq!(reader.head().unwrap().position, before);
+    assert!(reader.read_all(before, 100).unwrap().is_empty());
+    drop(ledger);
+
+    // A restart recovers from the file; the retry of k1 gets its original
+    // answer, k2 runs now, and the books add up.
+    let ledger = Ledger::open(&path, options(StoreOptions::default()), clock()).unwrap();
+    let retried = ledger.execute("m", keyed(usage("u1", 5), "k1")).unwrap();
+    assert!(retried.replayed);
+    assert!(!ledger.execute("m", keyed(usage("u2", 5), "k2")).unwrap().replayed);
+    assert_eq!(ledger.member_state("m").unwrap().balance(), Credits(985));
+    drop(ledger);
+    assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 2 * per_usage);
 }

@@ -1,9 +1,11 @@
-//! The `Ledger` service on real SQLite files: group commit, idempotency,
-//! rejections that write nothing, a second writer on the same file, the
-//! scheduler sweep, and restarts.
+//! The `Ledger` service on real SQLite files: group commit, answers only
+//! after the fsync beside the writer, idempotency, rejections that write
+//! nothing, a second writer on the same file, the scheduler sweep, and
+//! restarts.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use tally_ledger::domain::*;
 use tally_ledger::service::{BalanceView, Idempotency};
 use tally_ledger::store::EventReader;
@@ -444,4 +446,57 @@ fn a_due_row_that_went_missing_is_written_again_by_the_members_next_command() {
     // The usage does not move the due instant; the row comes back all the same.
     ledger.execute("m", admin(usage("u1", 1))).unwrap();
     assert_eq!(due(&path), Some(expected));
+}
+
+#[test]
+fn every_answer_arrives_after_an_fsync_that_covers_it() {
+    let dir = TempDir::new().unwrap();
+    // Default options: synchronous=FULL, so the syncer really fsyncs.
+    let ledger = Arc::new(open(&dir, &Arc::new(ManualClock::new(start_instant()))));
+    let threads: Vec<_> = (0..16)
+        .map(|thread| {
+            let ledger = Arc::clone(&ledger);
+            std::thread::spawn(move || {
+                let member = format!("m{}", thread % 4);
+                ledger.execute(&member, admin(promo(1_000))).unwrap();
+                for step in 0..40 {
+                    let executed = ledger.execute(&member, admin(usage(&format!("u{thread}.{step}"), 1))).unwrap();
+                    let durable = ledger.durable_position();
+                    assert!(
+                        executed.outcome.position <= durable,
+                        "answered position {} before the fsync reached it ({durable})",
+                        executed.outcome.position
+                    );
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|thread| thread.join().unwrap());
+    let stats = ledger.stats();
+    let (syncs, batches) = (stats.syncs.load(Relaxed), stats.batches.load(Relaxed));
+    assert!(syncs >= 1 && syncs <= batches, "{syncs} fsyncs for {batches} batches");
+    let in_the_file = EventReader::open(&dir.path().join("events.db")).unwrap().head().unwrap().position;
+    assert_eq!(ledger.durable_position(), in_the_file);
+}
+
+#[test]
+fn an_idempotent_retry_read_from_the_file_waits_for_the_fsync_of_a_commit_it_did_not_sync() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    // `reading` serves retries from the file; `writing` (a second process's
+    // ledger, as the CLI beside a server) commits the original after
+    // `reading` opened, so `reading` has not synced it.
+    let reading = open(&dir, &clock);
+    let writing = open(&dir, &clock);
+    writing.execute("m", admin(promo(100))).unwrap();
+    let keyed = key("admin/m/usage", "k1", 1);
+    let original = writing.execute("m", admin(usage("u1", 7)).with_idempotency(keyed.clone())).unwrap();
+    assert!(original.outcome.position > reading.durable_position());
+    let syncs_before = reading.stats().syncs.load(Relaxed);
+
+    let retried = reading.recorded(&keyed).unwrap().expect("the record is found");
+    assert!(retried.replayed);
+    assert_eq!(retried.outcome, original.outcome);
+    assert_eq!(reading.stats().syncs.load(Relaxed), syncs_before + 1, "the retry waited for an fsync");
+    assert!(reading.recorded(&key("admin/m/usage", "k2", 1)).unwrap().is_none());
 }

@@ -8,7 +8,6 @@
 //! checkpoint, batch after batch, gapless), only earlier; a batch shorter
 //! than asked for means the log's head was reached then, and ends it.
 
-use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 
@@ -102,14 +101,15 @@ pub(crate) struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Starts reading after `after_position`, on a reader of its own.
+    /// Starts reading after `after_position`, on a reader of its own (a
+    /// new connection that hides what `events` hides).
     pub(crate) fn start(
-        events_path: &Path,
+        events: &EventReader,
         after_position: u64,
         batch_events_max: usize,
         decoded_types: Vec<&'static str>,
     ) -> Result<ReadAhead, ProjectionError> {
-        let reader = EventReader::open(events_path)?;
+        let reader = events.reopen()?;
         let (sender, batches) = sync_channel(BATCHES_WAITING_MAX);
         let (applied, to_free) = channel();
         let thread = std::thread::Builder::new()
@@ -207,6 +207,7 @@ mod tests {
     use tally_ledger::{Ledger, LedgerOptions, ManualClock, Request};
 
     use super::*;
+    use std::path::Path;
 
     /// A log of `members` registrations (and the catalog's nothing).
     fn log_of_registrations(path: &Path, members: usize) {
@@ -246,7 +247,8 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("events.db");
         log_of_registrations(&path, 5);
-        let mut read_ahead = ReadAhead::start(&path, 0, 2, vec!["MemberRegistered"]).unwrap();
+        let events = EventReader::open(&path).unwrap();
+        let mut read_ahead = ReadAhead::start(&events, 0, 2, vec!["MemberRegistered"]).unwrap();
         let mut read = Vec::new();
         while read_ahead.reads(read.last().copied().unwrap_or(0), 2) {
             let batch = read_ahead.next().unwrap();

@@ -386,6 +386,14 @@ impl Projections {
         self.shared.options
     }
 
+    /// Read models never apply an event of a batch the ledger in this
+    /// process committed but has not yet fsynced (`Ledger::visible_head`):
+    /// what they serve is on disk. Set before starting the runner.
+    pub fn hide_unsynced(&self, visible: Arc<tally_ledger::store::VisibleHead>) {
+        self.shared.writer().events.hide_unsynced(Arc::clone(&visible));
+        self.shared.head_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).hide_unsynced(visible);
+    }
+
     /// The query side, to hand to code that only reads.
     pub fn read_models(&self) -> &ReadModels {
         &self.shared.read_models
@@ -991,8 +999,7 @@ impl Writer {
                 decoded_types.extend(registry.projectors()[*index].handles());
             }
             job.read_ahead = None;
-            job.read_ahead =
-                Some(ReadAhead::start(self.events.path(), after_position, batch_events_max, decoded_types)?);
+            job.read_ahead = Some(ReadAhead::start(&self.events, after_position, batch_events_max, decoded_types)?);
         }
         job.read_ahead.as_mut().expect("started above").next()
     }

@@ -554,56 +554,24 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
         std::fs::copy(path, keep).with_context(|| format!("keeping the prefilled log at {}", keep.display()))?;
     }
 
-    // Measured: default options (synchronous=FULL).
+    // Measured: default options (synchronous=FULL, its fsync beside the writer).
     let measured = LedgerOptions { checkpoints: checkpoint_options(args)?, ..LedgerOptions::default() };
     let ledger = Arc::new(Ledger::open(path, measured, Arc::new(SystemClock))?);
     let mut rows = vec![load_members(&ledger, args.members)?];
     eprintln!("  done: {}", rows.last().expect("row").name);
     for threads in [1, 8, 64] {
-        let stats = ledger.stats();
-        let batches_before = stats.batches.load(Relaxed);
-        let replays_before = stats.replayed_batches.load(Relaxed);
-        let checkpoints_before = checkpoint_counts(&ledger);
-        let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
-        let sched_before = writer_schedstat();
-        let started = Instant::now();
-        let (done, mut latencies, failed) = drive(&ledger, threads, args.members, duration);
-        let elapsed = started.elapsed().as_secs_f64();
-        let batches = stats.batches.load(Relaxed) - batches_before;
-        let replays = stats.replayed_batches.load(Relaxed) - replays_before;
-        let checkpoints = checkpoint_counts(&ledger);
-        let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
-        let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
-        let on_cpu = match (sched_before, writer_schedstat()) {
-            (Some(before), Some(after)) => format!(
-                "; writer on CPU {:.0} µs/cmd, waiting for a CPU {:.0} µs/cmd",
-                (after.0 - before.0) as f64 / 1e3 / done.max(1) as f64,
-                (after.1 - before.1) as f64 / 1e3 / done.max(1) as f64
-            ),
-            _ => String::new(),
-        };
-        let rate = done as f64 / elapsed;
-        rows.push(Row {
-            name: format!("tally Ledger, {threads} submitter(s)"),
-            commands_per_s: rate,
-            latency: Some(percentiles(&mut latencies)),
-            note: format!(
-                "{:.1} cmds/commit, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}{}{}{}",
-                done as f64 / batches.max(1) as f64,
-                batch_nanos as f64 / 1e7 / elapsed,
-                commit_nanos as f64 * 100.0 / batch_nanos.max(1) as f64,
-                batch_nanos as f64 / 1e3 / done.max(1) as f64,
-                on_cpu,
-                if failed > 0 { format!(", {failed} overloaded") } else { String::new() },
-                if replays > 0 { format!(", {replays} batches replayed with savepoints") } else { String::new() },
-                match (checkpoints_before, checkpoints) {
-                    (Some(before), Some(after)) => {
-                        format!(", {} background checkpoints, {} WAL rewinds", after.0 - before.0, after.1 - before.1)
-                    }
-                    _ => ", SQLite's automatic checkpoint".to_owned(),
-                },
-            ),
-        });
+        rows.push(measure_tally(&ledger, &format!("tally Ledger, {threads} submitter(s)"), threads, args, duration));
+        eprintln!("  done: {}", rows.last().expect("row").name);
+    }
+    // The same ledger with the fsync inside each COMMIT (no pipeline): what
+    // syncing beside the writer wins, side by side.
+    Arc::into_inner(ledger).context("ledger still shared")?.shutdown();
+    let plain = LedgerOptions { sync_beside_writer: false, ..measured };
+    let ledger = Arc::new(Ledger::open(path, plain, Arc::new(SystemClock))?);
+    load_members(&ledger, args.members)?;
+    for threads in [8, 64] {
+        let name = format!("tally Ledger, fsync inside COMMIT, {threads} submitter(s)");
+        rows.push(measure_tally(&ledger, &name, threads, args, duration));
         eprintln!("  done: {}", rows.last().expect("row").name);
     }
     let head = ledger.reader()?.head()?.position;
@@ -630,6 +598,57 @@ fn tally(path: &Path, args: &Args, duration: Duration) -> Result<Vec<Row>> {
     );
     println!("tally log at the end: {head} events");
     Ok(rows)
+}
+
+/// One measured case on an open ledger: `threads` submitters for `duration`.
+fn measure_tally(ledger: &Arc<Ledger>, name: &str, threads: usize, args: &Args, duration: Duration) -> Row {
+    let stats = ledger.stats();
+    let batches_before = stats.batches.load(Relaxed);
+    let replays_before = stats.replayed_batches.load(Relaxed);
+    let syncs_before = stats.syncs.load(Relaxed);
+    let checkpoints_before = checkpoint_counts(ledger);
+    let (batch_before, commit_before) = (stats.batch_nanos.load(Relaxed), stats.commit_nanos.load(Relaxed));
+    let sched_before = writer_schedstat();
+    let started = Instant::now();
+    let (done, mut latencies, failed) = drive(ledger, threads, args.members, duration);
+    let elapsed = started.elapsed().as_secs_f64();
+    let batches = stats.batches.load(Relaxed) - batches_before;
+    let replays = stats.replayed_batches.load(Relaxed) - replays_before;
+    let syncs = stats.syncs.load(Relaxed) - syncs_before;
+    let checkpoints = checkpoint_counts(ledger);
+    let batch_nanos = stats.batch_nanos.load(Relaxed) - batch_before;
+    let commit_nanos = stats.commit_nanos.load(Relaxed) - commit_before;
+    let on_cpu = match (sched_before, writer_schedstat()) {
+        (Some(before), Some(after)) => format!(
+            "; writer on CPU {:.0} µs/cmd, waiting for a CPU {:.0} µs/cmd",
+            (after.0 - before.0) as f64 / 1e3 / done.max(1) as f64,
+            (after.1 - before.1) as f64 / 1e3 / done.max(1) as f64
+        ),
+        _ => String::new(),
+    };
+    let rate = done as f64 / elapsed;
+    Row {
+        name: name.to_owned(),
+        commands_per_s: rate,
+        latency: Some(percentiles(&mut latencies)),
+        note: format!(
+            "{:.1} cmds/commit, {:.1} cmds/syncer round, writer busy {:.0} %, commit {:.0} % of it, {:.0} µs/cmd in the writer{}{}{}{}",
+            done as f64 / batches.max(1) as f64,
+            done as f64 / syncs.max(1) as f64,
+            batch_nanos as f64 / 1e7 / elapsed,
+            commit_nanos as f64 * 100.0 / batch_nanos.max(1) as f64,
+            batch_nanos as f64 / 1e3 / done.max(1) as f64,
+            on_cpu,
+            if failed > 0 { format!(", {failed} overloaded") } else { String::new() },
+            if replays > 0 { format!(", {replays} batches replayed with savepoints") } else { String::new() },
+            match (checkpoints_before, checkpoints) {
+                (Some(before), Some(after)) => {
+                    format!(", {} background checkpoints, {} WAL rewinds", after.0 - before.0, after.1 - before.1)
+                }
+                _ => ", SQLite's automatic checkpoint".to_owned(),
+            },
+        ),
+    }
 }
 
 /// The writer thread's (time on a CPU, time runnable but waiting for one),

@@ -105,6 +105,8 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     options.store.max_log_bytes = args.max_log_bytes;
     let ledger = Arc::new(Ledger::open(&events_path, options, clock)?);
     let projections = Arc::new(Projections::open(&projections_path, &events_path)?);
+    // The read models serve only what is on disk.
+    projections.hide_unsynced(ledger.visible_head());
     let runner = projections.start_runner()?;
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok().filter(|key| !key.is_empty());
     let (keys, generated) = KeyStore::open(&keys_path, admin_key.as_deref()).context("cannot open the key store")?;

@@ -6,7 +6,9 @@
 //!   error, drop cached state, go on) is exercised;
 //! - the next writes of the usage index fail as an I/O error would, after
 //!   the command's events were appended: a command that fails after it
-//!   wrote, which a batch without savepoints cannot undo alone.
+//!   wrote, which a batch without savepoints cannot undo alone;
+//! - the next fsyncs of the log's WAL beside the writer fail, after their
+//!   batches committed (see `durability.rs`).
 //!
 //! Keyed by path, so tests running in parallel do not see each other's
 //! faults.
@@ -20,6 +22,7 @@ type Faults = Mutex<Option<HashMap<PathBuf, u32>>>;
 
 static COMMIT_FAULTS: Faults = Mutex::new(None);
 static USAGE_INDEX_FAULTS: Faults = Mutex::new(None);
+static WAL_SYNC_FAULTS: Faults = Mutex::new(None);
 
 /// The next `count` commits of the log at `path` fail.
 pub fn fail_next_commits(path: &Path, count: u32) {
@@ -31,12 +34,24 @@ pub fn fail_next_usage_index_writes(path: &Path, count: u32) {
     arm(&USAGE_INDEX_FAULTS, path, count);
 }
 
+/// The next `count` fsyncs of the WAL of the log at `path` fail.
+pub fn fail_next_wal_syncs(path: &Path, count: u32) {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    arm(&WAL_SYNC_FAULTS, Path::new(&wal), count);
+}
+
 pub(super) fn commit_fault(path: &Path) -> Option<StoreError> {
     take(&COMMIT_FAULTS, path, rusqlite::ffi::SQLITE_IOERR_FSYNC, "injected: fsync failed on commit")
 }
 
 pub(super) fn usage_index_fault(path: &Path) -> Option<StoreError> {
     take(&USAGE_INDEX_FAULTS, path, rusqlite::ffi::SQLITE_IOERR_WRITE, "injected: the usage index write failed")
+}
+
+/// Keyed by the WAL's path.
+pub(super) fn wal_sync_fault(wal_path: &Path) -> Option<std::io::Error> {
+    take(&WAL_SYNC_FAULTS, wal_path, 0, "").map(|_| std::io::Error::other("injected: fdatasync of the WAL failed"))
 }
 
 fn arm(faults: &Faults, path: &Path, count: u32) {

@@ -47,6 +47,7 @@
 //! the error enums.
 
 mod checkpoint;
+mod durability;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -64,6 +65,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use checkpoint::{BackgroundCheckpoints, CheckpointOptions, CheckpointStats};
+pub use durability::{VisibleHead, WalSync};
 pub use error::{ChainError, StoreError};
 pub use hash::{CHAIN_HASH_ZERO, ChainLink, RECORDED_AT_FORMAT, chain_hash, format_recorded_at};
 pub use reader::{CatchUp, ChainReport, EventReader, StreamEvents};

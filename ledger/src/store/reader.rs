@@ -7,6 +7,7 @@
 //! only grows, and they page by position or version, never by offset.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::ValueRef;
@@ -15,7 +16,7 @@ use rusqlite::{Connection, Row, params};
 use super::hash::{ChainLink, chain_hash, format_recorded_at};
 use super::rows::{self, EVENT_COLUMNS_SQL, check_page_size, to_sql_integer};
 use super::schema::open_for_reading;
-use super::{ChainError, Head, IdempotencyRecord, RecordedEvent, StoreError, UsageIndexEntry};
+use super::{ChainError, Head, IdempotencyRecord, RecordedEvent, StoreError, UsageIndexEntry, VisibleHead};
 
 /// How often [`EventReader::verify_chain`] reports progress, in events.
 const VERIFY_PROGRESS_INTERVAL_EVENTS: u64 = 1024;
@@ -24,6 +25,8 @@ const VERIFY_PROGRESS_INTERVAL_EVENTS: u64 = 1024;
 pub struct EventReader {
     connection: Connection,
     path: PathBuf,
+    /// Set by [`EventReader::hide_unsynced`].
+    visible: Option<Arc<VisibleHead>>,
 }
 
 impl std::fmt::Debug for EventReader {
@@ -45,7 +48,36 @@ impl EventReader {
     /// Opens an existing log read-only; refuses a file that is not one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let connection = open_for_reading(path)?;
-        Ok(EventReader { connection, path: path.to_path_buf() })
+        Ok(EventReader { connection, path: path.to_path_buf(), visible: None })
+    }
+
+    /// From now on the head and every event read stop short of the batches
+    /// a writer in this process committed but has not yet fsynced (see
+    /// `durability.rs`). Index lookups (usage ids, idempotency records,
+    /// customers) are not limited.
+    pub fn hide_unsynced(&mut self, visible: Arc<VisibleHead>) {
+        self.visible = Some(visible);
+    }
+
+    /// A new connection on the same file, hiding what this one hides.
+    pub fn reopen(&self) -> Result<EventReader, StoreError> {
+        let mut reader = EventReader::open(&self.path)?;
+        reader.visible = self.visible.clone();
+        Ok(reader)
+    }
+
+    /// The last position reads may return. Taken after the read it limits:
+    /// a batch is marked before its commit makes it readable.
+    fn limit(&self) -> u64 {
+        self.visible.as_ref().map_or(u64::MAX, |visible| visible.limit())
+    }
+
+    fn visible(&self, mut events: Vec<RecordedEvent>) -> Vec<RecordedEvent> {
+        let limit = self.limit();
+        if events.last().is_some_and(|event| event.position > limit) {
+            events.retain(|event| event.position <= limit);
+        }
+        events
     }
 
     pub fn path(&self) -> &Path {
@@ -54,7 +86,18 @@ impl EventReader {
 
     /// The log's last position and hash, as of now.
     pub fn head(&self) -> Result<Head, StoreError> {
-        Ok(rows::read_tip(&self.connection)?.head)
+        let head = rows::read_tip(&self.connection)?.head;
+        let limit = self.limit();
+        if head.position <= limit {
+            return Ok(head);
+        }
+        if limit == 0 {
+            return Ok(Head::EMPTY);
+        }
+        match self.read_range(limit - 1, limit, 1)?.first() {
+            Some(event) => Ok(Head { position: event.position, hash: event.hash }),
+            None => Err(StoreError::Corrupt(format!("position {limit} is missing"))),
+        }
     }
 
     /// The stream's last version; 0 when it has no events.
@@ -69,7 +112,7 @@ impl EventReader {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        rows::read_stream(&self.connection, stream_id, from_version, limit)
+        Ok(self.visible(rows::read_stream(&self.connection, stream_id, from_version, limit)?))
     }
 
     /// Like [`EventReader::read_stream`], but only events recorded at or
@@ -85,13 +128,14 @@ impl EventReader {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let limit = check_page_size(limit)?;
         let from_version = to_sql_integer(from_version, "from_version")?;
-        rows::query_events(
+        let events = rows::query_events(
             &self.connection,
             &format!(
                 "SELECT {EVENT_COLUMNS_SQL} FROM events WHERE stream_id = ?1 AND version >= ?2 AND recorded_at <= ?3 ORDER BY version LIMIT ?4"
             ),
             params![stream_id, from_version, format_recorded_at(recorded_at_most), limit],
-        )
+        )?;
+        Ok(self.visible(events))
     }
 
     /// Every event of a stream in version order, optionally only those
@@ -117,11 +161,12 @@ impl EventReader {
     pub fn read_all(&self, after_position: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         let limit = check_page_size(limit)?;
         let after_position = to_sql_integer(after_position, "after_position")?;
-        rows::query_events(
+        let events = rows::query_events(
             &self.connection,
             &format!("SELECT {EVENT_COLUMNS_SQL} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"),
             params![after_position, limit],
-        )
+        )?;
+        Ok(self.visible(events))
     }
 
     /// Events with positions in `(after_position, through_position]`, at most `limit`.

@@ -33,6 +33,7 @@ use chrono::{DateTime, Datelike, SubsecRound, TimeDelta, Utc};
 use rusqlite::{Connection, OptionalExtension, ffi, params};
 
 use super::checkpoint::{BackgroundCheckpoints, CheckpointOptions, CheckpointStats};
+use super::durability::WalSync;
 use super::error::is_constraint;
 use super::hash::{ChainLink, chain_hash, format_recorded_at};
 use super::rows::{self, Tip, to_sql_integer};
@@ -101,6 +102,23 @@ impl EventStore {
         let stats = checkpoints.stats();
         self.checkpoints = Some(checkpoints);
         Ok(stats)
+    }
+
+    /// Takes the WAL's fsync out of `COMMIT`: from now on a commit only
+    /// writes its frames, and is durable once the returned [`WalSync`] has
+    /// synced after it. The caller must not report a commit as durable
+    /// before then (see `durability.rs`). A store opened with
+    /// `synchronous=NORMAL` is left as it is, and its `WalSync` never
+    /// fsyncs.
+    pub fn sync_wal_beside(&mut self) -> Result<WalSync, StoreError> {
+        WalSync::start(&self.connection, &self.path)
+    }
+
+    /// Leaves the fsync in `COMMIT` (as the store was opened): the returned
+    /// [`WalSync`] never fsyncs, so that a caller written for
+    /// [`EventStore::sync_wal_beside`] runs unchanged on the plain path.
+    pub fn sync_wal_in_commit(&self) -> WalSync {
+        WalSync::in_commit(&self.path)
     }
 
     pub fn path(&self) -> &Path {

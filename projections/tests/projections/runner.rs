@@ -202,6 +202,32 @@ fn a_new_projector_version_is_rebuilt_on_start_up_while_other_read_models_are_se
 }
 
 #[test]
+fn read_models_never_apply_a_batch_whose_fsync_failed() {
+    use tally_ledger::store::{EventReader, faults};
+    let log = TestLog::with_plans(instant(2026, 2, 1, 0, 0), standard_plans());
+    log.execute("ann", register("UTC"));
+    log.execute("ann", start("starter"));
+    let projections = log.projections("durable");
+    projections.hide_unsynced(log.ledger.visible_head());
+    assert_eq!(projections.catch_up().unwrap().position, log.head());
+    let durable = log.head();
+    let balance = projections.balance("ann").unwrap();
+
+    // The batch commits (other connections can read it) but its fsync fails.
+    faults::fail_next_wal_syncs(&log.events_path(), 1);
+    assert!(log.try_execute("ann", usage("u1", "api.calls", 1, 10, None)).is_err());
+    let in_the_file = EventReader::open(&log.events_path()).unwrap().head().unwrap().position;
+    assert!(in_the_file > durable);
+    assert_eq!(log.head(), durable, "the ledger's own readers hide it");
+
+    assert_eq!(projections.catch_up().unwrap().position, durable);
+    assert_eq!(projections.balance("ann").unwrap(), balance, "nothing of the batch was applied");
+    // Read models of another process (no visible head) do read it.
+    let elsewhere = log.caught_up("elsewhere");
+    assert_ne!(elsewhere.balance("ann").unwrap(), balance);
+}
+
+#[test]
 fn read_your_writes_waits_for_the_position_of_a_write() {
     let log = TestLog::with_plans(instant(2026, 2, 1, 0, 0), standard_plans());
     log.execute("ann", register("UTC"));

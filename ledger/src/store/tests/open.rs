@@ -32,6 +32,30 @@ fn the_write_connection_uses_synchronous_full_by_default_and_normal_when_asked()
 }
 
 #[test]
+fn syncing_the_wal_beside_the_writer_takes_the_fsync_out_of_commit_only_for_a_full_store() {
+    let synchronous = |store: &EventStore| -> i64 {
+        store.connection.query_row("PRAGMA synchronous", [], |row| row.get(0)).expect("synchronous")
+    };
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    let wal = store.sync_wal_beside().expect("sync beside");
+    assert!(wal.fsyncs());
+    assert_eq!(synchronous(&store), 1, "COMMIT no longer fsyncs");
+    assert!(wal.path().to_string_lossy().ends_with("events.sqlite-wal"), "{}", wal.path().display());
+    append_many(&mut store, "member-1", 3);
+    wal.sync().expect("fsync the WAL");
+    drop(store);
+    assert_eq!(EventReader::open(&log.path).expect("reader").head().expect("head").position, 3);
+
+    let options = StoreOptions { synchronous_full: false, busy_timeout_ms: 100, max_log_bytes: None };
+    let mut store = EventStore::open(&log.path, options).expect("open");
+    let wal = store.sync_wal_beside().expect("sync beside");
+    assert!(!wal.fsyncs(), "a NORMAL store promised no fsync per commit");
+    assert_eq!(synchronous(&store), 1);
+    wal.sync().expect("a no-op");
+}
+
+#[test]
 fn reopening_a_log_loads_its_head() {
     let log = temp_log();
     let mut store = open_store(&log.path);

@@ -122,3 +122,44 @@ fn read_stream_until_returns_what_was_recorded_by_then() {
         reader.stream_events("member-a", None, 2).map(|event| event.expect("readable").version).collect();
     assert_eq!(all, vec![1, 2, 3]);
 }
+
+#[test]
+fn a_reader_hiding_unsynced_batches_stops_short_of_them_until_they_are_synced() {
+    use crate::store::VisibleHead;
+    use std::sync::Arc;
+    let log = temp_log();
+    let mut store = open_store(&log.path);
+    append_many(&mut store, "member-a", 3);
+    let synced_head = store.head();
+    let visible = Arc::new(VisibleHead::default());
+    let mut reader = store.reader().expect("reader");
+    reader.hide_unsynced(Arc::clone(&visible));
+    let copy = reader.reopen().expect("reopen");
+    let plain = store.reader().expect("plain reader");
+
+    // A batch of positions 4..=5, marked before its commit as the writer does.
+    visible.committing(4, 5);
+    append_many(&mut store, "member-a", 2);
+    for hiding in [&reader, &copy] {
+        assert_eq!(hiding.head().expect("head"), synced_head, "the head and its hash stop at 3");
+        assert_eq!(hiding.read_all(0, 10).expect("all").len(), 3);
+        assert_eq!(hiding.read_stream("member-a", 1, 10).expect("stream").len(), 3);
+        assert_eq!(hiding.stream_events("member-a", None, 2).count(), 3);
+        assert_eq!(hiding.catch_up(0, 2).count(), 3);
+    }
+    assert_eq!(plain.head().expect("head").position, 5, "other readers are not limited");
+
+    // A later batch committed before the fsync of the first returns.
+    visible.committing(6, 6);
+    append_many(&mut store, "member-b", 1);
+    visible.synced(5);
+    assert_eq!(reader.head().expect("head").position, 5, "6 is still unsynced");
+    visible.synced(6);
+    assert_eq!(reader.head().expect("head"), store.head());
+    assert_eq!(reader.read_all(0, 10).expect("all").len(), 6);
+
+    // A batch whose commit failed leaves nothing hidden.
+    visible.committing(7, 9);
+    visible.not_committed(6);
+    assert_eq!(visible.limit(), u64::MAX);
+}
