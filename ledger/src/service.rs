@@ -311,6 +311,11 @@ pub struct WriterStats {
 struct Durable {
     /// The log's head as of the last fsync (of our own commits).
     position: AtomicU64,
+    /// Batches sent to `COMMIT` (counted before it), and how many of them
+    /// the last fsync covered: equal when nothing this ledger committed is
+    /// waiting for an fsync.
+    commits: AtomicU64,
+    synced_commits: AtomicU64,
     /// Set once an fsync failed: the writer refuses every batch after it.
     failure: Mutex<Option<String>>,
 }
@@ -322,6 +327,11 @@ impl Durable {
 
     fn fail(&self, message: String) {
         self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(message);
+    }
+
+    /// True while a batch this ledger committed waits for its fsync.
+    fn unsynced(&self) -> bool {
+        self.commits.load(Ordering::SeqCst) > self.synced_commits.load(Ordering::SeqCst)
     }
 }
 
@@ -351,13 +361,17 @@ impl Ledger {
         durable.position.store(store.head().position, Ordering::Release);
         let visible = Arc::new(VisibleHead::default());
         let (committed, batches) = channel();
-        let syncer = {
-            let (durable, visible, stats) = (durable.clone(), visible.clone(), stats.clone());
-            std::thread::Builder::new()
-                .name("tally-sync".to_owned())
-                .spawn(move || run_syncer(wal_sync, batches, &durable, &visible, &stats))
-                .map_err(|error| StoreError::Corrupt(format!("cannot start the syncer thread: {error}")))?
+        let syncer = Syncer {
+            wal: wal_sync,
+            durable: durable.clone(),
+            visible: visible.clone(),
+            stats: stats.clone(),
+            published_catalog: catalog.clone(),
         };
+        let syncer = std::thread::Builder::new()
+            .name("tally-sync".to_owned())
+            .spawn(move || syncer.run(batches))
+            .map_err(|error| StoreError::Corrupt(format!("cannot start the syncer thread: {error}")))?;
         let mut writer = Writer {
             stats: stats.clone(),
             durable: durable.clone(),
@@ -369,7 +383,7 @@ impl Ledger {
             last_now: last_now.unwrap_or(DateTime::<Utc>::MIN_UTC),
             members: HashMap::new(),
             catalog: Arc::clone(&catalog.read().expect("catalog lock")),
-            published_catalog: catalog.clone(),
+            handed_catalog: Arc::clone(&catalog.read().expect("catalog lock")),
         };
         let writer = std::thread::Builder::new()
             .name("tally-writer".to_owned())
@@ -443,7 +457,7 @@ impl Ledger {
     }
 
     /// Decide and durably append a member command. Returns once its batch
-    /// is committed.
+    /// is committed and the WAL fsynced after it.
     pub fn execute(&self, member_id: &str, request: Request<MemberCommand>) -> Result<Executed, LedgerError> {
         self.submit(|reply| Job::Member { member_id: member_id.to_owned(), request, reply })
     }
@@ -467,7 +481,10 @@ impl Ledger {
     pub fn recorded(&self, idempotency: &Idempotency) -> Result<Option<Executed>, LedgerError> {
         match self.reader()?.idempotency(&idempotency.scope, &idempotency.key)? {
             Some(record) => {
-                if record.position > self.durable_position() {
+                // The record may be in a batch still waiting for its fsync
+                // (one with no events has no position beyond the durable
+                // one): then wait for the next fsync.
+                if self.durable.unsynced() || record.position > self.durable_position() {
                     self.submit(|reply| Job::Sync { reply })?;
                 }
                 replayed(idempotency, record).map(Some)
@@ -547,7 +564,9 @@ struct Writer {
     last_now: DateTime<Utc>,
     members: HashMap<String, MemberState>,
     catalog: Arc<Catalog>,
-    published_catalog: Arc<RwLock<Arc<Catalog>>>,
+    /// The catalog last handed to the syncer, which publishes it (for
+    /// `Ledger::catalog`) once its batch is durable.
+    handed_catalog: Arc<Catalog>,
 }
 
 /// An answer to send once the batch's fate is known.
@@ -588,45 +607,58 @@ impl Pending {
     }
 }
 
-/// A committed batch's answers and the head after it, on the way to the
-/// syncer.
+/// A committed batch on its way to the syncer: its answers, the head after
+/// it, the count of commits so far, and the catalog it changed (if it did).
 struct Committed {
     answers: Vec<Pending>,
     head: u64,
+    commits: u64,
+    catalog: Option<Arc<Catalog>>,
 }
 
-/// The syncer's loop: takes every batch committed so far, fsyncs the WAL
-/// once for all of them, and only then answers their callers. After a failed
-/// fsync nothing is answered as durable again.
-fn run_syncer(
+/// The thread that makes committed batches durable and only then lets
+/// anyone see them: it takes every batch committed so far, fsyncs the WAL
+/// once for all of them, unmarks them for readers, publishes their catalog,
+/// and answers their callers. After a failed fsync nothing is answered as
+/// durable again.
+struct Syncer {
     wal: WalSync,
-    committed: Receiver<Committed>,
-    durable: &Durable,
-    visible: &VisibleHead,
-    stats: &WriterStats,
-) {
-    while let Ok(first) = committed.recv() {
-        let mut batches = vec![first];
-        batches.extend(committed.try_iter());
-        let started = Instant::now();
-        let synced = match durable.failure() {
-            Some(message) => Err(message),
-            None => wal.sync().map_err(|error| error.to_string()),
-        };
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match synced {
-            Ok(()) => {
-                let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
-                durable.position.fetch_max(head, Ordering::AcqRel);
-                visible.synced(head);
-                batches.into_iter().flat_map(|batch| batch.answers).for_each(Pending::send);
-            }
-            Err(message) => {
-                tracing::error!(%message, "an fsync of the event log failed; the writer stops");
-                durable.fail(message.clone());
-                for answer in batches.into_iter().flat_map(|batch| batch.answers) {
-                    answer.failed_with(|| sync_failure(&message)).send();
+    durable: Arc<Durable>,
+    visible: Arc<VisibleHead>,
+    stats: Arc<WriterStats>,
+    published_catalog: Arc<RwLock<Arc<Catalog>>>,
+}
+
+impl Syncer {
+    fn run(self, committed: Receiver<Committed>) {
+        while let Ok(first) = committed.recv() {
+            let mut batches = vec![first];
+            batches.extend(committed.try_iter());
+            let started = Instant::now();
+            let synced = match self.durable.failure() {
+                Some(message) => Err(message),
+                None => self.wal.sync().map_err(|error| error.to_string()),
+            };
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            self.stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            match synced {
+                Ok(()) => {
+                    let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
+                    let commits = batches.iter().map(|batch| batch.commits).max().unwrap_or(0);
+                    self.durable.position.fetch_max(head, Ordering::SeqCst);
+                    self.durable.synced_commits.fetch_max(commits, Ordering::SeqCst);
+                    self.visible.synced(head);
+                    if let Some(catalog) = batches.iter().rev().find_map(|batch| batch.catalog.clone()) {
+                        *self.published_catalog.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = catalog;
+                    }
+                    batches.into_iter().flat_map(|batch| batch.answers).for_each(Pending::send);
+                }
+                Err(message) => {
+                    tracing::error!(%message, "an fsync of the event log failed; the writer stops");
+                    self.durable.fail(message.clone());
+                    for answer in batches.into_iter().flat_map(|batch| batch.answers) {
+                        answer.failed_with(|| sync_failure(&message)).send();
+                    }
                 }
             }
         }
@@ -686,13 +718,20 @@ impl Writer {
     /// batch is durable.
     fn answer_when_durable(&mut self, answers: Vec<Pending>) {
         let head = self.store.head().position;
+        let commits = self.durable.commits.load(Ordering::SeqCst);
+        let catalog = (!Arc::ptr_eq(&self.catalog, &self.handed_catalog)).then(|| {
+            self.handed_catalog = Arc::clone(&self.catalog);
+            Arc::clone(&self.catalog)
+        });
         let Some((committed, _)) = &self.syncer else {
             answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
             return;
         };
-        if let Err(unsent) = committed.send(Committed { answers, head }) {
-            // The syncer is gone (it panicked): nothing can be made durable.
-            tracing::error!("the syncer thread stopped; answering the batch as unavailable");
+        if let Err(unsent) = committed.send(Committed { answers, head, commits, catalog }) {
+            // The syncer is gone (it panicked): nothing can be made durable,
+            // so the writer stops as after a failed fsync.
+            tracing::error!("the syncer thread stopped; the writer stops");
+            self.durable.fail("the syncer thread stopped".to_owned());
             unsent.0.answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
         }
     }
@@ -718,6 +757,18 @@ impl Writer {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         self.stats.last_batch_jobs.store(jobs.len() as u64, Ordering::Relaxed);
+        if jobs.iter().all(|job| matches!(job, Job::Sync { .. })) {
+            // Nothing to write: the answers only wait for the next fsync.
+            let answers = jobs
+                .iter()
+                .filter_map(|job| match job {
+                    Job::Sync { reply } => Some(Pending::Synced(reply.clone(), Ok(()))),
+                    _ => None,
+                })
+                .collect();
+            self.answer_when_durable(answers);
+            return;
+        }
         let now = self.now();
         let answers = match self.try_batch(&jobs, now, BatchUndo::Optimistic) {
             Some(answers) => answers,
@@ -741,7 +792,6 @@ impl Writer {
     /// writing: nothing of it was committed, the states it touched are
     /// dropped from the cache, and no caller has been answered.
     fn try_batch(&mut self, jobs: &[Job], now: DateTime<Utc>, undo: BatchUndo) -> Option<Vec<Pending>> {
-        let head_before = self.store.head().position;
         let mut batch = match match undo {
             BatchUndo::Optimistic => self.store.begin_optimistic_batch(),
             BatchUndo::Savepoints => self.store.begin_batch(),
@@ -751,6 +801,9 @@ impl Writer {
                 return Some(jobs.iter().map(|job| failed_job(job, LedgerError::Store(same_kind(&error)))).collect());
             }
         };
+        // As `begin` read it from the file: another process may have
+        // appended since our last batch.
+        let head_before = batch.head().position;
         let mut touched: HashSet<String> = HashSet::new();
         let mut pending = Vec::with_capacity(jobs.len());
         let mut catalog = Arc::clone(&self.catalog);
@@ -782,14 +835,13 @@ impl Writer {
             // Hidden from this process's readers until the syncer's fsync.
             self.visible.committing(head_before + 1, last);
         }
+        self.durable.commits.fetch_add(1, Ordering::SeqCst);
         let committed = batch.commit();
         self.stats.commit_nanos.fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match committed {
             Ok(()) => {
-                if !Arc::ptr_eq(&catalog, &self.catalog) {
-                    *self.published_catalog.write().expect("catalog lock") = Arc::clone(&catalog);
-                    self.catalog = catalog;
-                }
+                // Published by the syncer once durable (`answer_when_durable`).
+                self.catalog = catalog;
                 Some(pending)
             }
             Err(error) => {

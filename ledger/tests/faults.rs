@@ -34,16 +34,17 @@ fn usage(usage_id: &str, credits: i64) -> MemberCommand {
     })
 }
 
+fn fingerprint(key: &str) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes[..key.len().min(32)].copy_from_slice(&key.as_bytes()[..key.len().min(32)]);
+    bytes
+}
+
 fn keyed(command: MemberCommand, key: &str) -> Request<MemberCommand> {
-    let fingerprint = {
-        let mut bytes = [0u8; 32];
-        bytes[..key.len().min(32)].copy_from_slice(&key.as_bytes()[..key.len().min(32)]);
-        bytes
-    };
     Request::new(command, "admin").with_idempotency(Idempotency {
         scope: "admin/m/usage".into(),
         key: key.into(),
-        fingerprint,
+        fingerprint: fingerprint(key),
         status: 201,
     })
 }
@@ -293,4 +294,47 @@ fn a_failed_fsync_fails_its_callers_and_stops_the_writer_until_a_restart() {
     assert_eq!(ledger.member_state("m").unwrap().balance(), Credits(985));
     drop(ledger);
     assert_eq!(EventReader::open(&path).unwrap().verify_chain(|_| {}).unwrap().events_checked, before + 2 * per_usage);
+}
+
+#[test]
+fn a_retry_is_not_answered_from_a_record_whose_fsync_failed_even_if_its_command_wrote_no_event() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let ledger = Ledger::open(&path, options(StoreOptions::default()), clock()).unwrap();
+    let register = || MemberCommand::Register(MemberProfile::default());
+    ledger.execute("m", keyed(register(), "k0")).unwrap();
+
+    // An identical registration writes no event, only its idempotency record
+    // (at the head's position, which the last fsync already covered).
+    faults::fail_next_wal_syncs(&path, 1);
+    assert!(ledger.execute("m", keyed(register(), "k1")).is_err());
+    let record = EventReader::open(&path).unwrap().idempotency("admin/m/usage", "k1").unwrap();
+    assert!(record.is_some(), "the record was committed");
+    assert!(ledger.durable_position() >= record.unwrap().position);
+    // Its fsync failed, so the record may not be on disk: no retry is
+    // answered from it.
+    let retried = ledger.recorded(&Idempotency {
+        scope: "admin/m/usage".into(),
+        key: "k1".into(),
+        fingerprint: fingerprint("k1"),
+        status: 201,
+    });
+    assert!(retried.is_err(), "{retried:?}");
+}
+
+#[test]
+fn a_catalog_change_whose_fsync_failed_is_never_published() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("events.db");
+    let ledger = Ledger::open(&path, options(StoreOptions::default()), clock()).unwrap();
+    let mut plans = tally_testkit::strategies::plans().into_iter();
+    let publish = |plan| Request::new(CatalogCommand::PublishPlan(plan), "admin");
+    let first = plans.next().unwrap();
+    ledger.execute_catalog(publish(first.clone())).unwrap();
+    assert!(ledger.catalog().plan(&first.plan_id).is_some(), "published once durable");
+
+    faults::fail_next_wal_syncs(&path, 1);
+    let second = plans.next().unwrap();
+    assert!(ledger.execute_catalog(publish(second.clone())).is_err());
+    assert!(ledger.catalog().plan(&second.plan_id).is_none(), "a change that may not be on disk is not served");
 }

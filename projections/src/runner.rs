@@ -388,7 +388,8 @@ impl Projections {
 
     /// Read models never apply an event of a batch the ledger in this
     /// process committed but has not yet fsynced (`Ledger::visible_head`):
-    /// what they serve is on disk. Set before starting the runner.
+    /// what they serve is on disk. Call it before `start_runner`, a
+    /// catch-up or a rebuild: a build already reading ahead keeps its reader.
     pub fn hide_unsynced(&self, visible: Arc<tally_ledger::store::VisibleHead>) {
         self.shared.writer().events.hide_unsynced(Arc::clone(&visible));
         self.shared.head_reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).hide_unsynced(visible);

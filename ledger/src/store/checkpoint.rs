@@ -28,9 +28,10 @@
 //! holding old snapshots can delay the rewind, as with SQLite's own
 //! checkpoints.
 //!
-//! Durability is untouched: every commit still fsyncs the WAL
-//! (`synchronous=FULL`) before anyone is answered, and after a crash SQLite
-//! recovers from the WAL whatever was not copied yet.
+//! Durability is untouched: every batch's WAL frames are still fsynced
+//! before anyone is answered (by the syncer beside the writer, see
+//! `durability.rs`), a checkpoint fsyncs the WAL before it copies it, and
+//! after a crash SQLite recovers from the WAL whatever was not copied yet.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

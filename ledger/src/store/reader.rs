@@ -53,8 +53,8 @@ impl EventReader {
 
     /// From now on the head and every event read stop short of the batches
     /// a writer in this process committed but has not yet fsynced (see
-    /// `durability.rs`). Index lookups (usage ids, idempotency records,
-    /// customers) are not limited.
+    /// `durability.rs`). Lookups by key (usage ids, idempotency records,
+    /// customers, `stream_version`) and `verify_chain` are not limited.
     pub fn hide_unsynced(&mut self, visible: Arc<VisibleHead>) {
         self.visible = Some(visible);
     }
