@@ -84,10 +84,6 @@ impl Slot {
     }
 }
 
-/// The projections file's WAL is checkpointed (inside a commit) once it
-/// holds this many 4 KiB pages.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
-
 /// Opens (or creates) the projections file for writing: WAL, so readers
 /// never wait for the runner, and `synchronous=NORMAL`, since a read model
 /// lost to a power cut is rebuilt from the log (each commit stays atomic).
@@ -111,11 +107,6 @@ pub(crate) fn open_for_writing(path: &Path, busy_timeout: Duration) -> Result<Co
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.pragma_update(None, "cache_size", -WRITE_CACHE_KIB)?;
     connection.pragma_update(None, "temp_store", "MEMORY")?;
-    // SQLite checkpoints inside the commit that takes the WAL past this
-    // many pages; at its default (1,000) a rebuild copied the same member
-    // pages into the file again and again: 9 % of its time (see
-    // BENCHMARKS.md). 64 MiB of WAL copies each page once per many batches.
-    connection.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     connection.execute_batch(CREATE_BOOKKEEPING_SQL)?;
     let format_version: i64 =
