@@ -2,10 +2,12 @@
 //!
 //! One thread owns the write connection. It drains the queued commands,
 //! decides each against the member's in-memory state, appends every
-//! accepted command's events in one transaction and commits once. A second
-//! thread, the syncer, fsyncs the WAL (one fsync for every batch committed
-//! since the last) and only then answers the batch's callers, while the
-//! writer goes on with the next batch (see `store/durability.rs`). A rejected
+//! accepted command's events in one transaction and commits once. The WAL
+//! is then fsynced (one fsync for every batch committed since the last) and
+//! only then are the batch's callers answered: by a second thread, the
+//! syncer, while the writer goes on with the next batch, when more work is
+//! waiting and the syncer is idle; by the writer itself otherwise (see
+//! `Writer::answer_when_durable` and `store/durability.rs`). A rejected
 //! command writes nothing: it is refused before it writes. A batch runs
 //! without savepoints; if a command fails after it wrote, the batch is
 //! rolled back and run again with a SAVEPOINT per command, which undoes
@@ -361,22 +363,28 @@ impl Ledger {
         durable.position.store(store.head().position, Ordering::Release);
         let visible = Arc::new(VisibleHead::default());
         let (committed, batches) = channel();
-        let syncer = Syncer {
+        let sync = Arc::new(Syncer {
+            busy: std::sync::atomic::AtomicBool::new(false),
             wal: wal_sync,
             durable: durable.clone(),
             visible: visible.clone(),
             stats: stats.clone(),
             published_catalog: catalog.clone(),
-        };
+        });
         let syncer = std::thread::Builder::new()
             .name("tally-sync".to_owned())
-            .spawn(move || syncer.run(batches))
+            .spawn({
+                let sync = Arc::clone(&sync);
+                move || sync.run(batches)
+            })
             .map_err(|error| StoreError::Corrupt(format!("cannot start the syncer thread: {error}")))?;
         let mut writer = Writer {
             stats: stats.clone(),
             durable: durable.clone(),
             visible: visible.clone(),
+            sync,
             syncer: Some((committed, syncer)),
+            next_job: None,
             store,
             options,
             clock: clock.clone(),
@@ -554,9 +562,15 @@ struct Writer {
     durable: Arc<Durable>,
     /// Marks each batch before its commit, until the syncer's fsync.
     visible: Arc<VisibleHead>,
+    /// What completes a committed batch: the writer's own, when nothing
+    /// else is waiting, and the syncer thread's otherwise.
+    sync: Arc<Syncer>,
     /// Where committed batches wait for their fsync, and the thread that
     /// takes them there (joined when the writer stops).
     syncer: Option<(Sender<Committed>, JoinHandle<()>)>,
+    /// A job taken from the queue to see whether more work was waiting: the
+    /// first of the next batch.
+    next_job: Option<Job>,
     store: EventStore,
     options: LedgerOptions,
     clock: Arc<dyn Clock>,
@@ -616,12 +630,15 @@ struct Committed {
     catalog: Option<Arc<Catalog>>,
 }
 
-/// The thread that makes committed batches durable and only then lets
-/// anyone see them: it takes every batch committed so far, fsyncs the WAL
-/// once for all of them, unmarks them for readers, publishes their catalog,
-/// and answers their callers. After a failed fsync nothing is answered as
-/// durable again.
+/// Makes committed batches durable and only then lets anyone see them: one
+/// fsync of the WAL for all of them, then it unmarks them for readers,
+/// publishes their catalog and answers their callers. After a failed fsync
+/// nothing is answered as durable again. Its thread takes every batch
+/// committed so far while the writer goes on; the writer completes a batch
+/// itself when no other job is waiting, which saves the hand-over.
 struct Syncer {
+    /// True from a hand-over until the thread has completed it.
+    busy: std::sync::atomic::AtomicBool,
     wal: WalSync,
     durable: Arc<Durable>,
     visible: Arc<VisibleHead>,
@@ -630,35 +647,47 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn run(self, committed: Receiver<Committed>) {
+    fn run(&self, committed: Receiver<Committed>) {
         while let Ok(first) = committed.recv() {
             let mut batches = vec![first];
             batches.extend(committed.try_iter());
-            let started = Instant::now();
-            let synced = match self.durable.failure() {
-                Some(message) => Err(message),
-                None => self.wal.sync().map_err(|error| error.to_string()),
-            };
-            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-            self.stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            match synced {
-                Ok(()) => {
-                    let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
-                    let commits = batches.iter().map(|batch| batch.commits).max().unwrap_or(0);
-                    self.durable.position.fetch_max(head, Ordering::SeqCst);
-                    self.durable.synced_commits.fetch_max(commits, Ordering::SeqCst);
-                    self.visible.synced(head);
-                    if let Some(catalog) = batches.iter().rev().find_map(|batch| batch.catalog.clone()) {
-                        *self.published_catalog.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = catalog;
+            self.complete(batches);
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+
+    /// Both threads may complete batches at once: every mark below only
+    /// moves forward.
+    fn complete(&self, batches: Vec<Committed>) {
+        let started = Instant::now();
+        let synced = match self.durable.failure() {
+            Some(message) => Err(message),
+            None => self.wal.sync().map_err(|error| error.to_string()),
+        };
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.stats.sync_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match synced {
+            Ok(()) => {
+                let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
+                let commits = batches.iter().map(|batch| batch.commits).max().unwrap_or(0);
+                self.durable.position.fetch_max(head, Ordering::SeqCst);
+                self.durable.synced_commits.fetch_max(commits, Ordering::SeqCst);
+                self.visible.synced(head);
+                if let Some(catalog) =
+                    batches.iter().filter_map(|batch| batch.catalog.as_ref()).max_by_key(|c| c.version)
+                {
+                    let mut published = self.published_catalog.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if catalog.version > published.version {
+                        *published = Arc::clone(catalog);
                     }
-                    batches.into_iter().flat_map(|batch| batch.answers).for_each(Pending::send);
                 }
-                Err(message) => {
-                    tracing::error!(%message, "an fsync of the event log failed; the writer stops");
-                    self.durable.fail(message.clone());
-                    for answer in batches.into_iter().flat_map(|batch| batch.answers) {
-                        answer.failed_with(|| sync_failure(&message)).send();
-                    }
+                batches.into_iter().flat_map(|batch| batch.answers).for_each(Pending::send);
+            }
+            Err(message) => {
+                tracing::error!(%message, "an fsync of the event log failed; the writer stops");
+                self.durable.fail(message.clone());
+                for answer in batches.into_iter().flat_map(|batch| batch.answers) {
+                    answer.failed_with(|| sync_failure(&message)).send();
                 }
             }
         }
@@ -697,7 +726,14 @@ enum BatchUndo {
 
 impl Writer {
     fn run(&mut self, queue: Receiver<Job>) {
-        while let Ok(first) = queue.recv() {
+        loop {
+            let first = match self.next_job.take() {
+                Some(job) => job,
+                None => match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
             let mut jobs = vec![first];
             while jobs.len() < self.options.batch_commands_max {
                 match queue.try_recv() {
@@ -705,7 +741,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.run_batch(jobs);
+            self.run_batch(jobs, &queue);
         }
         // The last answers are sent once their fsync is done.
         if let Some((committed, syncer)) = self.syncer.take() {
@@ -714,20 +750,37 @@ impl Writer {
         }
     }
 
-    /// Hands a batch's answers to the syncer, which sends them once the
-    /// batch is durable.
-    fn answer_when_durable(&mut self, answers: Vec<Pending>) {
+    /// Answers a batch's callers once it is durable. When another job is
+    /// waiting, the batch goes to the syncer thread and the writer starts
+    /// the next batch during the fsync (the pipeline); when none is, the
+    /// writer fsyncs and answers itself, which spares the hand-over's
+    /// wake-up on an idle ledger.
+    fn answer_when_durable(&mut self, answers: Vec<Pending>, queue: &Receiver<Job>) {
         let head = self.store.head().position;
         let commits = self.durable.commits.load(Ordering::SeqCst);
         let catalog = (!Arc::ptr_eq(&self.catalog, &self.handed_catalog)).then(|| {
             self.handed_catalog = Arc::clone(&self.catalog);
             Arc::clone(&self.catalog)
         });
+        let batch = Committed { answers, head, commits, catalog };
+        if self.next_job.is_none() {
+            self.next_job = queue.try_recv().ok();
+        }
+        // Hand over only to an idle syncer: with its fsync still running,
+        // the writer's own fsync lets the next batch gather the commands
+        // that arrive meanwhile, so that a busy ledger makes fewer, larger
+        // commits (at most two batches are ever waiting for an fsync).
+        let hand_over = self.next_job.is_some()
+            && self.sync.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if !hand_over {
+            self.sync.complete(vec![batch]);
+            return;
+        }
         let Some((committed, _)) = &self.syncer else {
-            answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
+            batch.answers.into_iter().for_each(|answer| answer.failed_with(|| LedgerError::Unavailable).send());
             return;
         };
-        if let Err(unsent) = committed.send(Committed { answers, head, commits, catalog }) {
+        if let Err(unsent) = committed.send(batch) {
             // The syncer is gone (it panicked): nothing can be made durable,
             // so the writer stops as after a failed fsync.
             tracing::error!("the syncer thread stopped; the writer stops");
@@ -748,7 +801,7 @@ impl Writer {
     /// by a panic after an append) is the whole batch rolled back and run
     /// again with a savepoint per command, which undoes that command alone;
     /// its answers are then the only ones sent.
-    fn run_batch(&mut self, jobs: Vec<Job>) {
+    fn run_batch(&mut self, jobs: Vec<Job>, queue: &Receiver<Job>) {
         if let Some(message) = self.durable.failure() {
             jobs.iter().for_each(|job| failed_job(job, sync_failure(&message)).send());
             return;
@@ -766,7 +819,7 @@ impl Writer {
                     _ => None,
                 })
                 .collect();
-            self.answer_when_durable(answers);
+            self.answer_when_durable(answers, queue);
             return;
         }
         let now = self.now();
@@ -782,7 +835,7 @@ impl Writer {
                     .expect("a batch with savepoints undoes each command and never asks for a replay")
             }
         };
-        self.answer_when_durable(answers);
+        self.answer_when_durable(answers, queue);
         self.evict_if_needed();
         self.stats.batch_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }

@@ -4,11 +4,12 @@
 //! then fsyncs it, inside `COMMIT`: the writer thread sleeps through every
 //! fsync, and the next batch waits for it. [`WalSync`] splits the two. The
 //! write connection runs with `synchronous=NORMAL`, so `COMMIT` only writes
-//! the frames (to the page cache), and a thread of the ledger's fsyncs the
-//! WAL through a file handle of its own before it answers anyone. The writer
-//! meanwhile decides, encodes, hashes and writes the next batch: this is the
-//! pipeline of the write path. One fsync covers every batch committed before
-//! it began, so a slow fsync also groups more batches.
+//! the frames (to the page cache), and the WAL is fsynced through a file
+//! handle of its own before anyone is answered: by the ledger's syncer
+//! thread while the writer decides, encodes, hashes and writes the next
+//! batch (the pipeline of the write path), or by the writer itself when
+//! nothing else is waiting (see `service.rs`). One fsync covers every batch
+//! committed before it began.
 //!
 //! What stays true, and why:
 //!
@@ -135,6 +136,8 @@ struct Marks {
     first_unsynced: Option<u64>,
     /// The last position of the latest batch committed or being committed.
     last_committed: u64,
+    /// The highest head an fsync has covered so far.
+    synced_through: u64,
 }
 
 impl VisibleHead {
@@ -159,8 +162,12 @@ impl VisibleHead {
     }
 
     /// After an fsync that covered every batch committed up to `durable`.
+    /// Two threads may report fsyncs out of order: an older report moves
+    /// nothing back.
     pub fn synced(&self, durable: u64) {
         let mut marks = self.marks();
+        let durable = durable.max(marks.synced_through);
+        marks.synced_through = durable;
         marks.first_unsynced = (marks.last_committed > durable).then_some(durable + 1);
     }
 

@@ -156,6 +156,8 @@ fn a_reader_hiding_unsynced_batches_stops_short_of_them_until_they_are_synced() 
     assert_eq!(reader.head().expect("head").position, 5, "6 is still unsynced");
     visible.synced(6);
     assert_eq!(reader.head().expect("head"), store.head());
+    visible.synced(5);
+    assert_eq!(reader.head().expect("head"), store.head(), "a late report of an older fsync moves nothing back");
     assert_eq!(reader.read_all(0, 10).expect("all").len(), 6);
 
     // A batch whose commit failed leaves nothing hidden.
