@@ -845,10 +845,11 @@ impl Writer {
     /// writing: nothing of it was committed, the states it touched are
     /// dropped from the cache, and no caller has been answered.
     fn try_batch(&mut self, jobs: &[Job], now: DateTime<Utc>, undo: BatchUndo) -> Option<Vec<Pending>> {
-        let mut batch = match match undo {
-            BatchUndo::Optimistic => self.store.begin_optimistic_batch(),
-            BatchUndo::Savepoints => self.store.begin_batch(),
-        } {
+        let begin: for<'s> fn(&'s mut EventStore) -> Result<Batch<'s>, StoreError> = match undo {
+            BatchUndo::Optimistic => EventStore::begin_optimistic_batch,
+            BatchUndo::Savepoints => EventStore::begin_batch,
+        };
+        let mut batch = match begin(&mut self.store) {
             Ok(batch) => batch,
             Err(error) => {
                 return Some(jobs.iter().map(|job| failed_job(job, LedgerError::Store(same_kind(&error)))).collect());
@@ -885,7 +886,7 @@ impl Writer {
         let committing = Instant::now();
         let last = batch.head().position;
         if last > head_before {
-            // Hidden from this process's readers until the syncer's fsync.
+            // Hidden from this process's readers until its fsync.
             self.visible.committing(head_before + 1, last);
         }
         self.durable.commits.fetch_add(1, Ordering::SeqCst);
