@@ -311,8 +311,6 @@ pub struct WriterStats {
 /// What the syncer has made durable, shared with the ledger's callers.
 #[derive(Debug, Default)]
 struct Durable {
-    /// The log's head as of the last fsync (of our own commits).
-    position: AtomicU64,
     /// Batches sent to `COMMIT` (counted before it), and how many of them
     /// the last fsync covered: equal when nothing this ledger committed is
     /// waiting for an fsync.
@@ -360,8 +358,9 @@ impl Ledger {
         let (jobs, queue) = sync_channel(options.queue_commands_max);
         let stats = Arc::new(WriterStats::default());
         let durable = Arc::new(Durable::default());
-        durable.position.store(store.head().position, Ordering::Release);
         let visible = Arc::new(VisibleHead::default());
+        // What is in the file at open is durable (SQLite recovered it).
+        visible.synced(store.head().position);
         let (committed, batches) = channel();
         let sync = Arc::new(Syncer {
             busy: std::sync::atomic::AtomicBool::new(false),
@@ -424,10 +423,10 @@ impl Ledger {
         self.checkpoint_stats.as_deref()
     }
 
-    /// The log's head as of the syncer's last fsync: every command this
+    /// The log's head as of the last fsync: every command this
     /// ledger answered is at or below it.
     pub fn durable_position(&self) -> u64 {
-        self.durable.position.load(Ordering::Acquire)
+        self.visible.synced_through()
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -670,7 +669,6 @@ impl Syncer {
             Ok(()) => {
                 let head = batches.iter().map(|batch| batch.head).max().unwrap_or(0);
                 let commits = batches.iter().map(|batch| batch.commits).max().unwrap_or(0);
-                self.durable.position.fetch_max(head, Ordering::SeqCst);
                 self.durable.synced_commits.fetch_max(commits, Ordering::SeqCst);
                 self.visible.synced(head);
                 if let Some(catalog) =

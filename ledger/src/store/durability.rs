@@ -111,7 +111,8 @@ impl WalSync {
     }
 }
 
-fn wal_path(path: &Path) -> PathBuf {
+/// The WAL beside the log at `path`.
+pub(super) fn wal_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push("-wal");
     PathBuf::from(name)
@@ -169,6 +170,11 @@ impl VisibleHead {
         let durable = durable.max(marks.synced_through);
         marks.synced_through = durable;
         marks.first_unsynced = (marks.last_committed > durable).then_some(durable + 1);
+    }
+
+    /// The highest head an fsync has covered so far.
+    pub fn synced_through(&self) -> u64 {
+        self.marks().synced_through
     }
 
     /// The last position a reader may return (`u64::MAX`: all of them).

@@ -36,9 +36,7 @@ pub fn fail_next_usage_index_writes(path: &Path, count: u32) {
 
 /// The next `count` fsyncs of the WAL of the log at `path` fail.
 pub fn fail_next_wal_syncs(path: &Path, count: u32) {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    arm(&WAL_SYNC_FAULTS, Path::new(&wal), count);
+    arm(&WAL_SYNC_FAULTS, &super::durability::wal_path(path), count);
 }
 
 pub(super) fn commit_fault(path: &Path) -> Option<StoreError> {
