@@ -98,10 +98,16 @@ pub fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// The server logs its work; a one-shot command only warnings, so that its
-/// output stays its result. `TALLY_LOG` overrides both.
+/// output stays its result. `TALLY_LOG` overrides both. Logs go to stderr,
+/// coloured only when both stdout and stderr are terminals and `NO_COLOR`
+/// is unset: `tally serve > log 2>&1` (or a pipe) gets plain text.
 fn init_logging(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| default_filter.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colours = std::io::stdout().is_terminal()
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
