@@ -77,7 +77,7 @@ pub async fn issue_key(
     let member = member_id.clone();
     let exists = actix_web::web::block(move || ledger.member_state(&member)).await??.is_registered();
     if !exists {
-        return Err(ApiError::NotFound(format!("member {member_id} not found")));
+        return Err(ApiError::NotFound(format!("member `{member_id}` not found")));
     }
     let issued = state.keys.issue(&member_id).map_err(|error| ApiError::Internal(error.to_string()))?;
     Ok(HttpResponse::Created().json(issued))

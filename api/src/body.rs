@@ -14,6 +14,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if !value.is_object() {
         return Err(ApiError::Malformed("the body must be a JSON object".to_owned()));
     }
+    parse_value(value)
+}
+
+/// Read an already parsed JSON value (a record of a batch) as `T`; a wrong
+/// type, a missing or unknown field is `validation_failed` naming the field.
+pub fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner().to_string();

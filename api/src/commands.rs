@@ -9,11 +9,27 @@ use crate::{AppState, authenticate};
 use actix_web::web::{Bytes, Data, Path};
 use actix_web::{HttpRequest, HttpResponse, post, put};
 use tally_ledger::domain::*;
-use tally_ledger::service::{CommandOutcome, Executed, Idempotency};
+use tally_ledger::service::{Executed, Idempotency};
 use tally_ledger::{LedgerError, Request};
 
 /// Longest accepted `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+fn missing_idempotency_key() -> ApiError {
+    ApiError::InvalidHeader {
+        header: "Idempotency-Key",
+        message: "this route moves credits or money and needs an Idempotency-Key header".to_owned(),
+    }
+}
+
+/// Refuse a request without the header before its body is read, where the
+/// body decides which path the route takes.
+fn require_idempotency_header(request: &HttpRequest) -> Result<(), ApiError> {
+    match request.headers().contains_key("Idempotency-Key") {
+        true => Ok(()),
+        false => Err(missing_idempotency_key()),
+    }
+}
 
 pub(crate) fn idempotency(
     request: &HttpRequest,
@@ -25,14 +41,7 @@ pub(crate) fn idempotency(
     required: bool,
 ) -> Result<Option<Idempotency>, ApiError> {
     let Some(header) = request.headers().get("Idempotency-Key") else {
-        return if required {
-            Err(ApiError::validation(
-                "Idempotency-Key",
-                "this route moves credits or money and needs an Idempotency-Key header",
-            ))
-        } else {
-            Ok(None)
-        };
+        return if required { Err(missing_idempotency_key()) } else { Ok(None) };
     };
     let key = header
         .to_str()
@@ -40,7 +49,10 @@ pub(crate) fn idempotency(
         .filter(|key| {
             !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_BYTES_MAX && key.bytes().all(|byte| byte.is_ascii_graphic())
         })
-        .ok_or_else(|| ApiError::validation("Idempotency-Key", "must be 1 to 255 printable ASCII characters"))?;
+        .ok_or_else(|| ApiError::InvalidHeader {
+            header: "Idempotency-Key",
+            message: format!("must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters"),
+        })?;
     // Scoped to (principal, member, route): a key never reveals another member's request.
     let scope = format!("{}/{member_id}/{route}", principal.actor());
     Ok(Some(Idempotency {
@@ -60,21 +72,43 @@ pub(crate) fn balance_view(balance: &tally_ledger::service::BalanceView) -> Bala
     }
 }
 
-/// The response to a command. A replay answers with the status and body of
-/// the original.
-pub(crate) fn render(member_id: Option<String>, executed: Executed, status: u16) -> HttpResponse {
+/// The answer to a command, in the envelope every write route shares: what
+/// it acted on (`object` and its ids, read from the command's own events),
+/// the log `position`, the balance where credits moved, and the events. A
+/// replay answers with the status and body of the original.
+pub(crate) fn command_view(
+    object: Object,
+    member_id: Option<String>,
+    executed: Executed,
+    status: u16,
+) -> (CommandView, u16) {
     let Executed { outcome, replayed, status: replayed_status } = executed;
     let status = if replayed { replayed_status } else { status };
-    let CommandOutcome { position, events, balance, .. } = outcome;
-    let mut reservation_id = None;
-    let mut deadline = None;
-    let events: Vec<serde_json::Value> = events
+    let member_events = outcome.member_events();
+    let mut view = CommandView {
+        object: object.as_str(),
+        member_id,
+        position: outcome.position,
+        balance: outcome.balance.as_ref().map(balance_view),
+        replayed,
+        // Describes the original outcome, so a replay of it says the same.
+        already: outcome.events.is_empty(),
+        ..CommandView::default()
+    };
+    for event in &member_events {
+        describe(&mut view, event);
+    }
+    for appended in &outcome.events {
+        if let Ok(CatalogEvent::PlanPublished { plan } | CatalogEvent::PlanRevised { plan, .. }) =
+            serde_json::from_value::<CatalogEvent>(appended.event.clone())
+        {
+            view.plan_id = Some(plan.plan_id);
+        }
+    }
+    view.events = outcome
+        .events
         .into_iter()
         .map(|appended| {
-            if appended.event.get("type").and_then(|kind| kind.as_str()) == Some("CreditsReserved") {
-                reservation_id = appended.event.get("reservation_id").and_then(|id| id.as_str()).map(str::to_owned);
-                deadline = appended.event.get("deadline").and_then(|at| serde_json::from_value(at.clone()).ok());
-            }
             let mut event = appended.event;
             if let Some(object) = event.as_object_mut() {
                 object.insert("position".to_owned(), appended.position.into());
@@ -82,26 +116,136 @@ pub(crate) fn render(member_id: Option<String>, executed: Executed, status: u16)
             event
         })
         .collect();
-    let view = CommandView {
-        member_id,
-        position,
-        balance: balance.as_ref().map(balance_view),
-        reservation_id,
-        deadline,
-        events,
-        replayed,
-    };
+    (view, status)
+}
+
+fn parts_view(parts: &[GrantPart]) -> Vec<GrantPartView> {
+    parts.iter().map(|part| GrantPartView { grant_id: part.grant_id.clone(), amount: part.amount.0 }).collect()
+}
+
+/// Lift the ids and amounts a client needs from one of the command's events.
+fn describe(view: &mut CommandView, event: &MemberEvent) {
+    match event {
+        MemberEvent::CreditsGranted { grant_id, .. } => {
+            view.grant_id.get_or_insert_with(|| grant_id.clone());
+            view.grant_ids.push(grant_id.clone());
+        }
+        MemberEvent::CreditsGrantScheduled { schedule_id, effective_at, .. } => {
+            view.schedule_id = Some(schedule_id.clone());
+            view.effective_at = Some(*effective_at);
+        }
+        MemberEvent::UsageRecorded { usage_id, .. } => view.usage_id = Some(usage_id.clone()),
+        MemberEvent::CreditsDeducted { usage_id, parts, debt, .. } => {
+            view.usage_id = Some(usage_id.clone());
+            view.burned = Some(parts_view(parts));
+            view.debt_incurred = Some(debt.0);
+        }
+        MemberEvent::CreditsDebited { parts, .. } => view.burned = Some(parts_view(parts)),
+        MemberEvent::UsageReversed { usage_id, debt_reduced, refunded, .. } => {
+            view.usage_id = Some(usage_id.clone());
+            view.debt_reduced = Some(debt_reduced.0);
+            view.refunded = Some(refunded.0);
+        }
+        MemberEvent::CreditsReserved { reservation_id, amount, holds, deadline } => {
+            view.reservation_id = Some(reservation_id.clone());
+            view.deadline = Some(*deadline);
+            view.held = Some(amount.0);
+            view.holds = Some(parts_view(holds));
+        }
+        MemberEvent::ReservationSettled { reservation_id, charged, parts, released, .. } => {
+            view.reservation_id = Some(reservation_id.clone());
+            view.charged = Some(charged.0);
+            view.burned = Some(parts_view(parts));
+            view.released = Some(released.0);
+        }
+        MemberEvent::ReservationReleased { reservation_id, released, .. } => {
+            view.reservation_id = Some(reservation_id.clone());
+            view.released = Some(released.0);
+        }
+        MemberEvent::SubscriptionStarted { terms, status, period_start, period_end, .. } => {
+            view.plan_id = Some(terms.plan.plan_id.clone());
+            view.subscription_status = Some(status_name(*status));
+            view.period_start = Some(*period_start);
+            view.period_end = Some(*period_end);
+        }
+        MemberEvent::SubscriptionPlanChanged { terms, .. } => view.plan_id = Some(terms.plan.plan_id.clone()),
+        MemberEvent::SubscriptionDowngradeScheduled { terms, effective_at } => {
+            view.plan_id = Some(terms.plan.plan_id.clone());
+            view.effective_at = Some(*effective_at);
+        }
+        MemberEvent::SubscriptionCancelScheduled { effective_at } => view.cancel_at = Some(*effective_at),
+        MemberEvent::SubscriptionCanceled { canceled_at, .. } => {
+            view.subscription_status = Some("canceled");
+            view.canceled_at = Some(*canceled_at);
+        }
+        MemberEvent::InvoiceIssued { invoice_id, .. }
+        | MemberEvent::PaymentSucceeded { invoice_id, .. }
+        | MemberEvent::InvoiceVoided { invoice_id, .. }
+        | MemberEvent::InvoiceMarkedUncollectible { invoice_id, .. } => {
+            view.invoice_id.get_or_insert_with(|| invoice_id.clone());
+        }
+        _ => {}
+    }
+}
+
+fn status_name(status: SubscriptionStatus) -> &'static str {
+    match status {
+        SubscriptionStatus::Trialing => "trialing",
+        SubscriptionStatus::Active => "active",
+        SubscriptionStatus::PastDue => "past_due",
+        SubscriptionStatus::Canceled => "canceled",
+    }
+}
+
+/// The HTTP response for a command's view.
+pub(crate) fn respond(view: CommandView, status: u16) -> HttpResponse {
     let status = actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK);
     let mut response = HttpResponse::build(status);
-    if replayed {
+    if view.replayed {
         response.insert_header(("Idempotent-Replayed", "true"));
     }
     response.json(view)
 }
 
+pub(crate) fn render(object: Object, member_id: Option<String>, executed: Executed, status: u16) -> HttpResponse {
+    let (view, status) = command_view(object, member_id, executed, status);
+    respond(view, status)
+}
+
+/// What a command acts on: the `object` of its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Object {
+    Member,
+    Plan,
+    Subscription,
+    Grant,
+    Debit,
+    Usage,
+    UsageReversal,
+    Reservation,
+    Invoice,
+}
+
+impl Object {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Object::Member => "member",
+            Object::Plan => "plan",
+            Object::Subscription => "subscription",
+            Object::Grant => "grant",
+            Object::Debit => "debit",
+            Object::Usage => "usage",
+            Object::UsageReversal => "usage_reversal",
+            Object::Reservation => "reservation",
+            Object::Invoice => "invoice",
+        }
+    }
+}
+
 /// What a write route needs to say about itself.
 pub(crate) struct Route {
     pub(crate) name: &'static str,
+    pub(crate) object: Object,
     pub(crate) status: u16,
     /// Routes that move credits or money refuse a request without a key.
     idempotency_required: bool,
@@ -110,17 +254,15 @@ pub(crate) struct Route {
     member_key_allowed: bool,
 }
 
+/// Send one member command to the writer and describe what it did.
 pub(crate) async fn execute_member(
     state: &AppState,
-    request: &HttpRequest,
-    bytes: &[u8],
     principal: &Principal,
     member_id: String,
     route: Route,
     command: MemberCommand,
-) -> Result<HttpResponse, ApiError> {
-    let idempotency =
-        idempotency(request, principal, &member_id, route.name, bytes, route.status, route.idempotency_required)?;
+    idempotency: Option<Idempotency>,
+) -> Result<(CommandView, u16), ApiError> {
     let ledger = state.ledger.clone();
     let mut ledger_request = Request::new(command, &principal.actor());
     ledger_request.idempotency = idempotency;
@@ -129,7 +271,7 @@ pub(crate) async fn execute_member(
     state.metrics.command(route.name, executed.outcome.events.len());
     // Wake the projection runner now rather than at its next poll.
     state.projections.notify();
-    Ok(render(Some(member_id), executed, route.status))
+    Ok(command_view(route.object, Some(member_id), executed, route.status))
 }
 
 fn grant_source(source: &str) -> Result<GrantSource, ApiError> {
@@ -188,8 +330,17 @@ pub async fn put_member(
         currency: body.currency.unwrap_or(defaults.currency),
         stripe_customer_id: body.stripe_customer_id.or(defaults.stripe_customer_id),
     };
-    let route = Route { name: "member", status: 200, idempotency_required: false, member_key_allowed: false };
-    execute_member(&state, &request, &bytes, &principal, member_id, route, MemberCommand::Register(profile)).await
+    let route = Route {
+        name: "member",
+        object: Object::Member,
+        status: 200,
+        idempotency_required: false,
+        member_key_allowed: false,
+    };
+    let command = MemberCommand::Register(profile);
+    let idempotency = idempotency(&request, &principal, &member_id, route.name, &bytes, route.status, false)?;
+    let (view, status) = execute_member(&state, &principal, member_id, route, command, idempotency).await?;
+    Ok(respond(view, status))
 }
 
 pub(crate) fn plan_from_body(body: PlanBody) -> Result<Plan, ApiError> {
@@ -226,7 +377,7 @@ pub async fn post_plan(state: Data<AppState>, request: HttpRequest, bytes: Bytes
     let mut ledger_request = Request::new(CatalogCommand::PublishPlan(plan), &principal.actor());
     ledger_request.idempotency = idempotency;
     let executed = actix_web::web::block(move || ledger.execute_catalog(ledger_request)).await??;
-    Ok(render(None, executed, 201))
+    Ok(render(Object::Plan, None, executed, 201))
 }
 
 /// Parse, authorise and execute one member route; `to_command` gets the
@@ -248,9 +399,35 @@ async fn member_post<B: serde::de::DeserializeOwned>(
     } else {
         principal.require_admin()?;
     }
+    // The header before the body: its absence is the same mistake whatever the body says.
+    let idempotency =
+        idempotency(&request, &principal, &member_id, route.name, &bytes, route.status, route.idempotency_required)?;
     let body: B = body::parse(&bytes)?;
     let command = to_command(body, &path)?;
-    execute_member(&state, &request, &bytes, &principal, member_id, route, command).await
+    let object = route.object;
+    let (mut view, status) = execute_member(&state, &principal, member_id, route, command, idempotency).await?;
+    // A command that found its intent already done wrote nothing: name
+    // what it acted on from the path, and say where things stand.
+    if let Some(id) = path.first().cloned() {
+        match object {
+            Object::Reservation => view.reservation_id = view.reservation_id.or(Some(id)),
+            Object::Invoice => view.invoice_id = view.invoice_id.or(Some(id)),
+            Object::UsageReversal => view.usage_id = view.usage_id.or(Some(id)),
+            _ => {}
+        }
+    }
+    if view.already && object == Object::Subscription {
+        let ledger = state.ledger.clone();
+        let member = view.member_id.clone().unwrap_or_default();
+        let current = actix_web::web::block(move || ledger.member_state(&member)).await??;
+        if let Some(subscription) = current.subscription {
+            view.plan_id = Some(subscription.terms.plan.plan_id.clone());
+            view.subscription_status = Some(status_name(subscription.status));
+            view.cancel_at = subscription.cancel_at_period_end.then_some(subscription.period_end);
+            view.period_end = Some(subscription.period_end);
+        }
+    }
+    Ok(respond(view, status))
 }
 
 fn grant_command(body: GrantBody) -> Result<MemberCommand, ApiError> {
@@ -266,7 +443,7 @@ fn grant_command(body: GrantBody) -> Result<MemberCommand, ApiError> {
     }))
 }
 
-fn usage_command(body: UsageBody) -> MemberCommand {
+pub(crate) fn usage_command(body: UsageBody) -> MemberCommand {
     MemberCommand::RecordUsage(RecordUsage {
         usage_id: body.usage_id,
         metric: body.metric,
@@ -310,10 +487,16 @@ pub async fn start_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "subscription.start", status: 201, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "subscription.start",
+        object: Object::Subscription,
+        status: 201,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     // Credentials before the body: a refused caller learns nothing from validation.
     authenticate(&state, &request)?.require_admin()?;
+    require_idempotency_header(&request)?;
     let body: StartSubscriptionBody = body::parse(&bytes)?;
     match body.billing.as_deref() {
         None | Some("tally") => {}
@@ -341,8 +524,13 @@ pub async fn change_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "subscription.change", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "subscription.change",
+        object: Object::Subscription,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
         Ok(MemberCommand::ChangePlan { plan_id: body.plan_id })
     })
@@ -360,8 +548,13 @@ pub async fn cancel_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "subscription.cancel", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "subscription.cancel",
+        object: Object::Subscription,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |body: CancelBody, _ids: &[String]| {
         Ok(MemberCommand::CancelSubscription { at_period_end: body.at_period_end })
     })
@@ -379,7 +572,13 @@ pub async fn grant_credits(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "credits.grant", status: 201, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "credits.grant",
+        object: Object::Grant,
+        status: 201,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |body: GrantBody, _ids: &[String]| grant_command(body)).await
 }
 
@@ -394,7 +593,13 @@ pub async fn debit_credits(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "credits.debit", status: 201, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "credits.debit",
+        object: Object::Debit,
+        status: 201,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |body: DebitBody, _ids: &[String]| {
         Ok(MemberCommand::DebitCredits { amount: Credits(body.amount), reason: body.reason })
     })
@@ -408,7 +613,13 @@ pub async fn debit_credits(
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/usage")]
 pub async fn record_usage(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "usage", status: 201, idempotency_required: true, member_key_allowed: true };
+    let route = Route {
+        name: "usage",
+        object: Object::Usage,
+        status: 201,
+        idempotency_required: true,
+        member_key_allowed: true,
+    };
     member_post(state, request, bytes, route, |body: UsageBody, _ids: &[String]| Ok(usage_command(body))).await
 }
 
@@ -423,7 +634,13 @@ pub async fn reverse_usage(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "usage.reverse", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "usage.reverse",
+        object: Object::UsageReversal,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |body: ReverseBody, ids: &[String]| {
         Ok(MemberCommand::ReverseUsage { usage_id: ids[0].clone(), reason: body.reason })
     })
@@ -437,7 +654,13 @@ pub async fn reverse_usage(
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations")]
 pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "reservations", status: 201, idempotency_required: true, member_key_allowed: true };
+    let route = Route {
+        name: "reservations",
+        object: Object::Reservation,
+        status: 201,
+        idempotency_required: true,
+        member_key_allowed: true,
+    };
     member_post(state, request, bytes, route, |body: ReserveBody, _ids: &[String]| {
         Ok(MemberCommand::Reserve { amount: Credits(body.amount), ttl_s: body.ttl_s })
     })
@@ -451,8 +674,13 @@ pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) 
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations/{reservation}/settle")]
 pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "reservations.settle", status: 200, idempotency_required: true, member_key_allowed: true };
+    let route = Route {
+        name: "reservations.settle",
+        object: Object::Reservation,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: true,
+    };
     member_post(state, request, bytes, route, |body: SettleBody, ids: &[String]| settle_command(body, &ids[0])).await
 }
 
@@ -463,8 +691,13 @@ pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations/{reservation}/release")]
 pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "reservations.release", status: 200, idempotency_required: true, member_key_allowed: true };
+    let route = Route {
+        name: "reservations.release",
+        object: Object::Reservation,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: true,
+    };
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::Release { reservation_id: ids[0].clone() })
     })
@@ -478,7 +711,13 @@ pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) 
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/invoices/{invoice}/pay")]
 pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "invoices.pay", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "invoices.pay",
+        object: Object::Invoice,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::PayInvoice { invoice_id: ids[0].clone() })
     })
@@ -492,7 +731,13 @@ pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Byt
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/invoices/{invoice}/void")]
 pub async fn void_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route { name: "invoices.void", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "invoices.void",
+        object: Object::Invoice,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::VoidInvoice { invoice_id: ids[0].clone() })
     })
@@ -510,8 +755,13 @@ pub async fn uncollectible_invoice(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route =
-        Route { name: "invoices.uncollectible", status: 200, idempotency_required: true, member_key_allowed: false };
+    let route = Route {
+        name: "invoices.uncollectible",
+        object: Object::Invoice,
+        status: 200,
+        idempotency_required: true,
+        member_key_allowed: false,
+    };
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::MarkInvoiceUncollectible { invoice_id: ids[0].clone() })
     })
@@ -540,7 +790,11 @@ pub async fn check(
     })?;
     Ok(HttpResponse::Ok().json(CheckView {
         allowed: outcome.allowed,
+        requested: outcome.requested.0,
         available: outcome.available.0,
-        debt: outcome.debt.0,
+        overage_room: outcome.overage_room.0,
+        would_incur_debt: outcome.would_incur_debt.0,
+        reason: outcome.refusal.map(CheckRefusal::code),
+        debt: outcome.would_incur_debt.0,
     }))
 }

@@ -162,11 +162,28 @@ pub struct CheckBody {
     pub credits: i64,
 }
 
+/// Would a deduction of `requested` credits be allowed now? Answered from
+/// the writer's state, never from a read model; nothing is written.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CheckView {
     pub allowed: bool,
+    /// The credits asked about.
+    pub requested: i64,
+    /// Credits spendable now, without debt.
     pub available: i64,
-    /// How much of the credits would become debt (overage).
+    /// How much more debt (overage) the plan allows now: 0 without overage,
+    /// while past due, or at the limit.
+    pub overage_room: i64,
+    /// How much of `requested` would become debt; 0 when refused.
+    pub would_incur_debt: i64,
+    /// Why it would be refused: `insufficient_credits`,
+    /// `past_due_no_overage` or `overage_limit_reached`. Absent when allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, nullable = false)]
+    pub reason: Option<&'static str>,
+    /// Deprecated alias of `would_incur_debt` (on `balance`, `debt` is the
+    /// debt owed now; here it never was). Removed in the next release.
+    #[schema(deprecated)]
     pub debt: i64,
 }
 
@@ -224,22 +241,118 @@ pub struct BalanceView {
     pub debt: i64,
 }
 
-/// The answer to every command: where its last event landed (use it as
-/// `min_position` on reads), the balance right after, and its events.
-#[derive(Debug, Serialize, ToSchema)]
+/// One grant's part of an amount: which grant paid (or holds) how much.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GrantPartView {
+    pub grant_id: String,
+    pub amount: i64,
+}
+
+/// The answer to every write: what the command acted on (`object` and its
+/// ids, at top level), where its last event landed (`position`: use it as
+/// `min_position` on reads), the balance right after it where credits
+/// moved, and its events. Fields that do not apply to the object are
+/// absent.
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct CommandView {
+    /// `member`, `plan`, `subscription`, `grant`, `debit`, `usage`,
+    /// `usage_reversal`, `reservation` or `invoice`.
+    pub object: &'static str,
+    /// Absent for catalog commands (`POST /v1/plans`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub member_id: Option<String>,
     pub position: u64,
+    /// The member's balance right after the command.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub balance: Option<BalanceView>,
-    /// For a reservation: its id and deadline.
+    /// A grant's id (the first, when the command granted several).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub grant_id: Option<String>,
+    /// Every grant the command created: a subscription's allocation, a
+    /// reversal's refund, a purchase.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grant_ids: Vec<String>,
+    /// A grant with a future `effective_at` is scheduled under this id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub schedule_id: Option<String>,
+    /// When a scheduled grant or plan change takes effect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub effective_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub usage_id: Option<String>,
+    /// The grants that paid, and how much each (usage, debit, settlement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub burned: Option<Vec<GrantPartView>>,
+    /// The part of a usage that became debt (overage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub debt_incurred: Option<i64>,
+    /// A reversal: the debt it cut, and the credits it refunded as a grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub debt_reduced: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub refunded: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub reservation_id: Option<String>,
+    /// A reservation's deadline: settle or release before it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub deadline: Option<DateTime<Utc>>,
+    /// The credits a reservation holds, and on which grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub held: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub holds: Option<Vec<GrantPartView>>,
+    /// A settlement's charge, and what it (or a release) gave back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub charged: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub released: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub plan_id: Option<String>,
+    /// A subscription's status after the command: `active`, `trialing`,
+    /// `past_due` or `canceled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, value_type = Option<String>)]
+    pub subscription_status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub period_start: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub period_end: Option<DateTime<Utc>>,
+    /// When a scheduled cancel ends the subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cancel_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub canceled_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub invoice_id: Option<String>,
     /// The events the command appended, each with its `position`.
     #[schema(value_type = Vec<Object>)]
     pub events: Vec<serde_json::Value>,
     /// True when this is the stored answer to an earlier request with the same `Idempotency-Key`.
     pub replayed: bool,
+    /// True when what the command asks for already held (a second cancel
+    /// at period end, a release of a released reservation, an unchanged
+    /// profile): nothing was written, and the answer says where things stand.
+    pub already: bool,
 }

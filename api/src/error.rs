@@ -16,14 +16,19 @@ pub struct Problem {
     /// A URI naming the problem type: `https://tally.dev/problems/{code}`.
     #[serde(rename = "type")]
     pub problem_type: String,
+    /// A short human sentence, one per `code` ("Not enough credits").
     pub title: String,
     pub status: u16,
+    /// What went wrong in this request, and what to do about it.
     pub detail: String,
     /// The stable code clients branch on.
     pub code: String,
-    /// The request field at fault, for `validation_failed`.
+    /// The body field (or path or query parameter) at fault, for `validation_failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The request header at fault (`Idempotency-Key`), for `validation_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requested: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,6 +54,9 @@ pub enum ApiError {
     /// 422 `validation_failed` naming the field.
     #[error("{field}: {message}")]
     Validation { field: String, message: String },
+    /// 422 `validation_failed` naming a request header (missing or bad).
+    #[error("header {header}: {message}")]
+    InvalidHeader { header: &'static str, message: String },
     /// 400 `malformed_request`: the body is not JSON, or not the expected shape.
     #[error("{0}")]
     Malformed(String),
@@ -97,7 +105,7 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::Validation { .. } => "validation_failed",
+            ApiError::Validation { .. } | ApiError::InvalidHeader { .. } => "validation_failed",
             ApiError::Malformed(_) => "malformed_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
@@ -115,15 +123,19 @@ impl ApiError {
         }
     }
 
-    fn problem(&self) -> Problem {
+    /// The problem document of this error, for answers that carry several
+    /// (a batch's refused records).
+    pub fn problem(&self) -> Problem {
         let status = self.status_code();
+        let code = self.code();
         let mut problem = Problem {
-            problem_type: format!("https://tally.dev/problems/{}", self.code()),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            problem_type: format!("https://tally.dev/problems/{code}"),
+            title: title(code).to_owned(),
             status: status.as_u16(),
-            detail: self.to_string(),
-            code: self.code().to_owned(),
+            detail: format!("{self}; {}", advice(code)),
+            code: code.to_owned(),
             field: None,
+            header: None,
             requested: None,
             available: None,
             retry_after_s: None,
@@ -133,6 +145,7 @@ impl ApiError {
         };
         match self {
             ApiError::Validation { field, .. } => problem.field = Some(field.clone()),
+            ApiError::InvalidHeader { header, .. } => problem.header = Some((*header).to_owned()),
             ApiError::RateLimited { retry_after_s } => problem.retry_after_s = Some(*retry_after_s),
             ApiError::InvalidSignature { reason, .. } => problem.reason = Some((*reason).to_owned()),
             ApiError::PaymentProvider { status, code, .. } => {
@@ -149,6 +162,58 @@ impl ApiError {
             _ => {}
         }
         problem
+    }
+}
+
+/// Every problem `code` the API answers with, and its `title`: a short
+/// sentence a person can read, the same for every occurrence of the code.
+pub const PROBLEM_TITLES: &[(&str, &str)] = &[
+    ("validation_failed", "A field of the request is not valid"),
+    ("malformed_request", "The request could not be read"),
+    ("unauthorized", "Missing or unknown API key"),
+    ("forbidden", "This key may not do that"),
+    ("not_found", "Nothing found with this id"),
+    ("method_not_allowed", "This method is not allowed here"),
+    ("rate_limited", "Too many requests for this key"),
+    ("payload_too_large", "The request body is too large"),
+    ("projection_lagging", "The read models have not caught up yet"),
+    ("internal_error", "Something went wrong inside tally"),
+    ("service_unavailable", "tally cannot take this request now"),
+    ("invalid_signature", "The webhook signature was refused"),
+    ("stripe_not_configured", "Stripe webhooks are not configured"),
+    ("payment_provider_error", "The payment provider refused or failed"),
+    ("insufficient_credits", "Not enough credits"),
+    ("reservation_expired", "The reservation has expired"),
+    ("idempotency_key_reused", "This Idempotency-Key was used for another request"),
+    ("version_conflict", "The member changed too often to decide; retry"),
+];
+
+fn title(code: &str) -> &'static str {
+    PROBLEM_TITLES.iter().find(|(known, _)| *known == code).map(|(_, title)| *title).unwrap_or("Request refused")
+}
+
+/// What a client does about a problem, appended to its `detail`.
+fn advice(code: &str) -> &'static str {
+    match code {
+        "validation_failed" => "fix it and send the request again",
+        "malformed_request" => "send a JSON object shaped as the OpenAPI document (/openapi.json) says",
+        "unauthorized" => "send `Authorization: Bearer <key>` with the admin key or a member key",
+        "forbidden" => "use the admin key, or a key of the member named in the path",
+        "not_found" => "check the path and the ids in it",
+        "method_not_allowed" => "use one of the methods in the Allow header",
+        "rate_limited" => "wait for Retry-After seconds, then retry",
+        "payload_too_large" => "send a smaller body",
+        "projection_lagging" => "retry shortly with the same min_position",
+        "internal_error" => "retry later; if it persists, an operator should read tally's log",
+        "service_unavailable" => "retry with backoff, with the same Idempotency-Key",
+        "invalid_signature" => "check the webhook signing secret; nothing was recorded",
+        "stripe_not_configured" => "set TALLY_STRIPE_WEBHOOK_SECRET to enable the endpoint",
+        "payment_provider_error" => "nothing was changed in tally; retry, or check the Stripe account",
+        "insufficient_credits" => "grant or purchase credits, or ask for fewer; nothing was written",
+        "reservation_expired" => "record the work as usage instead, or reserve again",
+        "idempotency_key_reused" => "use a new Idempotency-Key for a new request",
+        "version_conflict" => "retry the request with the same Idempotency-Key",
+        _ => "see the OpenAPI document (/openapi.json)",
     }
 }
 
@@ -187,7 +252,7 @@ fn ledger_status(error: &LedgerError) -> StatusCode {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation { .. } | ApiError::InvalidHeader { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,

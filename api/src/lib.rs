@@ -3,8 +3,10 @@
 //! # Layout
 //!
 //! - [`commands`]: write routes. Each maps a request to one ledger command
-//!   and answers once the command is durable, with the `position` of its
-//!   last event.
+//!   and answers once the command is durable, in one envelope: what it
+//!   acted on (`object` and its ids), the `position` of its last event, the
+//!   balance.
+//! - [`batch`]: batch usage, many records a request, each its own command.
 //! - [`reads`]: read routes, served from the projections (with
 //!   `min_position` to read one's own writes) or from a replay of the log.
 //! - [`admin`]: plans, member keys, the event feed, the test clock, health,
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod body;
 pub mod commands;
 pub mod dto;
@@ -128,6 +131,16 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(commands::grant_credits)
         .service(commands::debit_credits)
         .service(commands::record_usage)
+        .service(
+            web::resource("/v1/members/{member}/usage/batch")
+                .app_data(web::PayloadConfig::new(batch::USAGE_BATCH_BODY_BYTES_MAX))
+                .route(web::post().to(batch::member_batch)),
+        )
+        .service(
+            web::resource("/v1/usage/batch")
+                .app_data(web::PayloadConfig::new(batch::USAGE_BATCH_BODY_BYTES_MAX))
+                .route(web::post().to(batch::admin_batch)),
+        )
         .service(commands::reverse_usage)
         .service(commands::check)
         .service(commands::reserve)
@@ -237,8 +250,11 @@ pub async fn observe(
         .get(actix_web::http::header::CONTENT_TYPE)
         .is_some_and(|content_type| content_type.as_bytes().starts_with(b"application/problem+json"));
     let response = if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
-        let limit_bytes =
-            if route == "/v1/webhooks/stripe" { stripe::WEBHOOK_BODY_BYTES_MAX } else { REQUEST_BODY_BYTES_MAX };
+        let limit_bytes = match route.as_str() {
+            "/v1/webhooks/stripe" => stripe::WEBHOOK_BODY_BYTES_MAX,
+            "/v1/members/{member}/usage/batch" | "/v1/usage/batch" => batch::USAGE_BATCH_BODY_BYTES_MAX,
+            _ => REQUEST_BODY_BYTES_MAX,
+        };
         let problem = ApiError::PayloadTooLarge { limit_bytes }.error_response();
         response.into_response(problem)
     } else if response.status().is_client_error() && !is_problem {

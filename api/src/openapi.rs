@@ -63,6 +63,225 @@ impl Modify for ProblemResponses {
     }
 }
 
+/// The limits the server enforces, written into the document from the same
+/// constants and rules the validation uses, so that generated clients (and
+/// fuzzers) know them: ranges of amounts, lengths and patterns of ids and
+/// text, enums, the bounds of query parameters, and the `Idempotency-Key`
+/// header on the routes that require it.
+struct Limits;
+
+enum Rule {
+    Range(i64, i64),
+    Identifier,
+    Text,
+    Pattern(&'static str),
+    Enum(Vec<String>),
+    /// A calendar day, `YYYY-MM-DD`.
+    Date,
+}
+
+/// (schema, property, rule) for request bodies.
+fn body_rules() -> Vec<(&'static str, &'static str, Rule)> {
+    use Rule::*;
+    use tally_ledger::domain::limits::*;
+    let credits = || Range(1, COMMAND_CREDITS_MAX);
+    let plan_credits = || Range(0, PLAN_CREDITS_MAX);
+    let words = |words: &[&str]| Enum(words.iter().map(|word| (*word).to_owned()).collect());
+    let time_zones = Enum(tally_ledger::domain::validate::time_zone_names().map(str::to_owned).collect());
+    vec![
+        ("MemberBody", "time_zone", time_zones),
+        ("MemberBody", "currency", Pattern(CURRENCY_PATTERN)),
+        ("MemberBody", "stripe_customer_id", Identifier),
+        ("PlanBody", "plan_id", Identifier),
+        ("PlanBody", "name", Text),
+        ("PlanBody", "price", Range(0, PRICE_MINOR_MAX)),
+        ("PlanBody", "currency", Pattern(CURRENCY_PATTERN)),
+        ("PlanBody", "interval", words(&["month"])),
+        ("PlanBody", "monthly_credits", plan_credits()),
+        ("PlanBody", "rate_limit_per_minute", Range(1, i64::from(RATE_LIMIT_PER_MINUTE_MAX))),
+        ("PlanBody", "stripe_price_id", Identifier),
+        ("RolloverBody", "max_credits", plan_credits()),
+        ("OverageBody", "limit_credits", plan_credits()),
+        ("OverageBody", "unit_price", Range(0, UNIT_PRICE_MINOR_MAX)),
+        ("PlanChoiceBody", "plan_id", Identifier),
+        ("StartSubscriptionBody", "plan_id", Identifier),
+        ("StartSubscriptionBody", "billing", words(&["tally", "stripe"])),
+        ("GrantBody", "source", words(&["purchase", "promotional", "adjustment"])),
+        ("GrantBody", "amount", credits()),
+        ("GrantBody", "priority", Range(0, i64::from(PRIORITY_MAX))),
+        ("GrantBody", "category", words(&["paid", "promotional"])),
+        ("GrantBody", "reason", Text),
+        ("GrantBody", "price", Range(0, PRICE_MINOR_MAX)),
+        ("DebitBody", "amount", credits()),
+        ("DebitBody", "reason", Text),
+        ("UsageBody", "usage_id", Identifier),
+        ("UsageBody", "metric", Identifier),
+        ("UsageBody", "quantity", Range(1, QUANTITY_MAX)),
+        ("UsageBody", "credits", credits()),
+        ("UsageBody", "integration_id", Identifier),
+        ("UsageBody", "query_id", Identifier),
+        ("ReverseBody", "reason", Text),
+        ("CheckBody", "credits", credits()),
+        ("ReserveBody", "amount", credits()),
+        ("ReserveBody", "ttl_s", Range(1, RESERVATION_TIMEOUT_MAX_S)),
+        ("SettleBody", "amount", Range(0, COMMAND_CREDITS_MAX)),
+        ("QueryBody", "integration_id", Identifier),
+        ("QueryBody", "query_id", Identifier),
+        ("QueryBody", "status", words(&["succeeded", "failed"])),
+        ("QueryBody", "duration_ms", Range(0, QUERY_DURATION_MS_MAX)),
+        ("QueryBody", "rows", Range(0, i64::MAX)),
+    ]
+}
+
+const CURRENCY_PATTERN: &str = "^[A-Z]{3}$";
+
+/// Routes whose `Idempotency-Key` is required: every POST that moves
+/// credits or money. `POST /v1/plans` takes one and does not require it.
+pub const IDEMPOTENCY_KEY_REQUIRED: &[&str] = &[
+    "/v1/members/{member}/subscription",
+    "/v1/members/{member}/subscription/change",
+    "/v1/members/{member}/subscription/cancel",
+    "/v1/members/{member}/credits/grants",
+    "/v1/members/{member}/credits/debits",
+    "/v1/members/{member}/usage",
+    "/v1/members/{member}/usage/{usage}/reverse",
+    "/v1/members/{member}/reservations",
+    "/v1/members/{member}/reservations/{reservation}/settle",
+    "/v1/members/{member}/reservations/{reservation}/release",
+    "/v1/members/{member}/invoices/{invoice}/pay",
+    "/v1/members/{member}/invoices/{invoice}/void",
+    "/v1/members/{member}/invoices/{invoice}/uncollectible",
+];
+const IDEMPOTENCY_KEY_OPTIONAL: &[&str] = &["/v1/plans"];
+
+fn apply(schema: &mut utoipa::openapi::schema::Object, rule: &Rule) {
+    use tally_ledger::domain::limits::{ID_LENGTH_MAX, TEXT_LENGTH_MAX};
+    use tally_ledger::domain::validate::{TEXT_PATTERN, identifier_pattern};
+    use utoipa::Number;
+    match rule {
+        Rule::Range(minimum, maximum) => {
+            schema.minimum = Some(Number::Int(*minimum as isize));
+            schema.maximum = Some(Number::Int(*maximum as isize));
+        }
+        Rule::Identifier => {
+            schema.min_length = Some(1);
+            schema.max_length = Some(ID_LENGTH_MAX);
+            schema.pattern = Some(identifier_pattern());
+        }
+        Rule::Text => {
+            schema.min_length = Some(1);
+            schema.max_length = Some(TEXT_LENGTH_MAX);
+            schema.pattern = Some(TEXT_PATTERN.to_owned());
+        }
+        Rule::Pattern(pattern) => schema.pattern = Some((*pattern).to_owned()),
+        Rule::Enum(words) => {
+            schema.enum_values = Some(words.iter().map(|word| serde_json::Value::from(word.as_str())).collect());
+        }
+        Rule::Date => {
+            schema.format =
+                Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::schema::KnownFormat::Date));
+        }
+    }
+}
+
+fn object_mut(
+    schema: &mut utoipa::openapi::RefOr<utoipa::openapi::Schema>,
+) -> Option<&mut utoipa::openapi::schema::Object> {
+    match schema {
+        utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(object)) => Some(object),
+        _ => None,
+    }
+}
+
+fn idempotency_header(required: bool) -> utoipa::openapi::path::Parameter {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    use utoipa::openapi::{ObjectBuilder, Required, Type};
+    let description = if required {
+        "Required: the same key with the same request returns the first answer (and writes nothing again); \
+         with another request it is refused (idempotency_key_reused)."
+    } else {
+        "Optional: the same key with the same request returns the first answer."
+    };
+    ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(if required { Required::True } else { Required::False })
+        .description(Some(description))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(crate::commands::IDEMPOTENCY_KEY_BYTES_MAX))
+                .pattern(Some("^[!-~]+$")),
+        ))
+        .build()
+}
+
+impl Modify for Limits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (schema_name, property, rule) in body_rules() {
+            let property = components
+                .schemas
+                .get_mut(schema_name)
+                .and_then(object_mut)
+                .and_then(|object| object.properties.get_mut(property))
+                .and_then(object_mut)
+                .unwrap_or_else(|| panic!("the document has no property {schema_name}.{property}"));
+            apply(property, &rule);
+        }
+        // A record of the admin's batch is a usage record with its member.
+        let mut record = components.schemas.get("UsageBody").cloned().expect("UsageBody is in the document");
+        if let Some(object) = object_mut(&mut record) {
+            let mut member_id = utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::Type::String)
+                .description(Some("The member the usage is recorded for."))
+                .build();
+            apply(&mut member_id, &Rule::Identifier);
+            object.properties.insert("member_id".to_owned(), member_id.into());
+            object.required.insert(0, "member_id".to_owned());
+        }
+        components.schemas.insert("MemberUsageRecord".to_owned(), record);
+        for (batch, items) in [("UsageBatchBody", "UsageBody"), ("MemberUsageBatchBody", "MemberUsageRecord")] {
+            if let Some(object) = components.schemas.get_mut(batch).and_then(object_mut) {
+                let array = utoipa::openapi::ArrayBuilder::new()
+                    .items(utoipa::openapi::Ref::from_schema_name(items))
+                    .min_items(Some(1))
+                    .max_items(Some(crate::batch::USAGE_BATCH_RECORDS_MAX))
+                    .build();
+                object.properties.insert("records".to_owned(), array.into());
+            }
+        }
+
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                let parameters = operation.parameters.get_or_insert_with(Vec::new);
+                for parameter in parameters.iter_mut() {
+                    let utoipa::openapi::RefOr::T(parameter) = parameter else { continue };
+                    let rule = match (&parameter.parameter_in, parameter.name.as_str()) {
+                        (ParameterIn::Path, "member" | "usage" | "reservation") => Rule::Identifier,
+                        (ParameterIn::Query, "limit") => Rule::Range(1, tally_projections::PAGE_SIZE_MAX as i64),
+                        (ParameterIn::Query, "min_position" | "after") => Rule::Range(0, i64::MAX),
+                        (ParameterIn::Query, "from" | "to") if path.ends_with("/usage/daily") => Rule::Date,
+                        _ => continue,
+                    };
+                    if let Some(schema) = parameter.schema.as_mut().and_then(object_mut) {
+                        apply(schema, &rule);
+                    }
+                }
+            }
+            if let Some(post) = item.post.as_mut() {
+                let required = IDEMPOTENCY_KEY_REQUIRED.contains(&path.as_str());
+                if required || IDEMPOTENCY_KEY_OPTIONAL.contains(&path.as_str()) {
+                    post.parameters.get_or_insert_with(Vec::new).push(idempotency_header(required).into());
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tally", description = "An event-sourced credits ledger. Errors are application/problem+json with a stable `code`."),
@@ -75,6 +294,8 @@ impl Modify for ProblemResponses {
         crate::commands::grant_credits,
         crate::commands::debit_credits,
         crate::commands::record_usage,
+        crate::batch::member_batch,
+        crate::batch::admin_batch,
         crate::commands::reverse_usage,
         crate::commands::check,
         crate::commands::reserve,
@@ -103,7 +324,7 @@ impl Modify for ProblemResponses {
         crate::stripe::webhook,
         crate::stripe::replay,
     ),
-    modifiers(&BearerAuth, &ProblemResponses)
+    modifiers(&BearerAuth, &ProblemResponses, &Limits)
 )]
 pub struct ApiDoc;
 

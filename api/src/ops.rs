@@ -93,7 +93,7 @@ impl From<RebuildReport> for RebuildView {
 fn projection_error(error: ProjectionError) -> ApiError {
     match error {
         ProjectionError::UnknownProjector { name } => {
-            ApiError::NotFound(format!("no projector or read model is named {name:?}"))
+            ApiError::NotFound(format!("projector or read model `{name}` not found"))
         }
         other => ApiError::Internal(other.to_string()),
     }

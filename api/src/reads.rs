@@ -102,7 +102,7 @@ async fn read<T: Send + 'static>(
 }
 
 fn not_found(member_id: &str) -> ApiError {
-    ApiError::NotFound(format!("member {member_id} not found"))
+    ApiError::NotFound(format!("member `{member_id}` not found"))
 }
 
 fn page_request(cursor: Option<String>, limit: Option<usize>) -> Result<PageRequest, ApiError> {
@@ -289,7 +289,7 @@ pub async fn invoice(
             projections.invoice(&member, &id)
         })
         .await?;
-    let invoice = invoice.ok_or_else(|| ApiError::NotFound(format!("invoice {invoice_id} not found")))?;
+    let invoice = invoice.ok_or_else(|| ApiError::NotFound(format!("invoice `{invoice_id}` not found")))?;
     Ok(HttpResponse::Ok().json(invoice))
 }
 
@@ -306,13 +306,17 @@ pub async fn subscription(
     let params: ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let member = member_id.clone();
-    let subscription =
-        read(&state, &principal, &member_id, &[ReadModel::Subscriptions], params.min_position, move |projections| {
-            projections.subscription(&member)
+    let read_models = &[ReadModel::Subscriptions, ReadModel::CreditBalances];
+    let (subscription, registered) =
+        read(&state, &principal, &member_id, read_models, params.min_position, move |projections| {
+            // Every registered member has a balance row: without one, it is the member that is missing.
+            Ok((projections.subscription(&member)?, projections.balance(&member)?.is_some()))
         })
         .await?;
-    let subscription =
-        subscription.ok_or_else(|| ApiError::NotFound(format!("member {member_id} has no subscription")))?;
+    let subscription = subscription.ok_or_else(|| match registered {
+        true => ApiError::NotFound(format!("subscription of member `{member_id}` not found")),
+        false => not_found(&member_id),
+    })?;
     Ok(HttpResponse::Ok().json(subscription))
 }
 

@@ -276,7 +276,7 @@ async fn apply(
                 "events": outcome.events.iter().map(|appended| &appended.event).collect::<Vec<_>>(),
             }))
         }
-        Err(LedgerError::Rejected(DomainError::MemberNotFound)) => {
+        Err(LedgerError::Rejected(DomainError::MemberNotFound { .. })) => {
             let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");
             ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await
         }
@@ -323,15 +323,18 @@ pub(crate) async fn start_with_stripe(
     };
     let idempotency =
         crate::commands::idempotency(request, &principal, &member_id, route.name, bytes, route.status, true)?
-            .ok_or_else(|| ApiError::validation("Idempotency-Key", "this route needs an Idempotency-Key header"))?;
+            .ok_or_else(|| ApiError::InvalidHeader {
+                header: "Idempotency-Key",
+                message: "this route needs an Idempotency-Key header".to_owned(),
+            })?;
     // A retried request is answered from its record before anything is
     // checked or sent to Stripe again (a different body is refused).
     let ledger = state.ledger.clone();
     let lookup = idempotency.clone();
     if let Some(executed) = actix_web::web::block(move || ledger.recorded(&lookup)).await?? {
-        return Ok(crate::commands::render(Some(member_id), executed, route.status));
+        return Ok(crate::commands::render(route.object, Some(member_id), executed, route.status));
     }
-    let key = idempotency.key;
+    let key = idempotency.key.clone();
     let entry = state.ledger.catalog().plan(&plan_id).cloned().ok_or_else(|| {
         ApiError::Ledger(LedgerError::Rejected(DomainError::PlanNotFound { plan_id: plan_id.clone() }))
     })?;
@@ -345,7 +348,7 @@ pub(crate) async fn start_with_stripe(
     let member = member_id.clone();
     let member_state = actix_web::web::block(move || ledger.member_state(&member)).await??;
     if !member_state.is_registered() {
-        return Err(ApiError::Ledger(LedgerError::Rejected(DomainError::MemberNotFound)));
+        return Err(ApiError::Ledger(LedgerError::Rejected(DomainError::MemberNotFound { member_id })));
     }
     if member_state.subscription.as_ref().is_some_and(|subscription| subscription.is_live()) {
         return Err(ApiError::validation("plan_id", "the member already has an active subscription"));
@@ -379,5 +382,6 @@ pub(crate) async fn start_with_stripe(
         },
         subscription,
     });
-    execute_member(state, request, bytes, &principal, member_id, route, command).await
+    let (view, status) = execute_member(state, &principal, member_id, route, command, Some(idempotency)).await?;
+    Ok(crate::commands::respond(view, status))
 }

@@ -469,6 +469,33 @@ impl Ledger {
         self.submit(|reply| Job::Member { member_id: member_id.to_owned(), request, reply })
     }
 
+    /// Decide and durably append many member commands, each on its own:
+    /// one refused command refuses only itself. All are queued before any
+    /// answer is awaited, so they ride the writer's group commits together
+    /// (at most `batch_commands_max` to a commit). Answers come in the
+    /// order of `commands`; a command the full queue could not take is
+    /// `Overloaded` and was not run.
+    pub fn execute_many(&self, commands: Vec<(String, Request<MemberCommand>)>) -> Vec<Result<Executed, LedgerError>> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return commands.iter().map(|_| Err(LedgerError::Unavailable)).collect();
+        };
+        let answers: Vec<Result<Receiver<Result<Executed, LedgerError>>, LedgerError>> = commands
+            .into_iter()
+            .map(|(member_id, request)| {
+                let (reply, answer) = sync_channel(1);
+                match jobs.try_send(Job::Member { member_id, request, reply }) {
+                    Ok(()) => Ok(answer),
+                    Err(TrySendError::Full(_)) => Err(LedgerError::Overloaded { queued: 0 }),
+                    Err(TrySendError::Disconnected(_)) => Err(LedgerError::Unavailable),
+                }
+            })
+            .collect();
+        answers
+            .into_iter()
+            .map(|answer| answer.and_then(|answer| answer.recv().map_err(|_| LedgerError::Unavailable)?))
+            .collect()
+    }
+
     pub fn execute_catalog(&self, request: Request<CatalogCommand>) -> Result<Executed, LedgerError> {
         self.submit(|reply| Job::Catalog { request, reply })
     }

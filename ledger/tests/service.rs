@@ -106,7 +106,7 @@ fn a_rejection_writes_nothing_and_names_its_code() {
         "{error:?}"
     );
     let error = ledger.execute("nobody", admin(usage("u1", 1))).unwrap_err();
-    assert!(matches!(error, LedgerError::Rejected(DomainError::MemberNotFound)));
+    assert!(matches!(error, LedgerError::Rejected(DomainError::MemberNotFound { .. })));
     let error = ledger.execute("bad id!", admin(promo(1))).unwrap_err();
     assert!(matches!(error, LedgerError::Rejected(DomainError::Validation { field: "member_id", .. })));
     assert_eq!(head(&ledger), before);
@@ -273,7 +273,7 @@ fn check_answers_from_the_writer_and_writes_nothing() {
     let outcome = ledger.check("m1", Credits(60)).unwrap();
     assert_eq!((outcome.allowed, outcome.available), (false, Credits(50)));
     assert!(ledger.check("m1", Credits(50)).unwrap().allowed);
-    assert!(matches!(ledger.check("m2", Credits(1)), Err(LedgerError::Rejected(DomainError::MemberNotFound))));
+    assert!(matches!(ledger.check("m2", Credits(1)), Err(LedgerError::Rejected(DomainError::MemberNotFound { .. }))));
     assert_eq!(head(&ledger), before);
 }
 

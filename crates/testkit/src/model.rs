@@ -865,7 +865,7 @@ impl Member {
     fn cancel(&mut self, at_period_end: bool) -> Result<(), Rejection> {
         let subscription = self.live_subscription_mut().ok_or(NOT_FOUND)?;
         if at_period_end {
-            check(!subscription.cancel_at_period_end)?;
+            // A second cancel at period end asks for what already holds: accepted, no change.
             subscription.cancel_at_period_end = true;
             return Ok(());
         }

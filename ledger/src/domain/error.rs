@@ -19,37 +19,37 @@ pub enum DomainError {
     InsufficientCredits { requested: Credits, available: Credits },
 
     /// The member stream does not exist. `not_found`.
-    #[error("member not found")]
-    MemberNotFound,
+    #[error("member `{member_id}` not found")]
+    MemberNotFound { member_id: String },
 
     /// No plan with this id in the catalog. `not_found`.
-    #[error("plan {plan_id} not found")]
+    #[error("plan `{plan_id}` not found")]
     PlanNotFound { plan_id: String },
 
     /// Change or cancel without an active subscription. `not_found`.
-    #[error("the member has no active subscription")]
-    SubscriptionNotFound,
+    #[error("active subscription of member `{member_id}` not found")]
+    SubscriptionNotFound { member_id: String },
 
     /// Settle or release of a reservation the member never had. `not_found`.
-    #[error("reservation {reservation_id} not found")]
+    #[error("reservation `{reservation_id}` not found")]
     ReservationNotFound { reservation_id: String },
 
     /// Settle or release after the reservation's deadline. `reservation_expired`
     /// (410): charge the work as usage instead.
-    #[error("reservation {reservation_id} expired")]
+    #[error("reservation `{reservation_id}` expired")]
     ReservationExpired { reservation_id: String },
 
     /// Reversal of a usage id never recorded for this member. `not_found`.
-    #[error("usage {usage_id} not found")]
+    #[error("usage `{usage_id}` not found")]
     UsageNotFound { usage_id: String },
 
     /// An invoice id that is not this member's. `not_found`.
-    #[error("invoice {invoice_id} not found")]
+    #[error("invoice `{invoice_id}` not found")]
     InvoiceNotFound { invoice_id: String },
 
     /// The catalog already has a plan with this id: revise it instead.
     /// `validation_failed` on `plan_id`.
-    #[error("plan {plan_id} already exists")]
+    #[error("plan `{plan_id}` already exists")]
     PlanAlreadyExists { plan_id: String },
 }
 
@@ -59,9 +59,9 @@ impl DomainError {
         match self {
             DomainError::Validation { .. } | DomainError::PlanAlreadyExists { .. } => "validation_failed",
             DomainError::InsufficientCredits { .. } => "insufficient_credits",
-            DomainError::MemberNotFound
+            DomainError::MemberNotFound { .. }
             | DomainError::PlanNotFound { .. }
-            | DomainError::SubscriptionNotFound
+            | DomainError::SubscriptionNotFound { .. }
             | DomainError::ReservationNotFound { .. }
             | DomainError::UsageNotFound { .. }
             | DomainError::InvoiceNotFound { .. } => "not_found",

@@ -19,6 +19,8 @@ pub const RATE_LIMIT_PER_MINUTE_MAX: u32 = 1_000_000;
 pub const OCCURRED_AT_PAST_MAX: Duration = Duration::days(7);
 /// How far in the future a caller may date usage, for clock skew.
 pub const OCCURRED_AT_FUTURE_MAX: Duration = Duration::minutes(5);
+/// The longest query execution a settlement may report: a day.
+pub const QUERY_DURATION_MS_MAX: i64 = 86_400_000;
 pub const RESERVATION_TIMEOUT_DEFAULT_S: i64 = 600;
 pub const RESERVATION_TIMEOUT_MAX_S: i64 = 86_400;
 /// Identifiers chosen by callers: member ids, plan ids, usage ids, metrics.

@@ -45,6 +45,12 @@
 //! projections catching up on the usage steps' events do not disturb the
 //! reads.
 //!
+//! `--route usage-batch` sends `--batch-records` usage records a request to
+//! `POST /v1/members/{id}/usage/batch`; its rates are requests per second,
+//! and the table's `records/s` column is what compares with the single
+//! usage route (`--route writes` runs both, single first). A batch answered
+//! 200 with any record refused counts as an error ("records refused").
+//!
 //! # Running
 //!
 //! ```sh
@@ -52,6 +58,8 @@
 //! TALLY_ADMIN_KEY=demo-admin-key target/release/tally --data-dir "$(mktemp -d)" \
 //!   serve --demo --addr 127.0.0.1:18282 &
 //! target/release/tally-load --route both --rates 1000,5000,10000,20000 --seconds 10
+//! target/release/tally-load --route writes --rates 5000,10000 --seconds 10        # single usage, then batches
+//! target/release/tally-load --route usage-batch --batch-records 100 --rates 50,100,200
 //! target/release/tally-load --smoke   # 1 s at 200 req/s per route; fails on any error
 //! ```
 //!
@@ -97,6 +105,8 @@ const STEP_PAUSE: Duration = Duration::from_secs(1);
 const SETUP_READ_ATTEMPTS_MAX: u32 = 10;
 const SMOKE_RATE_PER_S: u32 = 200;
 const SMOKE_SECONDS: u32 = 1;
+/// Records a smoke batch carries: the smoke run checks the route, not its speed.
+const SMOKE_BATCH_RECORDS: u32 = 5;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -127,6 +137,9 @@ struct Args {
     /// Which route to load.
     #[arg(long, value_enum, default_value_t = RouteChoice::Both)]
     route: RouteChoice,
+    /// Usage records per request of the batch route (1 to the server's 1,000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    batch_records: u32,
     /// Concurrent connections (one task each).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=CONNECTIONS_MAX as i64))]
     connections: u32,
@@ -143,8 +156,12 @@ struct Args {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum RouteChoice {
     Usage,
+    UsageBatch,
     Balance,
+    /// Balance, usage and usage batches.
     Both,
+    /// Usage, then usage batches: the two write routes side by side.
+    Writes,
 }
 
 impl RouteChoice {
@@ -152,8 +169,10 @@ impl RouteChoice {
     fn routes(self) -> &'static [Route] {
         match self {
             RouteChoice::Usage => &[Route::Usage],
+            RouteChoice::UsageBatch => &[Route::UsageBatch],
             RouteChoice::Balance => &[Route::Balance],
-            RouteChoice::Both => &[Route::Balance, Route::Usage],
+            RouteChoice::Both => &[Route::Balance, Route::Usage, Route::UsageBatch],
+            RouteChoice::Writes => &[Route::Usage, Route::UsageBatch],
         }
     }
 }
@@ -162,6 +181,8 @@ impl RouteChoice {
 enum Route {
     /// `POST /v1/members/{id}/usage`: a durable write through the single writer.
     Usage,
+    /// `POST /v1/members/{id}/usage/batch`: many records, each its own command.
+    UsageBatch,
     /// `GET /v1/members/{id}/balance`: a read from the read model.
     Balance,
 }
@@ -170,6 +191,7 @@ impl Route {
     fn label(self) -> &'static str {
         match self {
             Route::Usage => "POST usage (durable write)",
+            Route::UsageBatch => "POST usage/batch (durable writes)",
             Route::Balance => "GET balance (read model)",
         }
     }
@@ -181,13 +203,16 @@ struct Target {
     base: Url,
     members: Vec<String>,
     usage_urls: Vec<Url>,
+    batch_urls: Vec<Url>,
     balance_urls: Vec<Url>,
+    /// Usage records per batch request.
+    batch_records: u32,
     /// Unique per process, so usage ids never repeat across runs on one data directory.
     run_id: String,
 }
 
 impl Target {
-    fn new(base: Url, admin_key: &str, members: Vec<String>) -> Result<Target> {
+    fn new(base: Url, admin_key: &str, members: Vec<String>, batch_records: u32) -> Result<Target> {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {admin_key}"))
             .context("the admin key must be printable ASCII without line breaks")?;
         authorization.set_sensitive(true);
@@ -202,13 +227,14 @@ impl Target {
             .context("building the HTTP client")?;
         let member_url = |member: &str, route: &str| base.join(&format!("v1/members/{member}/{route}"));
         let usage_urls = members.iter().map(|member| member_url(member, "usage")).collect::<Result<_, _>>()?;
+        let batch_urls = members.iter().map(|member| member_url(member, "usage/batch")).collect::<Result<_, _>>()?;
         let balance_urls = members.iter().map(|member| member_url(member, "balance")).collect::<Result<_, _>>()?;
         let run_id = Uuid::now_v7().simple().to_string();
-        Ok(Target { client, base, members, usage_urls, balance_urls, run_id })
+        Ok(Target { client, base, members, usage_urls, batch_urls, balance_urls, batch_records, run_id })
     }
 
-    /// Send ticket `ticket` of step `step`; the status once the whole body is read.
-    async fn send(&self, route: Route, step: usize, ticket: u64) -> Result<StatusCode, reqwest::Error> {
+    /// Send ticket `ticket` of step `step`; the outcome once the whole body is read.
+    async fn send(&self, route: Route, step: usize, ticket: u64) -> Result<Outcome, reqwest::Error> {
         let member_index = (ticket % self.members.len() as u64) as usize;
         let request = match route {
             Route::Balance => self.client.get(self.balance_urls[member_index].clone()),
@@ -224,13 +250,44 @@ impl Target {
                     .header(CONTENT_TYPE, "application/json")
                     .body(body)
             }
+            Route::UsageBatch => {
+                let records: Vec<String> = (0..self.batch_records)
+                    .map(|record| {
+                        format!(
+                            r#"{{"usage_id":"{}-{step}-{ticket}-{record}","metric":"{USAGE_METRIC}","quantity":1,"credits":{USAGE_CREDITS}}}"#,
+                            self.run_id
+                        )
+                    })
+                    .collect();
+                self.client
+                    .post(self.batch_urls[member_index].clone())
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(format!(r#"{{"records":[{}]}}"#, records.join(",")))
+            }
         };
         let response = request.send().await?;
         let status = response.status();
         // The body is part of the answer's latency, and an unread body would close the connection.
-        response.bytes().await?;
-        Ok(status)
+        let body = response.bytes().await?;
+        // A batch is answered 200 whatever its records' fates: all must be accepted.
+        if matches!(route, Route::UsageBatch) && status.is_success() && !contains(&body, br#""refused":0,"#) {
+            return Ok(Outcome::Failed("records refused"));
+        }
+        Ok(Outcome::Answered(status))
     }
+
+    /// Usage records one request of `route` carries.
+    fn records_per_request(&self, route: Route) -> u32 {
+        match route {
+            Route::Usage => 1,
+            Route::UsageBatch => self.batch_records,
+            Route::Balance => 0,
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
 }
 
 /// One step: a route at a fixed rate for a bounded time.
@@ -316,7 +373,7 @@ async fn connection(
             break;
         }
         let outcome = match target.send(plan.route, plan.step, ticket).await {
-            Ok(status) => Outcome::Answered(status),
+            Ok(outcome) => outcome,
             Err(error) => Outcome::Failed(error_kind(&error)),
         };
         let finished = Instant::now();
@@ -362,7 +419,7 @@ fn run_step(runtime: &Runtime, target: &Arc<Target>, plan: StepPlan, connections
         anyhow::Ok(samples)
     })?;
     let lateness = pacer.join().map_err(|_| anyhow!("the pacer thread panicked"))?;
-    Ok(StepReport::new(&plan, samples, lateness))
+    Ok(StepReport::new(&plan, target.records_per_request(plan.route), samples, lateness))
 }
 
 #[derive(Clone, Copy)]
@@ -389,6 +446,8 @@ struct StepReport {
     route: Route,
     rate_per_s: u32,
     achieved_per_s: f64,
+    /// Usage records per request (0 for reads).
+    records_per_request: u32,
     latency: Option<Percentiles>,
     non_2xx: u64,
     errors: u64,
@@ -400,7 +459,12 @@ struct StepReport {
 }
 
 impl StepReport {
-    fn new(plan: &StepPlan, samples: Vec<Sample>, pacer_lateness: Vec<Duration>) -> StepReport {
+    fn new(
+        plan: &StepPlan,
+        records_per_request: u32,
+        samples: Vec<Sample>,
+        pacer_lateness: Vec<Duration>,
+    ) -> StepReport {
         let mut statuses = BTreeMap::new();
         let mut error_kinds = BTreeMap::new();
         let mut success_latencies = Vec::with_capacity(samples.len());
@@ -425,6 +489,7 @@ impl StepReport {
             route: plan.route,
             rate_per_s: plan.rate_per_s,
             achieved_per_s: successes_in_time as f64 / f64::from(plan.seconds),
+            records_per_request,
             latency: Percentiles::of(success_latencies),
             non_2xx,
             errors: error_kinds.values().sum(),
@@ -448,8 +513,12 @@ impl StepReport {
             Some(latency) => milliseconds(select(latency)),
             None => "–".to_owned(),
         };
+        let records = match self.records_per_request {
+            0 => "–".to_owned(),
+            records => thousands((self.achieved_per_s * f64::from(records)).round() as u64),
+        };
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {records} | {} | {} | {} | {} | {} | {} |",
             self.route.label(),
             thousands(u64::from(self.rate_per_s)),
             thousands(self.achieved_per_s.round() as u64),
@@ -480,7 +549,7 @@ impl StepReport {
     }
 }
 
-const TABLE_HEADER: &str = "| route | offered req/s | achieved req/s | p50 ms | p99 ms | max ms | non-2xx | errors | in flight at end |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|";
+const TABLE_HEADER: &str = "| route | offered req/s | achieved req/s | records/s | p50 ms | p99 ms | max ms | non-2xx | errors | in flight at end |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 fn milliseconds(duration: Duration) -> String {
     format!("{:.2}", duration.as_secs_f64() * 1_000.0)
@@ -514,9 +583,11 @@ fn parse_base_url(url: &str) -> Result<Url> {
 }
 
 /// Credits each member needs for every usage the run will record, plus a margin.
-fn funding_credits(routes: &[Route], rates: &[u32], seconds: u32, members_count: usize) -> Result<i64> {
-    let usage_steps = routes.iter().filter(|route| matches!(route, Route::Usage)).count() as u64;
-    let usages_total: u64 = rates.iter().map(|rate| u64::from(*rate) * u64::from(seconds)).sum::<u64>() * usage_steps;
+fn funding_credits(target: &Target, routes: &[Route], rates: &[u32], seconds: u32) -> Result<i64> {
+    let members_count = target.members.len();
+    let records_per_step: u64 = routes.iter().map(|route| u64::from(target.records_per_request(*route))).sum();
+    let usages_total: u64 =
+        rates.iter().map(|rate| u64::from(*rate) * u64::from(seconds)).sum::<u64>() * records_per_step;
     let per_member = usages_total.div_ceil(members_count as u64) as i64 * USAGE_CREDITS + FUNDING_MARGIN_CREDITS;
     ensure!(
         per_member <= COMMAND_CREDITS_MAX,
@@ -592,13 +663,14 @@ fn main() -> Result<()> {
     let base = parse_base_url(&args.url)?;
     let members = parse_members(&args.members, &args.member_prefix)?;
     let routes = args.route.routes();
-    let credits = funding_credits(routes, &rates, seconds, members.len())?;
+    let batch_records = if args.smoke { SMOKE_BATCH_RECORDS } else { args.batch_records };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads as usize)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let target = Arc::new(Target::new(base, &args.admin_key, members)?);
+    let target = Arc::new(Target::new(base, &args.admin_key, members, batch_records)?);
+    let credits = funding_credits(&target, routes, &rates, seconds)?;
 
     eprintln!(
         "tally-load: {} members, {seconds} s per step, {} connections, {} runtime threads, against {}",

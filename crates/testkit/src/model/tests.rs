@@ -1137,10 +1137,10 @@ fn cancel_rules() {
         ),
         ("at period end: stays active", vec![start("pro")], cancel_at_period_end(), Ok(()), Some("active"), 10_000, 0),
         (
-            "at period end twice",
+            "at period end twice: the intent already holds",
             vec![start("pro"), cancel_at_period_end()],
             cancel_at_period_end(),
-            Err(VALIDATION_FAILED),
+            Ok(()),
             Some("active"),
             10_000,
             0,

@@ -38,7 +38,7 @@ pub fn decide(state: &MemberState, command: &MemberCommand, context: &Context) -
     let mut draft = Draft { state: state.clone(), events: Vec::new(), now: context.now, running_due: false };
     if !state.is_registered() {
         if !command.registers_implicitly() {
-            return Err(DomainError::MemberNotFound);
+            return Err(DomainError::MemberNotFound { member_id: context.member_id.to_owned() });
         }
         validate::identifier("member_id", context.member_id)?;
         if !matches!(command, MemberCommand::Register(_)) {
@@ -68,21 +68,69 @@ pub fn state_at(state: &MemberState, now: Timestamp, catalog: &Catalog) -> Membe
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CheckOutcome {
     pub allowed: bool,
+    pub requested: Credits,
     pub available: Credits,
-    /// How much of the deduction would become debt (overage).
-    pub debt: Credits,
+    /// How much more debt (overage) the plan allows now: zero when the plan
+    /// has no overage, the member is past due, or the limit is reached.
+    pub overage_room: Credits,
+    /// How much of the deduction would become debt; zero when refused.
+    pub would_incur_debt: Credits,
+    /// Why it would be refused; `None` when allowed.
+    pub refusal: Option<CheckRefusal>,
+}
+
+/// Why a check says no, most specific first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckRefusal {
+    /// Not enough credits, and the plan (or the lack of one) allows no overage.
+    InsufficientCredits,
+    /// The plan allows overage, but not while the member is past due.
+    PastDueNoOverage,
+    /// The plan allows overage, but the shortfall is beyond what is left of its limit.
+    OverageLimitReached,
+}
+
+impl CheckRefusal {
+    /// The stable code a client branches on.
+    pub fn code(self) -> &'static str {
+        match self {
+            CheckRefusal::InsufficientCredits => "insufficient_credits",
+            CheckRefusal::PastDueNoOverage => "past_due_no_overage",
+            CheckRefusal::OverageLimitReached => "overage_limit_reached",
+        }
+    }
 }
 
 pub fn check(state: &MemberState, credits: Credits, context: &Context) -> Result<CheckOutcome, DomainError> {
     if !state.is_registered() {
-        return Err(DomainError::MemberNotFound);
+        return Err(DomainError::MemberNotFound { member_id: context.member_id.to_owned() });
     }
     validate::range("credits", credits.0, 1, COMMAND_CREDITS_MAX)?;
     let state = state_at(state, context.now, context.catalog);
     let available = state.available();
-    match plan_spend(&state, credits, debt_room(&state)) {
-        Ok(spend) => Ok(CheckOutcome { allowed: true, available, debt: spend.debt }),
-        Err(_) => Ok(CheckOutcome { allowed: false, available, debt: Credits::ZERO }),
+    let overage_room = debt_room(&state);
+    let outcome = CheckOutcome {
+        allowed: true,
+        requested: credits,
+        available,
+        overage_room: overage_room.unwrap_or(Credits::ZERO),
+        would_incur_debt: Credits::ZERO,
+        refusal: None,
+    };
+    match plan_spend(&state, credits, overage_room) {
+        Ok(spend) => Ok(CheckOutcome { would_incur_debt: spend.debt, ..outcome }),
+        Err(_) => Ok(CheckOutcome { allowed: false, refusal: Some(check_refusal(&state, overage_room)), ..outcome }),
+    }
+}
+
+fn check_refusal(state: &MemberState, overage_room: Option<Credits>) -> CheckRefusal {
+    let overage_plan = state.subscription.as_ref().filter(|subscription| subscription.terms.plan.overage.allowed);
+    match (overage_plan, overage_room) {
+        (Some(_), Some(_)) => CheckRefusal::OverageLimitReached,
+        (Some(subscription), None) if subscription.status == SubscriptionStatus::PastDue => {
+            CheckRefusal::PastDueNoOverage
+        }
+        _ => CheckRefusal::InsufficientCredits,
     }
 }
 
@@ -613,7 +661,11 @@ fn start_subscription(
 }
 
 fn live_subscription(state: &MemberState) -> Result<&Subscription, DomainError> {
-    state.subscription.as_ref().filter(|subscription| subscription.is_live()).ok_or(DomainError::SubscriptionNotFound)
+    state
+        .subscription
+        .as_ref()
+        .filter(|subscription| subscription.is_live())
+        .ok_or_else(|| DomainError::SubscriptionNotFound { member_id: state.member_id.clone().unwrap_or_default() })
 }
 
 fn change_plan(draft: &mut Draft, plan_id: &str, context: &Context) -> Result<(), DomainError> {
@@ -654,8 +706,9 @@ fn change_plan(draft: &mut Draft, plan_id: &str, context: &Context) -> Result<()
 fn cancel_subscription(draft: &mut Draft, at_period_end: bool) -> Result<(), DomainError> {
     let subscription = live_subscription(&draft.state)?.clone();
     if at_period_end {
+        // Already scheduled: the caller's intent holds; nothing to write.
         if subscription.cancel_at_period_end {
-            return Err(DomainError::invalid("at_period_end", "a cancel at period end is already scheduled"));
+            return Ok(());
         }
         draft.emit_now(MemberEvent::SubscriptionCancelScheduled { effective_at: subscription.period_end });
         return Ok(());
@@ -940,16 +993,26 @@ fn settle(
     if let Some(query) = query {
         validate::identifier("query.integration_id", &query.integration_id)?;
         validate::identifier("query.query_id", &query.query_id)?;
-        validate::range("query.duration_ms", query.duration_ms, 0, 86_400_000)?;
+        validate::range("query.duration_ms", query.duration_ms, 0, QUERY_DURATION_MS_MAX)?;
         validate::range("query.rows", query.rows, 0, i64::MAX)?;
     }
     let Some(reservation) = draft.state.reservations.get(reservation_id).cloned() else {
         return match closed_reservation(&draft.state, reservation_id)? {
             ClosedReservation::Settled { charged } if charged == amount => Ok(()),
-            ClosedReservation::Settled { .. } => {
-                Err(DomainError::invalid("amount", "the reservation was settled with another amount"))
-            }
-            ClosedReservation::Released => Err(DomainError::invalid("reservation_id", "the reservation was released")),
+            ClosedReservation::Settled { charged } => Err(DomainError::invalid(
+                "amount",
+                format!(
+                    "reservation `{reservation_id}` was already settled for {charged} credits; \
+                     settle again with amount {charged} to read that answer, or reserve anew"
+                ),
+            )),
+            ClosedReservation::Released => Err(DomainError::invalid(
+                "reservation_id",
+                format!(
+                    "reservation `{reservation_id}` was released before this settle, so nothing can be charged \
+                     on it; reserve again, or record the work as usage"
+                ),
+            )),
             ClosedReservation::Expired => {
                 Err(DomainError::ReservationExpired { reservation_id: reservation_id.to_owned() })
             }
@@ -985,7 +1048,13 @@ fn release(draft: &mut Draft, reservation_id: &str) -> Result<(), DomainError> {
     }
     match closed_reservation(&draft.state, reservation_id)? {
         ClosedReservation::Released => Ok(()),
-        ClosedReservation::Settled { .. } => Err(DomainError::invalid("reservation_id", "the reservation was settled")),
+        ClosedReservation::Settled { charged } => Err(DomainError::invalid(
+            "reservation_id",
+            format!(
+                "reservation `{reservation_id}` was settled for {charged} credits before this release, and its \
+                 unused part was released then; there is nothing left to release"
+            ),
+        )),
         ClosedReservation::Expired => {
             Err(DomainError::ReservationExpired { reservation_id: reservation_id.to_owned() })
         }

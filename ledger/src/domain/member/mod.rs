@@ -8,7 +8,9 @@ pub mod state;
 pub mod stripe;
 
 pub use commands::*;
-pub use decide::{CheckOutcome, Context, Decision, check, decide, member_stream, next_due, period_end, state_at};
+pub use decide::{
+    CheckOutcome, CheckRefusal, Context, Decision, check, decide, member_stream, next_due, period_end, state_at,
+};
 pub use events::*;
 pub use state::*;
 pub use stripe::*;

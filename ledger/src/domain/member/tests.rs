@@ -174,9 +174,11 @@ fn field(error: DomainError) -> Option<&'static str> {
 #[test]
 fn commands_other_than_start_grant_and_register_need_an_existing_member() {
     let mut life = Life::new(at(2026, 1, 1));
-    assert_eq!(life.rejection(usage("u1", 1)), DomainError::MemberNotFound);
-    assert_eq!(life.rejection(MemberCommand::Reserve { amount: Credits(1), ttl_s: None }), DomainError::MemberNotFound);
-    assert_eq!(life.rejection(MemberCommand::AdvanceTime), DomainError::MemberNotFound);
+    let not_found = DomainError::MemberNotFound { member_id: MEMBER.to_owned() };
+    assert_eq!(life.rejection(usage("u1", 1)), not_found);
+    assert_eq!(life.rejection(MemberCommand::Reserve { amount: Credits(1), ttl_s: None }), not_found);
+    assert_eq!(life.rejection(MemberCommand::AdvanceTime), not_found);
+    assert_eq!(not_found.to_string(), format!("member `{MEMBER}` not found"));
 }
 
 #[test]
@@ -715,11 +717,9 @@ fn subscription_rejections() {
     assert_eq!(field(life.rejection(MemberCommand::ChangePlan { plan_id: "euro".into() })), Some("plan_id"));
     assert_eq!(code(life.rejection(MemberCommand::ChangePlan { plan_id: "gold".into() })), "not_found");
     life.run(MemberCommand::CancelSubscription { at_period_end: false });
-    assert_eq!(life.rejection(MemberCommand::ChangePlan { plan_id: "pro".into() }), DomainError::SubscriptionNotFound);
-    assert_eq!(
-        life.rejection(MemberCommand::CancelSubscription { at_period_end: true }),
-        DomainError::SubscriptionNotFound
-    );
+    let no_subscription = DomainError::SubscriptionNotFound { member_id: MEMBER.to_owned() };
+    assert_eq!(life.rejection(MemberCommand::ChangePlan { plan_id: "pro".into() }), no_subscription);
+    assert_eq!(life.rejection(MemberCommand::CancelSubscription { at_period_end: true }), no_subscription);
 
     let mut life = Life::new(at(2026, 1, 1));
     life.run(MemberCommand::Register(MemberProfile::default()));
@@ -959,7 +959,8 @@ fn cancel_at_period_end_skips_rollover_and_renewal() {
     life.run(start("starter"));
     let events = life.run(MemberCommand::CancelSubscription { at_period_end: true });
     assert_eq!(events, vec![MemberEvent::SubscriptionCancelScheduled { effective_at: at(2026, 2, 1) }]);
-    assert_eq!(field(life.rejection(MemberCommand::CancelSubscription { at_period_end: true })), Some("at_period_end"));
+    // A second cancel at period end is what the caller wants already: no event.
+    assert_eq!(life.run(MemberCommand::CancelSubscription { at_period_end: true }), vec![]);
     // A plan change keeps the pending cancel.
     life.run(MemberCommand::ChangePlan { plan_id: "pro".into() });
     assert!(life.state.subscription.as_ref().unwrap().cancel_at_period_end);
@@ -1026,18 +1027,52 @@ fn check_answers_without_writing() {
     let mut life = Life::new(at(2026, 1, 1));
     life.run(start("pro"));
     let context = Context { member_id: MEMBER, now: life.now, catalog: &life.catalog, usage: None };
-    assert_eq!(
-        check(&life.state, Credits(10_500), &context),
-        Ok(CheckOutcome { allowed: true, available: Credits(10_000), debt: Credits(500) })
-    );
+    let outcome = |allowed, requested, would_incur_debt, refusal| CheckOutcome {
+        allowed,
+        requested: Credits(requested),
+        available: Credits(10_000),
+        overage_room: Credits(2_000),
+        would_incur_debt: Credits(would_incur_debt),
+        refusal,
+    };
+    assert_eq!(check(&life.state, Credits(10_500), &context), Ok(outcome(true, 10_500, 500, None)));
     assert_eq!(
         check(&life.state, Credits(12_001), &context),
-        Ok(CheckOutcome { allowed: false, available: Credits(10_000), debt: Credits(0) })
+        Ok(outcome(false, 12_001, 0, Some(CheckRefusal::OverageLimitReached)))
     );
     let later = Context { now: at(2026, 2, 1), ..context };
     let outcome = check(&life.state, Credits(1), &later).unwrap();
     assert_eq!(outcome.available, Credits(15_000), "check sees the renewal due at its instant");
-    assert_eq!(check(&MemberState::default(), Credits(1), &context), Err(DomainError::MemberNotFound));
+    assert_eq!(
+        check(&MemberState::default(), Credits(1), &context),
+        Err(DomainError::MemberNotFound { member_id: MEMBER.to_owned() })
+    );
+}
+
+#[test]
+fn a_refused_check_says_why() {
+    let refusal = |life: &Life, credits: i64| {
+        let context = Context { member_id: MEMBER, now: life.now, catalog: &life.catalog, usage: None };
+        let outcome = check(&life.state, Credits(credits), &context).unwrap();
+        assert_eq!(outcome.allowed, outcome.refusal.is_none(), "{outcome:?}");
+        (outcome.refusal.map(CheckRefusal::code), outcome.overage_room)
+    };
+    // No overage on the plan: short means insufficient.
+    let mut starter = Life::new(at(2026, 1, 1));
+    starter.run(start("starter"));
+    assert_eq!(refusal(&starter, 1_000), (None, Credits(0)));
+    assert_eq!(refusal(&starter, 1_001), (Some("insufficient_credits"), Credits(0)));
+    // Overage on the plan, past due: the same shortfall is refused for that.
+    let mut pro = Life::new(at(2026, 1, 1));
+    pro.run(start("pro"));
+    pro.run(usage("u1", 10_100));
+    assert_eq!(refusal(&pro, 1_900), (None, Credits(1_900)));
+    assert_eq!(refusal(&pro, 1_901), (Some("overage_limit_reached"), Credits(1_900)));
+    pro.at(at(2026, 2, 1));
+    pro.run(MemberCommand::AdvanceTime);
+    pro.run(MemberCommand::RecordPaymentFailed { invoice_id: "inv_m1_1".into(), reason: None });
+    assert_eq!(refusal(&pro, 10_001), (Some("past_due_no_overage"), Credits(0)));
+    assert_eq!(refusal(&pro, 10_000), (None, Credits(0)));
 }
 
 #[test]

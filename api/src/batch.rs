@@ -1,0 +1,246 @@
+//! Batch usage: up to [`USAGE_BATCH_RECORDS_MAX`] usage records in one
+//! request, for one member (`POST /v1/members/{member}/usage/batch`) or,
+//! with the admin key, across members (`POST /v1/usage/batch`).
+//!
+//! Each record is its own command, decided on its own: one refused record
+//! refuses only itself, and a record's shape is checked on its own too. All
+//! of them are queued to the writer before any answer is awaited, so they
+//! ride the same group commits. A record's `usage_id` is its idempotency
+//! key (scoped to the caller and the member, like a header key on the
+//! single route, but apart from it), so a retried batch answers every
+//! accepted record with its original outcome and writes nothing again; a
+//! refused record wrote nothing and is decided afresh.
+
+use crate::auth::Principal;
+use crate::commands::{Object, command_view, member_path, usage_command};
+use crate::dto::{BalanceView, GrantPartView, UsageBody};
+use crate::error::{ApiError, Problem};
+use crate::{AppState, authenticate, body};
+use actix_web::web::{Bytes, Data};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use serde::{Deserialize, Serialize};
+use tally_ledger::domain::validate;
+use tally_ledger::service::Idempotency;
+use tally_ledger::{LedgerError, Request};
+use utoipa::ToSchema;
+
+/// Most records one batch request may carry.
+pub const USAGE_BATCH_RECORDS_MAX: usize = 1_000;
+/// Largest batch request body: 1,000 records of about 1 KiB each.
+pub const USAGE_BATCH_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// The route name records are scoped and counted under.
+const ROUTE_NAME: &str = "usage.batch";
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBatchBody {
+    /// 1 to 1,000 usage records, each shaped as the single usage route's
+    /// body (the document states the limit from `USAGE_BATCH_RECORDS_MAX`).
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUsageBatchBody {
+    /// 1 to 1,000 usage records, each with its `member_id`.
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<serde_json::Value>,
+}
+
+/// One record's outcome, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageRecordOutcome {
+    /// The record's place in the request, from 0.
+    pub index: usize,
+    pub member_id: String,
+    /// Absent only when the record has no readable `usage_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub usage_id: Option<String>,
+    /// True when the usage is recorded (now, or by an earlier request with
+    /// the same record: then `replayed`).
+    pub accepted: bool,
+    /// 201 when accepted, else the status the single route would answer.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub position: Option<u64>,
+    /// The member's balance right after this record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub balance: Option<BalanceView>,
+    /// The grants that paid, and how much each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub burned: Option<Vec<GrantPartView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub debt_incurred: Option<i64>,
+    pub replayed: bool,
+    /// Why the record was refused, as the single route would say it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub problem: Option<Problem>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageBatchView {
+    pub accepted: usize,
+    pub refused: usize,
+    /// The highest position of an accepted record (0 when none was): use it
+    /// as `min_position` to read every record's effect.
+    pub position: u64,
+    pub results: Vec<UsageRecordOutcome>,
+}
+
+/// A record ready for the writer, or why it never got there.
+struct Prepared {
+    member_id: String,
+    usage_id: Option<String>,
+    command: Result<Request<tally_ledger::domain::MemberCommand>, ApiError>,
+}
+
+fn records_count(records: &[serde_json::Value]) -> Result<(), ApiError> {
+    if records.is_empty() || records.len() > USAGE_BATCH_RECORDS_MAX {
+        return Err(ApiError::validation("records", format!("must hold 1 to {USAGE_BATCH_RECORDS_MAX} records")));
+    }
+    Ok(())
+}
+
+/// One record: its shape, its `usage_id` as the idempotency key, and the
+/// command. `member_id` has been checked (or is the path's).
+fn prepare(principal: &Principal, member_id: String, record: serde_json::Value) -> Prepared {
+    let usage_id = record.get("usage_id").and_then(|id| id.as_str()).map(str::to_owned);
+    // The fingerprint is the record alone, so the same record is the same
+    // request through either batch route.
+    let fingerprint = body::fingerprint("POST", ROUTE_NAME, record.to_string().as_bytes());
+    let command = body::parse_value::<UsageBody>(record).and_then(|usage| {
+        validate::identifier("usage_id", &usage.usage_id).map_err(rejected)?;
+        let key = usage.usage_id.clone();
+        let mut request = Request::new(usage_command(usage), &principal.actor());
+        request.idempotency = Some(Idempotency {
+            scope: format!("{}/{member_id}/{ROUTE_NAME}", principal.actor()),
+            key,
+            fingerprint,
+            status: 201,
+        });
+        Ok(request)
+    });
+    Prepared { member_id, usage_id, command }
+}
+
+fn rejected(error: tally_ledger::domain::DomainError) -> ApiError {
+    ApiError::Ledger(LedgerError::Rejected(error))
+}
+
+fn refused(index: usize, member_id: String, usage_id: Option<String>, error: &ApiError) -> UsageRecordOutcome {
+    UsageRecordOutcome {
+        index,
+        member_id,
+        usage_id,
+        accepted: false,
+        status: error.status_code().as_u16(),
+        position: None,
+        balance: None,
+        burned: None,
+        debt_incurred: None,
+        replayed: false,
+        problem: Some(error.problem()),
+    }
+}
+
+/// Queue every well-formed record at once, then answer each in order.
+async fn run(state: &AppState, prepared: Vec<Prepared>) -> Result<UsageBatchView, ApiError> {
+    let mut commands = Vec::new();
+    let mut records = Vec::with_capacity(prepared.len());
+    for Prepared { member_id, usage_id, command } in prepared {
+        let refusal = match command {
+            Ok(request) => {
+                commands.push((member_id.clone(), request));
+                None
+            }
+            Err(error) => Some(error),
+        };
+        records.push((member_id, usage_id, refusal));
+    }
+    let ledger = state.ledger.clone();
+    let mut answers = actix_web::web::block(move || ledger.execute_many(commands)).await?.into_iter();
+    state.projections.notify();
+    let mut results = Vec::with_capacity(records.len());
+    for (index, (member_id, usage_id, refusal)) in records.into_iter().enumerate() {
+        let answer = match refusal {
+            Some(error) => Err(error),
+            None => answers.next().expect("an answer for every queued record").map_err(ApiError::Ledger),
+        };
+        let outcome = match answer {
+            Err(error) => refused(index, member_id, usage_id, &error),
+            Ok(executed) => {
+                state.metrics.command(ROUTE_NAME, executed.outcome.events.len());
+                let (view, status) = command_view(Object::Usage, Some(member_id.clone()), executed, 201);
+                UsageRecordOutcome {
+                    index,
+                    member_id,
+                    usage_id: view.usage_id.or(usage_id),
+                    accepted: true,
+                    status,
+                    position: Some(view.position),
+                    balance: view.balance,
+                    burned: view.burned,
+                    debt_incurred: view.debt_incurred,
+                    replayed: view.replayed,
+                    problem: None,
+                }
+            }
+        };
+        results.push(outcome);
+    }
+    let accepted = results.iter().filter(|result| result.accepted).count();
+    let position = results.iter().filter_map(|result| result.position).max().unwrap_or(0);
+    Ok(UsageBatchView { accepted, refused: results.len() - accepted, position, results })
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/usage/batch", tag = "members", request_body = UsageBatchBody,
+    params(("member" = String, Path, description = "The member id")),
+    responses((status = 200, description = "Every record's outcome, in request order", body = UsageBatchView),
+        (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn member_batch(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    let member_id = member_path(request.match_info().get("member").unwrap_or_default())?;
+    principal.require_member(&member_id)?;
+    let body: UsageBatchBody = body::parse(&bytes)?;
+    records_count(&body.records)?;
+    let prepared = body.records.into_iter().map(|record| prepare(&principal, member_id.clone(), record)).collect();
+    Ok(HttpResponse::Ok().json(run(&state, prepared).await?))
+}
+
+#[utoipa::path(post, path = "/v1/usage/batch", tag = "admin", request_body = MemberUsageBatchBody,
+    responses((status = 200, description = "Every record's outcome, in request order", body = UsageBatchView),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn admin_batch(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    principal.require_admin()?;
+    let body: MemberUsageBatchBody = body::parse(&bytes)?;
+    records_count(&body.records)?;
+    let prepared = body
+        .records
+        .into_iter()
+        .map(|mut record| {
+            let member_id = match record.as_object_mut().map(|fields| fields.remove("member_id")) {
+                Some(Some(serde_json::Value::String(member_id))) => member_id,
+                _ => String::new(),
+            };
+            match validate::identifier("member_id", &member_id) {
+                Ok(()) => prepare(&principal, member_id, record),
+                Err(error) => Prepared {
+                    member_id,
+                    usage_id: record.get("usage_id").and_then(|id| id.as_str()).map(str::to_owned),
+                    command: Err(rejected(error)),
+                },
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(run(&state, prepared).await?))
+}
