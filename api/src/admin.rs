@@ -56,7 +56,7 @@ pub struct KeyList {
 }
 
 fn member_path(path: &str) -> Result<String, ApiError> {
-    validate::identifier("member", path).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    validate::identifier("member", path).map_err(ApiError::from)?;
     Ok(path.to_owned())
 }
 
@@ -99,6 +99,7 @@ pub async fn list_keys(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Events after this position (0 = from the start).

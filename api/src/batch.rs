@@ -19,9 +19,9 @@ use crate::{AppState, authenticate, body};
 use actix_web::web::{Bytes, Data};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use serde::{Deserialize, Serialize};
+use tally_ledger::Request;
 use tally_ledger::domain::validate;
 use tally_ledger::service::Idempotency;
-use tally_ledger::{LedgerError, Request};
 use utoipa::ToSchema;
 
 /// Most records one batch request may carry.
@@ -116,7 +116,7 @@ fn prepare(principal: &Principal, member_id: String, record: serde_json::Value) 
     // request through either batch route.
     let fingerprint = body::fingerprint("POST", ROUTE_NAME, record.to_string().as_bytes());
     let command = body::parse_value::<UsageBody>(record).and_then(|usage| {
-        validate::identifier("usage_id", &usage.usage_id).map_err(rejected)?;
+        validate::identifier("usage_id", &usage.usage_id).map_err(ApiError::from)?;
         let key = usage.usage_id.clone();
         let mut request = Request::new(usage_command(usage), &principal.actor());
         request.idempotency = Some(Idempotency {
@@ -128,10 +128,6 @@ fn prepare(principal: &Principal, member_id: String, record: serde_json::Value) 
         Ok(request)
     });
     Prepared { member_id, usage_id, command }
-}
-
-fn rejected(error: tally_ledger::domain::DomainError) -> ApiError {
-    ApiError::Ledger(LedgerError::Rejected(error))
 }
 
 fn refused(index: usize, member_id: String, usage_id: Option<String>, error: &ApiError) -> UsageRecordOutcome {
@@ -237,7 +233,7 @@ pub async fn admin_batch(state: Data<AppState>, request: HttpRequest, bytes: Byt
                 Err(error) => Prepared {
                     member_id,
                     usage_id: record.get("usage_id").and_then(|id| id.as_str()).map(str::to_owned),
-                    command: Err(rejected(error)),
+                    command: Err(ApiError::from(error)),
                 },
             }
         })

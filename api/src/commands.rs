@@ -299,7 +299,7 @@ fn priority(priority: Option<i64>) -> Result<Option<u8>, ApiError> {
 }
 
 pub(crate) fn member_path(path: &str) -> Result<String, ApiError> {
-    validate::identifier("member", path).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    validate::identifier("member", path).map_err(ApiError::from)?;
     Ok(path.to_owned())
 }
 

@@ -98,6 +98,17 @@ impl From<tally_stripe::OutboundError> for ApiError {
     }
 }
 
+impl From<DomainError> for ApiError {
+    /// A domain rejection as the API answers it: a validation failure names
+    /// its field once (the message is not prefixed with it again).
+    fn from(error: DomainError) -> ApiError {
+        match error {
+            DomainError::Validation { field, message } => ApiError::Validation { field: field.to_owned(), message },
+            rejection => ApiError::Ledger(LedgerError::Rejected(rejection)),
+        }
+    }
+}
+
 impl ApiError {
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError::Validation { field: field.into(), message: message.into() }

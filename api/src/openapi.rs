@@ -134,6 +134,10 @@ fn body_rules() -> Vec<(&'static str, &'static str, Rule)> {
 }
 
 const CURRENCY_PATTERN: &str = "^[A-Z]{3}$";
+/// What `Cursor::sequence` accepts: a positive decimal within `i64`.
+const CURSOR_PATTERN: &str = "^[1-9][0-9]{0,18}$";
+/// The member the document's examples name: one of `serve --demo`'s.
+const MEMBER_EXAMPLE: &str = "acme";
 
 /// Routes whose `Idempotency-Key` is required: every POST that moves
 /// credits or money. `POST /v1/plans` takes one and does not require it.
@@ -265,10 +269,15 @@ impl Modify for Limits {
                         (ParameterIn::Query, "limit") => Rule::Range(1, tally_projections::PAGE_SIZE_MAX as i64),
                         (ParameterIn::Query, "min_position" | "after") => Rule::Range(0, i64::MAX),
                         (ParameterIn::Query, "from" | "to") if path.ends_with("/usage/daily") => Rule::Date,
+                        (ParameterIn::Query, "cursor") => Rule::Pattern(CURSOR_PATTERN),
                         _ => continue,
                     };
                     if let Some(schema) = parameter.schema.as_mut().and_then(object_mut) {
                         apply(schema, &rule);
+                        // A member of `serve --demo`, so examples reach real books.
+                        if parameter.name == "member" {
+                            schema.examples = vec![serde_json::Value::from(MEMBER_EXAMPLE)];
+                        }
                     }
                 }
             }

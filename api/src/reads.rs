@@ -22,6 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 pub const DAILY_RANGE_DAYS_MAX: i64 = 366;
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
     /// Wait until the read models reached this log position (from a write's answer).
@@ -29,6 +30,7 @@ pub struct ReadQuery {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     pub min_position: Option<u64>,
@@ -39,6 +41,7 @@ pub struct PageQuery {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DailyQuery {
     pub min_position: Option<u64>,
@@ -51,6 +54,7 @@ pub struct DailyQuery {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// RFC 3339 instant: only events recorded at or before it count. Now by default.
@@ -85,7 +89,7 @@ async fn read<T: Send + 'static>(
     min_position: Option<u64>,
     run: impl FnOnce(&Projections) -> Result<T, ProjectionError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    validate::identifier("member", member_id).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    validate::identifier("member", member_id).map_err(ApiError::from)?;
     principal.require_member(member_id)?;
     if min_position.is_some_and(|position| position > i64::MAX as u64) {
         return Err(ApiError::validation("min_position", "is too large"));
@@ -374,7 +378,7 @@ pub fn replay_member(
 pub async fn audit(state: Data<AppState>, request: HttpRequest, path: Path<String>) -> Result<HttpResponse, ApiError> {
     let principal = authenticate(&state, &request)?;
     let member_id = path.into_inner();
-    validate::identifier("member", &member_id).map_err(|error| ApiError::validation("member", error.to_string()))?;
+    validate::identifier("member", &member_id).map_err(ApiError::from)?;
     principal.require_member(&member_id)?;
     let params: AuditQuery = query(&request)?;
     let as_of = match params.as_of {

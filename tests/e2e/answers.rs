@@ -254,6 +254,12 @@ fn the_openapi_document_states_the_limits_the_server_enforces() {
         schemas["MemberBody"]["properties"]["time_zone"]["enum"].as_array().unwrap().contains(&json!("Europe/Paris"))
     );
     assert_eq!(schemas["UsageBatchBody"]["properties"]["records"]["maxItems"], 1_000);
+    // Query parameters are stated as such, with their bounds.
+    let parameters = document["paths"]["/v1/members/{member}/transactions"]["get"]["parameters"].as_array().unwrap();
+    let limit = parameters.iter().find(|parameter| parameter["name"] == "limit").unwrap();
+    assert_eq!((limit["in"].as_str(), limit["schema"]["maximum"].as_i64()), (Some("query"), Some(1_000)), "{limit}");
+    let (status, problem) = server.admin_get("/v1/members/m1/transactions?limit=1001");
+    assert_eq!((status, problem["field"].as_str()), (422, Some("limit")), "{problem}");
 
     // (route, body builder, field): the document's bound, then one past it.
     type Body = Box<dyn Fn(i64) -> Value>;
