@@ -28,8 +28,45 @@ use utoipa::ToSchema;
 pub const USAGE_BATCH_RECORDS_MAX: usize = 1_000;
 /// Largest batch request body: 1,000 records of about 1 KiB each.
 pub const USAGE_BATCH_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Batch requests the server runs at once. Each queues up to 1,000
+/// commands to the writer (whose queue holds `queue_commands_max`, 16,384
+/// by default), so a burst of batches cannot crowd out single commands;
+/// beyond it a batch is refused with 503 and `Retry-After`.
+pub const USAGE_BATCHES_CONCURRENT_MAX: usize = 4;
+/// How long a refused batch is asked to wait.
+const BATCH_RETRY_AFTER_S: u64 = 1;
 /// The route name records are scoped and counted under.
 const ROUTE_NAME: &str = "usage.batch";
+
+/// Counts the batches running; a slot is given back when its guard drops.
+#[derive(Default)]
+pub struct BatchSlots {
+    running: std::sync::atomic::AtomicUsize,
+}
+
+pub struct BatchSlot<'a>(&'a BatchSlots);
+
+impl BatchSlots {
+    fn take(&self) -> Result<BatchSlot<'_>, ApiError> {
+        use std::sync::atomic::Ordering;
+        let taken = self.running.fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+            (running < USAGE_BATCHES_CONCURRENT_MAX).then_some(running + 1)
+        });
+        match taken {
+            Ok(_) => Ok(BatchSlot(self)),
+            Err(_) => Err(ApiError::Busy {
+                retry_after_s: BATCH_RETRY_AFTER_S,
+                message: format!("{USAGE_BATCHES_CONCURRENT_MAX} usage batches are running already"),
+            }),
+        }
+    }
+}
+
+impl Drop for BatchSlot<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +149,10 @@ fn records_count(records: &[serde_json::Value]) -> Result<(), ApiError> {
 /// command. `member_id` has been checked (or is the path's).
 fn prepare(principal: &Principal, member_id: String, record: serde_json::Value) -> Prepared {
     let usage_id = record.get("usage_id").and_then(|id| id.as_str()).map(str::to_owned);
+    if !record.is_object() {
+        let command = Err(ApiError::validation("record", "must be a JSON object, shaped as a usage body"));
+        return Prepared { member_id, usage_id, command };
+    }
     // The fingerprint is the record alone, so the same record is the same
     // request through either batch route.
     let fingerprint = body::fingerprint("POST", ROUTE_NAME, record.to_string().as_bytes());
@@ -131,6 +172,9 @@ fn prepare(principal: &Principal, member_id: String, record: serde_json::Value) 
 }
 
 fn refused(index: usize, member_id: String, usage_id: Option<String>, error: &ApiError) -> UsageRecordOutcome {
+    if error.status_code().is_server_error() {
+        tracing::error!(error = %error, index, "a usage batch record failed");
+    }
     UsageRecordOutcome {
         index,
         member_id,
@@ -193,6 +237,14 @@ async fn run(state: &AppState, prepared: Vec<Prepared>) -> Result<UsageBatchView
     }
     let accepted = results.iter().filter(|result| result.accepted).count();
     let position = results.iter().filter_map(|result| result.position).max().unwrap_or(0);
+    // Nothing taken and the server at fault for every record (the writer
+    // stopped, or its queue is full): the batch as a whole failed.
+    if accepted == 0 && results.iter().all(|result| result.status >= 500) {
+        return Err(ApiError::Busy {
+            retry_after_s: BATCH_RETRY_AFTER_S,
+            message: "the ledger took none of the batch's records".to_owned(),
+        });
+    }
     Ok(UsageBatchView { accepted, refused: results.len() - accepted, position, results })
 }
 
@@ -207,6 +259,7 @@ pub async fn member_batch(state: Data<AppState>, request: HttpRequest, bytes: By
     principal.require_member(&member_id)?;
     let body: UsageBatchBody = body::parse(&bytes)?;
     records_count(&body.records)?;
+    let _slot = state.usage_batches.take()?;
     let prepared = body.records.into_iter().map(|record| prepare(&principal, member_id.clone(), record)).collect();
     Ok(HttpResponse::Ok().json(run(&state, prepared).await?))
 }
@@ -220,13 +273,19 @@ pub async fn admin_batch(state: Data<AppState>, request: HttpRequest, bytes: Byt
     principal.require_admin()?;
     let body: MemberUsageBatchBody = body::parse(&bytes)?;
     records_count(&body.records)?;
+    let _slot = state.usage_batches.take()?;
     let prepared = body
         .records
         .into_iter()
         .map(|mut record| {
             let member_id = match record.as_object_mut().map(|fields| fields.remove("member_id")) {
                 Some(Some(serde_json::Value::String(member_id))) => member_id,
-                _ => String::new(),
+                Some(_) => {
+                    let usage_id = record.get("usage_id").and_then(|id| id.as_str()).map(str::to_owned);
+                    let error = ApiError::validation("member_id", "is required: the member the usage is for, a string");
+                    return Prepared { member_id: String::new(), usage_id, command: Err(error) };
+                }
+                None => return prepare(&principal, String::new(), record),
             };
             match validate::identifier("member_id", &member_id) {
                 Ok(()) => prepare(&principal, member_id, record),
@@ -239,4 +298,20 @@ pub async fn admin_batch(state: Data<AppState>, request: HttpRequest, bytes: Byt
         })
         .collect();
     Ok(HttpResponse::Ok().json(run(&state, prepared).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_slots_refuse_beyond_the_limit_and_come_back_when_a_batch_ends() {
+        let slots = BatchSlots::default();
+        let running: Vec<BatchSlot> = (0..USAGE_BATCHES_CONCURRENT_MAX).map(|_| slots.take().unwrap()).collect();
+        let refused = slots.take().err().expect("a batch beyond the limit is refused");
+        assert_eq!(refused.status_code().as_u16(), 503);
+        assert_eq!(refused.problem().retry_after_s, Some(BATCH_RETRY_AFTER_S));
+        drop(running);
+        assert!(slots.take().is_ok(), "slots come back when their batches end");
+    }
 }

@@ -242,17 +242,166 @@ impl Object {
     }
 }
 
-/// What a write route needs to say about itself.
+/// What a write route needs to say about itself. Every one is in
+/// [`WRITE_ROUTES`], which the OpenAPI document reads for its
+/// `Idempotency-Key` parameters.
 pub(crate) struct Route {
     pub(crate) name: &'static str,
+    pub(crate) method: &'static str,
+    pub(crate) path: &'static str,
     pub(crate) object: Object,
     pub(crate) status: u16,
     /// Routes that move credits or money refuse a request without a key.
-    idempotency_required: bool,
+    pub(crate) idempotency_required: bool,
     /// Whether a member key may call it on its own member (usage, check,
     /// reservations); everything else is admin only.
     member_key_allowed: bool,
 }
+
+const ROUTE_MEMBER: Route = Route {
+    name: "member",
+    method: "PUT",
+    path: "/v1/members/{member}",
+    object: Object::Member,
+    status: 200,
+    idempotency_required: false,
+    member_key_allowed: false,
+};
+const ROUTE_SUBSCRIPTION_START: Route = Route {
+    name: "subscription.start",
+    method: "POST",
+    path: "/v1/members/{member}/subscription",
+    object: Object::Subscription,
+    status: 201,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_SUBSCRIPTION_CHANGE: Route = Route {
+    name: "subscription.change",
+    method: "POST",
+    path: "/v1/members/{member}/subscription/change",
+    object: Object::Subscription,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_SUBSCRIPTION_CANCEL: Route = Route {
+    name: "subscription.cancel",
+    method: "POST",
+    path: "/v1/members/{member}/subscription/cancel",
+    object: Object::Subscription,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_CREDITS_GRANT: Route = Route {
+    name: "credits.grant",
+    method: "POST",
+    path: "/v1/members/{member}/credits/grants",
+    object: Object::Grant,
+    status: 201,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_CREDITS_DEBIT: Route = Route {
+    name: "credits.debit",
+    method: "POST",
+    path: "/v1/members/{member}/credits/debits",
+    object: Object::Debit,
+    status: 201,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_USAGE: Route = Route {
+    name: "usage",
+    method: "POST",
+    path: "/v1/members/{member}/usage",
+    object: Object::Usage,
+    status: 201,
+    idempotency_required: true,
+    member_key_allowed: true,
+};
+const ROUTE_USAGE_REVERSE: Route = Route {
+    name: "usage.reverse",
+    method: "POST",
+    path: "/v1/members/{member}/usage/{usage}/reverse",
+    object: Object::UsageReversal,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_RESERVATIONS: Route = Route {
+    name: "reservations",
+    method: "POST",
+    path: "/v1/members/{member}/reservations",
+    object: Object::Reservation,
+    status: 201,
+    idempotency_required: true,
+    member_key_allowed: true,
+};
+const ROUTE_RESERVATIONS_SETTLE: Route = Route {
+    name: "reservations.settle",
+    method: "POST",
+    path: "/v1/members/{member}/reservations/{reservation}/settle",
+    object: Object::Reservation,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: true,
+};
+const ROUTE_RESERVATIONS_RELEASE: Route = Route {
+    name: "reservations.release",
+    method: "POST",
+    path: "/v1/members/{member}/reservations/{reservation}/release",
+    object: Object::Reservation,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: true,
+};
+const ROUTE_INVOICES_PAY: Route = Route {
+    name: "invoices.pay",
+    method: "POST",
+    path: "/v1/members/{member}/invoices/{invoice}/pay",
+    object: Object::Invoice,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_INVOICES_VOID: Route = Route {
+    name: "invoices.void",
+    method: "POST",
+    path: "/v1/members/{member}/invoices/{invoice}/void",
+    object: Object::Invoice,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+const ROUTE_INVOICES_UNCOLLECTIBLE: Route = Route {
+    name: "invoices.uncollectible",
+    method: "POST",
+    path: "/v1/members/{member}/invoices/{invoice}/uncollectible",
+    object: Object::Invoice,
+    status: 200,
+    idempotency_required: true,
+    member_key_allowed: false,
+};
+
+/// Every member write route (POST /v1/plans keys its requests apart).
+pub(crate) const WRITE_ROUTES: &[Route] = &[
+    ROUTE_MEMBER,
+    ROUTE_SUBSCRIPTION_START,
+    ROUTE_SUBSCRIPTION_CHANGE,
+    ROUTE_SUBSCRIPTION_CANCEL,
+    ROUTE_CREDITS_GRANT,
+    ROUTE_CREDITS_DEBIT,
+    ROUTE_USAGE,
+    ROUTE_USAGE_REVERSE,
+    ROUTE_RESERVATIONS,
+    ROUTE_RESERVATIONS_SETTLE,
+    ROUTE_RESERVATIONS_RELEASE,
+    ROUTE_INVOICES_PAY,
+    ROUTE_INVOICES_VOID,
+    ROUTE_INVOICES_UNCOLLECTIBLE,
+];
 
 /// Send one member command to the writer and describe what it did.
 pub(crate) async fn execute_member(
@@ -330,13 +479,7 @@ pub async fn put_member(
         currency: body.currency.unwrap_or(defaults.currency),
         stripe_customer_id: body.stripe_customer_id.or(defaults.stripe_customer_id),
     };
-    let route = Route {
-        name: "member",
-        object: Object::Member,
-        status: 200,
-        idempotency_required: false,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_MEMBER;
     let command = MemberCommand::Register(profile);
     let idempotency = idempotency(&request, &principal, &member_id, route.name, &bytes, route.status, false)?;
     let (view, status) = execute_member(&state, &principal, member_id, route, command, idempotency).await?;
@@ -487,13 +630,7 @@ pub async fn start_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "subscription.start",
-        object: Object::Subscription,
-        status: 201,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_SUBSCRIPTION_START;
     // Credentials before the body: a refused caller learns nothing from validation.
     authenticate(&state, &request)?.require_admin()?;
     require_idempotency_header(&request)?;
@@ -524,13 +661,7 @@ pub async fn change_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "subscription.change",
-        object: Object::Subscription,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_SUBSCRIPTION_CHANGE;
     member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
         Ok(MemberCommand::ChangePlan { plan_id: body.plan_id })
     })
@@ -548,13 +679,7 @@ pub async fn cancel_subscription(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "subscription.cancel",
-        object: Object::Subscription,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_SUBSCRIPTION_CANCEL;
     member_post(state, request, bytes, route, |body: CancelBody, _ids: &[String]| {
         Ok(MemberCommand::CancelSubscription { at_period_end: body.at_period_end })
     })
@@ -572,13 +697,7 @@ pub async fn grant_credits(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "credits.grant",
-        object: Object::Grant,
-        status: 201,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_CREDITS_GRANT;
     member_post(state, request, bytes, route, |body: GrantBody, _ids: &[String]| grant_command(body)).await
 }
 
@@ -593,13 +712,7 @@ pub async fn debit_credits(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "credits.debit",
-        object: Object::Debit,
-        status: 201,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_CREDITS_DEBIT;
     member_post(state, request, bytes, route, |body: DebitBody, _ids: &[String]| {
         Ok(MemberCommand::DebitCredits { amount: Credits(body.amount), reason: body.reason })
     })
@@ -613,13 +726,7 @@ pub async fn debit_credits(
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/usage")]
 pub async fn record_usage(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "usage",
-        object: Object::Usage,
-        status: 201,
-        idempotency_required: true,
-        member_key_allowed: true,
-    };
+    let route = ROUTE_USAGE;
     member_post(state, request, bytes, route, |body: UsageBody, _ids: &[String]| Ok(usage_command(body))).await
 }
 
@@ -634,13 +741,7 @@ pub async fn reverse_usage(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "usage.reverse",
-        object: Object::UsageReversal,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_USAGE_REVERSE;
     member_post(state, request, bytes, route, |body: ReverseBody, ids: &[String]| {
         Ok(MemberCommand::ReverseUsage { usage_id: ids[0].clone(), reason: body.reason })
     })
@@ -654,13 +755,7 @@ pub async fn reverse_usage(
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations")]
 pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "reservations",
-        object: Object::Reservation,
-        status: 201,
-        idempotency_required: true,
-        member_key_allowed: true,
-    };
+    let route = ROUTE_RESERVATIONS;
     member_post(state, request, bytes, route, |body: ReserveBody, _ids: &[String]| {
         Ok(MemberCommand::Reserve { amount: Credits(body.amount), ttl_s: body.ttl_s })
     })
@@ -674,13 +769,7 @@ pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) 
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations/{reservation}/settle")]
 pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "reservations.settle",
-        object: Object::Reservation,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: true,
-    };
+    let route = ROUTE_RESERVATIONS_SETTLE;
     member_post(state, request, bytes, route, |body: SettleBody, ids: &[String]| settle_command(body, &ids[0])).await
 }
 
@@ -691,13 +780,7 @@ pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/reservations/{reservation}/release")]
 pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "reservations.release",
-        object: Object::Reservation,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: true,
-    };
+    let route = ROUTE_RESERVATIONS_RELEASE;
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::Release { reservation_id: ids[0].clone() })
     })
@@ -711,13 +794,7 @@ pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) 
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/invoices/{invoice}/pay")]
 pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "invoices.pay",
-        object: Object::Invoice,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_INVOICES_PAY;
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::PayInvoice { invoice_id: ids[0].clone() })
     })
@@ -731,13 +808,7 @@ pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Byt
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/invoices/{invoice}/void")]
 pub async fn void_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "invoices.void",
-        object: Object::Invoice,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_INVOICES_VOID;
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::VoidInvoice { invoice_id: ids[0].clone() })
     })
@@ -755,13 +826,7 @@ pub async fn uncollectible_invoice(
     request: HttpRequest,
     bytes: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let route = Route {
-        name: "invoices.uncollectible",
-        object: Object::Invoice,
-        status: 200,
-        idempotency_required: true,
-        member_key_allowed: false,
-    };
+    let route = ROUTE_INVOICES_UNCOLLECTIBLE;
     member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
         Ok(MemberCommand::MarkInvoiceUncollectible { invoice_id: ids[0].clone() })
     })

@@ -352,7 +352,10 @@ pub struct CommandView {
     /// True when this is the stored answer to an earlier request with the same `Idempotency-Key`.
     pub replayed: bool,
     /// True when what the command asks for already held (a second cancel
-    /// at period end, a release of a released reservation, an unchanged
-    /// profile): nothing was written, and the answer says where things stand.
+    /// at period end, a release of a released reservation, a settle
+    /// repeated with the same amount, an unchanged profile): the command
+    /// wrote no event of its own (time that fell due may still have been
+    /// recorded before it, which moves `position`), and the answer says
+    /// where things stand.
     pub already: bool,
 }

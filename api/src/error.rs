@@ -33,7 +33,7 @@ pub struct Problem {
     pub requested: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub available: Option<i64>,
-    /// Seconds to wait, for `rate_limited`.
+    /// Seconds to wait, for `rate_limited` (and a busy `service_unavailable`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_s: Option<u64>,
     /// Why a Stripe signature was refused (`invalid_signature`):
@@ -80,6 +80,9 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 503 `service_unavailable` with `Retry-After`: too much work at once.
+    #[error("{message}; retry in {retry_after_s} s")]
+    Busy { retry_after_s: u64, message: String },
     /// 400: a Stripe webhook whose signature does not verify; writes nothing.
     #[error("the Stripe signature was refused: {detail}")]
     InvalidSignature { reason: &'static str, detail: String },
@@ -126,7 +129,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::ProjectionLagging(_) => "projection_lagging",
             ApiError::Internal(_) => "internal_error",
-            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Unavailable(_) | ApiError::Busy { .. } => "service_unavailable",
             ApiError::InvalidSignature { .. } => "invalid_signature",
             ApiError::StripeNotConfigured(_) => "stripe_not_configured",
             ApiError::PaymentProvider { .. } => "payment_provider_error",
@@ -157,7 +160,9 @@ impl ApiError {
         match self {
             ApiError::Validation { field, .. } => problem.field = Some(field.clone()),
             ApiError::InvalidHeader { header, .. } => problem.header = Some((*header).to_owned()),
-            ApiError::RateLimited { retry_after_s } => problem.retry_after_s = Some(*retry_after_s),
+            ApiError::RateLimited { retry_after_s } | ApiError::Busy { retry_after_s, .. } => {
+                problem.retry_after_s = Some(*retry_after_s)
+            }
             ApiError::InvalidSignature { reason, .. } => problem.reason = Some((*reason).to_owned()),
             ApiError::PaymentProvider { status, code, .. } => {
                 problem.provider_code = Some(code.clone());
@@ -216,7 +221,9 @@ fn advice(code: &str) -> &'static str {
         "payload_too_large" => "send a smaller body",
         "projection_lagging" => "retry shortly with the same min_position",
         "internal_error" => "retry later; if it persists, an operator should read tally's log",
-        "service_unavailable" => "retry with backoff, with the same Idempotency-Key",
+        "service_unavailable" => {
+            "retry with backoff, with the same idempotency key (the Idempotency-Key header, or a batch record's usage_id)"
+        }
         "invalid_signature" => "check the webhook signing secret; nothing was recorded",
         "stripe_not_configured" => "set TALLY_STRIPE_WEBHOOK_SECRET to enable the endpoint",
         "payment_provider_error" => "nothing was changed in tally; retry, or check the Stripe account",
@@ -271,7 +278,9 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ProjectionLagging(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ProjectionLagging(_) | ApiError::Unavailable(_) | ApiError::Busy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::InvalidSignature { .. } => StatusCode::BAD_REQUEST,
             ApiError::StripeNotConfigured(_) => StatusCode::NOT_FOUND,
@@ -286,7 +295,7 @@ impl ResponseError for ApiError {
         }
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
-        if let ApiError::RateLimited { retry_after_s } = self {
+        if let ApiError::RateLimited { retry_after_s } | ApiError::Busy { retry_after_s, .. } = self {
             response.insert_header((header::RETRY_AFTER, retry_after_s.to_string()));
         }
         if let ApiError::Unauthorized = self {
@@ -299,5 +308,48 @@ impl ResponseError for ApiError {
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(_: actix_web::error::BlockingError) -> ApiError {
         ApiError::Unavailable("the server is shutting down".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_ledger::domain::Credits;
+
+    /// Every code the API can answer has its own title: none falls back to
+    /// the generic one, and none is an HTTP reason phrase.
+    #[test]
+    fn every_code_has_a_human_title() {
+        let errors = vec![
+            ApiError::validation("f", "m"),
+            ApiError::InvalidHeader { header: "Idempotency-Key", message: "m".into() },
+            ApiError::Malformed("m".into()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden,
+            ApiError::NotFound("m".into()),
+            ApiError::MethodNotAllowed("m".into()),
+            ApiError::RateLimited { retry_after_s: 1 },
+            ApiError::PayloadTooLarge { limit_bytes: 1 },
+            ApiError::ProjectionLagging("m".into()),
+            ApiError::Internal("m".into()),
+            ApiError::Unavailable("m".into()),
+            ApiError::Busy { retry_after_s: 1, message: "m".into() },
+            ApiError::InvalidSignature { reason: "r", detail: "m".into() },
+            ApiError::StripeNotConfigured("m".into()),
+            ApiError::PaymentProvider { status: None, code: "c".into(), message: "m".into() },
+            ApiError::Ledger(LedgerError::IdempotencyKeyReused),
+            ApiError::Ledger(LedgerError::VersionConflict { stream_id: "s".into(), attempts: 1 }),
+            ApiError::Ledger(LedgerError::Rejected(DomainError::InsufficientCredits {
+                requested: Credits(2),
+                available: Credits(1),
+            })),
+            ApiError::Ledger(LedgerError::Rejected(DomainError::ReservationExpired { reservation_id: "r".into() })),
+        ];
+        for error in errors {
+            let problem = error.problem();
+            assert_ne!(problem.title, "Request refused", "{} has no title", problem.code);
+            assert_ne!(Some(problem.title.as_str()), error.status_code().canonical_reason(), "{}", problem.code);
+            assert!(problem.detail.contains("; "), "{}: the detail says what to do: {}", problem.code, problem.detail);
+        }
     }
 }

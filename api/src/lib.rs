@@ -58,6 +58,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub rate_limits: ratelimit::RateLimits,
     pub stripe: stripe::StripeSettings,
+    /// Usage batches running now, at most `batch::USAGE_BATCHES_CONCURRENT_MAX`.
+    pub usage_batches: batch::BatchSlots,
     rates: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
@@ -76,6 +78,7 @@ impl AppState {
             metrics: metrics::Metrics::new(),
             rate_limits: ratelimit::RateLimits::default(),
             stripe: stripe::StripeSettings::new(),
+            usage_batches: batch::BatchSlots::default(),
             rates: Mutex::new(HashMap::new()),
         }
     }

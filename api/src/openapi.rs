@@ -139,24 +139,9 @@ const CURSOR_PATTERN: &str = "^[1-9][0-9]{0,18}$";
 /// The member the document's examples name: one of `serve --demo`'s.
 const MEMBER_EXAMPLE: &str = "acme";
 
-/// Routes whose `Idempotency-Key` is required: every POST that moves
-/// credits or money. `POST /v1/plans` takes one and does not require it.
-pub const IDEMPOTENCY_KEY_REQUIRED: &[&str] = &[
-    "/v1/members/{member}/subscription",
-    "/v1/members/{member}/subscription/change",
-    "/v1/members/{member}/subscription/cancel",
-    "/v1/members/{member}/credits/grants",
-    "/v1/members/{member}/credits/debits",
-    "/v1/members/{member}/usage",
-    "/v1/members/{member}/usage/{usage}/reverse",
-    "/v1/members/{member}/reservations",
-    "/v1/members/{member}/reservations/{reservation}/settle",
-    "/v1/members/{member}/reservations/{reservation}/release",
-    "/v1/members/{member}/invoices/{invoice}/pay",
-    "/v1/members/{member}/invoices/{invoice}/void",
-    "/v1/members/{member}/invoices/{invoice}/uncollectible",
-];
-const IDEMPOTENCY_KEY_OPTIONAL: &[&str] = &["/v1/plans"];
+/// Write routes outside [`crate::commands::WRITE_ROUTES`] that take an
+/// optional `Idempotency-Key`.
+const IDEMPOTENCY_KEY_OPTIONAL: &[(&str, &str)] = &[("POST", "/v1/plans")];
 
 fn apply(schema: &mut utoipa::openapi::schema::Object, rule: &Rule) {
     use tally_ledger::domain::limits::{ID_LENGTH_MAX, TEXT_LENGTH_MAX};
@@ -266,10 +251,16 @@ impl Modify for Limits {
                     let utoipa::openapi::RefOr::T(parameter) = parameter else { continue };
                     let rule = match (&parameter.parameter_in, parameter.name.as_str()) {
                         (ParameterIn::Path, "member" | "usage" | "reservation") => Rule::Identifier,
+                        (ParameterIn::Query, "limit") if path == "/v1/events" => {
+                            Rule::Range(1, crate::admin::EVENTS_PAGE_SIZE_MAX as i64)
+                        }
                         (ParameterIn::Query, "limit") => Rule::Range(1, tally_projections::PAGE_SIZE_MAX as i64),
                         (ParameterIn::Query, "min_position" | "after") => Rule::Range(0, i64::MAX),
                         (ParameterIn::Query, "from" | "to") if path.ends_with("/usage/daily") => Rule::Date,
-                        (ParameterIn::Query, "cursor") => Rule::Pattern(CURSOR_PATTERN),
+                        // The daily list's cursors are a day and a metric, not a sequence.
+                        (ParameterIn::Query, "cursor") if !path.ends_with("/usage/daily") => {
+                            Rule::Pattern(CURSOR_PATTERN)
+                        }
                         _ => continue,
                     };
                     if let Some(schema) = parameter.schema.as_mut().and_then(object_mut) {
@@ -281,12 +272,19 @@ impl Modify for Limits {
                     }
                 }
             }
-            if let Some(post) = item.post.as_mut() {
-                let required = IDEMPOTENCY_KEY_REQUIRED.contains(&path.as_str());
-                if required || IDEMPOTENCY_KEY_OPTIONAL.contains(&path.as_str()) {
-                    post.parameters.get_or_insert_with(Vec::new).push(idempotency_header(required).into());
-                }
-            }
+        }
+        let keyed = crate::commands::WRITE_ROUTES
+            .iter()
+            .map(|route| (route.method, route.path, route.idempotency_required))
+            .chain(IDEMPOTENCY_KEY_OPTIONAL.iter().map(|(method, path)| (*method, *path, false)));
+        for (method, path, required) in keyed {
+            let item = openapi.paths.paths.get_mut(path).unwrap_or_else(|| panic!("the document has no path {path}"));
+            let operation = match method {
+                "PUT" => item.put.as_mut(),
+                _ => item.post.as_mut(),
+            };
+            let operation = operation.unwrap_or_else(|| panic!("the document has no {method} {path}"));
+            operation.parameters.get_or_insert_with(Vec::new).push(idempotency_header(required).into());
         }
     }
 }
@@ -339,4 +337,21 @@ pub struct ApiDoc;
 
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The modifiers panic on a schema, property or route they cannot
+    /// find: building the document here catches a renamed field before a
+    /// server ever answers `/openapi.json`.
+    #[test]
+    fn the_document_builds_with_every_limit_in_place() {
+        let document = serde_json::to_value(document()).unwrap();
+        let usage = &document["components"]["schemas"]["UsageBody"]["properties"];
+        assert_eq!(usage["credits"]["maximum"], tally_ledger::domain::limits::COMMAND_CREDITS_MAX);
+        let keyed = crate::commands::WRITE_ROUTES.iter().filter(|route| route.idempotency_required).count();
+        assert_eq!(keyed, 13);
+    }
 }
