@@ -37,6 +37,9 @@ for _ in $(seq 1 200); do
 done
 target/release/tally-load --url "http://127.0.0.1:$port" --admin-key bench-admin-key --route both \
   --rates 1000,5000,10000,20000 --seconds 10 | tee "$out/http.md"
+# Batch usage beside single usage on the same server (run 6): records/s compare.
+target/release/tally-load --url "http://127.0.0.1:$port" --admin-key bench-admin-key --route usage-batch \
+  --batch-records 100 --rates 100,200,300 --seconds 10 | tee "$out/http-batch.md"
 kill "$server"
 wait "$server" || true
 
