@@ -895,3 +895,70 @@ pub async fn check(
         debt: outcome.would_incur_debt.0,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn described(events: Vec<MemberEvent>) -> CommandView {
+        let mut view = CommandView::default();
+        for event in events {
+            describe(&mut view, &serde_json::to_value(event).expect("events serialise"));
+        }
+        view
+    }
+
+    fn part(grant_id: &str, amount: i64) -> GrantPart {
+        GrantPart { grant_id: grant_id.to_owned(), amount: Credits(amount) }
+    }
+
+    /// `describe` reads the events' stored JSON by field: these are the
+    /// events themselves, serialised, so a renamed field fails here.
+    #[test]
+    fn answers_read_their_ids_from_the_events_as_stored() {
+        let deadline = chrono::Utc.with_ymd_and_hms(2026, 1, 1, 0, 10, 0).unwrap();
+        let usage = described(vec![MemberEvent::CreditsDeducted {
+            usage_id: "u1".into(),
+            amount: Credits(7),
+            parts: vec![part("g1", 5), part("g2", 2)],
+            debt: Credits(0),
+            unit_price: MinorUnits(0),
+        }]);
+        assert_eq!(usage.usage_id.as_deref(), Some("u1"));
+        let burned: Vec<(String, i64)> =
+            usage.burned.unwrap().into_iter().map(|part| (part.grant_id, part.amount)).collect();
+        assert_eq!(burned, vec![("g1".to_owned(), 5), ("g2".to_owned(), 2)]);
+        assert_eq!(usage.debt_incurred, Some(0));
+
+        let reserved = described(vec![MemberEvent::CreditsReserved {
+            reservation_id: "rsv_3".into(),
+            amount: Credits(40),
+            holds: vec![part("g1", 40)],
+            deadline,
+        }]);
+        assert_eq!(
+            (reserved.reservation_id.as_deref(), reserved.held, reserved.deadline),
+            (Some("rsv_3"), Some(40), Some(deadline))
+        );
+        let released = described(vec![MemberEvent::ReservationReleased {
+            reservation_id: "rsv_3".into(),
+            reason: ReleaseReason::Released,
+            released: Credits(40),
+            released_parts: vec![part("g1", 40)],
+        }]);
+        assert_eq!((released.reservation_id.as_deref(), released.released), (Some("rsv_3"), Some(40)));
+        let reversed = described(vec![MemberEvent::UsageReversed {
+            usage_id: "u1".into(),
+            credits: Credits(7),
+            debt_reduced: Credits(3),
+            refunded: Credits(4),
+            reason: None,
+        }]);
+        assert_eq!((reversed.debt_reduced, reversed.refunded), (Some(3), Some(4)));
+        let canceled = described(vec![MemberEvent::SubscriptionCancelScheduled { effective_at: deadline }]);
+        assert_eq!(canceled.cancel_at, Some(deadline));
+        let voided = described(vec![MemberEvent::InvoiceVoided { invoice_id: "inv_m1_2".into() }]);
+        assert_eq!(voided.invoice_id.as_deref(), Some("inv_m1_2"));
+    }
+}
