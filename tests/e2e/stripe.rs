@@ -556,6 +556,84 @@ fn a_checkout_with_tally_metadata_buys_credits() {
     assert_eq!(deliver(&server, &event).1["status"], "ignored");
 }
 
+/// A checkout session of `life`'s customer buying 5,000 credits, in the
+/// shape of `fixture` (the current API's, or a 2020-03-02 account's).
+fn delayed_checkout(fixture: &str, event_id: &str, event_type: &str, session_id: &str, paid: bool) -> Value {
+    let mut event: Value = serde_json::from_slice(&fixture_bytes(fixture)).unwrap();
+    event["id"] = json!(event_id);
+    event["type"] = json!(event_type);
+    let session = &mut event["data"]["object"];
+    session["id"] = json!(session_id);
+    session["customer"] = json!("cus_life");
+    session["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
+    session["status"] = json!("complete");
+    session["amount_total"] = json!(4_900);
+    session["currency"] = json!("usd");
+    session["metadata"] = json!({"tally_purchase_credits": "5000"});
+    event
+}
+
+#[test]
+fn a_delayed_payment_grants_its_credits_once_when_it_succeeds_in_any_order_and_shape() {
+    let shapes = [
+        "events/composed/checkout.session.completed.json",
+        "events/genuine/supabase-stripe-sync-engine/checkout_session_completed.json",
+    ];
+    let mut all_books = Vec::new();
+    for fixture in shapes {
+        for reversed in [false, true] {
+            let server = life_server();
+            let completed =
+                delayed_checkout(fixture, "evt_completed", "checkout.session.completed", "cs_delayed", false);
+            let succeeded = delayed_checkout(
+                fixture,
+                "evt_succeeded",
+                "checkout.session.async_payment_succeeded",
+                "cs_delayed",
+                true,
+            );
+            let (status, pending) = deliver(&server, &completed);
+            assert_eq!((status, pending["status"].as_str()), (200, Some("ignored")), "{fixture}: {pending}");
+            server.sync("life");
+            assert_eq!(server.admin_get("/v1/members/life/balance").1["available"], 0, "nothing before the payment");
+            let order = if reversed { vec![succeeded, completed] } else { vec![completed, succeeded] };
+            for event in &order {
+                for _ in 0..3 {
+                    let (status, answer) = deliver(&server, event);
+                    assert_eq!(status, 200, "{fixture} {}: {answer}", event["id"]);
+                }
+            }
+            let books = books(&server);
+            assert_eq!(books["balance"]["available"], 5_000, "{fixture}, reversed {reversed}: {books}");
+            all_books.push(books);
+
+            // A failed delayed payment of another session: recorded once, nothing granted.
+            let failed =
+                delayed_checkout(fixture, "evt_failed", "checkout.session.async_payment_failed", "cs_failed", false);
+            for _ in 0..3 {
+                let (status, answer) = deliver(&server, &failed);
+                assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{fixture}: {answer}");
+            }
+            server.sync("life");
+            assert_eq!(server.admin_get("/v1/members/life/balance").1["available"], 5_000);
+            let (_, feed) = server.admin_get("/v1/events?after=0&limit=1000");
+            let failures: Vec<&Value> = feed["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|event| event["event_type"] == "CheckoutPaymentFailed")
+                .collect();
+            assert_eq!(failures.len(), 1, "{fixture}: {failures:?}");
+            assert_eq!(failures[0]["payload"]["stripe_checkout_session_id"], "cs_failed");
+            assert_eq!(failures[0]["payload"]["credits"], 5_000);
+        }
+    }
+    assert!(
+        all_books.windows(2).all(|pair| pair[0] == pair[1]),
+        "the same books in every order and shape: {all_books:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Outbound
 // ---------------------------------------------------------------------------

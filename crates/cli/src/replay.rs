@@ -407,6 +407,11 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
             let stale = if *stale { " (older than what was applied: no change)" } else { "" };
             format!("Stripe event {stripe_event_id} ({event_type}){stale}")
         }
+        MemberEvent::CheckoutPaymentFailed { stripe_checkout_session_id, credits, price } => format!(
+            "checkout {stripe_checkout_session_id}: the delayed payment of {} for {} credits failed; nothing granted",
+            money(price.0, currency),
+            grouped(credits.0)
+        ),
     }
 }
 

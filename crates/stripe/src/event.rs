@@ -191,7 +191,9 @@ fn object_kind(event_type: &str) -> ObjectKind {
         }
         "invoice.finalized" | "invoice.paid" | "invoice.payment_failed" => ObjectKind::Invoice { required: true },
         other if other.starts_with("invoice.") => ObjectKind::Invoice { required: false },
-        "checkout.session.completed" => ObjectKind::CheckoutSession,
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed" => ObjectKind::CheckoutSession,
         _ => ObjectKind::Other,
     }
 }
@@ -234,7 +236,12 @@ pub(crate) fn parse_typed(body: &[u8]) -> Result<ParsedEvent, String> {
                 Err(_) => EventObject::Other,
             }
         }
-        (ObjectKind::CheckoutSession, TypedObject::CheckoutSessionCompleted(session)) => {
+        (
+            ObjectKind::CheckoutSession,
+            TypedObject::CheckoutSessionCompleted(session)
+            | TypedObject::CheckoutSessionAsyncPaymentSucceeded(session)
+            | TypedObject::CheckoutSessionAsyncPaymentFailed(session),
+        ) => {
             // The session type lives in async-stripe-checkout, which tally does not depend on, so its fields are
             // read here rather than in a function that would have to name it.
             EventObject::CheckoutSession(CheckoutFacts {

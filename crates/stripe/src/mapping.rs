@@ -134,30 +134,45 @@ fn map_invoice(event: &ParsedEvent, facts: &InvoiceFacts) -> Result<Mapped, Mapp
     })
 }
 
+/// A credit purchase through Stripe Checkout. Paid at once (a card),
+/// `checkout.session.completed` comes `paid` and grants. Paid by a delayed
+/// method (a bank debit, a voucher), it comes `unpaid` and only records
+/// that the payment is pending; `checkout.session.async_payment_succeeded`
+/// then grants (once per session, whichever event brings it: the ledger
+/// keeps the sessions it granted), and `…async_payment_failed` records the
+/// failure and grants nothing.
 fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Mapped> {
-    if event.event_type != "checkout.session.completed" {
-        return Err(ignored(format!("event type {} is not handled", event.event_type)));
-    }
+    let succeeded = match event.event_type.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => true,
+        "checkout.session.async_payment_failed" => false,
+        other => return Err(ignored(format!("event type {other} is not handled"))),
+    };
     let Some(credits) = facts.metadata.get(PURCHASE_METADATA_KEY) else {
         return Err(ignored(format!("the session has no metadata.{PURCHASE_METADATA_KEY}: not a credit purchase")));
     };
-    if facts.payment_status != "paid" {
-        return Err(ignored(format!("the session's payment_status is {}, not paid", facts.payment_status)));
+    if succeeded && facts.payment_status != "paid" {
+        return Err(ignored(format!(
+            "the session's payment_status is {}, not paid: its credits are granted when \
+             checkout.session.async_payment_succeeded comes",
+            facts.payment_status
+        )));
     }
     let credits = credits.parse::<i64>().ok().filter(|credits| *credits > 0).ok_or_else(|| {
         unprocessed(format!("metadata.{PURCHASE_METADATA_KEY} is not a positive integer: {credits:?}"))
     })?;
-    let currency = facts.currency.clone().ok_or_else(|| unprocessed("the paid session has no currency"))?;
+    let event = event_ref(event, facts.customer.as_ref())?;
+    let session_id = facts.id.clone();
+    let price = MinorUnits(facts.amount_total.unwrap_or(0));
+    let command = if succeeded {
+        let currency = facts.currency.clone().ok_or_else(|| unprocessed("the paid session has no currency"))?;
+        StripeCommand::Purchase { event, session_id, credits: Credits(credits), price, currency }
+    } else {
+        StripeCommand::CheckoutPaymentFailed { event, session_id, credits: Credits(credits), price }
+    };
     Ok(Mapped::Command {
         customer_id: facts.customer.clone(),
         member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
-        command: Box::new(StripeCommand::Purchase {
-            event: event_ref(event, facts.customer.as_ref())?,
-            session_id: facts.id.clone(),
-            credits: Credits(credits),
-            price: MinorUnits(facts.amount_total.unwrap_or(0)),
-            currency,
-        }),
+        command: Box::new(command),
     })
 }
 
@@ -226,5 +241,34 @@ mod tests {
         for bad in ["0", "-3", "lots", "1.5"] {
             assert!(matches!(map(&parse(body(bad).as_bytes()).unwrap()), Mapped::Unprocessed { .. }), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_delayed_payment_waits_for_its_outcome() {
+        let body = |event_type: &str, payment_status: &str| {
+            format!(
+                r#"{{"id":"evt_d","object":"event","type":"{event_type}","created":1767225600,"livemode":false,
+                "data":{{"object":{{"id":"cs_2","object":"checkout.session","customer":"cus_1","mode":"payment",
+                "payment_status":"{payment_status}","amount_total":999,"currency":"usd",
+                "metadata":{{"tally_purchase_credits":"500"}}}}}}}}"#
+            )
+        };
+        let mapped =
+            |event_type: &str, payment_status: &str| map(&parse(body(event_type, payment_status).as_bytes()).unwrap());
+        let Mapped::Ignored { reason } = mapped("checkout.session.completed", "unpaid") else { panic!("not ignored") };
+        assert!(reason.contains("async_payment_succeeded"), "{reason}");
+        let Mapped::Command { command, .. } = mapped("checkout.session.async_payment_succeeded", "paid") else {
+            panic!("not a command")
+        };
+        assert!(
+            matches!(*command, StripeCommand::Purchase { ref session_id, credits: Credits(500), .. } if session_id == "cs_2")
+        );
+        let Mapped::Command { command, .. } = mapped("checkout.session.async_payment_failed", "unpaid") else {
+            panic!("not a command")
+        };
+        assert!(matches!(
+            *command,
+            StripeCommand::CheckoutPaymentFailed { credits: Credits(500), price: MinorUnits(999), .. }
+        ));
     }
 }

@@ -359,6 +359,16 @@ pub enum MemberEvent {
         invoice_id: String,
     },
 
+    /// A Stripe Checkout purchase paid by a delayed method (a bank debit, a
+    /// voucher) failed (`checkout.session.async_payment_failed`): nothing
+    /// was granted, and this records what was not bought.
+    CheckoutPaymentFailed {
+        stripe_checkout_session_id: String,
+        credits: Credits,
+        /// What the purchase would have cost, in the member's currency.
+        price: MinorUnits,
+    },
+
     /// A Stripe event reached this member. Written in every append a Stripe
     /// event causes, before the event's own effects: the audit trail names
     /// the Stripe event behind each change, and its `created` moves the
@@ -412,6 +422,7 @@ impl MemberEvent {
             MemberEvent::InvoiceVoided { .. } => "InvoiceVoided",
             MemberEvent::InvoiceMarkedUncollectible { .. } => "InvoiceMarkedUncollectible",
             MemberEvent::StripeEventApplied { .. } => "StripeEventApplied",
+            MemberEvent::CheckoutPaymentFailed { .. } => "CheckoutPaymentFailed",
         }
     }
 }

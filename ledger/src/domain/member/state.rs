@@ -168,6 +168,11 @@ pub struct MemberState {
     pub stripe_invoices: BTreeMap<String, String>,
     /// Stripe period starts already allocated for: once per period.
     pub stripe_allocations: BTreeSet<Timestamp>,
+    /// Stripe Checkout sessions whose credits were granted: once per
+    /// session, whichever of `checkout.session.completed` (paid) and
+    /// `checkout.session.async_payment_succeeded` comes. One entry per
+    /// purchase, which money bounds.
+    pub stripe_checkout_sessions: BTreeSet<String>,
 }
 
 impl MemberState {
@@ -329,6 +334,9 @@ impl MemberState {
                 if let Some(period_start) = stripe_period_start {
                     self.stripe_allocations.insert(*period_start);
                 }
+                if let Some(session_id) = stripe_checkout_session_id {
+                    self.stripe_checkout_sessions.insert(session_id.clone());
+                }
                 if transferred_from.is_empty() {
                     self.totals.granted = self.totals.granted.plus(terms.amount);
                 }
@@ -467,6 +475,8 @@ impl MemberState {
                 }
             }
             MemberEvent::StripeEventApplied { synced: None, .. } => {}
+            // A record of what was not bought: nothing to hold.
+            MemberEvent::CheckoutPaymentFailed { .. } => {}
         }
     }
 
@@ -543,6 +553,7 @@ mod snapshot_format {
             stripe_subscriptions,
             stripe_invoices: _,
             stripe_allocations: _,
+            stripe_checkout_sessions: _,
         } = state;
         for Grant {
             grant_id: _,
@@ -593,7 +604,7 @@ mod snapshot_format {
         for StripeWatermarks { snapshot_at: _, status_at: _ } in stripe_subscriptions.values() {}
     }
 
-    const GOLDEN_FORMAT_1: &str = r#"{"member_id":null,"profile":{"time_zone":"UTC","currency":"USD"},"version":7,"grants":{},"scheduled_grants":{},"reservations":{},"closed_reservations":{"rsv_3":{"Settled":{"charged":2}}},"debt":[{"credits":3,"unit_price":5}],"subscription":null,"period_lines":[],"invoices":{"inv_m_1":{"status":"Paid","total":900}},"invoices_issued":2,"totals":{"granted":40,"used":0,"debited":0,"expired":0,"debt_incurred":0,"debt_reduced":0,"debt_billed":0},"stripe_subscriptions":{},"stripe_invoices":{},"stripe_allocations":[]}"#;
+    const GOLDEN_FORMAT_2: &str = r#"{"member_id":null,"profile":{"time_zone":"UTC","currency":"USD"},"version":7,"grants":{},"scheduled_grants":{},"reservations":{},"closed_reservations":{"rsv_3":{"Settled":{"charged":2}}},"debt":[{"credits":3,"unit_price":5}],"subscription":null,"period_lines":[],"invoices":{"inv_m_1":{"status":"Paid","total":900}},"invoices_issued":2,"totals":{"granted":40,"used":0,"debited":0,"expired":0,"debt_incurred":0,"debt_reduced":0,"debt_billed":0},"stripe_subscriptions":{},"stripe_invoices":{},"stripe_allocations":[],"stripe_checkout_sessions":["cs_1"]}"#;
 
     #[test]
     fn a_member_snapshot_has_the_pinned_shape_and_reads_back_equal() {
@@ -602,13 +613,14 @@ mod snapshot_format {
         state.debt.push(DebtEntry { credits: Credits(3), unit_price: MinorUnits(5) });
         state.invoices.insert("inv_m_1".into(), InvoiceRecord { status: InvoiceStatus::Paid, total: MinorUnits(900) });
         state.closed_reservations.insert("rsv_3".into(), ClosedReservation::Settled { charged: Credits(2) });
+        state.stripe_checkout_sessions.insert("cs_1".into());
         pinned(&state);
         let json = serde_json::to_string(&state).expect("serialises");
         assert_eq!(serde_json::from_str::<MemberState>(&json).expect("reads back"), state);
-        // The bytes a snapshot of format 1 holds for this state. A change
+        // The bytes a snapshot of format 2 holds for this state. A change
         // here means old snapshots read differently: bump
         // MEMBER_SNAPSHOT_FORMAT, then update this text and the number.
-        assert_eq!(crate::service::MEMBER_SNAPSHOT_FORMAT, 1);
-        assert_eq!(json, GOLDEN_FORMAT_1, "the snapshot format changed: bump MEMBER_SNAPSHOT_FORMAT");
+        assert_eq!(crate::service::MEMBER_SNAPSHOT_FORMAT, 2);
+        assert_eq!(json, GOLDEN_FORMAT_2, "the snapshot format changed: bump MEMBER_SNAPSHOT_FORMAT");
     }
 }

@@ -98,8 +98,13 @@ pub enum StripeCommand {
     Subscription { event: StripeEventRef, subscription: StripeSubscription },
     /// `invoice.finalized` / `invoice.paid` / `invoice.payment_failed`.
     Invoice { event: StripeEventRef, invoice: StripeInvoice, outcome: StripeInvoiceOutcome },
-    /// `checkout.session.completed`, paid, with `metadata.tally_purchase_credits`.
+    /// `checkout.session.completed` (paid) or
+    /// `checkout.session.async_payment_succeeded`, with
+    /// `metadata.tally_purchase_credits`: granted once per session.
     Purchase { event: StripeEventRef, session_id: String, credits: Credits, price: MinorUnits, currency: String },
+    /// `checkout.session.async_payment_failed` of such a session: recorded,
+    /// nothing granted.
+    CheckoutPaymentFailed { event: StripeEventRef, session_id: String, credits: Credits, price: MinorUnits },
 }
 
 impl StripeCommand {
@@ -107,7 +112,8 @@ impl StripeCommand {
         match self {
             StripeCommand::Subscription { event, .. }
             | StripeCommand::Invoice { event, .. }
-            | StripeCommand::Purchase { event, .. } => event,
+            | StripeCommand::Purchase { event, .. }
+            | StripeCommand::CheckoutPaymentFailed { event, .. } => event,
         }
     }
 }
@@ -139,9 +145,17 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
                 return Err(DomainError::invalid("currency", "the checkout's currency differs from the member's"));
             }
         }
+        StripeCommand::CheckoutPaymentFailed { credits, price, .. } => {
+            validate::range("tally_purchase_credits", credits.0, 1, COMMAND_CREDITS_MAX)?;
+            validate::range("amount_total", price.0, 0, PRICE_MINOR_MAX)?;
+        }
     }
 
-    let (stale, synced, status_fresh) = order(&draft.state, command);
+    let (mut stale, synced, status_fresh) = order(&draft.state, command);
+    // A session's credits are granted once, whichever event brings them.
+    if let StripeCommand::Purchase { session_id, .. } = command {
+        stale |= draft.state.stripe_checkout_sessions.contains(session_id);
+    }
     draft.emit_now(MemberEvent::StripeEventApplied {
         stripe_event_id: event.event_id.clone(),
         event_type: event.event_type.clone(),
@@ -180,6 +194,13 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
                 stripe_period_start: None,
                 stripe_checkout_session_id: Some(session_id.clone()),
                 stripe_invoice_item: false,
+            });
+        }
+        StripeCommand::CheckoutPaymentFailed { session_id, credits, price, .. } => {
+            draft.emit_now(MemberEvent::CheckoutPaymentFailed {
+                stripe_checkout_session_id: session_id.clone(),
+                credits: *credits,
+                price: *price,
             });
         }
     }

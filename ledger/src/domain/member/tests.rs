@@ -1402,6 +1402,50 @@ mod stripe_managed {
         assert_eq!(life.state.available(), Credits(1_500));
     }
 
+    fn purchase(event_id: &str, event_type: &str, session_id: &str) -> MemberCommand {
+        MemberCommand::Stripe(StripeCommand::Purchase {
+            event: event(event_id, event_type, at(2026, 1, 1)),
+            session_id: session_id.into(),
+            credits: Credits(500),
+            price: MinorUnits(999),
+            currency: "usd".into(),
+        })
+    }
+
+    #[test]
+    fn a_sessions_credits_are_granted_once_whichever_event_brings_them() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(start("starter"));
+        life.run(purchase("evt_1", "checkout.session.async_payment_succeeded", "cs_1"));
+        assert_eq!(life.state.available(), Credits(1_500));
+        // Another event for the same session (a completed one, say): recorded, nothing granted.
+        let events = life.run(purchase("evt_2", "checkout.session.completed", "cs_1"));
+        assert_eq!(types(&events), ["StripeEventApplied"]);
+        assert!(matches!(events[0], MemberEvent::StripeEventApplied { stale: true, .. }));
+        assert_eq!(life.state.available(), Credits(1_500));
+        // Spent to nothing, the grant is gone from the state; the session is still known.
+        life.run(usage("u1", 1_500));
+        assert_eq!(types(&life.run(purchase("evt_3", "checkout.session.completed", "cs_1"))), ["StripeEventApplied"]);
+        assert_eq!(life.state.available(), Credits(0));
+        life.run(purchase("evt_4", "checkout.session.completed", "cs_2"));
+        assert_eq!(life.state.available(), Credits(500));
+    }
+
+    #[test]
+    fn a_failed_delayed_payment_is_recorded_and_grants_nothing() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(start("starter"));
+        let events = life.run(MemberCommand::Stripe(StripeCommand::CheckoutPaymentFailed {
+            event: event("evt_1", "checkout.session.async_payment_failed", at(2026, 1, 1)),
+            session_id: "cs_1".into(),
+            credits: Credits(500),
+            price: MinorUnits(999),
+        }));
+        assert_eq!(types(&events), ["StripeEventApplied", "MemberProfileChanged", "CheckoutPaymentFailed"]);
+        assert_eq!(life.state.available(), Credits(1_000));
+        life.check_invariants();
+    }
+
     #[test]
     fn an_invoice_arriving_before_its_subscription_does_not_make_the_subscription_stale() {
         let mut life = stripe_life(at(2026, 1, 2));
