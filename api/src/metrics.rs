@@ -38,9 +38,12 @@ impl Metrics {
         let stripe_webhooks = IntCounterVec::new(
             Opts::new(
                 "tally_stripe_webhooks_total",
-                "Stripe webhooks by outcome: applied, ignored, unprocessed (kept for an operator), refused, invalid_signature",
+                "Stripe webhooks by outcome (applied, ignored, unprocessed: kept for an operator, refused, \
+                 invalid_signature), by the reader that understood the event (typed: async-stripe's events; \
+                 fallback: the tolerant reader, as for an endpoint pinned to an old API version; unreadable; \
+                 none before a signature checked) and by the event's API version",
             ),
-            &["outcome"],
+            &["outcome", "parsed_by", "api_version"],
         )
         .expect("valid metric");
         let projection_lag_events =
@@ -69,8 +72,8 @@ impl Metrics {
         self.appended_events.with_label_values(&[route]).inc_by(events as u64);
     }
 
-    pub fn stripe_webhook(&self, outcome: &str) {
-        self.stripe_webhooks.with_label_values(&[outcome]).inc();
+    pub fn stripe_webhook(&self, outcome: &str, parsed_by: &str, api_version: &str) {
+        self.stripe_webhooks.with_label_values(&[outcome, parsed_by, api_version]).inc();
     }
 
     /// The registry's metrics, then the writer's group-commit counters.

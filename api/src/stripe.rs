@@ -74,7 +74,7 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
     let header = match request.headers().get("Stripe-Signature") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
-            state.metrics.stripe_webhook("invalid_signature");
+            state.metrics.stripe_webhook("invalid_signature", "none", "none");
             ApiError::InvalidSignature {
                 reason: "malformed_header",
                 detail: "the Stripe-Signature header is not ASCII".to_owned(),
@@ -83,7 +83,7 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
     };
     if let Err(error) = tally_stripe::verify(header, &bytes, &secret, wall_clock_now(), Some(state.stripe.tolerance_s))
     {
-        state.metrics.stripe_webhook("invalid_signature");
+        state.metrics.stripe_webhook("invalid_signature", "none", "none");
         return Err(ApiError::InvalidSignature { reason: error.reason(), detail: error.to_string() });
     }
 
@@ -91,10 +91,56 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
     Ok(HttpResponse::Ok().json(answer))
 }
 
+/// Longest API version label kept as it is; others count as `other`.
+const API_VERSION_LABEL_BYTES_MAX: usize = 40;
+
+/// The event's API version as a metric label: Stripe's versions look like
+/// `2020-03-02` or `2026-09-30.endive`; anything else is `other`, so a
+/// label's values stay few.
+fn api_version_label(api_version: Option<&str>) -> &str {
+    match api_version {
+        None => "none",
+        Some(version)
+            if !version.is_empty()
+                && version.len() <= API_VERSION_LABEL_BYTES_MAX
+                && version.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_')) =>
+        {
+            version
+        }
+        Some(_) => "other",
+    }
+}
+
 /// What a verified body leads to: applied, ignored or unprocessed (the JSON
-/// answer), or a refusal Stripe should retry (an error).
+/// answer), or a refusal Stripe should retry (an error). Counted once, by
+/// outcome, reader and API version.
 async fn process(state: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
-    let parsed = match tally_stripe::parse(bytes) {
+    let parsed = tally_stripe::parse(bytes);
+    let (parsed_by, api_version) = match &parsed {
+        Ok(parsed) => {
+            let reader = match parsed.parsed_by {
+                tally_stripe::ParsedBy::Typed => "typed",
+                tally_stripe::ParsedBy::Fallback => "fallback",
+            };
+            (reader, api_version_label(parsed.api_version.as_deref()).to_owned())
+        }
+        Err(_) => ("unreadable", "unknown".to_owned()),
+    };
+    let answer = process_parsed(state, parsed, bytes).await;
+    let outcome = match &answer {
+        Ok(answer) => answer["status"].as_str().unwrap_or("applied"),
+        Err(_) => "refused",
+    };
+    state.metrics.stripe_webhook(outcome, parsed_by, &api_version);
+    answer
+}
+
+async fn process_parsed(
+    state: &AppState,
+    parsed: Result<tally_stripe::ParsedEvent, tally_stripe::ParseError>,
+    bytes: &[u8],
+) -> Result<serde_json::Value, ApiError> {
+    let parsed = match parsed {
         Ok(parsed) => parsed,
         Err(error) => {
             let event_id = match &error {
@@ -201,7 +247,6 @@ async fn unprocessed(
         payload,
     };
     record_intake(state, &key, event).await?;
-    state.metrics.stripe_webhook("unprocessed");
     Ok(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason}))
 }
 
@@ -220,7 +265,6 @@ async fn ignored(
         reason: reason.clone(),
     };
     record_intake(state, event_id, event).await?;
-    state.metrics.stripe_webhook("ignored");
     Ok(json!({"status": "ignored", "stripe_event_id": event_id, "reason": reason}))
 }
 
@@ -263,7 +307,6 @@ async fn apply(
     let member = member_id.clone();
     match actix_web::web::block(move || ledger.execute(&member, request)).await? {
         Ok(executed) => {
-            state.metrics.stripe_webhook("applied");
             state.metrics.command("stripe.webhook", executed.outcome.events.len());
             state.projections.notify();
             let outcome = &executed.outcome;
@@ -283,7 +326,6 @@ async fn apply(
         // A price no plan has: refused, so that Stripe retries, and a retry
         // after the catalog is fixed goes through.
         Err(LedgerError::Rejected(rejection)) if rejection.field() == Some("stripe_price_id") => {
-            state.metrics.stripe_webhook("refused");
             Err(LedgerError::Rejected(rejection).into())
         }
         // Anything else the ledger refuses would be refused again on every
@@ -292,10 +334,7 @@ async fn apply(
             let reason = format!("member {member_id}: {rejection}");
             unprocessed(state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, bytes).await
         }
-        Err(error) => {
-            state.metrics.stripe_webhook("refused");
-            Err(error.into())
-        }
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -384,4 +423,19 @@ pub(crate) async fn start_with_stripe(
     });
     let (view, status) = execute_member(state, &principal, member_id, route, command, Some(idempotency)).await?;
     Ok(crate::commands::respond(view, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions_are_labels_only_when_they_look_like_stripes() {
+        assert_eq!(api_version_label(Some("2020-03-02")), "2020-03-02");
+        assert_eq!(api_version_label(Some("2026-09-30.endive")), "2026-09-30.endive");
+        assert_eq!(api_version_label(None), "none");
+        assert_eq!(api_version_label(Some("")), "other");
+        assert_eq!(api_version_label(Some("a\"b")), "other");
+        assert_eq!(api_version_label(Some(&"9".repeat(41))), "other");
+    }
 }

@@ -101,7 +101,12 @@ fn every_signature_failure_is_a_400_with_its_reason_and_writes_nothing() {
     let rolled = format!("t={now},v1={},v1={v1}", "0".repeat(64));
     assert_eq!(post_raw(&server, &body, Some(&rolled)).0, 200);
     let (_, metrics) = (0, server.client.get(server.url("/metrics")).send().unwrap().text().unwrap());
-    assert!(metrics.contains("tally_stripe_webhooks_total{outcome=\"invalid_signature\"} 9"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "tally_stripe_webhooks_total{api_version=\"none\",outcome=\"invalid_signature\",parsed_by=\"none\"} 9"
+        ),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -188,6 +193,23 @@ fn every_fixture_event_is_accepted_or_refused_with_a_clear_4xx() {
     let (_, invoices) = linked.admin_get("/v1/members/composed/invoices");
     let invoice = &invoices["invoices"][0];
     assert_eq!((invoice["total"].as_i64(), invoice["status"].as_str()), (Some(1_000), Some("paid")), "{invoices}");
+
+    // The metrics say which reader understood each event, and its API version:
+    // an endpoint pinned to 2020-03-02 shows as read by the fallback.
+    let metrics = linked.client.get(linked.url("/metrics")).send().unwrap().text().unwrap();
+    let counted = |labels: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("tally_stripe_webhooks_total{") && line.contains(labels))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert!(counted("api_version=\"2020-03-02\"") >= 1, "{metrics}");
+    assert!(counted("parsed_by=\"fallback\"") >= 1, "{metrics}");
+    assert!(counted("parsed_by=\"typed\"") >= 1, "{metrics}");
+    let by_reader =
+        counted("parsed_by=\"typed\"") + counted("parsed_by=\"fallback\"") + counted("parsed_by=\"unreadable\"");
+    assert_eq!(by_reader, files.len() as u64, "one count per delivery: {metrics}");
 }
 
 // ---------------------------------------------------------------------------
