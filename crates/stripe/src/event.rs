@@ -189,7 +189,11 @@ fn object_kind(event_type: &str) -> ObjectKind {
         "customer.subscription.created" | "customer.subscription.updated" | "customer.subscription.deleted" => {
             ObjectKind::Subscription
         }
-        "invoice.finalized" | "invoice.paid" | "invoice.payment_failed" => ObjectKind::Invoice { required: true },
+        "invoice.finalized"
+        | "invoice.paid"
+        | "invoice.payment_failed"
+        | "invoice.voided"
+        | "invoice.marked_uncollectible" => ObjectKind::Invoice { required: true },
         other if other.starts_with("invoice.") => ObjectKind::Invoice { required: false },
         "checkout.session.completed"
         | "checkout.session.async_payment_succeeded"

@@ -99,6 +99,8 @@ fn map_invoice(event: &ParsedEvent, facts: &InvoiceFacts) -> Result<Mapped, Mapp
         "invoice.finalized" => StripeInvoiceOutcome::Finalized,
         "invoice.paid" => StripeInvoiceOutcome::Paid,
         "invoice.payment_failed" => StripeInvoiceOutcome::PaymentFailed,
+        "invoice.voided" => StripeInvoiceOutcome::Voided,
+        "invoice.marked_uncollectible" => StripeInvoiceOutcome::MarkedUncollectible,
         other => return Err(ignored(format!("event type {other} is not handled"))),
     };
     let lines = facts

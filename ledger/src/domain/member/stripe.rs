@@ -66,6 +66,11 @@ pub enum StripeInvoiceOutcome {
     Finalized,
     Paid,
     PaymentFailed,
+    /// `invoice.voided`: void is final; a paid invoice stays paid.
+    Voided,
+    /// `invoice.marked_uncollectible`: an open invoice only; it may still be
+    /// paid later (Stripe allows it), and then it is paid.
+    MarkedUncollectible,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -471,6 +476,19 @@ fn apply_invoice(
                 if fresh && of_live_subscription(&draft.state, invoice) {
                     set_status(draft, SubscriptionStatus::PastDue, Some(invoice_id));
                 }
+            }
+        }
+        // Statuses only move forward whatever the delivery order: open →
+        // uncollectible → paid or void; paid and void are final. The
+        // subscription's status is Stripe's to say, in its own events.
+        StripeInvoiceOutcome::Voided => {
+            if matches!(status, Some(InvoiceStatus::Open | InvoiceStatus::Uncollectible)) {
+                draft.emit_now(MemberEvent::InvoiceVoided { invoice_id });
+            }
+        }
+        StripeInvoiceOutcome::MarkedUncollectible => {
+            if status == Some(InvoiceStatus::Open) {
+                draft.emit_now(MemberEvent::InvoiceMarkedUncollectible { invoice_id });
             }
         }
     }

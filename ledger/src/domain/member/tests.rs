@@ -1174,6 +1174,8 @@ mod stripe_managed {
             StripeInvoiceOutcome::Finalized => "invoice.finalized",
             StripeInvoiceOutcome::Paid => "invoice.paid",
             StripeInvoiceOutcome::PaymentFailed => "invoice.payment_failed",
+            StripeInvoiceOutcome::Voided => "invoice.voided",
+            StripeInvoiceOutcome::MarkedUncollectible => "invoice.marked_uncollectible",
         };
         MemberCommand::Stripe(StripeCommand::Invoice { event: event(event_id, event_type, created), invoice, outcome })
     }
@@ -1230,6 +1232,32 @@ mod stripe_managed {
         let again = life.run(invoice_event("evt_3", at(2026, 1, 1), StripeInvoiceOutcome::Paid, paid));
         assert_eq!(types(&again), ["StripeEventApplied"]);
         assert_eq!(life.state.available(), Credits(1_000));
+    }
+
+    /// Invoice statuses move forward whatever the delivery order: open →
+    /// uncollectible → paid or void, paid and void final.
+    #[test]
+    fn voided_and_uncollectible_stripe_invoices_mirror_in_any_order() {
+        use StripeInvoiceOutcome::*;
+        let cases: Vec<(&str, Vec<StripeInvoiceOutcome>, InvoiceStatus)> = vec![
+            ("finalized, voided", vec![Finalized, Voided], InvoiceStatus::Void),
+            ("voided before finalized", vec![Voided, Finalized], InvoiceStatus::Void),
+            ("uncollectible", vec![Finalized, MarkedUncollectible], InvoiceStatus::Uncollectible),
+            ("uncollectible, then paid", vec![MarkedUncollectible, Paid], InvoiceStatus::Paid),
+            ("paid, then a late uncollectible", vec![Paid, MarkedUncollectible], InvoiceStatus::Paid),
+            ("uncollectible, then voided", vec![MarkedUncollectible, Voided], InvoiceStatus::Void),
+            ("voided, then a late uncollectible", vec![Voided, MarkedUncollectible], InvoiceStatus::Void),
+        ];
+        for (name, outcomes, expected) in cases {
+            let mut life = stripe_life(at(2026, 1, 1));
+            let one_off = invoice("in_9", "manual", "price_starter", january(), 500);
+            for (index, outcome) in outcomes.into_iter().enumerate() {
+                life.run(invoice_event(&format!("evt_{index}"), at(2026, 1, 1), outcome, one_off.clone()));
+            }
+            assert_eq!(life.state.invoices.len(), 1, "{name}: recorded once");
+            assert_eq!(life.state.invoices["inv_m1_1"].status, expected, "{name}");
+            life.check_invariants();
+        }
     }
 
     #[test]
