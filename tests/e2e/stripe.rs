@@ -578,6 +578,49 @@ fn a_checkout_with_tally_metadata_buys_credits() {
     assert_eq!(deliver(&server, &event).1["status"], "ignored");
 }
 
+/// A failed payment of an invoice is its history, in whatever order it is
+/// delivered beside the invoice's payment: the same invoice (paid, one
+/// failure) and the same subscription status either way.
+#[test]
+fn a_failure_delivered_after_the_payment_is_history_and_the_books_do_not_depend_on_order() {
+    let mut seen = Vec::new();
+    for reversed in [false, true] {
+        let server = life_server();
+        let started = subscription_event(
+            "evt_s",
+            "customer.subscription.created",
+            P1.0,
+            Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false },
+        );
+        assert_eq!(deliver(&server, &started).1["status"], "applied");
+        let bill = || Bill {
+            invoice: "in_first",
+            reason: "subscription_create",
+            price: "price_basic",
+            amount: 1_000,
+            period: P1,
+        };
+        let failed = invoice_event("evt_failed", "invoice.payment_failed", "2026-01-01T00:00:00Z", bill());
+        let paid = invoice_event("evt_paid", "invoice.paid", "2026-01-01T01:00:00Z", bill());
+        let order = if reversed { vec![&paid, &failed] } else { vec![&failed, &paid] };
+        for event in order {
+            for _ in 0..3 {
+                let (status, answer) = deliver(&server, event);
+                assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+            }
+        }
+        let books = books(&server);
+        let (_, invoices) = server.admin_get("/v1/members/life/invoices");
+        let invoice = &invoices["invoices"][0];
+        assert_eq!(invoice["status"], "paid", "reversed {reversed}: {invoice}");
+        assert_eq!(invoice["payment_failures"], 1, "reversed {reversed}: {invoice}");
+        assert!(invoice["last_payment_failure"].is_string(), "{invoice}");
+        assert_eq!(books["subscription"][0], "active", "reversed {reversed}: {books}");
+        seen.push((books, invoice["payment_failures"].clone()));
+    }
+    assert_eq!(seen[0], seen[1], "the same books in both orders");
+}
+
 /// Stripe invoices voided or marked uncollectible: mirrored onto tally's
 /// record of them, three deliveries each, in either order, in the current
 /// shape and a 2020-03-02 account's.

@@ -470,12 +470,14 @@ fn apply_invoice(
             }
             allocate(draft, invoice, catalog);
         }
+        // Every failure is the invoice's history, whenever it is delivered
+        // (a failure delivered after the invoice was paid counts the same as
+        // one delivered before); only a failure of a still open invoice can
+        // make the member past due.
         StripeInvoiceOutcome::PaymentFailed => {
-            if status == Some(InvoiceStatus::Open) {
-                draft.emit_now(MemberEvent::PaymentFailed { invoice_id: invoice_id.clone(), reason: None });
-                if fresh && of_live_subscription(&draft.state, invoice) {
-                    set_status(draft, SubscriptionStatus::PastDue, Some(invoice_id));
-                }
+            draft.emit_now(MemberEvent::PaymentFailed { invoice_id: invoice_id.clone(), reason: None });
+            if status == Some(InvoiceStatus::Open) && fresh && of_live_subscription(&draft.state, invoice) {
+                set_status(draft, SubscriptionStatus::PastDue, Some(invoice_id));
             }
         }
         // Statuses only move forward whatever the delivery order: open →

@@ -1361,9 +1361,22 @@ mod stripe_managed {
             types(&paid),
             ["StripeEventApplied", "PaymentSucceeded", "SubscriptionReactivated", "CreditsGranted"]
         );
-        let late = life.run(invoice_event("evt_4", at(2026, 1, 3), StripeInvoiceOutcome::PaymentFailed, first));
-        assert_eq!(types(&late), ["StripeEventApplied"]);
+        // A failure delivered after the payment is history: recorded on the
+        // invoice, no past due.
+        let late = life.run(invoice_event("evt_4", at(2026, 1, 3), StripeInvoiceOutcome::PaymentFailed, first.clone()));
+        assert_eq!(types(&late), ["StripeEventApplied", "PaymentFailed"]);
         assert_eq!(life.state.subscription.as_ref().unwrap().status, SubscriptionStatus::Active);
+        assert_eq!(life.state.invoices["inv_m1_1"].status, InvoiceStatus::Paid);
+
+        // Delivered the other way round (paid first, then the earlier
+        // failure): the same invoice history and the same status.
+        let mut reversed = stripe_life(at(2026, 1, 1));
+        reversed.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        reversed.run(invoice_event("evt_3", at(2026, 1, 2), StripeInvoiceOutcome::Paid, first.clone()));
+        let failed = reversed.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::PaymentFailed, first));
+        assert_eq!(types(&failed), ["StripeEventApplied", "PaymentFailed"]);
+        assert_eq!(reversed.state.subscription.as_ref().unwrap().status, SubscriptionStatus::Active);
+        assert_eq!(reversed.state.available(), life.state.available());
     }
 
     #[test]
