@@ -578,6 +578,50 @@ fn a_checkout_with_tally_metadata_buys_credits() {
     assert_eq!(deliver(&server, &event).1["status"], "ignored");
 }
 
+/// Fidelity: a subscription with several items follows the one priced by a
+/// catalog plan (two such: kept for an operator, with the reason), and one
+/// Stripe ended is canceled at Stripe's instant, not tally's clock.
+#[test]
+fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
+    let server = life_server();
+    let active = || Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false };
+    let mut created = subscription_event("evt_c", "customer.subscription.created", P1.0, active());
+    let items = created["data"]["object"]["items"]["data"].as_array_mut().unwrap();
+    let mut addon = items[0].clone();
+    addon["id"] = json!("si_addon");
+    addon["price"]["id"] = json!("price_seats_addon");
+    items.insert(0, addon);
+    for _ in 0..3 {
+        assert_eq!(deliver(&server, &created).1["status"], "applied");
+    }
+    server.sync("life");
+    assert_eq!(server.admin_get("/v1/members/life/subscription").1["plan_id"], "basic");
+
+    // A second catalog price on the same subscription: refused for good, kept with the reason.
+    let mut both = subscription_event("evt_both", "customer.subscription.updated", "2026-01-02T00:00:00Z", active());
+    let items = both["data"]["object"]["items"]["data"].as_array_mut().unwrap();
+    let mut plus = items[0].clone();
+    plus["id"] = json!("si_plus");
+    plus["price"]["id"] = json!("price_plus");
+    items.push(plus);
+    let (status, answer) = deliver(&server, &both);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("unprocessed")), "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("several items"), "{answer}");
+
+    // Stripe ends it on Jan 9 and says so on Jan 9; tally's clock reads Jan 20 when it arrives.
+    set_clock(&server, "2026-01-20T00:00:00Z");
+    let ended_at = "2026-01-09T12:00:00Z";
+    let mut deleted =
+        subscription_event("evt_d", "customer.subscription.deleted", ended_at, Sub { status: "canceled", ..active() });
+    deleted["data"]["object"]["ended_at"] = json!(at(ended_at));
+    deleted["data"]["object"]["canceled_at"] = json!(at("2026-01-05T00:00:00Z"));
+    assert_eq!(deliver(&server, &deleted).1["status"], "applied");
+    server.sync("life");
+    let (_, subscription) = server.admin_get("/v1/members/life/subscription");
+    assert_eq!(subscription["status"], "canceled", "{subscription}");
+    assert_eq!(subscription["canceled_at"], ended_at, "Stripe's ended_at: {subscription}");
+}
+
 /// A failed payment of an invoice is its history, in whatever order it is
 /// delivered beside the invoice's payment: the same invoice (paid, one
 /// failure) and the same subscription status either way.

@@ -75,7 +75,10 @@ pub struct SubscriptionFacts {
     pub current_period_start: Option<i64>,
     pub current_period_end: Option<i64>,
     pub cancel_at_period_end: bool,
+    /// When a cancel was asked for (also set while one is only scheduled).
     pub canceled_at: Option<i64>,
+    /// When the subscription ended, once it has.
+    pub ended_at: Option<i64>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -283,6 +286,7 @@ fn typed_subscription_facts(subscription: &stripe_billing::Subscription) -> Subs
         current_period_end: items.iter().map(|item| item.current_period_end).max(),
         cancel_at_period_end: subscription.cancel_at_period_end,
         canceled_at: subscription.canceled_at,
+        ended_at: subscription.ended_at,
         metadata: to_btree(Some(&subscription.metadata)),
     }
 }
@@ -471,6 +475,7 @@ fn raw_subscription_facts(object: &Value) -> Result<SubscriptionFacts, MissingFa
         current_period_end: item_ends.max().or_else(|| i64_at(object, &["current_period_end"])),
         cancel_at_period_end: object.get("cancel_at_period_end").and_then(Value::as_bool).unwrap_or(false),
         canceled_at: i64_at(object, &["canceled_at"]),
+        ended_at: i64_at(object, &["ended_at"]),
         metadata: metadata_at(object, &["metadata"]),
     })
 }
@@ -696,6 +701,7 @@ mod tests {
             current_period_end: Some(976_287_773),
             cancel_at_period_end: true,
             canceled_at: Some(1_234_567_890),
+            ended_at: Some(1_234_567_890),
             metadata: BTreeMap::new(),
         };
         assert_eq!(parsed.object, EventObject::Subscription(expected));
@@ -729,6 +735,7 @@ mod tests {
             current_period_end: Some(1_625_740_918),
             cancel_at_period_end: false,
             canceled_at: None,
+            ended_at: None,
             metadata: metadata(&[
                 ("organization_id", "35"),
                 ("organization_slug", "visible-emerald-fly"),

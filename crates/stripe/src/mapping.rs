@@ -78,18 +78,34 @@ fn map_subscription(event: &ParsedEvent, facts: &SubscriptionFacts) -> Result<Ma
 }
 
 /// Stripe's subscription as a ledger snapshot; `Err` is [`Mapped::Unprocessed`].
+/// Every item's price goes with it: the ledger picks the one its catalog
+/// knows.
 pub fn subscription_snapshot(facts: &SubscriptionFacts, deleted: bool) -> Result<StripeSubscription, Mapped> {
-    let price_id = facts.price_ids.first().ok_or_else(|| unprocessed("the subscription has no priced item"))?;
+    let mut price_ids: Vec<String> = Vec::new();
+    for price_id in &facts.price_ids {
+        if !price_ids.contains(price_id) {
+            price_ids.push(price_id.clone());
+        }
+    }
+    if price_ids.is_empty() {
+        return Err(unprocessed("the subscription has no priced item"));
+    }
     let (Some(start), Some(end)) = (facts.current_period_start, facts.current_period_end) else {
         return Err(unprocessed("the subscription has no current period"));
     };
+    // When it ended, by Stripe's clock, for one that did: `ended_at`, else
+    // (an older shape) `canceled_at`. On a live subscription `canceled_at`
+    // only says a cancel was asked for.
+    let ended = deleted || facts.status == "canceled" || facts.status == "incomplete_expired";
+    let ended_at = if ended { facts.ended_at.or(facts.canceled_at) } else { None };
     Ok(StripeSubscription {
         subscription_id: facts.id.clone(),
         status: facts.status.clone(),
-        price_id: price_id.clone(),
+        price_ids,
         period_start: instant(start, "current_period_start")?,
         period_end: instant(end, "current_period_end")?,
         cancel_at_period_end: facts.cancel_at_period_end,
+        ended_at: ended_at.map(|at| instant(at, "ended_at")).transpose()?,
         deleted,
     })
 }

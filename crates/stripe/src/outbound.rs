@@ -91,6 +91,7 @@ impl StripeApi {
             current_period_end: items.iter().map(|item| item.current_period_end).max(),
             cancel_at_period_end: subscription.cancel_at_period_end,
             canceled_at: subscription.canceled_at,
+            ended_at: subscription.ended_at,
             metadata: subscription.metadata.into_iter().collect(),
         })
     }

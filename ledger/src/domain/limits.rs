@@ -33,6 +33,8 @@ pub const TEXT_LENGTH_MAX: usize = 500;
 /// instant is a typo, and the store keeps years 1–9999 only.
 pub const FUTURE_INSTANT_YEARS_MAX: u32 = 100;
 pub const DUE_STEPS_MAX: usize = 100_000;
+/// Items of one Stripe subscription tally reads (Stripe allows 20).
+pub const STRIPE_SUBSCRIPTION_ITEMS_MAX: usize = 100;
 /// Lines of one Stripe invoice tally records.
 pub const STRIPE_INVOICE_LINES_MAX: usize = 1_000;
 /// Instants from Stripe (event `created`, periods) lie in these years.

@@ -51,11 +51,15 @@ pub struct StripeSubscription {
     /// Stripe's status: `active`, `trialing`, `past_due`, `unpaid`,
     /// `incomplete`, `incomplete_expired`, `paused`, `canceled`.
     pub status: String,
-    /// The price of its (first) item: a plan through the catalog.
-    pub price_id: String,
+    /// Its items' prices, each once, in item order: the one a catalog plan
+    /// has is the subscription's plan (several such: refused).
+    pub price_ids: Vec<String>,
     pub period_start: Timestamp,
     pub period_end: Timestamp,
     pub cancel_at_period_end: bool,
+    /// When it ended by Stripe's clock (`ended_at`, or `canceled_at` of an
+    /// ended one): the `canceled_at` tally records for it.
+    pub ended_at: Option<Timestamp>,
     /// `customer.subscription.deleted`: it ended, whatever `status` says.
     pub deleted: bool,
 }
@@ -262,6 +266,33 @@ fn same_subscription<'a>(state: &'a MemberState, subscription_id: &str) -> Optio
     state.subscription.as_ref().filter(|current| current.stripe_subscription_id.as_deref() == Some(subscription_id))
 }
 
+/// The plan of a subscription's items: the one item price a catalog plan
+/// has. None is `stripe_price_id` (Stripe retries; a catalog fix lets it
+/// through); several are `items`, refused for good, so the event is kept
+/// for an operator.
+fn plan_for_items<'a>(catalog: &'a Catalog, subscription: &StripeSubscription) -> Result<&'a PlanTerms, DomainError> {
+    let known: Vec<&str> = subscription
+        .price_ids
+        .iter()
+        .filter(|price_id| catalog.plan_by_stripe_price(price_id).is_some())
+        .map(String::as_str)
+        .collect();
+    match known.as_slice() {
+        [price_id] => plan_for_price(catalog, price_id),
+        [] => Err(DomainError::invalid(
+            "stripe_price_id",
+            format!("no plan in the catalog has any of the Stripe prices {}", subscription.price_ids.join(", ")),
+        )),
+        several => Err(DomainError::invalid(
+            "items",
+            format!(
+                "several items have prices of catalog plans ({}): tally follows one plan per subscription",
+                several.join(", ")
+            ),
+        )),
+    }
+}
+
 fn plan_for_price<'a>(catalog: &'a Catalog, price_id: &str) -> Result<&'a PlanTerms, DomainError> {
     catalog.plan_by_stripe_price(price_id).map(|entry| &entry.terms).ok_or_else(|| {
         DomainError::invalid("stripe_price_id", format!("no plan in the catalog has the Stripe price {price_id}"))
@@ -279,7 +310,13 @@ fn check_subscription(
     if subscription.period_end <= subscription.period_start {
         return Err(DomainError::invalid("current_period_end", "the period ends before it starts"));
     }
-    let terms = plan_for_price(catalog, &subscription.price_id)?;
+    if subscription.price_ids.len() > STRIPE_SUBSCRIPTION_ITEMS_MAX {
+        return Err(DomainError::invalid("items", format!("more than {STRIPE_SUBSCRIPTION_ITEMS_MAX} items")));
+    }
+    if let Some(ended_at) = subscription.ended_at {
+        stripe_instant("ended_at", ended_at)?;
+    }
+    let terms = plan_for_items(catalog, subscription)?;
     let currency = &terms.plan.currency;
     if !currency.eq_ignore_ascii_case(&state.profile.currency) {
         return Err(DomainError::invalid("currency", "the plan's currency differs from the member's"));
@@ -358,7 +395,7 @@ fn link_customer(draft: &mut Draft, event: &StripeEventRef) -> Result<(), Domain
 
 /// Move tally's subscription to Stripe's snapshot (checked before).
 fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog: &Catalog, status_fresh: bool) {
-    let terms = plan_for_price(catalog, &snapshot.price_id).expect("checked").clone();
+    let terms = plan_for_items(catalog, snapshot).expect("checked").clone();
     let status = if snapshot.deleted { SubscriptionStatus::Canceled } else { status_from_stripe(&snapshot.status) };
     let Some(current) = same_subscription(&draft.state, &snapshot.subscription_id).cloned() else {
         // New to tally (or its `created` event is still on its way): start it
@@ -378,7 +415,7 @@ fn apply_subscription(draft: &mut Draft, snapshot: &StripeSubscription, catalog:
     };
 
     if status == SubscriptionStatus::Canceled {
-        cancel(draft, &current);
+        cancel(draft, &current, snapshot.ended_at);
         return;
     }
     if snapshot.period_start > current.period_start {
@@ -420,8 +457,9 @@ fn set_status(draft: &mut Draft, status: SubscriptionStatus, invoice_id: Option<
 }
 
 /// Stripe ended the subscription: close the period if tally's clock has not
-/// yet (allocation and rollover lapse), then cancel.
-fn cancel(draft: &mut Draft, current: &Subscription) {
+/// yet (allocation and rollover lapse), then cancel, at the instant Stripe
+/// says it ended (tally's clock when Stripe says none).
+fn cancel(draft: &mut Draft, current: &Subscription, ended_at: Option<Timestamp>) {
     let now = draft.now;
     let immediately = !current.period_closed;
     if immediately {
@@ -429,7 +467,7 @@ fn cancel(draft: &mut Draft, current: &Subscription) {
     } else {
         lapse_allocations(draft);
     }
-    draft.emit_now(MemberEvent::SubscriptionCanceled { canceled_at: now, immediately });
+    draft.emit_now(MemberEvent::SubscriptionCanceled { canceled_at: ended_at.unwrap_or(now), immediately });
 }
 
 /// Move to a later Stripe period, closing the one before if tally's clock

@@ -1126,12 +1126,47 @@ mod stripe_managed {
         StripeSubscription {
             subscription_id: "sub_1".to_owned(),
             status: status.to_owned(),
-            price_id: price_id.to_owned(),
+            price_ids: vec![price_id.to_owned()],
             period_start: period.0,
             period_end: period.1,
             cancel_at_period_end: false,
+            ended_at: None,
             deleted: false,
         }
+    }
+
+    #[test]
+    fn the_item_priced_by_a_catalog_plan_is_the_subscriptions_plan() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let mut several = snapshot("active", "price_addon", january());
+        several.price_ids.push("price_starter".into());
+        let events = life.run(subscription_event("evt_1", at(2026, 1, 1), several.clone()));
+        assert!(
+            matches!(&events[2], MemberEvent::SubscriptionStarted { terms, .. } if terms.plan.plan_id == "starter")
+        );
+        // Two items priced by catalog plans: refused for good (not the price field Stripe's retry could fix).
+        several.price_ids.push("price_pro".into());
+        assert_eq!(field(life.rejection(subscription_event("evt_2", at(2026, 1, 2), several))), Some("items"));
+        let unknown = snapshot("active", "price_addon", january());
+        assert_eq!(
+            field(life.rejection(subscription_event("evt_3", at(2026, 1, 2), unknown))),
+            Some("stripe_price_id")
+        );
+    }
+
+    #[test]
+    fn a_subscription_ended_by_stripe_is_canceled_at_stripes_instant() {
+        let mut life = stripe_life(at(2026, 1, 10));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let mut ended = snapshot("canceled", "price_starter", january());
+        ended.deleted = true;
+        ended.ended_at = Some(at(2026, 1, 9));
+        let events = life.run(subscription_event("evt_2", at(2026, 1, 9), ended));
+        let canceled = events.iter().find_map(|event| match event {
+            MemberEvent::SubscriptionCanceled { canceled_at, .. } => Some(*canceled_at),
+            _ => None,
+        });
+        assert_eq!(canceled, Some(at(2026, 1, 9)), "Stripe's ended_at, not tally's clock (Jan 10): {events:?}");
     }
 
     fn subscription_event(event_id: &str, created: Timestamp, subscription: StripeSubscription) -> MemberCommand {
