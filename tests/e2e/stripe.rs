@@ -608,11 +608,24 @@ fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
     assert_eq!((status, answer["status"].as_str()), (200, Some("unprocessed")), "{answer}");
     assert!(answer["reason"].as_str().unwrap().contains("several items"), "{answer}");
 
-    // Stripe ends it on Jan 9 and says so on Jan 9; tally's clock reads Jan 20 when it arrives.
+    // Asked to end at the period's end; then Stripe ends it on Jan 9 (say an
+    // operator ended it early) and says so on Jan 9; tally's clock reads
+    // Jan 20 when it arrives. The record keeps that a cancel at period end was asked.
+    let scheduled = subscription_event(
+        "evt_s",
+        "customer.subscription.updated",
+        "2026-01-03T00:00:00Z",
+        Sub { cancel_at_period_end: true, ..active() },
+    );
+    assert_eq!(deliver(&server, &scheduled).1["status"], "applied");
     set_clock(&server, "2026-01-20T00:00:00Z");
     let ended_at = "2026-01-09T12:00:00Z";
-    let mut deleted =
-        subscription_event("evt_d", "customer.subscription.deleted", ended_at, Sub { status: "canceled", ..active() });
+    let mut deleted = subscription_event(
+        "evt_d",
+        "customer.subscription.deleted",
+        ended_at,
+        Sub { status: "canceled", cancel_at_period_end: true, ..active() },
+    );
     deleted["data"]["object"]["ended_at"] = json!(at(ended_at));
     deleted["data"]["object"]["canceled_at"] = json!(at("2026-01-05T00:00:00Z"));
     assert_eq!(deliver(&server, &deleted).1["status"], "applied");
@@ -620,6 +633,8 @@ fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
     let (_, subscription) = server.admin_get("/v1/members/life/subscription");
     assert_eq!(subscription["status"], "canceled", "{subscription}");
     assert_eq!(subscription["canceled_at"], ended_at, "Stripe's ended_at: {subscription}");
+    assert_eq!(subscription["cancel_at_period_end"], true, "{subscription}");
+    assert_eq!(subscription["cancel_at"], P1.1, "{subscription}");
 }
 
 /// A failed payment of an invoice is its history, in whatever order it is

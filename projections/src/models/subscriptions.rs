@@ -19,7 +19,8 @@ use crate::storage::to_sql_integer;
 use crate::values::{instant_at, instant_text, optional_instant_at, u64_at};
 
 pub const PROJECTOR_NAME: &str = "subscriptions";
-pub const PROJECTOR_VERSION: u32 = 1;
+/// 2: a canceled subscription keeps `cancel_at_period_end` and `cancel_at`.
+pub const PROJECTOR_VERSION: u32 = 2;
 
 const TABLES: &[TableSpec] = &[
     TableSpec {
@@ -105,8 +106,10 @@ const REVOKE_CANCEL: &str = "UPDATE {subscriptions} SET cancel_at_period_end = 0
 const CLOSE_PERIOD: &str = "UPDATE {subscriptions} SET period_closed = 1, updated_position = ?2 WHERE member_id = ?1";
 const PAST_DUE: &str = "UPDATE {subscriptions} SET status = 'past_due', past_due_invoice_id = ?2,
     updated_position = ?3 WHERE member_id = ?1";
-const CANCEL: &str = "UPDATE {subscriptions} SET status = 'canceled', canceled_at = ?2, cancel_at_period_end = 0,
-    cancel_at = NULL, scheduled_plan_id = NULL, scheduled_change_at = NULL, updated_position = ?3
+/// A canceled subscription keeps `cancel_at_period_end` and `cancel_at`: it
+/// says whether it ended at its period's end as asked, or at once.
+const CANCEL: &str = "UPDATE {subscriptions} SET status = 'canceled', canceled_at = ?2,
+    scheduled_plan_id = NULL, scheduled_change_at = NULL, updated_position = ?3
     WHERE member_id = ?1";
 const REACTIVATE: &str = "UPDATE {subscriptions} SET status = 'active', past_due_invoice_id = NULL,
     updated_position = ?2 WHERE member_id = ?1";

@@ -968,6 +968,9 @@ fn cancel_at_period_end_skips_rollover_and_renewal() {
     let events = life.run(MemberCommand::AdvanceTime);
     assert!(!events.iter().any(|event| matches!(event, MemberEvent::CreditsGranted { .. })), "{events:?}");
     assert!(matches!(events.last(), Some(MemberEvent::SubscriptionCanceled { immediately: false, .. })));
+    let ended = life.state.subscription.as_ref().unwrap();
+    assert_eq!(ended.status, SubscriptionStatus::Canceled);
+    assert!(ended.cancel_at_period_end, "the canceled record says it ended at its period's end, as asked");
     assert_eq!(life.state.available(), Credits(0));
     // A new subscription may start after a cancel.
     life.run(start("starter"));
