@@ -154,7 +154,9 @@ async fn process_parsed(
         Mapped::Unprocessed { reason } => {
             unprocessed(state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, bytes).await
         }
-        Mapped::Ignored { reason } => ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await,
+        Mapped::Ignored { reason } => {
+            ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, None).await
+        }
         Mapped::Command { customer_id, member_hint, command } => {
             apply(state, &parsed, customer_id, member_hint, *command, bytes).await
         }
@@ -172,30 +174,61 @@ pub struct ReplayReport {
     pub refused: u64,
 }
 
-/// Run every `StripeEventUnprocessed` kept on `stripe-intake` through
-/// parsing, mapping and the ledger again, as after an upgrade or a catalog
-/// fix. Their signatures were verified when they arrived. Idempotent: an
-/// event applied once is answered from its record.
-#[utoipa::path(post, path = "/v1/admin/stripe/replay", tag = "stripe",
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayQuery {
+    /// A Stripe customer id: replay the events ignored because this
+    /// customer was linked to no member (link it first, with
+    /// `PUT /v1/members/{member}` and its `stripe_customer_id`), in Stripe's
+    /// order. Without it, every unprocessed event is replayed.
+    pub customer: Option<String>,
+}
+
+/// Run kept Stripe events through parsing, mapping and the ledger again:
+/// every `StripeEventUnprocessed` on `stripe-intake` (as after an upgrade or
+/// a catalog fix), or, with `customer`, the events ignored because that
+/// customer was linked to no member, in Stripe's order (`created`). Their
+/// signatures were verified when they arrived. Exactly once: an event
+/// applied once is answered from its record.
+#[utoipa::path(post, path = "/v1/admin/stripe/replay", tag = "stripe", params(ReplayQuery),
     responses((status = 200, body = ReplayReport)), security(("bearer" = [])))]
 #[actix_web::post("/v1/admin/stripe/replay")]
 pub async fn replay(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     authenticate(&state, &request)?.require_admin()?;
+    let query: ReplayQuery = crate::admin::query(&request)?;
+    if let Some(customer) = &query.customer {
+        validate::identifier("customer", customer).map_err(ApiError::from)?;
+    }
     let ledger = state.ledger.clone();
     let payloads = actix_web::web::block(move || -> Result<Vec<String>, ApiError> {
         let reader = ledger.reader().map_err(ApiError::from)?;
-        let mut payloads: Vec<String> = Vec::new();
+        // (created, payload), in log order; sorted by Stripe's order below.
+        let mut kept: Vec<(chrono::DateTime<chrono::Utc>, String)> = Vec::new();
         for recorded in reader.stream_events(tally_ledger::domain::STRIPE_INTAKE_STREAM, None, 1_000) {
             let recorded = recorded.map_err(|error| ApiError::from(LedgerError::from(error)))?;
             let event = tally_ledger::codec::decode_intake(&recorded)
                 .map_err(|error| ApiError::from(LedgerError::from(error)))?;
-            if let IntakeEvent::StripeEventUnprocessed { payload, .. } = event
-                && !payloads.contains(&payload)
-            {
-                payloads.push(payload);
+            let payload = match (&query.customer, event) {
+                (None, IntakeEvent::StripeEventUnprocessed { payload, .. }) => (recorded.recorded_at, payload),
+                (
+                    Some(wanted),
+                    IntakeEvent::StripeEventIgnored {
+                        created,
+                        customer_id: Some(customer),
+                        payload: Some(payload),
+                        ..
+                    },
+                ) if customer == *wanted => (created, payload),
+                _ => continue,
+            };
+            if !kept.iter().any(|(_, seen)| *seen == payload.1) {
+                kept.push(payload);
             }
         }
-        Ok(payloads)
+        // Stable: events of one second keep the order they arrived in.
+        kept.sort_by_key(|(created, _)| *created);
+        Ok(kept.into_iter().map(|(_, payload)| payload).collect())
     })
     .await??;
     let mut report = ReplayReport { replayed: 0, applied: 0, ignored: 0, still_unprocessed: 0, refused: 0 };
@@ -250,19 +283,29 @@ async fn unprocessed(
     Ok(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason}))
 }
 
+/// Record an event as ignored. `unlinked` is the customer and the body of
+/// an event ignored only because its customer is linked to no member: kept
+/// so that a replay for that customer can apply it once it is linked.
 async fn ignored(
     state: &AppState,
     event_id: &str,
     event_type: &str,
     created: i64,
     reason: String,
+    unlinked: Option<(String, &[u8])>,
 ) -> Result<serde_json::Value, ApiError> {
     let created = chrono::DateTime::from_timestamp(created, 0).unwrap_or_default();
+    let (customer_id, payload) = match unlinked {
+        Some((customer_id, bytes)) => (Some(customer_id), Some(String::from_utf8_lossy(bytes).into_owned())),
+        None => (None, None),
+    };
     let event = IntakeEvent::StripeEventIgnored {
         stripe_event_id: event_id.to_owned(),
         event_type: event_type.to_owned(),
         created,
         reason: reason.clone(),
+        customer_id,
+        payload,
     };
     record_intake(state, event_id, event).await?;
     Ok(json!({"status": "ignored", "stripe_event_id": event_id, "reason": reason}))
@@ -297,9 +340,10 @@ async fn apply(
     bytes: &[u8],
 ) -> Result<serde_json::Value, ApiError> {
     let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
+    let unlinked = customer_id.clone().map(|customer_id| (customer_id, bytes));
     let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
         let reason = format!("Stripe customer {customer} is linked to no member");
-        return ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await;
+        return ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, unlinked).await;
     };
     let ledger = state.ledger.clone();
     let request = Request::new(MemberCommand::Stripe(command), "stripe")
@@ -321,7 +365,7 @@ async fn apply(
         }
         Err(LedgerError::Rejected(DomainError::MemberNotFound { .. })) => {
             let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");
-            ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason).await
+            ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, unlinked).await
         }
         // A price no plan has: refused, so that Stripe retries, and a retry
         // after the catalog is fixed goes through.

@@ -617,6 +617,16 @@ fn intake_events() -> Vec<IntakeEvent> {
             event_type: "charge.succeeded".into(),
             created: instant(4),
             reason: "event type charge.succeeded is not handled".into(),
+            customer_id: None,
+            payload: None,
+        },
+        IntakeEvent::StripeEventIgnored {
+            stripe_event_id: "evt_4".into(),
+            event_type: "invoice.paid".into(),
+            created: instant(5),
+            reason: "Stripe customer cus_1 is linked to no member".into(),
+            customer_id: Some("cus_1".into()),
+            payload: Some(r#"{"id":"evt_4","type":"invoice.paid"}"#.into()),
         },
         IntakeEvent::StripeEventUnprocessed {
             stripe_event_id: None,
@@ -835,6 +845,8 @@ fn source_log(dir: &Path) -> Vec<RecordedEvent> {
         event_type: "charge.succeeded".into(),
         created: instant(2),
         reason: "not handled".into(),
+        customer_id: None,
+        payload: None,
     };
     ledger.record_intake(admin(ignored)).unwrap();
     clock.advance_to(instant(1) + Duration::days(40));

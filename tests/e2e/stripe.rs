@@ -555,6 +555,74 @@ fn an_event_ignored_before_the_link_applies_when_sent_again_and_an_unknown_price
     assert_eq!((status, answer["status"].as_str()), (200, Some("ignored")), "{answer}");
 }
 
+/// Events of a customer linked to no member are kept; once the customer is
+/// linked, a replay for it applies them in Stripe's order, exactly once,
+/// without Stripe sending them again.
+#[test]
+fn events_ignored_before_a_customer_is_linked_are_replayed_for_it_in_stripes_order() {
+    let server = stripe_server(Some("2026-01-01T00:00:00Z"), &[]);
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+    let active = Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false };
+    let created = subscription_event("evt_c1", "customer.subscription.created", "2026-01-01T00:00:10Z", active);
+    let bill =
+        Bill { invoice: "in_r1", reason: "subscription_create", price: "price_basic", amount: 1_000, period: P1 };
+    let paid = invoice_event("evt_p1", "invoice.paid", "2026-01-01T00:00:20Z", bill);
+    // Delivered out of order and twice, before the link: ignored, kept.
+    let before = server.head_position();
+    for event in [&paid, &created, &paid] {
+        assert_eq!(deliver(&server, event).1["status"], "ignored");
+    }
+    let head = server.head_position();
+    assert_eq!(head, before + 2, "one intake record per event");
+
+    let replay = |query: &str| server.admin_post(&format!("/v1/admin/stripe/replay{query}"), json!({}));
+    let (status, report) = replay("?customer=cus_life");
+    assert_eq!((status, report["replayed"].as_u64(), report["ignored"].as_u64()), (200, Some(2), Some(2)), "{report}");
+    assert_eq!(server.head_position(), head, "still unlinked: nothing new");
+
+    assert_eq!(server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"})).status(), 200);
+    let (status, report) = replay("?customer=cus_life");
+    assert_eq!((status, report["applied"].as_u64()), (200, Some(2)), "{report}");
+    server.sync("life");
+    let (_, subscription) = server.admin_get("/v1/members/life/subscription");
+    assert_eq!((subscription["status"].as_str(), subscription["plan_id"].as_str()), (Some("active"), Some("basic")));
+    let (_, balance) = server.admin_get("/v1/members/life/balance");
+    assert_eq!(balance["available"], 1_000, "the paid invoice, applied after the subscription, allocated: {balance}");
+
+    // Again: exactly once.
+    let head = server.head_position();
+    let (_, report) = replay("?customer=cus_life");
+    assert_eq!(report["applied"], 2, "answered from their records: {report}");
+    assert_eq!(server.head_position(), head, "a second replay writes nothing");
+    let (status, problem) = replay("?customer=not%20an%20id");
+    assert_eq!((status, problem["field"].as_str()), (422, Some("customer")), "{problem}");
+
+    // The same through the CLI, which asks the running server.
+    let cli = |args: &[&str], key: Option<&str>| {
+        let mut command = std::process::Command::new(tally_binary());
+        command.arg("--data-dir").arg(server.data_dir.path()).args(args).env_remove("TALLY_ADMIN_KEY");
+        if let Some(key) = key {
+            command.env("TALLY_ADMIN_KEY", key);
+        }
+        let output = command.output().expect("tally runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = cli(&["stripe", "replay", "--customer", "cus_life"], Some(ADMIN_KEY));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "replayed 2 events of cus_life: 2 applied, 0 ignored, 0 still unprocessed, 0 refused");
+    assert_eq!(server.head_position(), head, "the CLI's replay wrote nothing either");
+    let (code, _, stderr) = cli(&["stripe", "replay", "--customer", "cus_life"], None);
+    assert_eq!(code, Some(1), "no key: {stderr}");
+    assert!(stderr.contains("TALLY_ADMIN_KEY"), "{stderr}");
+    let (code, _, stderr) = cli(&["stripe", "replay", "--customer", "bad id"], Some(ADMIN_KEY));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--customer"), "{stderr}");
+}
+
 #[test]
 fn a_checkout_with_tally_metadata_buys_credits() {
     let server = life_server();

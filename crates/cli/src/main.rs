@@ -27,6 +27,7 @@ mod projections;
 mod renew;
 mod replay;
 mod serve;
+mod stripe;
 mod table;
 
 use anyhow::Result;
@@ -88,6 +89,9 @@ enum Command {
     /// Run what has fallen due: renewals, allocations, rollovers, expiries,
     /// reservation timeouts.
     Renew(renew::RenewArgs),
+    /// Stripe: replay kept events through the running server.
+    #[command(subcommand)]
+    Stripe(stripe::StripeCommand),
 }
 
 /// Parses an RFC 3339 instant for `--as-of` and `--at`.
@@ -122,6 +126,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(command) => audit::run(&data_dir, command),
         Command::Events(command) => events::run(&data_dir, command).map(|()| ExitCode::SUCCESS),
         Command::Renew(args) => renew::run(&data_dir, args).map(|()| ExitCode::SUCCESS),
+        Command::Stripe(command) => stripe::run(&data_dir, command).map(|()| ExitCode::SUCCESS),
     }
 }
 

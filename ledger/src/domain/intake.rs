@@ -12,7 +12,21 @@ pub const STRIPE_INTAKE_STREAM: &str = "stripe-intake";
 pub enum IntakeEvent {
     /// Acknowledged on purpose: a type tally does not map, a customer linked
     /// to no member, a checkout that buys no credits.
-    StripeEventIgnored { stripe_event_id: String, event_type: String, created: Timestamp, reason: String },
+    StripeEventIgnored {
+        stripe_event_id: String,
+        event_type: String,
+        created: Timestamp,
+        reason: String,
+        /// For an event ignored because its customer was linked to no
+        /// member: the customer, and the event verbatim, so that once the
+        /// customer is linked an operator can apply it
+        /// (`POST /v1/admin/stripe/replay?customer=…`) without Stripe
+        /// sending it again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        customer_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<String>,
+    },
     /// Genuine (its signature verified) but not understood: kept verbatim
     /// with the reason, for an operator to replay after an upgrade.
     StripeEventUnprocessed {
