@@ -87,8 +87,19 @@ pub async fn webhook(state: State, request: HttpRequest, bytes: Bytes) -> Result
         return Err(ApiError::InvalidSignature { reason: error.reason(), detail: error.to_string() });
     }
 
-    let answer = process(&state, &bytes).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    let (answer, labels) = process(&state, &bytes).await;
+    let outcome = match &answer {
+        Ok(answer) => answer["status"].as_str().unwrap_or("applied"),
+        Err(_) => "refused",
+    };
+    state.metrics.stripe_webhook(outcome, labels.parsed_by, &labels.api_version);
+    Ok(HttpResponse::Ok().json(answer?))
+}
+
+/// Which reader understood a delivery, and its API version, for the metrics.
+struct ParseLabels {
+    parsed_by: &'static str,
+    api_version: String,
 }
 
 /// Longest API version label kept as it is; others count as `other`.
@@ -112,27 +123,21 @@ fn api_version_label(api_version: Option<&str>) -> &str {
 }
 
 /// What a verified body leads to: applied, ignored or unprocessed (the JSON
-/// answer), or a refusal Stripe should retry (an error). Counted once, by
-/// outcome, reader and API version.
-async fn process(state: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+/// answer), or a refusal Stripe should retry (an error); and the labels a
+/// delivery is counted under (a replay is not a delivery, and is not counted).
+async fn process(state: &AppState, bytes: &[u8]) -> (Result<serde_json::Value, ApiError>, ParseLabels) {
     let parsed = tally_stripe::parse(bytes);
-    let (parsed_by, api_version) = match &parsed {
-        Ok(parsed) => {
-            let reader = match parsed.parsed_by {
+    let labels = match &parsed {
+        Ok(parsed) => ParseLabels {
+            parsed_by: match parsed.parsed_by {
                 tally_stripe::ParsedBy::Typed => "typed",
                 tally_stripe::ParsedBy::Fallback => "fallback",
-            };
-            (reader, api_version_label(parsed.api_version.as_deref()).to_owned())
-        }
-        Err(_) => ("unreadable", "unknown".to_owned()),
+            },
+            api_version: api_version_label(parsed.api_version.as_deref()).to_owned(),
+        },
+        Err(_) => ParseLabels { parsed_by: "unreadable", api_version: "unknown".to_owned() },
     };
-    let answer = process_parsed(state, parsed, bytes).await;
-    let outcome = match &answer {
-        Ok(answer) => answer["status"].as_str().unwrap_or("applied"),
-        Err(_) => "refused",
-    };
-    state.metrics.stripe_webhook(outcome, parsed_by, &api_version);
-    answer
+    (process_parsed(state, parsed, bytes).await, labels)
 }
 
 async fn process_parsed(
@@ -226,15 +231,18 @@ pub async fn replay(state: State, request: HttpRequest) -> Result<HttpResponse, 
                 kept.push(payload);
             }
         }
-        // Stable: events of one second keep the order they arrived in.
-        kept.sort_by_key(|(created, _)| *created);
+        // A customer's events in Stripe's order (stable: events of one second
+        // keep the order they arrived in); unprocessed ones in log order.
+        if query.customer.is_some() {
+            kept.sort_by_key(|(created, _)| *created);
+        }
         Ok(kept.into_iter().map(|(_, payload)| payload).collect())
     })
     .await??;
     let mut report = ReplayReport { replayed: 0, applied: 0, ignored: 0, still_unprocessed: 0, refused: 0 };
     for payload in payloads {
         report.replayed += 1;
-        match process(&state, payload.as_bytes()).await {
+        match process(&state, payload.as_bytes()).await.0 {
             Ok(answer) => match answer["status"].as_str() {
                 Some("applied") => report.applied += 1,
                 Some("ignored") => report.ignored += 1,
@@ -279,7 +287,10 @@ async fn unprocessed(
         reason: reason.clone(),
         payload,
     };
-    record_intake(state, &key, event).await?;
+    // Keyed apart from an ignored record of the same event: an event ignored
+    // before its customer was linked, and refused for good when replayed
+    // after, is still kept for an operator.
+    record_intake(state, &format!("{key}/unprocessed"), event).await?;
     Ok(json!({"status": "unprocessed", "stripe_event_id": event_id, "reason": reason}))
 }
 

@@ -196,6 +196,7 @@ const EVENT_TYPES: &[&str] = &[
     "InvoiceVoided",
     "InvoiceMarkedUncollectible",
     "StripeEventApplied",
+    "CheckoutPaymentFailed",
     "PlanPublished",
     "PlanRevised",
     "PlanRetired",
@@ -599,6 +600,11 @@ fn member_events() -> Vec<MemberEvent> {
             r#"{"type":"StripeEventApplied","stripe_event_id":"evt_1","event_type":"invoice.paid","created":"2026-01-03T00:00:00Z","stale":false}"#,
         )
         .expect("a StripeEventApplied payload as version 1 wrote it"),
+        MemberEvent::CheckoutPaymentFailed {
+            stripe_checkout_session_id: "cs_1".into(),
+            credits: Credits(500),
+            price: MinorUnits(999),
+        },
     ]
 }
 

@@ -173,6 +173,16 @@ fn harmless_retries_answer_success_and_write_nothing() {
     assert_eq!(second["subscription_status"], "active");
     assert_eq!(second["events"], json!([]));
     assert_eq!(server.head_position(), head, "the second cancel wrote nothing");
+    // At the period's end it ends, and its record says it ended as asked.
+    let (_, ended) = server.admin_post("/v1/admin/clock", json!({"now": "2026-02-01T00:00:00Z"}));
+    let (_, subscription) =
+        server.admin_get(&format!("/v1/members/m1/subscription?min_position={}", ended["position"]));
+    assert_eq!(subscription["status"], "canceled", "{subscription}");
+    assert_eq!(
+        (subscription["cancel_at_period_end"].as_bool(), subscription["cancel_at"].as_str()),
+        (Some(true), Some("2026-02-01T00:00:00Z"))
+    );
+    server.admin_post("/v1/members/m1/credits/grants", json!({"source": "promotional", "amount": 100}));
 
     let (_, reserved) = server.admin_post("/v1/members/m1/reservations", json!({"amount": 10}));
     let reservation = reserved["reservation_id"].as_str().unwrap().to_owned();

@@ -588,6 +588,16 @@ fn events_ignored_before_a_customer_is_linked_are_replayed_for_it_in_stripes_ord
     assert_eq!((subscription["status"].as_str(), subscription["plan_id"].as_str()), (Some("active"), Some("basic")));
     let (_, balance) = server.admin_get("/v1/members/life/balance");
     assert_eq!(balance["available"], 1_000, "the paid invoice, applied after the subscription, allocated: {balance}");
+    // In Stripe's order, not the order they arrived in.
+    let (_, feed) = server.admin_get("/v1/events?after=0&limit=100");
+    let applied: Vec<&str> = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["event_type"] == "StripeEventApplied")
+        .map(|event| event["payload"]["stripe_event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(applied, ["evt_c1", "evt_p1"], "{feed}");
 
     // Again: exactly once.
     let head = server.head_position();
@@ -664,6 +674,21 @@ fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
     }
     server.sync("life");
     assert_eq!(server.admin_get("/v1/members/life/subscription").1["plan_id"], "basic");
+    // Its first invoice bills the add-on first: the plan's line brings the credits.
+    let bill =
+        Bill { invoice: "in_addon", reason: "subscription_create", price: "price_basic", amount: 1_000, period: P1 };
+    let mut paid = invoice_event("evt_i", "invoice.paid", P1.0, bill);
+    let lines = paid["data"]["object"]["lines"]["data"].as_array_mut().unwrap();
+    let mut addon_line = lines[0].clone();
+    addon_line["id"] = json!("il_addon");
+    addon_line["amount"] = json!(300);
+    addon_line["pricing"]["price_details"]["price"] = json!("price_seats_addon");
+    lines.insert(0, addon_line);
+    paid["data"]["object"]["total"] = json!(1_300);
+    let (status, answer) = deliver(&server, &paid);
+    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+    server.sync("life");
+    assert_eq!(server.admin_get("/v1/members/life/balance").1["available"], 1_000, "the basic plan's credits");
 
     // A second catalog price on the same subscription: refused for good, kept with the reason.
     let mut both = subscription_event("evt_both", "customer.subscription.updated", "2026-01-02T00:00:00Z", active());
@@ -678,7 +703,7 @@ fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
 
     // Asked to end at the period's end; then Stripe ends it on Jan 9 (say an
     // operator ended it early) and says so on Jan 9; tally's clock reads
-    // Jan 20 when it arrives. The record keeps that a cancel at period end was asked.
+    // Jan 20 when it arrives.
     let scheduled = subscription_event(
         "evt_s",
         "customer.subscription.updated",
@@ -701,8 +726,9 @@ fn subscriptions_follow_the_catalog_item_and_end_when_stripe_says() {
     let (_, subscription) = server.admin_get("/v1/members/life/subscription");
     assert_eq!(subscription["status"], "canceled", "{subscription}");
     assert_eq!(subscription["canceled_at"], ended_at, "Stripe's ended_at: {subscription}");
-    assert_eq!(subscription["cancel_at_period_end"], true, "{subscription}");
-    assert_eq!(subscription["cancel_at"], P1.1, "{subscription}");
+    // It ended before its period's end, so not "at period end as asked".
+    assert_eq!(subscription["cancel_at_period_end"], false, "{subscription}");
+    assert_eq!(subscription["cancel_at"], Value::Null, "{subscription}");
 }
 
 /// A failed payment of an invoice is its history, in whatever order it is
@@ -851,7 +877,13 @@ fn a_delayed_payment_grants_its_credits_once_when_it_succeeds_in_any_order_and_s
             assert_eq!((status, pending["status"].as_str()), (200, Some("ignored")), "{fixture}: {pending}");
             server.sync("life");
             assert_eq!(server.admin_get("/v1/members/life/balance").1["available"], 0, "nothing before the payment");
-            let order = if reversed { vec![succeeded, completed] } else { vec![completed, succeeded] };
+            // And a paid `completed` for the same session (as if paid at once): never a second grant.
+            let paid_at_once = delayed_checkout(fixture, "evt_paid", "checkout.session.completed", "cs_delayed", true);
+            let order = if reversed {
+                vec![paid_at_once, succeeded, completed]
+            } else {
+                vec![completed, succeeded, paid_at_once]
+            };
             for event in &order {
                 for _ in 0..3 {
                     let (status, answer) = deliver(&server, event);

@@ -465,8 +465,10 @@ pub fn render_table(replay: &MemberReplay) -> String {
                 money(subscription.period_price, &subscription.currency),
                 grouped(subscription.monthly_credits)
             ));
-            if subscription.cancel_at_period_end {
-                out.push_str("  cancels at the period's end\n");
+            match (subscription.cancel_at_period_end, subscription.status) {
+                (true, "canceled") => out.push_str("  ended at the period's end, as asked\n"),
+                (true, _) => out.push_str("  cancels at the period's end\n"),
+                _ => {}
             }
             if let Some(plan_id) = &subscription.scheduled_plan_id {
                 out.push_str(&format!("  moves to {plan_id} at the period's end\n"));

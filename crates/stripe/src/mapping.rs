@@ -168,7 +168,9 @@ fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Ma
     let Some(credits) = facts.metadata.get(PURCHASE_METADATA_KEY) else {
         return Err(ignored(format!("the session has no metadata.{PURCHASE_METADATA_KEY}: not a credit purchase")));
     };
-    if succeeded && facts.payment_status != "paid" {
+    // `no_payment_required`: a checkout whose total came to nothing (a
+    // 100 % coupon, say): nothing to wait for, the credits are bought.
+    if succeeded && !matches!(facts.payment_status.as_str(), "paid" | "no_payment_required") {
         return Err(ignored(format!(
             "the session's payment_status is {}, not paid: its credits are granted when \
              checkout.session.async_payment_succeeded comes",
@@ -275,6 +277,11 @@ mod tests {
             |event_type: &str, payment_status: &str| map(&parse(body(event_type, payment_status).as_bytes()).unwrap());
         let Mapped::Ignored { reason } = mapped("checkout.session.completed", "unpaid") else { panic!("not ignored") };
         assert!(reason.contains("async_payment_succeeded"), "{reason}");
+        // A total of nothing (a 100 % coupon): nothing to wait for.
+        let Mapped::Command { command, .. } = mapped("checkout.session.completed", "no_payment_required") else {
+            panic!("not a command")
+        };
+        assert!(matches!(*command, StripeCommand::Purchase { .. }));
         let Mapped::Command { command, .. } = mapped("checkout.session.async_payment_succeeded", "paid") else {
             panic!("not a command")
         };

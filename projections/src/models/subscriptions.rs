@@ -19,7 +19,7 @@ use crate::storage::to_sql_integer;
 use crate::values::{instant_at, instant_text, optional_instant_at, u64_at};
 
 pub const PROJECTOR_NAME: &str = "subscriptions";
-/// 2: a canceled subscription keeps `cancel_at_period_end` and `cancel_at`.
+/// 2: a subscription canceled at its period's end keeps `cancel_at_period_end` and `cancel_at`.
 pub const PROJECTOR_VERSION: u32 = 2;
 
 const TABLES: &[TableSpec] = &[
@@ -106,10 +106,13 @@ const REVOKE_CANCEL: &str = "UPDATE {subscriptions} SET cancel_at_period_end = 0
 const CLOSE_PERIOD: &str = "UPDATE {subscriptions} SET period_closed = 1, updated_position = ?2 WHERE member_id = ?1";
 const PAST_DUE: &str = "UPDATE {subscriptions} SET status = 'past_due', past_due_invoice_id = ?2,
     updated_position = ?3 WHERE member_id = ?1";
-/// A canceled subscription keeps `cancel_at_period_end` and `cancel_at`: it
-/// says whether it ended at its period's end as asked, or at once.
-const CANCEL: &str = "UPDATE {subscriptions} SET status = 'canceled', canceled_at = ?2,
+/// A subscription that ended at its period's end as asked keeps
+/// `cancel_at_period_end` and `cancel_at`; one ended at once does not.
+const CANCEL_AT_PERIOD_END: &str = "UPDATE {subscriptions} SET status = 'canceled', canceled_at = ?2,
     scheduled_plan_id = NULL, scheduled_change_at = NULL, updated_position = ?3
+    WHERE member_id = ?1";
+const CANCEL_NOW: &str = "UPDATE {subscriptions} SET status = 'canceled', canceled_at = ?2, cancel_at_period_end = 0,
+    cancel_at = NULL, scheduled_plan_id = NULL, scheduled_change_at = NULL, updated_position = ?3
     WHERE member_id = ?1";
 const REACTIVATE: &str = "UPDATE {subscriptions} SET status = 'active', past_due_invoice_id = NULL,
     updated_position = ?2 WHERE member_id = ?1";
@@ -216,8 +219,9 @@ impl Projector for SubscriptionsProjector {
             MemberEvent::SubscriptionPastDue { invoice_id } => {
                 tx.statement(PAST_DUE)?.execute(params![member_id, invoice_id, position])?
             }
-            MemberEvent::SubscriptionCanceled { canceled_at, .. } => {
-                tx.statement(CANCEL)?.execute(params![member_id, instant_text(*canceled_at), position])?
+            MemberEvent::SubscriptionCanceled { canceled_at, immediately } => {
+                let statement = if *immediately { CANCEL_NOW } else { CANCEL_AT_PERIOD_END };
+                tx.statement(statement)?.execute(params![member_id, instant_text(*canceled_at), position])?
             }
             MemberEvent::SubscriptionReactivated {} => {
                 tx.statement(REACTIVATE)?.execute(params![member_id, position])?

@@ -307,12 +307,16 @@ impl MemberState {
                 subscription.status = SubscriptionStatus::PastDue;
                 subscription.past_due_invoice = invoice_id.clone();
             }
-            // `cancel_at_period_end` stays as it was: the canceled record says
-            // whether it ended at its period's end as asked, or at once.
-            MemberEvent::SubscriptionCanceled { .. } => {
+            // A subscription that ended at its period's end as asked keeps
+            // `cancel_at_period_end`; one ended at once (even with such a
+            // cancel pending) does not.
+            MemberEvent::SubscriptionCanceled { immediately, .. } => {
                 let subscription = self.subscription_mut();
                 subscription.status = SubscriptionStatus::Canceled;
                 subscription.scheduled_change = None;
+                if *immediately {
+                    subscription.cancel_at_period_end = false;
+                }
             }
             MemberEvent::SubscriptionReactivated {} => {
                 let subscription = self.subscription_mut();

@@ -228,6 +228,14 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
 ///   payments (paid or failed) of a subscription tally knows.
 fn order(state: &MemberState, command: &StripeCommand) -> (bool, Option<StripeSynced>, bool) {
     let created = command.event().created;
+    // A failure of an invoice no longer open is history only: it decides no
+    // status, so it moves no watermark either.
+    if let StripeCommand::Invoice { invoice, outcome: StripeInvoiceOutcome::PaymentFailed, .. } = command
+        && let Some(status) = stripe_invoice_status(state, &invoice.invoice_id)
+        && status != InvoiceStatus::Open
+    {
+        return (false, None, false);
+    }
     let (subscription_id, snapshot) = match command {
         StripeCommand::Subscription { subscription, .. } => (subscription.subscription_id.as_str(), true),
         StripeCommand::Invoice {
@@ -259,6 +267,12 @@ fn stripe_instant(field: &'static str, instant: Timestamp) -> Result<(), DomainE
     } else {
         Err(DomainError::invalid(field, format!("must lie in the years {STRIPE_YEAR_MIN} to {STRIPE_YEAR_MAX}")))
     }
+}
+
+/// The status of tally's record of a Stripe invoice, if it has one.
+fn stripe_invoice_status(state: &MemberState, stripe_invoice_id: &str) -> Option<InvoiceStatus> {
+    let invoice_id = state.stripe_invoices.get(stripe_invoice_id)?;
+    state.invoices.get(invoice_id).map(|record| record.status)
 }
 
 /// The member's subscription with this Stripe id, live or not.
@@ -363,7 +377,7 @@ fn check_invoice(
     // plan has is refused (Stripe retries; a catalog fix lets it through).
     if outcome == StripeInvoiceOutcome::Paid
         && brings_allocation(invoice)
-        && let Some(price_id) = subscription_line(invoice).and_then(|line| line.price_id.as_deref())
+        && let Some(price_id) = subscription_line(invoice, catalog).and_then(|line| line.price_id.as_deref())
     {
         plan_for_price(catalog, price_id)?;
     }
@@ -489,7 +503,7 @@ fn apply_invoice(
 ) {
     let invoice_id = match draft.state.stripe_invoices.get(&invoice.invoice_id) {
         Some(invoice_id) => invoice_id.clone(),
-        None => record_invoice(draft, invoice),
+        None => record_invoice(draft, invoice, catalog),
     };
     let status = draft.state.invoices.get(&invoice_id).map(|record| record.status);
     let total = draft.state.invoices.get(&invoice_id).map_or(MinorUnits::ZERO, |record| record.total);
@@ -545,7 +559,7 @@ fn of_live_subscription(state: &MemberState, invoice: &StripeInvoice) -> bool {
 /// Record Stripe's invoice of record. Lines follow Stripe's; what its total
 /// holds beyond them (discounts, taxes) is one adjustment line, so the lines
 /// always sum to the total.
-fn record_invoice(draft: &mut Draft, invoice: &StripeInvoice) -> String {
+fn record_invoice(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) -> String {
     let invoice_id = next_invoice_id(&draft.state);
     let mut lines: Vec<InvoiceLine> = invoice
         .lines
@@ -578,7 +592,7 @@ fn record_invoice(draft: &mut Draft, invoice: &StripeInvoice) -> String {
             amount: rest,
         });
     }
-    let (period_start, period_end) = match subscription_line(invoice) {
+    let (period_start, period_end) = match subscription_line(invoice, catalog) {
         Some(line) => (line.period_start, line.period_end),
         None => (None, None),
     };
@@ -596,9 +610,15 @@ fn record_invoice(draft: &mut Draft, invoice: &StripeInvoice) -> String {
 }
 
 /// The line that bills the subscription's period: priced, with a period, not
-/// a proration.
-fn subscription_line(invoice: &StripeInvoice) -> Option<&StripeInvoiceLine> {
-    invoice.lines.iter().find(|line| !line.proration && line.price_id.is_some() && line.period_start.is_some())
+/// a proration; of several such (a plan and its add-ons), the one whose
+/// price a catalog plan has, as for the subscription's items.
+fn subscription_line<'a>(invoice: &'a StripeInvoice, catalog: &Catalog) -> Option<&'a StripeInvoiceLine> {
+    let mut candidates =
+        invoice.lines.iter().filter(|line| !line.proration && line.price_id.is_some() && line.period_start.is_some());
+    let first = candidates.clone().next();
+    candidates
+        .find(|line| line.price_id.as_deref().is_some_and(|price_id| catalog.plan_by_stripe_price(price_id).is_some()))
+        .or(first)
 }
 
 /// A paid subscription invoice (create or cycle) brings its period's monthly
@@ -614,7 +634,7 @@ fn allocate(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) {
     if known.is_some_and(|current| !current.is_live()) {
         return;
     }
-    let Some(line) = subscription_line(invoice) else { return };
+    let Some(line) = subscription_line(invoice, catalog) else { return };
     let (Some(price_id), Some(period_start), Some(period_end)) = (&line.price_id, line.period_start, line.period_end)
     else {
         return;

@@ -1272,6 +1272,22 @@ mod stripe_managed {
         assert_eq!(life.state.available(), Credits(1_000));
     }
 
+    /// A failure of an invoice no longer open decides no status, so a
+    /// snapshot Stripe made before it, delivered after it, still does.
+    #[test]
+    fn a_failure_that_is_only_history_moves_no_status_watermark() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(subscription_event("evt_1", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+        let bill = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+        life.run(invoice_event("evt_2", at(2026, 1, 1), StripeInvoiceOutcome::Paid, bill.clone()));
+        let late = life.run(invoice_event("evt_3", at(2026, 1, 20), StripeInvoiceOutcome::PaymentFailed, bill));
+        assert_eq!(types(&late), ["StripeEventApplied", "PaymentFailed"]);
+        // Stripe's snapshot of Jan 10, delivered now: past due, as Stripe said then.
+        let snapshot_of_jan_10 = snapshot("past_due", "price_starter", january());
+        let events = life.run(subscription_event("evt_4", at(2026, 1, 10), snapshot_of_jan_10));
+        assert!(types(&events).contains(&"SubscriptionPastDue"), "{events:?}");
+    }
+
     /// Invoice statuses move forward whatever the delivery order: open →
     /// uncollectible → paid or void, paid and void final.
     #[test]
