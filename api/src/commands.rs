@@ -215,18 +215,9 @@ fn describe(view: &mut CommandView, event: &serde_json::Value) {
     }
 }
 
-/// A subscription status as the answer words it (a `&'static str`, like the enum's serde name).
+/// A stored status as the answer words it.
 fn status_word(status: &str) -> Option<&'static str> {
-    ["trialing", "active", "past_due", "canceled"].into_iter().find(|known| *known == status)
-}
-
-fn status_name(status: SubscriptionStatus) -> &'static str {
-    match status {
-        SubscriptionStatus::Trialing => "trialing",
-        SubscriptionStatus::Active => "active",
-        SubscriptionStatus::PastDue => "past_due",
-        SubscriptionStatus::Canceled => "canceled",
-    }
+    SubscriptionStatus::ALL.into_iter().map(SubscriptionStatus::as_str).find(|known| *known == status)
 }
 
 /// The HTTP response for a command's view.
@@ -597,7 +588,7 @@ async fn member_post<B: serde::de::DeserializeOwned>(
         let current = actix_web::web::block(move || ledger.member_state(&member)).await??;
         if let Some(subscription) = current.subscription {
             view.plan_id = Some(subscription.terms.plan.plan_id.clone());
-            view.subscription_status = Some(status_name(subscription.status));
+            view.subscription_status = Some(subscription.status.as_str());
             view.cancel_at = subscription.cancel_at_period_end.then_some(subscription.period_end);
             view.period_end = Some(subscription.period_end);
         }

@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tally_ledger::codec;
 use tally_ledger::domain::{
-    Billing, CATALOG_STREAM, Catalog, Context, GrantCategory, MemberCommand, MemberEvent, MemberState,
-    SubscriptionStatus, decide, member_stream, validate,
+    Billing, CATALOG_STREAM, Catalog, Context, GrantCategory, MemberCommand, MemberEvent, MemberState, decide,
+    member_stream, validate,
 };
 use tally_ledger::store::{EventReader, RecordedEvent};
 
@@ -242,7 +242,7 @@ fn subscription(state: &MemberState) -> Option<SubscriptionView> {
         plan_id: plan.plan_id.clone(),
         plan_name: plan.name.clone(),
         plan_version: subscription.terms.plan_version,
-        status: status_name(subscription.status),
+        status: subscription.status.as_str(),
         billing: match subscription.billing {
             Billing::Tally => "tally",
             Billing::Stripe => "stripe",
@@ -264,15 +264,6 @@ fn category_name(category: GrantCategory) -> &'static str {
     }
 }
 
-fn status_name(status: SubscriptionStatus) -> &'static str {
-    match status {
-        SubscriptionStatus::Trialing => "trialing",
-        SubscriptionStatus::Active => "active",
-        SubscriptionStatus::PastDue => "past_due",
-        SubscriptionStatus::Canceled => "canceled",
-    }
-}
-
 fn instant(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%S").to_string()
 }
@@ -289,7 +280,7 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
         MemberEvent::SubscriptionStarted { terms, status, period_start, period_end, .. } => format!(
             "subscribed to {} ({}), period {} to {}",
             terms.plan.plan_id,
-            status_name(*status),
+            status.as_str(),
             instant(*period_start),
             instant(*period_end)
         ),

@@ -77,6 +77,25 @@ pub enum SubscriptionStatus {
     Canceled,
 }
 
+impl SubscriptionStatus {
+    pub const ALL: [SubscriptionStatus; 4] = [
+        SubscriptionStatus::Trialing,
+        SubscriptionStatus::Active,
+        SubscriptionStatus::PastDue,
+        SubscriptionStatus::Canceled,
+    ];
+
+    /// The status as stored and answered (its serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+        }
+    }
+}
+
 /// Who owns billing periods, fees and invoices of a subscription.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
