@@ -546,6 +546,32 @@ pub async fn post_plan(state: Data<AppState>, request: HttpRequest, bytes: Bytes
     Ok(render(Object::Plan, None, executed, 201))
 }
 
+/// One member write route: its OpenAPI operation (the status it answers,
+/// and the problems every such route may answer), its actix handler, and
+/// the command its body and path ids make. Everything else is
+/// [`member_post`]'s, once for all: credentials, the member's right, the
+/// `Idempotency-Key`, the body, the answer.
+macro_rules! member_write {
+    (
+        $name:ident, $path:literal, $status:literal, $route:expr, params($($params:tt)*),
+        |$body:ident: $body_type:ident, $ids:ident| $command:expr
+    ) => {
+        #[utoipa::path(post, path = $path, tag = "members", request_body = $body_type,
+            params($($params)*),
+            responses((status = $status, body = CommandView), (status = 402, body = Problem),
+                (status = 404, body = Problem), (status = 422, body = Problem)),
+            security(("bearer" = [])))]
+        #[post($path)]
+        pub async fn $name(
+            state: Data<AppState>,
+            request: HttpRequest,
+            bytes: Bytes,
+        ) -> Result<HttpResponse, ApiError> {
+            member_post(state, request, bytes, $route, |$body: $body_type, $ids: &[String]| $command).await
+        }
+    };
+}
+
 /// Parse, authorise and execute one member route; `to_command` gets the
 /// body and the path ids after the member's.
 async fn member_post<B: serde::de::DeserializeOwned>(
@@ -673,187 +699,94 @@ pub async fn start_subscription(
     .await
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/subscription/change", tag = "members", request_body = PlanChoiceBody,
+member_write! {
+    change_subscription, "/v1/members/{member}/subscription/change", 200, ROUTE_SUBSCRIPTION_CHANGE,
     params(("member" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/subscription/change")]
-pub async fn change_subscription(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_SUBSCRIPTION_CHANGE;
-    member_post(state, request, bytes, route, |body: PlanChoiceBody, _ids: &[String]| {
+    |body: PlanChoiceBody, _ids| {
         Ok(MemberCommand::ChangePlan { plan_id: body.plan_id })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/subscription/cancel", tag = "members", request_body = CancelBody,
+member_write! {
+    cancel_subscription, "/v1/members/{member}/subscription/cancel", 200, ROUTE_SUBSCRIPTION_CANCEL,
     params(("member" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/subscription/cancel")]
-pub async fn cancel_subscription(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_SUBSCRIPTION_CANCEL;
-    member_post(state, request, bytes, route, |body: CancelBody, _ids: &[String]| {
+    |body: CancelBody, _ids| {
         Ok(MemberCommand::CancelSubscription { at_period_end: body.at_period_end })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/credits/grants", tag = "members", request_body = GrantBody,
+member_write! {
+    grant_credits, "/v1/members/{member}/credits/grants", 201, ROUTE_CREDITS_GRANT,
     params(("member" = String, Path)),
-    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/credits/grants")]
-pub async fn grant_credits(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_CREDITS_GRANT;
-    member_post(state, request, bytes, route, |body: GrantBody, _ids: &[String]| grant_command(body)).await
+    |body: GrantBody, _ids| grant_command(body)
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/credits/debits", tag = "members", request_body = DebitBody,
+member_write! {
+    debit_credits, "/v1/members/{member}/credits/debits", 201, ROUTE_CREDITS_DEBIT,
     params(("member" = String, Path)),
-    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/credits/debits")]
-pub async fn debit_credits(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_CREDITS_DEBIT;
-    member_post(state, request, bytes, route, |body: DebitBody, _ids: &[String]| {
+    |body: DebitBody, _ids| {
         Ok(MemberCommand::DebitCredits { amount: Credits(body.amount), reason: body.reason })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/usage", tag = "members", request_body = UsageBody,
+member_write! {
+    record_usage, "/v1/members/{member}/usage", 201, ROUTE_USAGE,
     params(("member" = String, Path)),
-    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/usage")]
-pub async fn record_usage(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_USAGE;
-    member_post(state, request, bytes, route, |body: UsageBody, _ids: &[String]| Ok(usage_command(body))).await
+    |body: UsageBody, _ids| Ok(usage_command(body))
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/usage/{usage}/reverse", tag = "members", request_body = ReverseBody,
+member_write! {
+    reverse_usage, "/v1/members/{member}/usage/{usage}/reverse", 200, ROUTE_USAGE_REVERSE,
     params(("member" = String, Path), ("usage" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/usage/{usage}/reverse")]
-pub async fn reverse_usage(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_USAGE_REVERSE;
-    member_post(state, request, bytes, route, |body: ReverseBody, ids: &[String]| {
+    |body: ReverseBody, ids| {
         Ok(MemberCommand::ReverseUsage { usage_id: ids[0].clone(), reason: body.reason })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/reservations", tag = "members", request_body = ReserveBody,
+member_write! {
+    reserve, "/v1/members/{member}/reservations", 201, ROUTE_RESERVATIONS,
     params(("member" = String, Path)),
-    responses((status = 201, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/reservations")]
-pub async fn reserve(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_RESERVATIONS;
-    member_post(state, request, bytes, route, |body: ReserveBody, _ids: &[String]| {
+    |body: ReserveBody, _ids| {
         Ok(MemberCommand::Reserve { amount: Credits(body.amount), ttl_s: body.ttl_s })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/reservations/{reservation}/settle", tag = "members", request_body = SettleBody,
+member_write! {
+    settle, "/v1/members/{member}/reservations/{reservation}/settle", 200, ROUTE_RESERVATIONS_SETTLE,
     params(("member" = String, Path), ("reservation" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/reservations/{reservation}/settle")]
-pub async fn settle(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_RESERVATIONS_SETTLE;
-    member_post(state, request, bytes, route, |body: SettleBody, ids: &[String]| settle_command(body, &ids[0])).await
+    |body: SettleBody, ids| settle_command(body, &ids[0])
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/reservations/{reservation}/release", tag = "members", request_body = EmptyBody,
+member_write! {
+    release, "/v1/members/{member}/reservations/{reservation}/release", 200, ROUTE_RESERVATIONS_RELEASE,
     params(("member" = String, Path), ("reservation" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/reservations/{reservation}/release")]
-pub async fn release(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_RESERVATIONS_RELEASE;
-    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+    |_body: EmptyBody, ids| {
         Ok(MemberCommand::Release { reservation_id: ids[0].clone() })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/pay", tag = "members", request_body = EmptyBody,
+member_write! {
+    pay_invoice, "/v1/members/{member}/invoices/{invoice}/pay", 200, ROUTE_INVOICES_PAY,
     params(("member" = String, Path), ("invoice" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/invoices/{invoice}/pay")]
-pub async fn pay_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_INVOICES_PAY;
-    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+    |_body: EmptyBody, ids| {
         Ok(MemberCommand::PayInvoice { invoice_id: ids[0].clone() })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/void", tag = "members", request_body = EmptyBody,
+member_write! {
+    void_invoice, "/v1/members/{member}/invoices/{invoice}/void", 200, ROUTE_INVOICES_VOID,
     params(("member" = String, Path), ("invoice" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/invoices/{invoice}/void")]
-pub async fn void_invoice(state: Data<AppState>, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_INVOICES_VOID;
-    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+    |_body: EmptyBody, ids| {
         Ok(MemberCommand::VoidInvoice { invoice_id: ids[0].clone() })
-    })
-    .await
+    }
 }
 
-#[utoipa::path(post, path = "/v1/members/{member}/invoices/{invoice}/uncollectible", tag = "members", request_body = EmptyBody,
+member_write! {
+    uncollectible_invoice, "/v1/members/{member}/invoices/{invoice}/uncollectible", 200, ROUTE_INVOICES_UNCOLLECTIBLE,
     params(("member" = String, Path), ("invoice" = String, Path)),
-    responses((status = 200, body = CommandView), (status = 402, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)),
-    security(("bearer" = [])))]
-#[post("/v1/members/{member}/invoices/{invoice}/uncollectible")]
-pub async fn uncollectible_invoice(
-    state: Data<AppState>,
-    request: HttpRequest,
-    bytes: Bytes,
-) -> Result<HttpResponse, ApiError> {
-    let route = ROUTE_INVOICES_UNCOLLECTIBLE;
-    member_post(state, request, bytes, route, |_body: EmptyBody, ids: &[String]| {
+    |_body: EmptyBody, ids| {
         Ok(MemberCommand::MarkInvoiceUncollectible { invoice_id: ids[0].clone() })
-    })
-    .await
+    }
 }
 
 #[utoipa::path(post, path = "/v1/members/{member}/check", tag = "members", request_body = CheckBody,
