@@ -180,6 +180,25 @@ async fn member_page<T: Serialize + Send + 'static>(
     Ok(HttpResponse::Ok().json(extra))
 }
 
+/// A plain paged list of one member's rows: [`PageQuery`] in (after the
+/// caller's right to the member), one page of `list` out. A new list route
+/// is this and its query function.
+async fn paged_list<T: Serialize + Send + 'static>(
+    state: &AppState,
+    request: &HttpRequest,
+    member_id: String,
+    read_models: &'static [ReadModel],
+    list: &'static str,
+    fetch: impl FnOnce(&Projections, &str, &PageRequest) -> Result<Page<T>, ProjectionError> + Send + 'static,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authorize_member(state, request)?;
+    let params: PageQuery = query(request)?;
+    let page = page_request(params.cursor, params.limit)?;
+    let fetch_page = move |projections: &Projections, member: &str| fetch(projections, member, &page);
+    member_page(state, &principal, member_id, read_models, params.min_position, list, Default::default(), fetch_page)
+        .await
+}
+
 #[utoipa::path(get, path = "/v1/members/{member}/transactions", tag = "reads", params(("member" = String, Path), PageQuery),
     responses((status = 200, description = "`transactions`: signed amount, balance after, type, ids; `next_cursor`", body = Object),
         (status = 404, body = Problem)), security(("bearer" = [])))]
@@ -189,20 +208,10 @@ pub async fn transactions(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authorize_member(&state, &request)?;
-    let params: PageQuery = query(&request)?;
-    let page = page_request(params.cursor, params.limit)?;
     let read_models = &[ReadModel::CreditBalances, ReadModel::CreditTransactions];
-    member_page(
-        &state,
-        &principal,
-        path.into_inner(),
-        read_models,
-        params.min_position,
-        "transactions",
-        Default::default(),
-        move |projections, member| projections.transactions(member, &page),
-    )
+    paged_list(&state, &request, path.into_inner(), read_models, "transactions", |projections, member, page| {
+        projections.transactions(member, page)
+    })
     .await
 }
 
@@ -256,20 +265,10 @@ pub async fn invoices(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let principal = authorize_member(&state, &request)?;
-    let params: PageQuery = query(&request)?;
-    let page = page_request(params.cursor, params.limit)?;
     let read_models = &[ReadModel::CreditBalances, ReadModel::Invoices];
-    member_page(
-        &state,
-        &principal,
-        path.into_inner(),
-        read_models,
-        params.min_position,
-        "invoices",
-        Default::default(),
-        move |projections, member| projections.invoices(member, &page),
-    )
+    paged_list(&state, &request, path.into_inner(), read_models, "invoices", |projections, member, page| {
+        projections.invoices(member, page)
+    })
     .await
 }
 
