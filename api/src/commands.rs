@@ -299,114 +299,6 @@ const ROUTE_SUBSCRIPTION_START: Route = Route {
     idempotency_required: true,
     member_key_allowed: false,
 };
-const ROUTE_SUBSCRIPTION_CHANGE: Route = Route {
-    name: "subscription.change",
-    method: "POST",
-    path: "/v1/members/{member}/subscription/change",
-    object: Object::Subscription,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_SUBSCRIPTION_CANCEL: Route = Route {
-    name: "subscription.cancel",
-    method: "POST",
-    path: "/v1/members/{member}/subscription/cancel",
-    object: Object::Subscription,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_CREDITS_GRANT: Route = Route {
-    name: "credits.grant",
-    method: "POST",
-    path: "/v1/members/{member}/credits/grants",
-    object: Object::Grant,
-    status: 201,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_CREDITS_DEBIT: Route = Route {
-    name: "credits.debit",
-    method: "POST",
-    path: "/v1/members/{member}/credits/debits",
-    object: Object::Debit,
-    status: 201,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_USAGE: Route = Route {
-    name: "usage",
-    method: "POST",
-    path: "/v1/members/{member}/usage",
-    object: Object::Usage,
-    status: 201,
-    idempotency_required: true,
-    member_key_allowed: true,
-};
-const ROUTE_USAGE_REVERSE: Route = Route {
-    name: "usage.reverse",
-    method: "POST",
-    path: "/v1/members/{member}/usage/{usage}/reverse",
-    object: Object::UsageReversal,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_RESERVATIONS: Route = Route {
-    name: "reservations",
-    method: "POST",
-    path: "/v1/members/{member}/reservations",
-    object: Object::Reservation,
-    status: 201,
-    idempotency_required: true,
-    member_key_allowed: true,
-};
-const ROUTE_RESERVATIONS_SETTLE: Route = Route {
-    name: "reservations.settle",
-    method: "POST",
-    path: "/v1/members/{member}/reservations/{reservation}/settle",
-    object: Object::Reservation,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: true,
-};
-const ROUTE_RESERVATIONS_RELEASE: Route = Route {
-    name: "reservations.release",
-    method: "POST",
-    path: "/v1/members/{member}/reservations/{reservation}/release",
-    object: Object::Reservation,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: true,
-};
-const ROUTE_INVOICES_PAY: Route = Route {
-    name: "invoices.pay",
-    method: "POST",
-    path: "/v1/members/{member}/invoices/{invoice}/pay",
-    object: Object::Invoice,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_INVOICES_VOID: Route = Route {
-    name: "invoices.void",
-    method: "POST",
-    path: "/v1/members/{member}/invoices/{invoice}/void",
-    object: Object::Invoice,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
-const ROUTE_INVOICES_UNCOLLECTIBLE: Route = Route {
-    name: "invoices.uncollectible",
-    method: "POST",
-    path: "/v1/members/{member}/invoices/{invoice}/uncollectible",
-    object: Object::Invoice,
-    status: 200,
-    idempotency_required: true,
-    member_key_allowed: false,
-};
 
 /// Every member write route (POST /v1/plans keys its requests apart).
 pub(crate) const WRITE_ROUTES: &[Route] = &[
@@ -546,16 +438,29 @@ pub async fn post_plan(state: Data<AppState>, request: HttpRequest, bytes: Bytes
     Ok(render(Object::Plan, None, executed, 201))
 }
 
-/// One member write route: its OpenAPI operation (the status it answers,
-/// and the problems every such route may answer), its actix handler, and
-/// the command its body and path ids make. Everything else is
+/// One member write route: its `Route` (path and status written once, for
+/// the handler, the document and `WRITE_ROUTES`), its OpenAPI operation
+/// (the status it answers, and the problems every such route may answer),
+/// its actix handler, and the command its body and path ids make. Everything else is
 /// [`member_post`]'s, once for all: credentials, the member's right, the
 /// `Idempotency-Key`, the body, the answer.
 macro_rules! member_write {
     (
-        $name:ident, $path:literal, $status:literal, $route:expr, params($($params:tt)*),
+        $name:ident, $route:ident = ($route_name:literal, $object:ident, member_key_allowed: $member_key:literal),
+        $path:literal, $status:literal, params($($params:tt)*),
         |$body:ident: $body_type:ident, $ids:ident| $command:expr
     ) => {
+        // Every one moves credits or money: the key is required.
+        const $route: Route = Route {
+            name: $route_name,
+            method: "POST",
+            path: $path,
+            object: Object::$object,
+            status: $status,
+            idempotency_required: true,
+            member_key_allowed: $member_key,
+        };
+
         #[utoipa::path(post, path = $path, tag = "members", request_body = $body_type,
             params($($params)*),
             responses((status = $status, body = CommandView), (status = 402, body = Problem),
@@ -700,7 +605,8 @@ pub async fn start_subscription(
 }
 
 member_write! {
-    change_subscription, "/v1/members/{member}/subscription/change", 200, ROUTE_SUBSCRIPTION_CHANGE,
+    change_subscription, ROUTE_SUBSCRIPTION_CHANGE = ("subscription.change", Subscription, member_key_allowed: false),
+    "/v1/members/{member}/subscription/change", 200,
     params(("member" = String, Path)),
     |body: PlanChoiceBody, _ids| {
         Ok(MemberCommand::ChangePlan { plan_id: body.plan_id })
@@ -708,7 +614,8 @@ member_write! {
 }
 
 member_write! {
-    cancel_subscription, "/v1/members/{member}/subscription/cancel", 200, ROUTE_SUBSCRIPTION_CANCEL,
+    cancel_subscription, ROUTE_SUBSCRIPTION_CANCEL = ("subscription.cancel", Subscription, member_key_allowed: false),
+    "/v1/members/{member}/subscription/cancel", 200,
     params(("member" = String, Path)),
     |body: CancelBody, _ids| {
         Ok(MemberCommand::CancelSubscription { at_period_end: body.at_period_end })
@@ -716,13 +623,15 @@ member_write! {
 }
 
 member_write! {
-    grant_credits, "/v1/members/{member}/credits/grants", 201, ROUTE_CREDITS_GRANT,
+    grant_credits, ROUTE_CREDITS_GRANT = ("credits.grant", Grant, member_key_allowed: false),
+    "/v1/members/{member}/credits/grants", 201,
     params(("member" = String, Path)),
     |body: GrantBody, _ids| grant_command(body)
 }
 
 member_write! {
-    debit_credits, "/v1/members/{member}/credits/debits", 201, ROUTE_CREDITS_DEBIT,
+    debit_credits, ROUTE_CREDITS_DEBIT = ("credits.debit", Debit, member_key_allowed: false),
+    "/v1/members/{member}/credits/debits", 201,
     params(("member" = String, Path)),
     |body: DebitBody, _ids| {
         Ok(MemberCommand::DebitCredits { amount: Credits(body.amount), reason: body.reason })
@@ -730,13 +639,15 @@ member_write! {
 }
 
 member_write! {
-    record_usage, "/v1/members/{member}/usage", 201, ROUTE_USAGE,
+    record_usage, ROUTE_USAGE = ("usage", Usage, member_key_allowed: true),
+    "/v1/members/{member}/usage", 201,
     params(("member" = String, Path)),
     |body: UsageBody, _ids| Ok(usage_command(body))
 }
 
 member_write! {
-    reverse_usage, "/v1/members/{member}/usage/{usage}/reverse", 200, ROUTE_USAGE_REVERSE,
+    reverse_usage, ROUTE_USAGE_REVERSE = ("usage.reverse", UsageReversal, member_key_allowed: false),
+    "/v1/members/{member}/usage/{usage}/reverse", 200,
     params(("member" = String, Path), ("usage" = String, Path)),
     |body: ReverseBody, ids| {
         Ok(MemberCommand::ReverseUsage { usage_id: ids[0].clone(), reason: body.reason })
@@ -744,7 +655,8 @@ member_write! {
 }
 
 member_write! {
-    reserve, "/v1/members/{member}/reservations", 201, ROUTE_RESERVATIONS,
+    reserve, ROUTE_RESERVATIONS = ("reservations", Reservation, member_key_allowed: true),
+    "/v1/members/{member}/reservations", 201,
     params(("member" = String, Path)),
     |body: ReserveBody, _ids| {
         Ok(MemberCommand::Reserve { amount: Credits(body.amount), ttl_s: body.ttl_s })
@@ -752,13 +664,15 @@ member_write! {
 }
 
 member_write! {
-    settle, "/v1/members/{member}/reservations/{reservation}/settle", 200, ROUTE_RESERVATIONS_SETTLE,
+    settle, ROUTE_RESERVATIONS_SETTLE = ("reservations.settle", Reservation, member_key_allowed: true),
+    "/v1/members/{member}/reservations/{reservation}/settle", 200,
     params(("member" = String, Path), ("reservation" = String, Path)),
     |body: SettleBody, ids| settle_command(body, &ids[0])
 }
 
 member_write! {
-    release, "/v1/members/{member}/reservations/{reservation}/release", 200, ROUTE_RESERVATIONS_RELEASE,
+    release, ROUTE_RESERVATIONS_RELEASE = ("reservations.release", Reservation, member_key_allowed: true),
+    "/v1/members/{member}/reservations/{reservation}/release", 200,
     params(("member" = String, Path), ("reservation" = String, Path)),
     |_body: EmptyBody, ids| {
         Ok(MemberCommand::Release { reservation_id: ids[0].clone() })
@@ -766,7 +680,8 @@ member_write! {
 }
 
 member_write! {
-    pay_invoice, "/v1/members/{member}/invoices/{invoice}/pay", 200, ROUTE_INVOICES_PAY,
+    pay_invoice, ROUTE_INVOICES_PAY = ("invoices.pay", Invoice, member_key_allowed: false),
+    "/v1/members/{member}/invoices/{invoice}/pay", 200,
     params(("member" = String, Path), ("invoice" = String, Path)),
     |_body: EmptyBody, ids| {
         Ok(MemberCommand::PayInvoice { invoice_id: ids[0].clone() })
@@ -774,7 +689,8 @@ member_write! {
 }
 
 member_write! {
-    void_invoice, "/v1/members/{member}/invoices/{invoice}/void", 200, ROUTE_INVOICES_VOID,
+    void_invoice, ROUTE_INVOICES_VOID = ("invoices.void", Invoice, member_key_allowed: false),
+    "/v1/members/{member}/invoices/{invoice}/void", 200,
     params(("member" = String, Path), ("invoice" = String, Path)),
     |_body: EmptyBody, ids| {
         Ok(MemberCommand::VoidInvoice { invoice_id: ids[0].clone() })
@@ -782,7 +698,8 @@ member_write! {
 }
 
 member_write! {
-    uncollectible_invoice, "/v1/members/{member}/invoices/{invoice}/uncollectible", 200, ROUTE_INVOICES_UNCOLLECTIBLE,
+    uncollectible_invoice, ROUTE_INVOICES_UNCOLLECTIBLE = ("invoices.uncollectible", Invoice, member_key_allowed: false),
+    "/v1/members/{member}/invoices/{invoice}/uncollectible", 200,
     params(("member" = String, Path), ("invoice" = String, Path)),
     |_body: EmptyBody, ids| {
         Ok(MemberCommand::MarkInvoiceUncollectible { invoice_id: ids[0].clone() })
