@@ -20,7 +20,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tally_ledger::LedgerError;
-use tally_ledger::domain::{DomainError, IntakeEvent, MemberCommand, StripeCommand, StripeEventRef, validate};
+use tally_ledger::domain::{
+    DomainError, IntakeEvent, MemberCommand, RefundPolicy, StripeCommand, StripeEventRef, validate,
+};
 use tally_ledger::service::{Idempotency, Request};
 use tally_stripe::{Mapped, StripeApi};
 
@@ -43,6 +45,9 @@ pub struct StripeSettings {
     pub tolerance_s: i64,
     /// From `TALLY_STRIPE_SECRET_KEY` and `TALLY_STRIPE_API_BASE`.
     pub api: Option<Arc<StripeApi>>,
+    /// `TALLY_STRIPE_REFUND_SPENT` and `TALLY_STRIPE_REFUND_SUBSCRIPTION_CREDITS`:
+    /// what a refund takes back (ARCHITECTURE.md, "Refunds").
+    pub refund_policy: RefundPolicy,
 }
 
 impl StripeSettings {
@@ -347,9 +352,10 @@ async fn apply(
     parsed: &tally_stripe::ParsedEvent,
     customer_id: Option<String>,
     member_hint: Option<String>,
-    command: StripeCommand,
+    mut command: StripeCommand,
     bytes: &[u8],
 ) -> Result<serde_json::Value, ApiError> {
+    command.event_mut().refund_policy = state.stripe.refund_policy;
     let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
     let unlinked = customer_id.clone().map(|customer_id| (customer_id, bytes));
     let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
@@ -473,6 +479,7 @@ pub(crate) async fn start_with_stripe(
             event_type: "tally.subscription.created".to_owned(),
             created: state.ledger.now(),
             customer_id: Some(customer_id),
+            refund_policy: state.stripe.refund_policy,
         },
         subscription,
     });

@@ -983,8 +983,9 @@ const STREAM_PAGE_SIZE: usize = 1_000;
 /// upcasting): snapshots of another format are then passed over and
 /// rewritten. The test `a_member_snapshot_has_the_pinned_shape_and_reads_back_equal`
 /// pins the shape and the bytes of the current format (2 added
-/// `stripe_checkout_sessions`).
-pub const MEMBER_SNAPSHOT_FORMAT: u32 = 2;
+/// `stripe_checkout_sessions`, 3 the refund records `stripe_paid_grants`
+/// and `stripe_refunds`).
+pub const MEMBER_SNAPSHOT_FORMAT: u32 = 3;
 
 impl Shell<'_, '_> {
     /// Run one job. A panic (a broken ledger invariant, which `assert!`s

@@ -539,6 +539,7 @@ fn member_events() -> Vec<MemberEvent> {
             stripe_period_start: Some(instant(1)),
             stripe_checkout_session_id: None,
             stripe_invoice_item: false,
+            stripe_payment: None,
         },
         MemberEvent::CreditsGrantScheduled {
             schedule_id: "sg3".into(),

@@ -362,6 +362,20 @@ fn life_server() -> Server {
     server
 }
 
+/// Each event delivered three times, in order or reversed: every delivery
+/// applied (the first) or answered from its record.
+fn deliver_three_times_each(server: &Server, mut events: Vec<Value>, reversed: bool) {
+    if reversed {
+        events.reverse();
+    }
+    for event in &events {
+        for _ in 0..3 {
+            let (status, answer) = deliver(server, event);
+            assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{}: {answer}", event["id"]);
+        }
+    }
+}
+
 fn set_clock(server: &Server, instant: &str) {
     let (status, answer) = server.admin_post("/v1/admin/clock", json!({"now": instant}));
     assert_eq!(status, 200, "{answer}");
@@ -810,21 +824,13 @@ fn voided_and_uncollectible_stripe_invoices_mirror_in_any_order_and_shape() {
                 "current" => current(id, event_type, invoice),
                 _ => old_shape(id, event_type, invoice),
             };
-            let mut events = vec![
+            let events = vec![
                 make("evt_v1", "invoice.finalized", "in_void"),
                 make("evt_v2", "invoice.voided", "in_void"),
                 make("evt_u1", "invoice.finalized", "in_bad"),
                 make("evt_u2", "invoice.marked_uncollectible", "in_bad"),
             ];
-            if reversed {
-                events.reverse();
-            }
-            for event in &events {
-                for _ in 0..3 {
-                    let (status, answer) = deliver(&server, event);
-                    assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{shape}: {answer}");
-                }
-            }
+            deliver_three_times_each(&server, events, reversed);
             let books = books(&server);
             let statuses: Vec<&Value> =
                 books["invoices"].as_array().unwrap().iter().map(|invoice| &invoice[1]).collect();
@@ -1100,4 +1106,172 @@ fn an_operator_replays_unprocessed_events_after_fixing_their_cause() {
     let (_, issued) = server.admin_post("/v1/members/life/api-keys", json!({}));
     let member_key = issued["secret"].as_str().unwrap();
     assert_eq!(server.post("/v1/admin/stripe/replay", member_key, &json!({}), None).status(), 403);
+}
+
+// ---------------------------------------------------------------------------
+// Refunds
+// ---------------------------------------------------------------------------
+
+/// `charge.refunded` of the purchase `pi_refund` in the current shape
+/// (Stripe's own charge fixture) or the 2020-03-02 one (the charge names its
+/// invoice and embeds its refunds).
+fn charge_refunded(event_id: &str, amount_refunded: i64, old_shape: bool) -> Value {
+    let mut event = composed("invoice.paid");
+    event["id"] = json!(event_id);
+    event["type"] = json!("charge.refunded");
+    let mut charge: Value = serde_json::from_slice(&fixture_bytes("openapi-fixtures3/charge.json")).unwrap();
+    charge["amount"] = json!(4_900);
+    charge["amount_captured"] = json!(4_900);
+    charge["amount_refunded"] = json!(amount_refunded);
+    charge["refunded"] = json!(amount_refunded == 4_900);
+    charge["currency"] = json!("usd");
+    charge["customer"] = json!("cus_life");
+    charge["payment_intent"] = json!("pi_refund");
+    if old_shape {
+        event["api_version"] = json!("2020-03-02");
+        charge["invoice"] = Value::Null;
+        charge["refunds"] = json!({"object": "list", "data": [], "has_more": false, "total_count": 0,
+            "url": "/v1/charges/ch_1/refunds"});
+    }
+    event["data"] = json!({"object": charge});
+    event
+}
+
+fn refund_created(event_id: &str, refund_id: &str, amount: i64) -> Value {
+    let mut event = composed("invoice.paid");
+    event["id"] = json!(event_id);
+    event["type"] = json!("refund.created");
+    event["data"] = json!({"object": {"id": refund_id, "object": "refund", "amount": amount, "currency": "usd",
+        "charge": "ch_1", "customer": "cus_life", "payment_intent": "pi_refund", "status": "succeeded",
+        "created": 1767225600, "metadata": {}}});
+    event
+}
+
+/// The books' own identities (DESIGN.md §3), read from the balance.
+fn assert_conservation(balance: &Value) {
+    let n = |field: &str| balance[field].as_i64().unwrap_or_else(|| panic!("{field} in {balance}"));
+    assert_eq!(
+        n("granted") + n("debt_incurred"),
+        n("used") + n("debited") + n("expired") + n("available") + n("held"),
+        "conservation: {balance}"
+    );
+    assert_eq!(n("balance"), n("available") + n("held") - n("debt"), "{balance}");
+    assert_eq!(n("debt"), n("debt_incurred") - n("debt_reduced") - n("debt_billed"), "{balance}");
+}
+
+/// A purchase of 5,000 credits for 49.00, half spent, refunded in three
+/// steps (a partial refund by id, the charge at half, the charge in full):
+/// the unspent half comes back out of the grant, the spent half becomes
+/// debt or is written off as the operator says. Every event delivered three
+/// times, in order or reversed, in both shapes: the same books.
+#[test]
+fn a_refund_of_a_half_spent_purchase_takes_credits_back_under_either_setting() {
+    for (spent, debt) in [("debt", 2_500), ("write_off", 0)] {
+        let mut all_books = Vec::new();
+        for old_shape in [false, true] {
+            for reversed in [false, true] {
+                let server = stripe_server(Some("2026-01-01T00:00:00Z"), &[("TALLY_STRIPE_REFUND_SPENT", spent)]);
+                let response = server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"}));
+                assert_eq!(response.status(), 200);
+                let mut purchase = delayed_checkout(
+                    "events/composed/checkout.session.completed.json",
+                    "evt_buy",
+                    "checkout.session.completed",
+                    "cs_refund",
+                    true,
+                );
+                purchase["data"]["object"]["payment_intent"] = json!("pi_refund");
+                assert_eq!(deliver(&server, &purchase).1["status"], "applied");
+                let (status, used) = server.admin_post(
+                    "/v1/members/life/usage",
+                    json!({"usage_id": "u1", "metric": "calls", "credits": 2_500}),
+                );
+                assert_eq!(status, 201, "{used}");
+                let refunds = vec![
+                    refund_created("evt_re1", "re_1", 1_000),
+                    charge_refunded("evt_ch1", 2_450, old_shape),
+                    charge_refunded("evt_ch2", 4_900, old_shape),
+                ];
+                deliver_three_times_each(&server, refunds, reversed);
+                let books = books(&server);
+                let balance = &books["balance"];
+                assert_eq!(
+                    (balance["available"].as_i64(), balance["debt"].as_i64(), balance["balance"].as_i64()),
+                    (Some(0), Some(debt), Some(-debt)),
+                    "{spent}, old shape {old_shape}, reversed {reversed}: {books}"
+                );
+                assert_conservation(balance);
+                let (_, transactions) = server.admin_get("/v1/members/life/transactions?limit=100");
+                let taken_back: i64 = transactions["transactions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|row| row["type"] == "stripe_refund")
+                    .map(|row| row["credits"].as_i64().unwrap())
+                    .sum();
+                assert_eq!(taken_back, 5_000, "the whole purchase is taken back, once: {transactions}");
+                // Refunded in three steps or in one: the rows differ, the books not.
+                let mut books = books;
+                books["balance"].as_object_mut().unwrap().remove("transactions");
+                all_books.push(books);
+            }
+        }
+        assert!(all_books.windows(2).all(|pair| pair[0] == pair[1]), "{spent}: {all_books:?}");
+    }
+}
+
+/// A credit note refunding half of a paid subscription invoice: recorded on
+/// tally's record of the invoice, credits untouched by default, the
+/// allocation's refunded share taken back when the operator says so.
+#[test]
+fn an_invoice_refund_is_recorded_on_the_invoice_and_takes_credits_only_when_set() {
+    for (setting, available) in [("false", 1_000), ("true", 500)] {
+        let server =
+            stripe_server(Some("2026-01-01T00:00:00Z"), &[("TALLY_STRIPE_REFUND_SUBSCRIPTION_CREDITS", setting)]);
+        assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+        let response = server.put("/v1/members/life", ADMIN_KEY, &json!({"stripe_customer_id": "cus_life"}));
+        assert_eq!(response.status(), 200);
+        let events = [
+            subscription_event(
+                "evt_s1",
+                "customer.subscription.created",
+                "2026-01-01T00:00:00Z",
+                Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false },
+            ),
+            invoice_event(
+                "evt_i1",
+                "invoice.paid",
+                "2026-01-01T00:00:01Z",
+                Bill {
+                    invoice: "in_1",
+                    reason: "subscription_create",
+                    price: "price_basic",
+                    amount: 1_000,
+                    period: P1,
+                },
+            ),
+        ];
+        for event in &events {
+            assert_eq!(deliver(&server, event).1["status"], "applied");
+        }
+        let mut note = composed("invoice.paid");
+        note["id"] = json!("evt_cn1");
+        note["type"] = json!("credit_note.created");
+        note["data"] = json!({"object": {"id": "cn_1", "object": "credit_note", "amount": 500, "currency": "usd",
+            "customer": "cus_life", "invoice": "in_1", "refunds": [{"refund": "re_9", "amount_refunded": 500}],
+            "out_of_band_amount": null, "status": "issued", "type": "post_payment"}});
+        for _ in 0..3 {
+            let (status, answer) = deliver(&server, &note);
+            assert_eq!((status, answer["status"].as_str()), (200, Some("applied")), "{answer}");
+        }
+        let books = books(&server);
+        assert_eq!(books["balance"]["available"], available, "take back {setting}: {books}");
+        assert_conservation(&books["balance"]);
+        let (_, invoices) = server.admin_get("/v1/members/life/invoices");
+        let invoice = &invoices["invoices"][0];
+        assert_eq!(
+            (invoice["stripe_invoice_id"].as_str(), invoice["refunded_amount"].as_i64()),
+            (Some("in_1"), Some(500))
+        );
+    }
 }

@@ -403,6 +403,19 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
             money(price.0, currency),
             grouped(credits.0)
         ),
+        MemberEvent::StripeRefundRecorded { stripe_payment, refunded, parts, debt, written_off, .. } => {
+            let taken: i64 = parts.iter().map(|part| part.amount.0).sum();
+            let mut detail = format!("Stripe payment {stripe_payment}: {} refunded", money(refunded.0, currency));
+            if taken > 0 || debt.0 > 0 || written_off.0 > 0 {
+                detail.push_str(&format!(
+                    "; {} credits taken back, {} as debt, {} written off",
+                    grouped(taken),
+                    grouped(debt.0),
+                    grouped(written_off.0)
+                ));
+            }
+            detail
+        }
     }
 }
 

@@ -222,6 +222,20 @@ fn stripe_settings() -> anyhow::Result<tally_api::stripe::StripeSettings> {
             .map_err(|error| anyhow::anyhow!("cannot set up the Stripe client: {error}"))?;
         settings.api = Some(Arc::new(api));
     }
+    if let Some(spent) = var("TALLY_STRIPE_REFUND_SPENT") {
+        settings.refund_policy.spent = match spent.as_str() {
+            "debt" => tally_ledger::domain::SpentRefund::Debt,
+            "write_off" => tally_ledger::domain::SpentRefund::WriteOff,
+            _ => anyhow::bail!("TALLY_STRIPE_REFUND_SPENT must be `debt` or `write_off`, not {spent:?}"),
+        };
+    }
+    if let Some(take_back) = var("TALLY_STRIPE_REFUND_SUBSCRIPTION_CREDITS") {
+        settings.refund_policy.subscription_credits = match take_back.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => anyhow::bail!("TALLY_STRIPE_REFUND_SUBSCRIPTION_CREDITS must be `true` or `false`, not {take_back:?}"),
+        };
+    }
     match &settings.webhook_secret {
         Some(_) => {
             tracing::info!(tolerance_s = settings.tolerance_s, "Stripe webhooks enabled at POST /v1/webhooks/stripe")

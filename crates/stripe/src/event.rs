@@ -15,7 +15,9 @@
 //! - `customer.subscription.created/updated/deleted` → [`EventObject::Subscription`];
 //! - `invoice.finalized/paid/payment_failed` → [`EventObject::Invoice`], and any other `invoice.*` whose object is
 //!   readable (otherwise [`EventObject::Other`], since tally does not act on them);
-//! - `checkout.session.completed` → [`EventObject::CheckoutSession`];
+//! - `checkout.session.completed/async_payment_succeeded/async_payment_failed` → [`EventObject::CheckoutSession`];
+//! - `charge.refunded` → [`EventObject::Charge`], `refund.created/updated` → [`EventObject::Refund`],
+//!   `credit_note.created` → [`EventObject::CreditNote`];
 //! - anything else → [`EventObject::Other`], which is not an error: tally acknowledges and ignores it.
 //!
 //! Lists inside objects (`items`, `lines`) are read as delivered: Stripe embeds the first page only (10 subscription
@@ -56,6 +58,12 @@ pub enum EventObject {
     Subscription(SubscriptionFacts),
     Invoice(InvoiceFacts),
     CheckoutSession(CheckoutFacts),
+    /// `charge.refunded`.
+    Charge(ChargeFacts),
+    /// `refund.created` / `refund.updated`.
+    Refund(RefundFacts),
+    /// `credit_note.created`.
+    CreditNote(CreditNoteFacts),
     /// An event type tally does not act on.
     Other,
 }
@@ -121,6 +129,50 @@ pub struct CheckoutFacts {
     pub payment_status: String,
     pub amount_total: Option<i64>,
     pub currency: Option<String>,
+    /// The PaymentIntent of a `payment` mode session: what its refunds name.
+    pub payment_intent: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeFacts {
+    pub id: String,
+    pub customer: Option<String>,
+    pub payment_intent: Option<String>,
+    /// The invoice the charge paid: present up to API version 2025-02-24
+    /// (basil removed it), read from the raw object whichever reader ran.
+    pub invoice: Option<String>,
+    pub currency: String,
+    pub amount: i64,
+    /// What was refunded of it so far, in all.
+    pub amount_refunded: i64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefundFacts {
+    pub id: String,
+    pub customer: Option<String>,
+    pub charge: Option<String>,
+    pub payment_intent: Option<String>,
+    pub currency: String,
+    pub amount: i64,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
+    pub status: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreditNoteFacts {
+    pub id: String,
+    pub customer: Option<String>,
+    pub invoice: String,
+    pub currency: String,
+    /// Its refunds: `(refund id, amount)` from `refunds[]` (or the older
+    /// single `refund` with the note's amount).
+    pub refunds: Vec<(String, i64)>,
+    /// Refunded outside Stripe.
+    pub out_of_band_amount: i64,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -160,7 +212,16 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent, ParseError> {
     let root = read_root(body)?;
     let envelope = read_envelope(&root)?;
     match parse_typed(body) {
-        Ok(parsed) => Ok(parsed),
+        Ok(mut parsed) => {
+            // async-stripe's Charge has no `invoice` (basil removed it); older API versions still send it.
+            if let EventObject::Charge(charge) = &mut parsed.object {
+                charge.invoice = root
+                    .get("data")
+                    .and_then(|data| data.get("object"))
+                    .and_then(|object| id_of(object.get("invoice")));
+            }
+            Ok(parsed)
+        }
         Err(typed_failure) => {
             tracing::debug!(
                 event_id = envelope.id,
@@ -184,6 +245,9 @@ enum ObjectKind {
         required: bool,
     },
     CheckoutSession,
+    Charge,
+    Refund,
+    CreditNote,
     Other,
 }
 
@@ -201,6 +265,9 @@ fn object_kind(event_type: &str) -> ObjectKind {
         "checkout.session.completed"
         | "checkout.session.async_payment_succeeded"
         | "checkout.session.async_payment_failed" => ObjectKind::CheckoutSession,
+        "charge.refunded" => ObjectKind::Charge,
+        "refund.created" | "refund.updated" => ObjectKind::Refund,
+        "credit_note.created" => ObjectKind::CreditNote,
         _ => ObjectKind::Other,
     }
 }
@@ -258,9 +325,49 @@ pub(crate) fn parse_typed(body: &[u8]) -> Result<ParsedEvent, String> {
                 payment_status: session.payment_status.as_str().to_owned(),
                 amount_total: session.amount_total,
                 currency: session.currency.as_ref().map(ToString::to_string),
+                payment_intent: session.payment_intent.as_ref().map(|intent| intent.id().as_str().to_owned()),
                 metadata: to_btree(session.metadata.as_ref()),
             })
         }
+        (ObjectKind::Charge, TypedObject::ChargeRefunded(charge)) => EventObject::Charge(ChargeFacts {
+            id: charge.id.as_str().to_owned(),
+            customer: charge.customer.as_ref().map(|customer| customer.id().as_str().to_owned()),
+            payment_intent: charge.payment_intent.as_ref().map(|intent| intent.id().as_str().to_owned()),
+            // Not in async-stripe's Charge (basil removed it); `parse` reads it from the raw object.
+            invoice: None,
+            currency: charge.currency.to_string(),
+            amount: charge.amount,
+            amount_refunded: charge.amount_refunded,
+            metadata: to_btree(Some(&charge.metadata)),
+        }),
+        (ObjectKind::Refund, TypedObject::RefundCreated(refund) | TypedObject::RefundUpdated(refund)) => {
+            EventObject::Refund(RefundFacts {
+                id: refund.id.as_str().to_owned(),
+                customer: refund.customer.as_ref().map(|customer| customer.id().as_str().to_owned()),
+                charge: refund.charge.as_ref().map(|charge| charge.id().as_str().to_owned()),
+                payment_intent: refund.payment_intent.as_ref().map(|intent| intent.id().as_str().to_owned()),
+                currency: refund.currency.to_string(),
+                amount: refund.amount,
+                status: refund.status.clone(),
+                metadata: to_btree(refund.metadata.as_ref()),
+            })
+        }
+        (ObjectKind::CreditNote, TypedObject::CreditNoteCreated(note)) => EventObject::CreditNote(CreditNoteFacts {
+            id: note.id.as_str().to_owned(),
+            customer: Some(note.customer.id().as_str().to_owned()),
+            invoice: match note.invoice.id() {
+                Some(invoice) => invoice.as_str().to_owned(),
+                None => return Err("typed credit note has no invoice id".to_owned()),
+            },
+            currency: note.currency.to_string(),
+            refunds: note
+                .refunds
+                .iter()
+                .map(|refund| (refund.refund.id().as_str().to_owned(), refund.amount_refunded))
+                .collect(),
+            out_of_band_amount: note.out_of_band_amount.unwrap_or(0),
+            metadata: to_btree(note.metadata.as_ref()),
+        }),
         (kind, _) => return Err(format!("async-stripe gave no {kind:?} object for {event_type}")),
     };
 
@@ -275,7 +382,7 @@ pub(crate) fn parse_typed(body: &[u8]) -> Result<ParsedEvent, String> {
     })
 }
 
-fn typed_subscription_facts(subscription: &stripe_billing::Subscription) -> SubscriptionFacts {
+pub(crate) fn typed_subscription_facts(subscription: &stripe_billing::Subscription) -> SubscriptionFacts {
     let items = &subscription.items.data;
     SubscriptionFacts {
         id: subscription.id.as_str().to_owned(),
@@ -316,7 +423,7 @@ fn into_typed_invoice(object: TypedObject) -> Option<Box<stripe_billing::Invoice
 }
 
 /// The error names the missing fact; only `id` can be missing in the typed invoice (an upcoming invoice has none).
-fn typed_invoice_facts(invoice: &stripe_billing::Invoice) -> Result<InvoiceFacts, &'static str> {
+pub(crate) fn typed_invoice_facts(invoice: &stripe_billing::Invoice) -> Result<InvoiceFacts, &'static str> {
     let id = invoice.id.as_ref().ok_or("id")?;
     let subscription_details = invoice.parent.as_ref().and_then(|parent| parent.subscription_details.as_ref());
     let subscription = match (&invoice.subscription, subscription_details) {
@@ -443,6 +550,18 @@ fn fallback_facts(root: &Map<String, Value>, envelope: &Envelope<'_>) -> Result<
             let object = data_object.ok_or_else(|| unreadable("data.object"))?;
             EventObject::CheckoutSession(raw_checkout_facts(object).map_err(unreadable)?)
         }
+        ObjectKind::Charge => {
+            let object = data_object.ok_or_else(|| unreadable("data.object"))?;
+            EventObject::Charge(raw_charge_facts(object).map_err(unreadable)?)
+        }
+        ObjectKind::Refund => {
+            let object = data_object.ok_or_else(|| unreadable("data.object"))?;
+            EventObject::Refund(raw_refund_facts(object).map_err(unreadable)?)
+        }
+        ObjectKind::CreditNote => {
+            let object = data_object.ok_or_else(|| unreadable("data.object"))?;
+            EventObject::CreditNote(raw_credit_note_facts(object).map_err(unreadable)?)
+        }
     };
     Ok(ParsedEvent {
         id: envelope.id.to_owned(),
@@ -531,6 +650,62 @@ fn raw_checkout_facts(object: &Value) -> Result<CheckoutFacts, MissingFact> {
         payment_status: string_at(object, &["payment_status"]).ok_or("payment_status")?,
         amount_total: i64_at(object, &["amount_total"]),
         currency: string_at(object, &["currency"]),
+        payment_intent: id_of(object.get("payment_intent")),
+        metadata: metadata_at(object, &["metadata"]),
+    })
+}
+
+fn raw_charge_facts(object: &Value) -> Result<ChargeFacts, MissingFact> {
+    Ok(ChargeFacts {
+        id: string_at(object, &["id"]).ok_or("id")?,
+        customer: id_of(object.get("customer")),
+        payment_intent: id_of(object.get("payment_intent")),
+        invoice: id_of(object.get("invoice")),
+        currency: string_at(object, &["currency"]).ok_or("currency")?,
+        amount: i64_at(object, &["amount"]).ok_or("amount")?,
+        amount_refunded: i64_at(object, &["amount_refunded"]).ok_or("amount_refunded")?,
+        metadata: metadata_at(object, &["metadata"]),
+    })
+}
+
+fn raw_refund_facts(object: &Value) -> Result<RefundFacts, MissingFact> {
+    Ok(RefundFacts {
+        id: string_at(object, &["id"]).ok_or("id")?,
+        customer: id_of(object.get("customer")),
+        charge: id_of(object.get("charge")),
+        payment_intent: id_of(object.get("payment_intent")),
+        currency: string_at(object, &["currency"]).ok_or("currency")?,
+        amount: i64_at(object, &["amount"]).ok_or("amount")?,
+        status: string_at(object, &["status"]),
+        metadata: metadata_at(object, &["metadata"]),
+    })
+}
+
+fn raw_credit_note_facts(object: &Value) -> Result<CreditNoteFacts, MissingFact> {
+    let amount = i64_at(object, &["amount"]).ok_or("amount")?;
+    let listed = array_at(object, &["refunds"])
+        .iter()
+        .map(|refund| {
+            let id = id_of(refund.get("refund")).ok_or("refunds[].refund")?;
+            Ok((id, i64_at(refund, &["amount_refunded"]).ok_or("refunds[].amount_refunded")?))
+        })
+        .collect::<Result<Vec<_>, MissingFact>>()?;
+    // Before `refunds[]`, a note named its one refund, of its whole amount
+    // less what was refunded out of band or credited to the balance.
+    let refunds = match (listed.is_empty(), id_of(object.get("refund"))) {
+        (true, Some(refund)) => {
+            let out_of_band = i64_at(object, &["out_of_band_amount"]).unwrap_or(0);
+            vec![(refund, amount - out_of_band)]
+        }
+        _ => listed,
+    };
+    Ok(CreditNoteFacts {
+        id: string_at(object, &["id"]).ok_or("id")?,
+        customer: id_of(object.get("customer")),
+        invoice: id_of(object.get("invoice")).ok_or("invoice")?,
+        currency: string_at(object, &["currency"]).ok_or("currency")?,
+        refunds,
+        out_of_band_amount: i64_at(object, &["out_of_band_amount"]).unwrap_or(0),
         metadata: metadata_at(object, &["metadata"]),
     })
 }
@@ -663,6 +838,9 @@ mod tests {
                 ObjectKind::Subscription => matches!(parsed.object, EventObject::Subscription(_)),
                 ObjectKind::Invoice { .. } => matches!(parsed.object, EventObject::Invoice(_)),
                 ObjectKind::CheckoutSession => matches!(parsed.object, EventObject::CheckoutSession(_)),
+                ObjectKind::Charge => matches!(parsed.object, EventObject::Charge(_)),
+                ObjectKind::Refund => matches!(parsed.object, EventObject::Refund(_)),
+                ObjectKind::CreditNote => matches!(parsed.object, EventObject::CreditNote(_)),
                 ObjectKind::Other => parsed.object == EventObject::Other,
             };
             assert!(expected_kind, "{path}: {:?}", parsed.object);
@@ -857,6 +1035,7 @@ mod tests {
             payment_status: "unpaid".to_owned(),
             amount_total: None,
             currency: None,
+            payment_intent: Some("pi_1PgafyB7WZ01zgkWSjxsAJo3".to_owned()),
             metadata: BTreeMap::new(),
         };
         assert_eq!(composed, expected);
@@ -872,9 +1051,77 @@ mod tests {
             payment_status: "paid".to_owned(),
             amount_total: Some(999),
             currency: Some("eur".to_owned()),
+            payment_intent: Some("pi_1IqxJOJDPojXS6LN9uOebAea".to_owned()),
             metadata: BTreeMap::new(),
         };
         assert_eq!(genuine.object, EventObject::CheckoutSession(expected));
+    }
+
+    fn envelope(event_type: &str, object: Value) -> Vec<u8> {
+        let event = serde_json::json!({"id": "evt_r", "object": "event", "type": event_type, "created": 1767225600,
+            "livemode": false, "api_version": "2026-07-29.dahlia", "pending_webhooks": 0,
+            "request": {"id": null, "idempotency_key": null}, "data": {"object": object}});
+        serde_json::to_vec(&event).unwrap()
+    }
+
+    #[test]
+    fn a_refunded_charge_is_read_typed_with_the_invoice_older_versions_name() {
+        let mut charge: Value =
+            serde_json::from_slice(&std::fs::read(format!("{EVENTS}/../openapi-fixtures3/charge.json")).unwrap())
+                .unwrap();
+        charge["amount_refunded"] = 60.into();
+        charge["refunded"] = true.into();
+        charge["payment_intent"] = "pi_1".into();
+        charge["customer"] = "cus_1".into();
+        let typed = parse_typed(&envelope("charge.refunded", charge.clone()));
+        let parsed = parse(&envelope("charge.refunded", charge.clone())).unwrap();
+        assert_eq!(parsed.parsed_by, ParsedBy::Typed, "{typed:?}");
+        let EventObject::Charge(facts) = parsed.object else { panic!("not a charge: {:?}", parsed.object) };
+        assert_eq!((facts.amount, facts.amount_refunded, facts.currency.as_str()), (100, 60, "usd"));
+        assert_eq!(
+            (facts.payment_intent.as_deref(), facts.customer.as_deref(), facts.invoice),
+            (Some("pi_1"), Some("cus_1"), None)
+        );
+        // An account on an API version before basil still names the invoice.
+        charge["invoice"] = "in_1".into();
+        for parsed in [
+            parse(&envelope("charge.refunded", charge.clone())).unwrap(),
+            parse_fallback(&envelope("charge.refunded", charge)).unwrap(),
+        ] {
+            let EventObject::Charge(facts) = parsed.object else { panic!("not a charge") };
+            assert_eq!((facts.invoice.as_deref(), facts.amount_refunded), (Some("in_1"), 60), "{:?}", parsed.parsed_by);
+        }
+    }
+
+    #[test]
+    fn refunds_and_credit_notes_are_read_in_both_shapes() {
+        let refund = serde_json::json!({"id": "re_1", "object": "refund", "amount": 40, "currency": "usd",
+            "charge": "ch_1", "payment_intent": "pi_1", "status": "succeeded", "created": 1767225600, "metadata": {}});
+        let EventObject::Refund(facts) = parse(&envelope("refund.created", refund)).unwrap().object else { panic!() };
+        assert_eq!(
+            (facts.id.as_str(), facts.amount, facts.payment_intent.as_deref(), facts.status.as_deref()),
+            ("re_1", 40, Some("pi_1"), Some("succeeded"))
+        );
+        let current = serde_json::json!({"id": "cn_1", "object": "credit_note", "amount": 500, "currency": "usd",
+            "customer": "cus_1", "invoice": "in_1", "out_of_band_amount": 100,
+            "refunds": [{"refund": "re_1", "amount_refunded": 300}, {"refund": {"id": "re_2"}, "amount_refunded": 100}]});
+        let EventObject::CreditNote(facts) = parse(&envelope("credit_note.created", current)).unwrap().object else {
+            panic!()
+        };
+        assert_eq!(facts.refunds, [("re_1".to_owned(), 300), ("re_2".to_owned(), 100)]);
+        assert_eq!((facts.invoice.as_str(), facts.out_of_band_amount), ("in_1", 100));
+        let older = serde_json::json!({"id": "cn_2", "object": "credit_note", "amount": 500, "currency": "usd",
+            "customer": "cus_1", "invoice": "in_1", "refund": "re_3", "out_of_band_amount": null});
+        let EventObject::CreditNote(facts) = parse(&envelope("credit_note.created", older)).unwrap().object else {
+            panic!()
+        };
+        assert_eq!(facts.refunds, [("re_3".to_owned(), 500)]);
+        // Without its invoice a credit note is unreadable, not guessed.
+        let broken = serde_json::json!({"id": "cn_3", "object": "credit_note", "amount": 5, "currency": "usd"});
+        assert!(matches!(
+            parse(&envelope("credit_note.created", broken)),
+            Err(ParseError::UnreadableObject { field: "invoice", .. })
+        ));
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! Finding the member (through the customer id, else
 //! `metadata.tally_member_id`) needs the store, so it is the caller's.
 
-use crate::event::{CheckoutFacts, EventObject, InvoiceFacts, ParsedEvent, SubscriptionFacts};
+use crate::event::{
+    ChargeFacts, CheckoutFacts, CreditNoteFacts, EventObject, InvoiceFacts, ParsedEvent, RefundFacts, SubscriptionFacts,
+};
 use chrono::{DateTime, Utc};
 use tally_ledger::domain::{
-    Credits, MinorUnits, StripeCommand, StripeEventRef, StripeInvoice, StripeInvoiceLine, StripeInvoiceOutcome,
-    StripeSubscription,
+    Credits, MinorUnits, RefundPolicy, StripeCommand, StripeEventRef, StripeInvoice, StripeInvoiceLine,
+    StripeInvoiceOutcome, StripeRefundPart, StripeSubscription,
 };
 
 /// The metadata key that names the tally member of a Stripe object.
@@ -46,6 +48,9 @@ pub fn map(event: &ParsedEvent) -> Mapped {
         EventObject::Subscription(subscription) => map_subscription(event, subscription),
         EventObject::Invoice(invoice) => map_invoice(event, invoice),
         EventObject::CheckoutSession(session) => map_checkout(event, session),
+        EventObject::Charge(charge) => map_charge(event, charge),
+        EventObject::Refund(refund) => map_refund(event, refund),
+        EventObject::CreditNote(note) => map_credit_note(event, note),
         EventObject::Other => Err(ignored(format!("event type {} is not handled", event.event_type))),
     };
     result.unwrap_or_else(|mapped| mapped)
@@ -57,6 +62,8 @@ fn event_ref(event: &ParsedEvent, customer_id: Option<&String>) -> Result<Stripe
         event_type: event.event_type.clone(),
         created: instant(event.created, "created")?,
         customer_id: customer_id.cloned(),
+        // The server puts the operator's settings in (`serve --stripe-refund-…`).
+        refund_policy: RefundPolicy::default(),
     })
 }
 
@@ -185,7 +192,8 @@ fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Ma
     let price = MinorUnits(facts.amount_total.unwrap_or(0));
     let command = if succeeded {
         let currency = facts.currency.clone().ok_or_else(|| unprocessed("the paid session has no currency"))?;
-        StripeCommand::Purchase { event, session_id, credits: Credits(credits), price, currency }
+        let payment_intent = facts.payment_intent.clone();
+        StripeCommand::Purchase { event, session_id, payment_intent, credits: Credits(credits), price, currency }
     } else {
         StripeCommand::CheckoutPaymentFailed { event, session_id, credits: Credits(credits), price }
     };
@@ -194,6 +202,90 @@ fn map_checkout(event: &ParsedEvent, facts: &CheckoutFacts) -> Result<Mapped, Ma
         member_hint: facts.metadata.get(MEMBER_METADATA_KEY).cloned(),
         command: Box::new(command),
     })
+}
+
+/// A refund fact as a command for the member of `customer`.
+fn refund_command(
+    event: &ParsedEvent,
+    customer: Option<&String>,
+    metadata: &std::collections::BTreeMap<String, String>,
+    payment: String,
+    amount_refunded: Option<i64>,
+    refunds: Vec<StripeRefundPart>,
+    currency: &str,
+) -> Result<Mapped, Mapped> {
+    Ok(Mapped::Command {
+        customer_id: customer.cloned(),
+        member_hint: metadata.get(MEMBER_METADATA_KEY).cloned(),
+        command: Box::new(StripeCommand::Refund {
+            event: event_ref(event, customer)?,
+            payment,
+            amount_refunded: amount_refunded.map(MinorUnits),
+            refunds,
+            currency: currency.to_owned(),
+        }),
+    })
+}
+
+/// `charge.refunded`: the charge's refunded total, for the invoice it paid
+/// (API versions that name it) or else its PaymentIntent.
+fn map_charge(event: &ParsedEvent, facts: &ChargeFacts) -> Result<Mapped, Mapped> {
+    let Some(payment) = facts.invoice.clone().or_else(|| facts.payment_intent.clone()) else {
+        return Err(ignored("the charge has no PaymentIntent or invoice: no purchase or invoice of tally's"));
+    };
+    refund_command(
+        event,
+        facts.customer.as_ref(),
+        &facts.metadata,
+        payment,
+        Some(facts.amount_refunded),
+        Vec::new(),
+        &facts.currency,
+    )
+}
+
+/// `refund.created` / `refund.updated`: one refund of a PaymentIntent, once
+/// it is under way (a failed or canceled refund gave nothing back).
+fn map_refund(event: &ParsedEvent, facts: &RefundFacts) -> Result<Mapped, Mapped> {
+    if matches!(facts.status.as_deref(), Some("failed" | "canceled")) {
+        return Err(ignored(format!(
+            "the refund is {}: nothing was given back",
+            facts.status.as_deref().unwrap_or("")
+        )));
+    }
+    let Some(payment_intent) = facts.payment_intent.clone() else {
+        return Err(ignored("the refund has no PaymentIntent; charge.refunded carries it"));
+    };
+    if facts.customer.is_none() && !facts.metadata.contains_key(MEMBER_METADATA_KEY) {
+        return Err(ignored("the refund names no customer (older API versions); charge.refunded carries it"));
+    }
+    let refund = StripeRefundPart { refund_id: facts.id.clone(), amount: MinorUnits(facts.amount) };
+    refund_command(event, facts.customer.as_ref(), &facts.metadata, payment_intent, None, vec![refund], &facts.currency)
+}
+
+/// `credit_note.created`: the refunds of a Stripe invoice it makes (and
+/// what it says was refunded out of band, under the note's own id).
+fn map_credit_note(event: &ParsedEvent, facts: &CreditNoteFacts) -> Result<Mapped, Mapped> {
+    let mut refunds: Vec<StripeRefundPart> = facts
+        .refunds
+        .iter()
+        .map(|(refund_id, amount)| StripeRefundPart { refund_id: refund_id.clone(), amount: MinorUnits(*amount) })
+        .collect();
+    if facts.out_of_band_amount > 0 {
+        refunds.push(StripeRefundPart { refund_id: facts.id.clone(), amount: MinorUnits(facts.out_of_band_amount) });
+    }
+    if refunds.is_empty() {
+        return Err(ignored("the credit note refunds nothing (it credits the customer's balance or the invoice)"));
+    }
+    refund_command(
+        event,
+        facts.customer.as_ref(),
+        &facts.metadata,
+        facts.invoice.clone(),
+        None,
+        refunds,
+        &facts.currency,
+    )
 }
 
 #[cfg(test)]
@@ -295,5 +387,66 @@ mod tests {
             *command,
             StripeCommand::CheckoutPaymentFailed { credits: Credits(500), price: MinorUnits(999), .. }
         ));
+    }
+
+    fn event_of(event_type: &str, object: serde_json::Value) -> ParsedEvent {
+        let body = serde_json::json!({"id": "evt_r", "object": "event", "type": event_type, "created": 1767225600,
+            "livemode": false, "data": {"object": object}});
+        parse(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn refund_of(mapped: Mapped) -> (String, Option<MinorUnits>, Vec<StripeRefundPart>) {
+        let Mapped::Command { command, .. } = mapped else { panic!("not a command: {mapped:?}") };
+        let StripeCommand::Refund { payment, amount_refunded, refunds, .. } = *command else { panic!("not a refund") };
+        (payment, amount_refunded, refunds)
+    }
+
+    #[test]
+    fn refunds_name_their_payment_and_what_was_given_back() {
+        let charge = |invoice: serde_json::Value, payment_intent: serde_json::Value| {
+            serde_json::json!({"id": "ch_1", "object": "charge", "amount": 999, "amount_refunded": 500,
+                "currency": "usd", "customer": "cus_1", "invoice": invoice, "payment_intent": payment_intent})
+        };
+        let (payment, amount, refunds) =
+            refund_of(map(&event_of("charge.refunded", charge(json_null(), "pi_1".into()))));
+        assert_eq!((payment.as_str(), amount, refunds.len()), ("pi_1", Some(MinorUnits(500)), 0));
+        // An older charge that paid an invoice refunds that invoice.
+        let (payment, ..) = refund_of(map(&event_of("charge.refunded", charge("in_1".into(), "pi_1".into()))));
+        assert_eq!(payment, "in_1");
+        assert!(matches!(map(&event_of("charge.refunded", charge(json_null(), json_null()))), Mapped::Ignored { .. }));
+
+        let refund = |status: &str| {
+            serde_json::json!({"id": "re_1", "object": "refund", "amount": 300, "currency": "usd", "customer": "cus_1",
+                "payment_intent": "pi_1", "status": status})
+        };
+        let (payment, amount, refunds) = refund_of(map(&event_of("refund.created", refund("succeeded"))));
+        assert_eq!((payment.as_str(), amount), ("pi_1", None));
+        assert_eq!(refunds, [StripeRefundPart { refund_id: "re_1".into(), amount: MinorUnits(300) }]);
+        for status in ["failed", "canceled"] {
+            assert!(matches!(map(&event_of("refund.updated", refund(status))), Mapped::Ignored { .. }), "{status}");
+        }
+
+        let note = |refunds: serde_json::Value, out_of_band: i64| {
+            serde_json::json!({"id": "cn_1", "object": "credit_note", "amount": 700, "currency": "usd",
+                "customer": "cus_1", "invoice": "in_1", "refunds": refunds, "out_of_band_amount": out_of_band})
+        };
+        let (payment, _, refunds) = refund_of(map(&event_of(
+            "credit_note.created",
+            note(serde_json::json!([{"refund": "re_2", "amount_refunded": 600}]), 100),
+        )));
+        assert_eq!(payment, "in_1");
+        assert_eq!(
+            refunds.iter().map(|part| (part.refund_id.as_str(), part.amount.0)).collect::<Vec<_>>(),
+            [("re_2", 600), ("cn_1", 100)]
+        );
+        // Credited to the balance: nothing refunded.
+        assert!(matches!(
+            map(&event_of("credit_note.created", note(serde_json::json!([]), 0))),
+            Mapped::Ignored { .. }
+        ));
+    }
+
+    fn json_null() -> serde_json::Value {
+        serde_json::Value::Null
     }
 }

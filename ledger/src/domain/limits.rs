@@ -37,6 +37,8 @@ pub const DUE_STEPS_MAX: usize = 100_000;
 pub const STRIPE_SUBSCRIPTION_ITEMS_MAX: usize = 100;
 /// Lines of one Stripe invoice tally records.
 pub const STRIPE_INVOICE_LINES_MAX: usize = 1_000;
+/// Refunds one Stripe refund event names (a charge embeds up to 100).
+pub const STRIPE_REFUNDS_MAX: usize = 100;
 /// Instants from Stripe (event `created`, periods) lie in these years.
 pub const STRIPE_YEAR_MIN: i32 = 1970;
 pub const STRIPE_YEAR_MAX: i32 = 9000;

@@ -121,6 +121,7 @@ const HANDLES: &[&str] = &[
     "UsageReversed",
     "InvoiceIssued",
     "SubscriptionPeriodClosed",
+    "StripeRefundRecorded",
 ];
 
 /// The type of a `credit_transactions` row.
@@ -138,6 +139,10 @@ pub mod transaction_type {
     pub const USAGE_REVERSAL: &str = "usage_reversal";
     /// Debt billed on an invoice (or handed to Stripe) and cleared.
     pub const OVERAGE_BILLED: &str = "overage_billed";
+    /// A Stripe refund took back the refunded share of the credits a payment
+    /// bought: out of the grant, as debt, or written off (`credits` counts
+    /// all three; the balance moves by the first two).
+    pub const STRIPE_REFUND: &str = "stripe_refund";
     // Grants use their source's name: monthly_allocation, rollover (amount
     // 0: a transfer from the ending allocation), purchase, promotional,
     // refund, adjustment.
@@ -643,6 +648,26 @@ impl<'event> Apply<'_, 'event> {
                 }
                 self.clear_debt(counters, debt_cleared.0)?;
                 Entry::new(transaction_type::OVERAGE_BILLED, debt_cleared.0)
+            }
+            MemberEvent::StripeRefundRecorded { parts, debt, written_off, grant_id, invoice_id, .. } => {
+                let mut taken = 0i64;
+                for part in parts {
+                    taken = self.sum(taken, part.amount.0)?;
+                }
+                let moved = self.sum(taken, debt.0)?;
+                let credits = self.sum(moved, written_off.0)?;
+                if credits == 0 {
+                    return Ok(None);
+                }
+                self.move_parts(grants, Movement::TakeRemaining, parts, "refund")?;
+                counters.debited = self.sum(counters.debited, moved)?;
+                counters.debt = self.sum(counters.debt, debt.0)?;
+                counters.debt_incurred = self.sum(counters.debt_incurred, debt.0)?;
+                Entry {
+                    grant_id: grant_id.as_deref(),
+                    invoice_id: invoice_id.as_deref(),
+                    ..Entry::new(transaction_type::STRIPE_REFUND, credits)
+                }
             }
             _ => return Ok(None),
         };

@@ -16,6 +16,8 @@
 //! - `PaymentSucceeded` → `paid` (with the amount), `PaymentFailed` counts a
 //!   failure and keeps it `open`, `InvoiceVoided` → `void`,
 //!   `InvoiceMarkedUncollectible` → `uncollectible`.
+//! - `StripeRefundRecorded` of a Stripe invoice sets `refunded_amount`;
+//!   its debt (spent credits of a refund) is unbilled debt like overage.
 //!
 //! Internal tables: `invoice_members` (billing of the live subscription,
 //! invoices issued, the sequence used for pagination, the draft's id) and
@@ -37,7 +39,8 @@ use crate::storage::to_sql_integer;
 use crate::values::{checked, instant_text, optional_instant_at, u64_at};
 
 pub const PROJECTOR_NAME: &str = "invoices";
-pub const PROJECTOR_VERSION: u32 = 1;
+/// 2 added `refunded_amount` (Stripe refunds of the invoice).
+pub const PROJECTOR_VERSION: u32 = 2;
 
 /// Invoice statuses as stored and served.
 pub mod invoice_status {
@@ -69,6 +72,7 @@ const TABLES: &[TableSpec] = &[
             uncollectible_at TEXT,
             payment_failures INTEGER NOT NULL,
             last_payment_failure TEXT,
+            refunded_amount INTEGER NOT NULL DEFAULT 0,
             updated_position INTEGER NOT NULL,
             PRIMARY KEY (member_id, invoice_id)",
         key: "member_id, invoice_id",
@@ -128,6 +132,7 @@ const HANDLES: &[&str] = &[
     "PaymentFailed",
     "InvoiceVoided",
     "InvoiceMarkedUncollectible",
+    "StripeRefundRecorded",
 ];
 
 const SELECT_MEMBER: &str =
@@ -165,6 +170,8 @@ const SET_PAID: &str = "UPDATE {invoices} SET status = 'paid', amount_paid = ?3,
     WHERE member_id = ?1 AND invoice_id = ?2 AND status <> 'draft'";
 const RECORD_FAILURE: &str = "UPDATE {invoices} SET payment_failures = payment_failures + 1,
     last_payment_failure = ?3, updated_position = ?4 WHERE member_id = ?1 AND invoice_id = ?2 AND status <> 'draft'";
+const SET_REFUNDED: &str = "UPDATE {invoices} SET refunded_amount = ?3, updated_position = ?4
+    WHERE member_id = ?1 AND invoice_id = ?2 AND status <> 'draft'";
 const SET_VOID: &str = "UPDATE {invoices} SET status = 'void', voided_at = ?3, updated_position = ?4
     WHERE member_id = ?1 AND invoice_id = ?2 AND status <> 'draft'";
 const SET_UNCOLLECTIBLE: &str = "UPDATE {invoices} SET status = 'uncollectible', uncollectible_at = ?3,
@@ -212,6 +219,23 @@ impl Projector for InvoicesProjector {
     fn apply(&self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError> {
         let mut batch = tx.batch_state::<InvoicesBatch>();
         if let MemberEvent::CreditsDeducted { debt, unit_price, .. } = event.event {
+            if !debt.is_positive() {
+                return Ok(());
+            }
+            return batch.add_debt(tx, event, debt.0, unit_price.0);
+        }
+        // A refund's spent credits billed as debt, like overage; its amount
+        // recorded on the refunded invoice.
+        if let MemberEvent::StripeRefundRecorded { debt, unit_price, invoice_id, refunded, .. } = event.event {
+            if let Some(invoice_id) = invoice_id {
+                batch.write_member(tx, event.member_id)?;
+                tx.statement(SET_REFUNDED)?.execute(params![
+                    event.member_id,
+                    invoice_id,
+                    refunded.0,
+                    to_sql_integer(event.position())
+                ])?;
+            }
             if !debt.is_positive() {
                 return Ok(());
             }
@@ -832,6 +856,8 @@ pub struct Invoice {
     pub uncollectible_at: Option<DateTime<Utc>>,
     pub payment_failures: i64,
     pub last_payment_failure: Option<String>,
+    /// What Stripe refunded of it, in minor units (Stripe invoices only).
+    pub refunded_amount: i64,
     pub updated_position: u64,
 }
 
@@ -848,7 +874,7 @@ pub struct InvoiceLineView {
 
 const INVOICE_COLUMNS: &str = "invoice_id, member_id, seq, status, period_start, period_end, currency, subtotal,
     total, amount_paid, debt_cleared, stripe_invoice_id, issued_at, paid_at, voided_at, uncollectible_at,
-    payment_failures, last_payment_failure, updated_position";
+    payment_failures, last_payment_failure, updated_position, refunded_amount";
 
 fn invoice_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Invoice> {
     Ok(Invoice {
@@ -872,6 +898,7 @@ fn invoice_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Invoice> {
         payment_failures: row.get(16)?,
         last_payment_failure: row.get(17)?,
         updated_position: u64_at(row, 18)?,
+        refunded_amount: row.get(19)?,
     })
 }
 

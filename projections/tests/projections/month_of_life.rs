@@ -368,6 +368,7 @@ fn draft(
         uncollectible_at: None,
         payment_failures: 0,
         last_payment_failure: None,
+        refunded_amount: 0,
         updated_position: position,
     }
 }
@@ -413,6 +414,7 @@ fn invoices_go_from_draft_to_open_to_paid_with_lines_summing_to_the_total() {
     let failed = Invoice {
         payment_failures: 1,
         last_payment_failure: Some("card_declined".to_owned()),
+        refunded_amount: 0,
         updated_position: 30,
         ..issued.clone()
     };

@@ -209,6 +209,7 @@ impl Draft {
                 stripe_period_start: None,
                 stripe_checkout_session_id: None,
                 stripe_invoice_item: false,
+                stripe_payment: None,
             },
         );
     }
@@ -855,6 +856,7 @@ fn grant_with_invoice(draft: &mut Draft, instant: Timestamp, terms: GrantTerms, 
             stripe_period_start: None,
             stripe_checkout_session_id: None,
             stripe_invoice_item: true,
+            stripe_payment: None,
         };
         draft.emit(instant, granted);
         return;

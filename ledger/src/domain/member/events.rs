@@ -273,6 +273,11 @@ pub enum MemberEvent {
         /// invoice.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         stripe_invoice_item: bool,
+        /// The Stripe payment these credits were bought with, whose refund
+        /// takes them back: the PaymentIntent (`pi_…`) of a Checkout
+        /// purchase, or the Stripe invoice (`in_…`) of a monthly allocation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stripe_payment: Option<String>,
     },
     CreditsGrantScheduled {
         schedule_id: String,
@@ -388,6 +393,39 @@ pub enum MemberEvent {
         price: MinorUnits,
     },
 
+    /// Stripe says (part of) a payment was refunded (`charge.refunded`,
+    /// `refund.created`/`updated`, `credit_note.created`), and what tally
+    /// did about it (ARCHITECTURE.md, "Refunds"). Each fact is a lower bound
+    /// of what the payment has refunded in all, so the state keeps the
+    /// largest: redelivery and delivery order change nothing.
+    StripeRefundRecorded {
+        /// The payment: a PaymentIntent (`pi_…`) or a Stripe invoice (`in_…`).
+        stripe_payment: String,
+        /// New: the payment's refunded total as a charge event said it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        amount_refunded: Option<MinorUnits>,
+        /// New: refunds seen by their own id.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refunds: Vec<StripeRefundPart>,
+        /// What of the payment is refunded after this event, as far as tally
+        /// knows (never more than was paid, once the payment is known).
+        refunded: MinorUnits,
+        /// The tally invoice recording the refunded Stripe invoice.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invoice_id: Option<String>,
+        /// The grant whose credits the payment bought.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grant_id: Option<String>,
+        /// Credits taken back now: `parts` out of the grant's unspent rest,
+        /// then `debt` (to be billed, at `unit_price`) or `written_off` for
+        /// what was already spent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        parts: Vec<GrantPart>,
+        debt: Credits,
+        unit_price: MinorUnits,
+        written_off: Credits,
+    },
+
     /// A Stripe event reached this member. Written in every append a Stripe
     /// event causes, before the event's own effects: the audit trail names
     /// the Stripe event behind each change, and its `created` moves the
@@ -442,8 +480,16 @@ impl MemberEvent {
             MemberEvent::InvoiceMarkedUncollectible { .. } => "InvoiceMarkedUncollectible",
             MemberEvent::StripeEventApplied { .. } => "StripeEventApplied",
             MemberEvent::CheckoutPaymentFailed { .. } => "CheckoutPaymentFailed",
+            MemberEvent::StripeRefundRecorded { .. } => "StripeRefundRecorded",
         }
     }
+}
+
+/// One Stripe refund (`re_…`) and its amount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeRefundPart {
+    pub refund_id: String,
+    pub amount: MinorUnits,
 }
 
 /// Which watermarks of a Stripe subscription a Stripe event moves to its

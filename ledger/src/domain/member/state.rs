@@ -173,6 +173,41 @@ pub struct MemberState {
     /// `checkout.session.async_payment_succeeded` comes. One entry per
     /// purchase, which money bounds.
     pub stripe_checkout_sessions: BTreeSet<String>,
+    /// Stripe payment (`pi_…` or `in_…`) → the grant it bought, for refunds.
+    pub stripe_paid_grants: BTreeMap<String, PaidGrant>,
+    /// Stripe payment → what Stripe said of its refunds, kept whether or
+    /// not the payment is known yet (a refund may be delivered first).
+    pub stripe_refunds: BTreeMap<String, StripeRefunds>,
+}
+
+/// A grant bought with a Stripe payment: what a refund of it takes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidGrant {
+    pub grant_id: String,
+    pub source: GrantSource,
+    pub credits: Credits,
+    /// What the payment was: the purchase's price, the invoice's total.
+    pub price: MinorUnits,
+}
+
+/// The refunds of one Stripe payment as far as tally was told.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeRefunds {
+    /// The largest refunded total a charge event said.
+    pub amount_refunded: MinorUnits,
+    /// Refunds seen by id, with their amounts.
+    pub refunds: BTreeMap<String, MinorUnits>,
+    /// What tally counts as refunded, last recorded.
+    pub refunded: MinorUnits,
+    /// Credits taken back so far (from the grant, as debt, written off).
+    pub taken_back: Credits,
+}
+
+impl StripeRefunds {
+    /// The most that is surely refunded: every fact is a lower bound of it.
+    pub fn known(&self) -> MinorUnits {
+        self.amount_refunded.max(self.refunds.values().copied().sum())
+    }
 }
 
 impl MemberState {
@@ -332,7 +367,23 @@ impl MemberState {
                 stripe_period_start,
                 stripe_checkout_session_id,
                 stripe_invoice_item: _,
+                stripe_payment,
             } => {
+                if let Some(payment) = stripe_payment {
+                    // A purchase's price, or the total of the invoice that
+                    // paid for an allocation.
+                    let price = terms.price.or_else(|| {
+                        let invoice_id = self.stripe_invoices.get(payment)?;
+                        self.invoices.get(invoice_id).map(|record| record.total)
+                    });
+                    let grant = PaidGrant {
+                        grant_id: grant_id.clone(),
+                        source: terms.source,
+                        credits: terms.amount,
+                        price: price.unwrap_or_default(),
+                    };
+                    self.stripe_paid_grants.entry(payment.clone()).or_insert(grant);
+                }
                 if let Some(schedule_id) = schedule_id {
                     self.scheduled_grants.remove(schedule_id);
                 }
@@ -482,6 +533,35 @@ impl MemberState {
             MemberEvent::StripeEventApplied { synced: None, .. } => {}
             // A record of what was not bought: nothing to hold.
             MemberEvent::CheckoutPaymentFailed { .. } => {}
+            MemberEvent::StripeRefundRecorded {
+                stripe_payment,
+                amount_refunded,
+                refunds,
+                refunded,
+                invoice_id: _,
+                grant_id: _,
+                parts,
+                debt,
+                unit_price,
+                written_off,
+            } => {
+                let record = self.stripe_refunds.entry(stripe_payment.clone()).or_default();
+                if let Some(amount) = amount_refunded {
+                    record.amount_refunded = record.amount_refunded.max(*amount);
+                }
+                for refund in refunds {
+                    record.refunds.insert(refund.refund_id.clone(), refund.amount);
+                }
+                record.refunded = *refunded;
+                let taken: Credits = parts.iter().map(|part| part.amount).sum();
+                record.taken_back = record.taken_back.plus(taken).plus(*debt).plus(*written_off);
+                self.take_parts(parts);
+                self.totals.debited = self.totals.debited.plus(taken).plus(*debt);
+                if debt.is_positive() {
+                    self.totals.debt_incurred = self.totals.debt_incurred.plus(*debt);
+                    self.debt.push(DebtEntry { credits: *debt, unit_price: *unit_price });
+                }
+            }
         }
     }
 
@@ -559,7 +639,11 @@ mod snapshot_format {
             stripe_invoices: _,
             stripe_allocations: _,
             stripe_checkout_sessions: _,
+            stripe_paid_grants,
+            stripe_refunds,
         } = state;
+        for PaidGrant { grant_id: _, source: _, credits: _, price: _ } in stripe_paid_grants.values() {}
+        for StripeRefunds { amount_refunded: _, refunds: _, refunded: _, taken_back: _ } in stripe_refunds.values() {}
         for Grant {
             grant_id: _,
             source: _,
@@ -609,7 +693,7 @@ mod snapshot_format {
         for StripeWatermarks { snapshot_at: _, status_at: _ } in stripe_subscriptions.values() {}
     }
 
-    const GOLDEN_FORMAT_2: &str = r#"{"member_id":null,"profile":{"time_zone":"UTC","currency":"USD"},"version":7,"grants":{},"scheduled_grants":{},"reservations":{},"closed_reservations":{"rsv_3":{"Settled":{"charged":2}}},"debt":[{"credits":3,"unit_price":5}],"subscription":null,"period_lines":[],"invoices":{"inv_m_1":{"status":"Paid","total":900}},"invoices_issued":2,"totals":{"granted":40,"used":0,"debited":0,"expired":0,"debt_incurred":0,"debt_reduced":0,"debt_billed":0},"stripe_subscriptions":{},"stripe_invoices":{},"stripe_allocations":[],"stripe_checkout_sessions":["cs_1"]}"#;
+    const GOLDEN_FORMAT_3: &str = r#"{"member_id":null,"profile":{"time_zone":"UTC","currency":"USD"},"version":7,"grants":{},"scheduled_grants":{},"reservations":{},"closed_reservations":{"rsv_3":{"Settled":{"charged":2}}},"debt":[{"credits":3,"unit_price":5}],"subscription":null,"period_lines":[],"invoices":{"inv_m_1":{"status":"Paid","total":900}},"invoices_issued":2,"totals":{"granted":40,"used":0,"debited":0,"expired":0,"debt_incurred":0,"debt_reduced":0,"debt_billed":0},"stripe_subscriptions":{},"stripe_invoices":{},"stripe_allocations":[],"stripe_checkout_sessions":["cs_1"],"stripe_paid_grants":{},"stripe_refunds":{}}"#;
 
     #[test]
     fn a_member_snapshot_has_the_pinned_shape_and_reads_back_equal() {
@@ -622,10 +706,10 @@ mod snapshot_format {
         pinned(&state);
         let json = serde_json::to_string(&state).expect("serialises");
         assert_eq!(serde_json::from_str::<MemberState>(&json).expect("reads back"), state);
-        // The bytes a snapshot of format 2 holds for this state. A change
+        // The bytes a snapshot of format 3 holds for this state. A change
         // here means old snapshots read differently: bump
         // MEMBER_SNAPSHOT_FORMAT, then update this text and the number.
-        assert_eq!(crate::service::MEMBER_SNAPSHOT_FORMAT, 2);
-        assert_eq!(json, GOLDEN_FORMAT_2, "the snapshot format changed: bump MEMBER_SNAPSHOT_FORMAT");
+        assert_eq!(crate::service::MEMBER_SNAPSHOT_FORMAT, 3);
+        assert_eq!(json, GOLDEN_FORMAT_3, "the snapshot format changed: bump MEMBER_SNAPSHOT_FORMAT");
     }
 }

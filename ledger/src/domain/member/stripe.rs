@@ -42,6 +42,42 @@ pub struct StripeEventRef {
     /// The Stripe customer the object belongs to: linked to the member when
     /// the member has none yet.
     pub customer_id: Option<String>,
+    /// The operator's refund settings in force when the event is applied.
+    pub refund_policy: RefundPolicy,
+}
+
+/// What a Stripe refund takes back (ARCHITECTURE.md, "Refunds"): the
+/// operator's settings `serve --stripe-refund-spent` and
+/// `--stripe-refund-subscription-credits`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefundPolicy {
+    /// What becomes of refunded credits the member already spent.
+    pub spent: SpentRefund,
+    /// Whether a refund of a subscription invoice takes back the refunded
+    /// share of that invoice's monthly allocation too (by default it is
+    /// only recorded on the invoice).
+    pub subscription_credits: bool,
+}
+
+/// Refunded credits that were already spent: billed, or let go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpentRefund {
+    /// Recorded as debt, billed like overage: at the overage price of the
+    /// plan in force, or with no plan at the payment's own price per
+    /// credit, rounded down.
+    #[default]
+    Debt,
+    /// Written off: recorded as an adjustment, not billed.
+    WriteOff,
+}
+
+impl SpentRefund {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpentRefund::Debt => "debt",
+            SpentRefund::WriteOff => "write_off",
+        }
+    }
 }
 
 /// A subscription as Stripe has it after the event.
@@ -110,19 +146,51 @@ pub enum StripeCommand {
     /// `checkout.session.completed` (paid) or
     /// `checkout.session.async_payment_succeeded`, with
     /// `metadata.tally_purchase_credits`: granted once per session.
-    Purchase { event: StripeEventRef, session_id: String, credits: Credits, price: MinorUnits, currency: String },
+    Purchase {
+        event: StripeEventRef,
+        session_id: String,
+        /// The session's PaymentIntent, by which its refunds find it.
+        payment_intent: Option<String>,
+        credits: Credits,
+        price: MinorUnits,
+        currency: String,
+    },
     /// `checkout.session.async_payment_failed` of such a session: recorded,
     /// nothing granted.
     CheckoutPaymentFailed { event: StripeEventRef, session_id: String, credits: Credits, price: MinorUnits },
+    /// `charge.refunded`, `refund.created`/`updated` (a PaymentIntent) or
+    /// `credit_note.created` (a Stripe invoice): what of a payment was
+    /// refunded, as lower bounds of its refunded total.
+    Refund {
+        event: StripeEventRef,
+        /// `pi_…` or `in_…`.
+        payment: String,
+        /// A charge's `amount_refunded`: the refunded total so far.
+        amount_refunded: Option<MinorUnits>,
+        /// Refunds by id (a refund event's own, a credit note's).
+        refunds: Vec<StripeRefundPart>,
+        currency: String,
+    },
 }
 
 impl StripeCommand {
+    pub fn event_mut(&mut self) -> &mut StripeEventRef {
+        match self {
+            StripeCommand::Subscription { event, .. }
+            | StripeCommand::Invoice { event, .. }
+            | StripeCommand::Purchase { event, .. }
+            | StripeCommand::CheckoutPaymentFailed { event, .. }
+            | StripeCommand::Refund { event, .. } => event,
+        }
+    }
+
     pub fn event(&self) -> &StripeEventRef {
         match self {
             StripeCommand::Subscription { event, .. }
             | StripeCommand::Invoice { event, .. }
             | StripeCommand::Purchase { event, .. }
-            | StripeCommand::CheckoutPaymentFailed { event, .. } => event,
+            | StripeCommand::CheckoutPaymentFailed { event, .. }
+            | StripeCommand::Refund { event, .. } => event,
         }
     }
 }
@@ -158,12 +226,26 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
             validate::range("tally_purchase_credits", credits.0, 1, COMMAND_CREDITS_MAX)?;
             validate::range("amount_total", price.0, 0, PRICE_MINOR_MAX)?;
         }
+        StripeCommand::Refund { payment, amount_refunded, refunds, currency, .. } => {
+            check_refund(&draft.state, payment, *amount_refunded, refunds, currency)?
+        }
+    }
+    if let StripeCommand::Purchase { payment_intent: Some(payment_intent), .. } = command {
+        validate::identifier("payment_intent", payment_intent)?;
     }
 
     let (mut stale, synced, status_fresh) = order(&draft.state, command);
-    // A session's credits are granted once, whichever event brings them.
-    if let StripeCommand::Purchase { session_id, .. } = command {
-        stale |= draft.state.stripe_checkout_sessions.contains(session_id);
+    match command {
+        // A session's credits are granted once, whichever event brings them.
+        StripeCommand::Purchase { session_id, .. } => {
+            stale |= draft.state.stripe_checkout_sessions.contains(session_id);
+        }
+        // A refund fact tally already holds (or a smaller one) is news to
+        // no one.
+        StripeCommand::Refund { payment, amount_refunded, refunds, .. } => {
+            stale |= new_refund_facts(&draft.state, payment, *amount_refunded, refunds).is_none();
+        }
+        _ => {}
     }
     draft.emit_now(MemberEvent::StripeEventApplied {
         stripe_event_id: event.event_id.clone(),
@@ -181,9 +263,9 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
             apply_subscription(draft, subscription, catalog, status_fresh)
         }
         StripeCommand::Invoice { invoice, outcome, .. } => {
-            apply_invoice(draft, invoice, *outcome, status_fresh, catalog)
+            apply_invoice(draft, invoice, *outcome, status_fresh, catalog, event.refund_policy)
         }
-        StripeCommand::Purchase { session_id, credits, price, .. } => {
+        StripeCommand::Purchase { session_id, payment_intent, credits, price, .. } => {
             let terms = GrantTerms {
                 source: GrantSource::Purchase,
                 category: GrantSource::Purchase.default_category(),
@@ -203,7 +285,12 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
                 stripe_period_start: None,
                 stripe_checkout_session_id: Some(session_id.clone()),
                 stripe_invoice_item: false,
+                stripe_payment: payment_intent.clone(),
             });
+            // A refund delivered before its purchase takes back now.
+            if let Some(payment_intent) = payment_intent {
+                settle_refund(draft, payment_intent, RefundFacts::default(), event.refund_policy);
+            }
         }
         StripeCommand::CheckoutPaymentFailed { session_id, credits, price, .. } => {
             draft.emit_now(MemberEvent::CheckoutPaymentFailed {
@@ -212,8 +299,140 @@ pub(super) fn decide_stripe(draft: &mut Draft, command: &StripeCommand, catalog:
                 price: *price,
             });
         }
+        StripeCommand::Refund { payment, amount_refunded, refunds, .. } => {
+            let facts = new_refund_facts(&draft.state, payment, *amount_refunded, refunds).expect("not stale");
+            settle_refund(draft, payment, facts, event.refund_policy);
+        }
     }
     Ok(())
+}
+
+fn check_refund(
+    state: &MemberState,
+    payment: &str,
+    amount_refunded: Option<MinorUnits>,
+    refunds: &[StripeRefundPart],
+    currency: &str,
+) -> Result<(), DomainError> {
+    validate::identifier("payment_intent", payment)?;
+    if let Some(amount) = amount_refunded {
+        validate::range("amount_refunded", amount.0, 0, PRICE_MINOR_MAX)?;
+    }
+    if refunds.len() > STRIPE_REFUNDS_MAX {
+        return Err(DomainError::invalid("refunds", format!("more than {STRIPE_REFUNDS_MAX} refunds")));
+    }
+    for refund in refunds {
+        validate::identifier("refund", &refund.refund_id)?;
+        validate::range("refunds.amount", refund.amount.0, 0, PRICE_MINOR_MAX)?;
+    }
+    if !currency.eq_ignore_ascii_case(&state.profile.currency) {
+        return Err(DomainError::invalid("currency", "the refund's currency differs from the member's"));
+    }
+    Ok(())
+}
+
+/// What a refund event tells that tally does not hold yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct RefundFacts {
+    amount_refunded: Option<MinorUnits>,
+    refunds: Vec<StripeRefundPart>,
+}
+
+/// `None` when the event brings nothing new: a smaller (older) refunded
+/// total, refunds already seen.
+fn new_refund_facts(
+    state: &MemberState,
+    payment: &str,
+    amount_refunded: Option<MinorUnits>,
+    refunds: &[StripeRefundPart],
+) -> Option<RefundFacts> {
+    let record = state.stripe_refunds.get(payment);
+    let amount_refunded = amount_refunded.filter(|amount| record.is_none_or(|record| *amount > record.amount_refunded));
+    let mut new_refunds: Vec<StripeRefundPart> = Vec::new();
+    for refund in refunds {
+        let seen = record.is_some_and(|record| record.refunds.contains_key(&refund.refund_id))
+            || new_refunds.iter().any(|new| new.refund_id == refund.refund_id);
+        if !seen {
+            new_refunds.push(refund.clone());
+        }
+    }
+    let facts = RefundFacts { amount_refunded, refunds: new_refunds };
+    (facts != RefundFacts::default()).then_some(facts)
+}
+
+/// Record what is known of a payment's refunds and take back what the
+/// refunded share of its grant comes to that was not taken back yet: out
+/// of the grant's unspent rest first, the spent rest as debt or written
+/// off, by the policy. A purchase is always taken back from; a
+/// subscription invoice's allocation only when the policy says so. Writes
+/// nothing when nothing is new (the facts, the refunded total, the credits).
+fn settle_refund(draft: &mut Draft, payment: &str, facts: RefundFacts, policy: RefundPolicy) {
+    let state = &draft.state;
+    let mut record = state.stripe_refunds.get(payment).cloned().unwrap_or_default();
+    if let Some(amount) = facts.amount_refunded {
+        record.amount_refunded = record.amount_refunded.max(amount);
+    }
+    for refund in &facts.refunds {
+        record.refunds.insert(refund.refund_id.clone(), refund.amount);
+    }
+    let invoice_id = state.stripe_invoices.get(payment).cloned();
+    let paid = state.stripe_paid_grants.get(payment).cloned();
+    let paid_amount = match (&paid, &invoice_id) {
+        (Some(paid), _) => Some(paid.price),
+        (None, Some(invoice_id)) => state.invoices.get(invoice_id).map(|record| record.total),
+        (None, None) => None,
+    };
+    let refunded = match paid_amount {
+        Some(paid_amount) => record.known().min(paid_amount.max(MinorUnits::ZERO)),
+        None => record.known(),
+    };
+
+    let mut take = Credits::ZERO;
+    let mut parts = Vec::new();
+    let (mut debt, mut unit_price, mut written_off) = (Credits::ZERO, MinorUnits::ZERO, Credits::ZERO);
+    if let Some(paid) = paid.as_ref().filter(|paid| paid.source == GrantSource::Purchase || policy.subscription_credits)
+        && paid.price.is_positive()
+        && paid.credits.is_positive()
+    {
+        // The refunded share, rounded down: a refund never takes back more
+        // than it paid back.
+        let share = i128::from(paid.credits.0) * i128::from(refunded.0) / i128::from(paid.price.0);
+        let share = Credits(i64::try_from(share).expect("at most the grant's credits"));
+        take = Credits(share.0.saturating_sub(record.taken_back.0).max(0));
+        let unspent = state.grants.get(&paid.grant_id).map_or(Credits::ZERO, Grant::spendable);
+        let from_grant = take.min(unspent);
+        if from_grant.is_positive() {
+            parts.push(GrantPart { grant_id: paid.grant_id.clone(), amount: from_grant });
+        }
+        let spent = take.minus(from_grant);
+        match policy.spent {
+            // Debt like any other: at the overage price of the plan in
+            // force; with no plan, the payment's own price per credit.
+            SpentRefund::Debt => {
+                debt = spent;
+                unit_price = match &state.subscription {
+                    Some(subscription) if subscription.is_live() => subscription.terms.plan.overage.unit_price,
+                    _ => MinorUnits(paid.price.0 / paid.credits.0),
+                };
+            }
+            SpentRefund::WriteOff => written_off = spent,
+        }
+    }
+    if facts == RefundFacts::default() && refunded == record.refunded && take.is_zero() {
+        return;
+    }
+    draft.emit_now(MemberEvent::StripeRefundRecorded {
+        stripe_payment: payment.to_owned(),
+        amount_refunded: facts.amount_refunded,
+        refunds: facts.refunds,
+        refunded,
+        invoice_id,
+        grant_id: paid.map(|paid| paid.grant_id),
+        parts,
+        debt,
+        unit_price,
+        written_off,
+    });
 }
 
 /// Where an event stands in its subscription's order: whether it is stale
@@ -500,6 +719,7 @@ fn apply_invoice(
     outcome: StripeInvoiceOutcome,
     fresh: bool,
     catalog: &Catalog,
+    policy: RefundPolicy,
 ) {
     let invoice_id = match draft.state.stripe_invoices.get(&invoice.invoice_id) {
         Some(invoice_id) => invoice_id.clone(),
@@ -545,6 +765,10 @@ fn apply_invoice(
                 draft.emit_now(MemberEvent::InvoiceMarkedUncollectible { invoice_id });
             }
         }
+    }
+    // A refund (a credit note) delivered before the invoice it refunds.
+    if draft.state.stripe_refunds.contains_key(&invoice.invoice_id) {
+        settle_refund(draft, &invoice.invoice_id, RefundFacts::default(), policy);
     }
 }
 
@@ -670,6 +894,7 @@ fn allocate(draft: &mut Draft, invoice: &StripeInvoice, catalog: &Catalog) {
             stripe_period_start: Some(period_start),
             stripe_checkout_session_id: None,
             stripe_invoice_item: false,
+            stripe_payment: Some(invoice.invoice_id.clone()),
         });
     }
 }

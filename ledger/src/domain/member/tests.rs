@@ -833,6 +833,7 @@ fn renewal_rolls_over_up_to_the_cap_expires_the_rest_invoices_and_allocates() {
             stripe_period_start: None,
             stripe_checkout_session_id: None,
             stripe_invoice_item: false,
+            stripe_payment: None,
         },
         MemberEvent::CreditsExpired { grant_id: "g3".into(), amount: Credits(200) },
     ];
@@ -1122,6 +1123,7 @@ mod stripe_managed {
             event_type: event_type.to_owned(),
             created,
             customer_id: Some("cus_1".to_owned()),
+            refund_policy: RefundPolicy::default(),
         }
     }
 
@@ -1462,6 +1464,7 @@ mod stripe_managed {
         let purchase = MemberCommand::Stripe(StripeCommand::Purchase {
             event: event("evt_2", "checkout.session.completed", at(2026, 1, 1)),
             session_id: "cs_1".into(),
+            payment_intent: None,
             credits: Credits(500),
             price: MinorUnits(999),
             currency: "eur".into(),
@@ -1488,6 +1491,7 @@ mod stripe_managed {
         let events = life.run(MemberCommand::Stripe(StripeCommand::Purchase {
             event: event("evt_1", "checkout.session.completed", at(2026, 1, 1)),
             session_id: "cs_1".into(),
+            payment_intent: Some("pi_1".into()),
             credits: Credits(500),
             price: MinorUnits(999),
             currency: "usd".into(),
@@ -1501,10 +1505,151 @@ mod stripe_managed {
         MemberCommand::Stripe(StripeCommand::Purchase {
             event: event(event_id, event_type, at(2026, 1, 1)),
             session_id: session_id.into(),
+            payment_intent: Some(format!("pi_{session_id}")),
             credits: Credits(500),
             price: MinorUnits(999),
             currency: "usd".into(),
         })
+    }
+
+    fn refund(
+        event_id: &str,
+        payment: &str,
+        amount_refunded: Option<i64>,
+        refunds: &[(&str, i64)],
+        policy: RefundPolicy,
+    ) -> MemberCommand {
+        let mut event = event(event_id, "charge.refunded", at(2026, 1, 1));
+        event.refund_policy = policy;
+        MemberCommand::Stripe(StripeCommand::Refund {
+            event,
+            payment: payment.into(),
+            amount_refunded: amount_refunded.map(MinorUnits),
+            refunds: refunds
+                .iter()
+                .map(|(refund_id, amount)| StripeRefundPart {
+                    refund_id: (*refund_id).into(),
+                    amount: MinorUnits(*amount),
+                })
+                .collect(),
+            currency: "usd".into(),
+        })
+    }
+
+    const DEBT: RefundPolicy = RefundPolicy { spent: SpentRefund::Debt, subscription_credits: false };
+    const WRITE_OFF: RefundPolicy = RefundPolicy { spent: SpentRefund::WriteOff, subscription_credits: false };
+
+    /// A member with only a purchase of 500 credits for 999, half spent.
+    fn half_spent_purchase() -> Life {
+        let mut life = stripe_life(at(2026, 1, 1));
+        life.run(purchase("evt_p", "checkout.session.completed", "cs_1"));
+        life.run(usage("u1", 250));
+        assert_eq!(life.state.available(), Credits(250));
+        life
+    }
+
+    #[test]
+    fn a_full_refund_of_a_half_spent_purchase_takes_the_rest_back_and_bills_the_spent_half_as_debt() {
+        let mut life = half_spent_purchase();
+        let events = life.run(refund("evt_r", "pi_cs_1", Some(999), &[], DEBT));
+        assert_eq!(types(&events), ["StripeEventApplied", "StripeRefundRecorded"]);
+        let MemberEvent::StripeRefundRecorded { refunded, parts, debt, unit_price, written_off, .. } = &events[1]
+        else {
+            unreachable!()
+        };
+        assert_eq!((*refunded, parts.iter().map(|part| part.amount).sum::<Credits>()), (MinorUnits(999), Credits(250)));
+        assert_eq!((*debt, *unit_price, *written_off), (Credits(250), MinorUnits(1), Credits(0)));
+        assert_eq!(
+            (life.state.available(), life.state.debt(), life.state.balance()),
+            (Credits(0), Credits(250), Credits(-250))
+        );
+        life.check_invariants();
+        // Told again, or told less (an older charge event): nothing moves.
+        assert_eq!(types(&life.run(refund("evt_r2", "pi_cs_1", Some(999), &[], DEBT))), ["StripeEventApplied"]);
+        assert_eq!(types(&life.run(refund("evt_r3", "pi_cs_1", Some(400), &[], DEBT))), ["StripeEventApplied"]);
+        assert_eq!(life.state.debt(), Credits(250));
+    }
+
+    #[test]
+    fn written_off_the_spent_half_is_recorded_and_not_billed() {
+        let mut life = half_spent_purchase();
+        let events = life.run(refund("evt_r", "pi_cs_1", Some(999), &[], WRITE_OFF));
+        let MemberEvent::StripeRefundRecorded { debt, written_off, .. } = &events[1] else { unreachable!() };
+        assert_eq!((*debt, *written_off), (Credits(0), Credits(250)));
+        assert_eq!(
+            (life.state.available(), life.state.debt(), life.state.balance()),
+            (Credits(0), Credits(0), Credits(0))
+        );
+        life.check_invariants();
+    }
+
+    #[test]
+    fn a_partial_refund_takes_its_share_from_the_unspent_rest_first() {
+        let mut life = half_spent_purchase();
+        // Two refunds by id, then the charge's total that covers both.
+        life.run(refund("evt_r1", "pi_cs_1", None, &[("re_1", 300)], DEBT));
+        assert_eq!(life.state.available(), Credits(100), "300/999 of 500 credits, rounded down: 150");
+        life.run(refund("evt_r2", "pi_cs_1", None, &[("re_2", 200)], DEBT));
+        assert_eq!(life.state.available(), Credits(0), "500/999 of 500: 250");
+        assert_eq!(life.state.debt(), Credits(0));
+        let events = life.run(refund("evt_r3", "pi_cs_1", Some(500), &[], DEBT));
+        assert!(
+            matches!(&events[1], MemberEvent::StripeRefundRecorded { refunded: MinorUnits(500), parts, debt: Credits(0), .. } if parts.is_empty())
+        );
+        assert_eq!(life.state.stripe_refunds["pi_cs_1"].taken_back, Credits(250));
+        life.check_invariants();
+    }
+
+    #[test]
+    fn refund_facts_in_any_order_give_the_same_books() {
+        let commands = [
+            purchase("evt_p", "checkout.session.completed", "cs_1"),
+            refund("evt_r1", "pi_cs_1", None, &[("re_1", 300)], DEBT),
+            refund("evt_r2", "pi_cs_1", Some(300), &[], DEBT),
+            refund("evt_r3", "pi_cs_1", Some(800), &[], DEBT),
+            refund("evt_r4", "pi_cs_1", None, &[("re_2", 500)], DEBT),
+        ];
+        let books = |order: &[usize]| {
+            let mut life = stripe_life(at(2026, 1, 1));
+            for &index in order {
+                life.run(commands[index].clone());
+            }
+            life.check_invariants();
+            (life.state.available(), life.state.debt(), life.state.totals, life.state.stripe_refunds["pi_cs_1"].clone())
+        };
+        let forward = books(&[0, 1, 2, 3, 4]);
+        assert_eq!(forward.0, Credits(500 - 500 * 800 / 999));
+        for order in [[4, 3, 2, 1, 0], [1, 0, 3, 2, 4], [2, 4, 0, 1, 3]] {
+            assert_eq!(books(&order), forward, "{order:?}");
+        }
+    }
+
+    #[test]
+    fn an_invoice_refund_is_recorded_on_the_invoice_and_takes_credits_only_when_the_operator_says_so() {
+        for (take_back, available) in [(false, 1_000), (true, 500)] {
+            let mut life = stripe_life(at(2026, 1, 1));
+            life.run(subscription_event("evt_s", at(2026, 1, 1), snapshot("active", "price_starter", january())));
+            let paid = invoice("in_1", "subscription_create", "price_starter", january(), 1_000);
+            life.run(invoice_event("evt_i", at(2026, 1, 1), StripeInvoiceOutcome::Paid, paid));
+            assert_eq!(life.state.available(), Credits(1_000));
+            let policy = RefundPolicy { spent: SpentRefund::Debt, subscription_credits: take_back };
+            let events = life.run(refund("evt_cn", "in_1", None, &[("re_1", 500)], policy));
+            let MemberEvent::StripeRefundRecorded { refunded, invoice_id, .. } = &events[1] else { unreachable!() };
+            assert_eq!((*refunded, invoice_id.is_some()), (MinorUnits(500), true));
+            assert_eq!(life.state.available(), Credits(available), "take back: {take_back}");
+            life.check_invariants();
+        }
+    }
+
+    #[test]
+    fn a_refund_delivered_before_its_purchase_takes_back_when_the_purchase_comes() {
+        let mut life = stripe_life(at(2026, 1, 1));
+        let events = life.run(refund("evt_r", "pi_cs_1", Some(999), &[], DEBT));
+        assert!(matches!(&events[..], [_, _, MemberEvent::StripeRefundRecorded { grant_id: None, .. }]));
+        let events = life.run(purchase("evt_p", "checkout.session.completed", "cs_1"));
+        assert_eq!(types(&events), ["StripeEventApplied", "CreditsGranted", "StripeRefundRecorded"]);
+        assert_eq!((life.state.available(), life.state.debt()), (Credits(0), Credits(0)));
+        life.check_invariants();
     }
 
     #[test]
