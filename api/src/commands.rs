@@ -281,7 +281,7 @@ pub(crate) struct Route {
     member_key_allowed: bool,
 }
 
-const ROUTE_MEMBER: Route = Route {
+pub(crate) const ROUTE_MEMBER: Route = Route {
     name: "member",
     method: "PUT",
     path: "/v1/members/{member}",

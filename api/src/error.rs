@@ -196,7 +196,7 @@ pub const PROBLEM_TITLES: &[(&str, &str)] = &[
     ("internal_error", "Something went wrong inside tally"),
     ("service_unavailable", "tally cannot take this request now"),
     ("invalid_signature", "The webhook signature was refused"),
-    ("stripe_not_configured", "Stripe webhooks are not configured"),
+    ("stripe_not_configured", "Stripe is not configured"),
     ("payment_provider_error", "The payment provider refused or failed"),
     ("insufficient_credits", "Not enough credits"),
     ("reservation_expired", "The reservation has expired"),
@@ -225,7 +225,9 @@ fn advice(code: &str) -> &'static str {
             "retry with backoff, with the same idempotency key (the Idempotency-Key header, or a batch record's usage_id)"
         }
         "invalid_signature" => "check the webhook signing secret; nothing was recorded",
-        "stripe_not_configured" => "set TALLY_STRIPE_WEBHOOK_SECRET to enable the endpoint",
+        "stripe_not_configured" => {
+            "set TALLY_STRIPE_WEBHOOK_SECRET for webhooks, TALLY_STRIPE_SECRET_KEY for calls to Stripe, then restart tally"
+        }
         "payment_provider_error" => "nothing was changed in tally; retry, or check the Stripe account",
         "insufficient_credits" => "grant or purchase credits, or ask for fewer; nothing was written",
         "reservation_expired" => "record the work as usage instead, or reserve again",

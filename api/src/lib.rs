@@ -31,6 +31,7 @@ pub mod ops;
 pub mod ratelimit;
 pub mod reads;
 pub mod stripe;
+pub mod stripe_sync;
 
 use actix_web::web::{self, Data};
 use actix_web::{HttpRequest, HttpResponse};
@@ -171,6 +172,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::metrics)
         .service(admin::openapi_json)
         .service(stripe::replay)
+        .service(stripe_sync::sync)
         .service(
             web::resource("/v1/webhooks/stripe")
                 .app_data(web::PayloadConfig::new(stripe::WEBHOOK_BODY_BYTES_MAX))

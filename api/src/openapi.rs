@@ -330,6 +330,7 @@ impl Modify for Limits {
         crate::admin::metrics,
         crate::stripe::webhook,
         crate::stripe::replay,
+        crate::stripe_sync::sync,
     ),
     modifiers(&BearerAuth, &ProblemResponses, &Limits)
 )]

@@ -168,7 +168,7 @@ async fn process_parsed(
             ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, None).await
         }
         Mapped::Command { customer_id, member_hint, command } => {
-            apply(state, &parsed, customer_id, member_hint, *command, bytes).await
+            apply(state, &parsed, customer_id, member_hint, *command, Origin::Webhook(bytes)).await
         }
     }
 }
@@ -329,7 +329,7 @@ async fn ignored(
 
 /// The member a Stripe object belongs to: the customer's link first, then
 /// `metadata.tally_member_id`.
-async fn find_member(
+pub(crate) async fn find_member(
     state: &AppState,
     customer_id: Option<String>,
     member_hint: Option<String>,
@@ -347,19 +347,36 @@ async fn find_member(
     Ok(member_hint.filter(|member_id| validate::identifier("tally_member_id", member_id).is_ok()))
 }
 
-async fn apply(
+/// Where an event comes from: Stripe's webhook (its body kept on
+/// `stripe-intake` when it is not applied, for a replay) or `stripe sync`
+/// (answered, not kept: running the sync again is its retry).
+#[derive(Clone, Copy)]
+pub(crate) enum Origin<'a> {
+    Webhook(&'a [u8]),
+    Sync,
+}
+
+pub(crate) async fn apply(
     state: &AppState,
     parsed: &tally_stripe::ParsedEvent,
     customer_id: Option<String>,
     member_hint: Option<String>,
     mut command: StripeCommand,
-    bytes: &[u8],
+    origin: Origin<'_>,
 ) -> Result<serde_json::Value, ApiError> {
     command.event_mut().refund_policy = state.stripe.refund_policy;
     let customer = customer_id.clone().unwrap_or_else(|| "(none)".to_owned());
-    let unlinked = customer_id.clone().map(|customer_id| (customer_id, bytes));
+    let (bytes, unlinked) = match origin {
+        Origin::Webhook(bytes) => (Some(bytes), customer_id.clone().map(|customer_id| (customer_id, bytes))),
+        Origin::Sync => (None, None),
+    };
+    let not_applied =
+        |status: &str, reason: String| json!({"status": status, "stripe_event_id": parsed.id, "reason": reason});
     let Some(member_id) = find_member(state, customer_id, member_hint).await? else {
         let reason = format!("Stripe customer {customer} is linked to no member");
+        if bytes.is_none() {
+            return Ok(not_applied("ignored", reason));
+        }
         return ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, unlinked).await;
     };
     let ledger = state.ledger.clone();
@@ -382,17 +399,21 @@ async fn apply(
         }
         Err(LedgerError::Rejected(DomainError::MemberNotFound { .. })) => {
             let reason = format!("member {member_id} (from Stripe customer {customer}) does not exist");
+            if bytes.is_none() {
+                return Ok(not_applied("ignored", reason));
+            }
             ignored(state, &parsed.id, &parsed.event_type, parsed.created, reason, unlinked).await
         }
         // A price no plan has: refused, so that Stripe retries, and a retry
         // after the catalog is fixed goes through.
-        Err(LedgerError::Rejected(rejection)) if rejection.field() == Some("stripe_price_id") => {
+        Err(LedgerError::Rejected(rejection)) if rejection.field() == Some("stripe_price_id") && bytes.is_some() => {
             Err(LedgerError::Rejected(rejection).into())
         }
         // Anything else the ledger refuses would be refused again on every
         // retry: acknowledged, kept verbatim with the reason for an operator.
         Err(LedgerError::Rejected(rejection)) => {
             let reason = format!("member {member_id}: {rejection}");
+            let Some(bytes) = bytes else { return Ok(not_applied("unprocessed", reason)) };
             unprocessed(state, Some(parsed.id.clone()), Some(parsed.event_type.clone()), reason, bytes).await
         }
         Err(error) => Err(error.into()),

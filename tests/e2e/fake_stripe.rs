@@ -2,7 +2,12 @@
 //! in the suite, at the edge of the network. It answers `POST /v1/customers`
 //! and `POST /v1/subscriptions` with Stripe's own example objects
 //! (`fixtures/stripe/openapi-fixtures3`), made consistent, and records every
-//! request it saw.
+//! request it saw. For `tally stripe sync` it holds an account (customers,
+//! subscriptions, invoices the test gives it) and lists it as Stripe does:
+//! `GET /v1/customers` a page at a time (`limit`, `starting_after`,
+//! `has_more`), `GET /v1/subscriptions?customer=` (not ended),
+//! `GET /v1/invoices?customer=&status=`, and each object by id; it can
+//! answer a rate limit (429) first, as Stripe does under load.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +37,17 @@ struct Shared {
     customers: u32,
     subscriptions: u32,
     invoice_items: u32,
+    account: Account,
+    /// Answer this many list requests with 429 before serving them.
+    rate_limits: u32,
+}
+
+/// The objects the account lists, in Stripe's JSON.
+#[derive(Default, Clone)]
+pub struct Account {
+    pub customers: Vec<Value>,
+    pub subscriptions: Vec<Value>,
+    pub invoices: Vec<Value>,
 }
 
 pub struct FakeStripe {
@@ -56,6 +72,14 @@ impl FakeStripe {
 
     pub fn fail_subscriptions(&self, status: u16, error: Value) {
         self.shared.lock().unwrap().fail_subscriptions = Some((status, error));
+    }
+
+    pub fn set_account(&self, account: Account) {
+        self.shared.lock().unwrap().account = account;
+    }
+
+    pub fn rate_limit_next(&self, requests: u32) {
+        self.shared.lock().unwrap().rate_limits = requests;
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -106,12 +130,70 @@ fn serve(stream: TcpStream, shared: &Mutex<Shared>) {
     }
 }
 
-fn fixture(name: &str) -> Value {
+pub fn fixture(name: &str) -> Value {
     let path = format!("{}/fixtures/stripe/openapi-fixtures3/{name}.json", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("fixture JSON")
 }
 
+/// A Stripe list object of `data`.
+fn list(url: &str, data: Vec<Value>, has_more: bool) -> Value {
+    json!({"object": "list", "data": data, "has_more": has_more, "url": url})
+}
+
+fn missing(what: &str, id: &str) -> (u16, Value) {
+    let message = format!("No such {what}: '{id}'");
+    (404, json!({"error": {"type": "invalid_request_error", "code": "resource_missing", "message": message}}))
+}
+
+/// The GETs of `tally stripe sync`.
+fn read(path: &str, query: &[(String, String)], shared: &mut Shared) -> (u16, Value) {
+    let param = |name: &str| query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
+    let of_customer = |object: &&Value| param("customer").is_none_or(|customer| object["customer"] == customer);
+    let account = &shared.account;
+    let by_id = |objects: &[Value], id: &str| objects.iter().find(|object| object["id"] == id).cloned();
+    match path.trim_start_matches("/v1/").split_once('/') {
+        None if path == "/v1/customers" => {
+            let limit: usize = param("limit").and_then(|limit| limit.parse().ok()).unwrap_or(10);
+            let start = match param("starting_after") {
+                Some(after) => {
+                    account.customers.iter().position(|customer| customer["id"] == after).map_or(0, |at| at + 1)
+                }
+                None => 0,
+            };
+            let page: Vec<Value> = account.customers.iter().skip(start).take(limit).cloned().collect();
+            let has_more = start + page.len() < account.customers.len();
+            (200, list("/v1/customers", page, has_more))
+        }
+        None if path == "/v1/subscriptions" => {
+            let live = |subscription: &&Value| subscription["status"] != "canceled";
+            let data = account.subscriptions.iter().filter(of_customer).filter(live).cloned().collect();
+            (200, list("/v1/subscriptions", data, false))
+        }
+        None if path == "/v1/invoices" => {
+            let of_status = |invoice: &&Value| param("status").is_none_or(|status| invoice["status"] == status);
+            let data = account.invoices.iter().filter(of_customer).filter(of_status).cloned().collect();
+            (200, list("/v1/invoices", data, false))
+        }
+        Some(("customers", id)) => by_id(&account.customers, id).map_or_else(|| missing("customer", id), |c| (200, c)),
+        Some(("invoices", id)) => by_id(&account.invoices, id).map_or_else(|| missing("invoice", id), |i| (200, i)),
+        _ => (404, json!({"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}})),
+    }
+}
+
 fn answer(seen: &Seen, shared: &mut Shared) -> (u16, Value) {
+    if seen.method == "GET" {
+        if shared.rate_limits > 0 {
+            shared.rate_limits -= 1;
+            let error = json!({"error": {"type": "invalid_request_error", "code": "rate_limit",
+                "message": "Too many requests hit the API too quickly."}});
+            return (429, error);
+        }
+        let (path, query) = seen.path.split_once('?').unwrap_or((seen.path.as_str(), ""));
+        let query: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .map(|(key, value)| (key.into_owned(), value.into_owned()))
+            .collect();
+        return read(path, &query, shared);
+    }
     match (seen.method.as_str(), seen.path.as_str()) {
         ("POST", "/v1/customers") => {
             shared.customers += 1;

@@ -115,6 +115,12 @@ fn webhooks_are_refused_until_a_secret_is_configured() {
     let body = fixture_bytes("events/composed/invoice.paid.json");
     let (status, problem) = post_raw(&server, &body, Some(&tally_stripe::sign(&body, SECRET, wall_now())));
     assert_eq!((status, problem["code"].as_str()), (404, Some("stripe_not_configured")), "{problem}");
+    // Nor can it read from Stripe without a secret key; a bad page size is refused first.
+    let (status, problem) = server.admin_post("/v1/admin/stripe/sync?limit=101", json!(null));
+    assert_eq!((status, problem["field"].as_str()), (422, Some("limit")), "{problem}");
+    let (status, problem) = server.admin_post("/v1/admin/stripe/sync", json!(null));
+    assert_eq!((status, problem["code"].as_str()), (404, Some("stripe_not_configured")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("TALLY_STRIPE_SECRET_KEY"), "{problem}");
 }
 
 /// Every fixture, signed, to a real server: once with no member linked
@@ -1274,4 +1280,138 @@ fn an_invoice_refund_is_recorded_on_the_invoice_and_takes_credits_only_when_set(
             (Some("in_1"), Some(500))
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Backfill
+// ---------------------------------------------------------------------------
+
+/// `tally stripe sync` against the fake Stripe: four customers in two pages
+/// (after one rate-limited answer): one linked before, one naming its
+/// member in metadata (linked by the sync), one naming no member that
+/// exists and one naming none (both reported, with the email, not guessed).
+/// Their live subscriptions, the paid current invoice and an open invoice
+/// are applied as the webhooks would; a second run writes nothing.
+#[test]
+fn sync_backfills_an_existing_account_page_by_page_and_a_second_run_writes_nothing() {
+    let fake = FakeStripe::start();
+    let server = stripe_server(
+        Some("2026-01-15T00:00:00Z"),
+        &[("TALLY_STRIPE_SECRET_KEY", "sk_test_fake"), ("TALLY_STRIPE_API_BASE", &fake.base)],
+    );
+    assert_eq!(server.admin_post("/v1/plans", stripe_plan("basic", 1_000, 1_000, 500, "price_basic")).0, 201);
+    assert_eq!(server.put("/v1/members/m_linked", ADMIN_KEY, &json!({"stripe_customer_id": "cus_a"})).status(), 200);
+    assert_eq!(server.put("/v1/members/m_named", ADMIN_KEY, &json!({})).status(), 200);
+
+    let customer = |id: &str, email: &str, member: Option<&str>| {
+        let mut customer = crate::fake_stripe::fixture("customer");
+        customer["id"] = json!(id);
+        customer["email"] = json!(email);
+        customer["metadata"] = member.map_or(json!({}), |member| json!({"tally_member_id": member}));
+        customer
+    };
+    let subscription = |id: &str, customer: &str, latest_invoice: Value| {
+        let active = Sub { status: "active", price: "price_basic", period: P1, cancel_at_period_end: false };
+        let mut object =
+            subscription_event("unused", "customer.subscription.created", P1.0, active)["data"]["object"].clone();
+        object["id"] = json!(id);
+        object["customer"] = json!(customer);
+        object["metadata"] = json!({});
+        object["latest_invoice"] = latest_invoice;
+        object["items"]["data"][0]["subscription"] = json!(id);
+        object
+    };
+    let invoice = |bill: Bill, event_type: &str, customer: &str, subscription: &str| {
+        let mut object = invoice_event("unused", event_type, P1.0, bill)["data"]["object"].clone();
+        object["customer"] = json!(customer);
+        object["parent"]["subscription_details"]["subscription"] = json!(subscription);
+        object["lines"]["data"][0]["parent"]["subscription_item_details"]["subscription"] = json!(subscription);
+        object
+    };
+    let first =
+        Bill { invoice: "in_a", reason: "subscription_create", price: "price_basic", amount: 1_000, period: P1 };
+    let extra = Bill { invoice: "in_b2", reason: "manual", price: "price_basic", amount: 500, period: P1 };
+    fake.set_account(crate::fake_stripe::Account {
+        customers: vec![
+            customer("cus_a", "a@example.com", None),
+            customer("cus_b", "b@example.com", Some("m_named")),
+            customer("cus_c", "c@example.com", Some("ghost")),
+            customer("cus_d", "d@example.com", None),
+        ],
+        subscriptions: vec![subscription("sub_a", "cus_a", json!("in_a")), subscription("sub_b", "cus_b", Value::Null)],
+        invoices: vec![
+            invoice(first, "invoice.paid", "cus_a", "sub_a"),
+            invoice(extra, "invoice.finalized", "cus_b", "sub_b"),
+        ],
+    });
+    fake.rate_limit_next(1);
+
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(tally_binary())
+            .arg("--data-dir")
+            .arg(server.data_dir.path())
+            .args(["stripe", "sync"])
+            .args(args)
+            .env("TALLY_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .expect("tally runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let report: Value = serde_json::from_str(&cli(&["--page-size", "2", "--format", "json"])).unwrap();
+    assert_eq!(
+        (
+            &report["applied"],
+            &report["unmatched"],
+            &report["unprocessed"],
+            report["customers"].as_array().map(Vec::len)
+        ),
+        (&json!(4), &json!(2), &json!(0), Some(4)),
+        "{report}"
+    );
+    let customers = report["customers"].as_array().unwrap();
+    assert_eq!(customers[0]["matched_by"], "customer_id");
+    assert_eq!((&customers[1]["matched_by"], &customers[1]["member_id"]), (&json!("metadata"), &json!("m_named")));
+    assert_eq!(customers[2]["email"], "c@example.com");
+    assert!(customers[2]["reasons"][0].as_str().unwrap().contains("ghost"), "{}", customers[2]);
+    assert_eq!((&customers[3]["member_id"], &customers[3]["email"]), (&Value::Null, &json!("d@example.com")));
+    let pages: Vec<String> =
+        fake.seen().into_iter().map(|seen| seen.path).filter(|path| path.starts_with("/v1/customers?")).collect();
+    assert_eq!(pages.len(), 3, "one rate-limited answer, then two pages: {pages:?}");
+    assert!(pages[2].contains("starting_after=cus_b"), "{pages:?}");
+
+    // The books, as the webhooks would have made them.
+    server.sync("m_linked");
+    let (_, balance) = server.admin_get("/v1/members/m_linked/balance");
+    assert_eq!(balance["available"], 1_000, "the paid current period's credits: {balance}");
+    let (_, subscription) = server.admin_get("/v1/members/m_linked/subscription");
+    assert_eq!((&subscription["status"], &subscription["plan_id"]), (&json!("active"), &json!("basic")));
+    server.sync("m_named");
+    let (_, subscription) = server.admin_get("/v1/members/m_named/subscription");
+    assert_eq!(subscription["stripe_subscription_id"], "sub_b", "{subscription}");
+    let (_, invoices) = server.admin_get("/v1/members/m_named/invoices");
+    let open: Vec<&Value> = invoices["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|invoice| invoice["stripe_invoice_id"] == "in_b2")
+        .collect();
+    assert_eq!(open.len(), 1, "{invoices}");
+    assert_eq!(open[0]["status"], "open");
+    let (_, feed) = server.admin_get("/v1/events?after=0&limit=1000");
+    let linked = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|event| event["stream_id"] == "member-m_named" && event["payload"]["stripe_customer_id"] == "cus_b");
+    assert!(linked, "the sync linked m_named to cus_b");
+
+    // Again: nothing new is written; one customer, in the table form.
+    let head = server.head_position();
+    let again: Value = serde_json::from_str(&cli(&["--page-size", "2", "--format", "json"])).unwrap();
+    assert_eq!(again["applied"], 4, "answered from their records: {again}");
+    assert_eq!(server.head_position(), head, "a second sync writes nothing");
+    let table = cli(&["--customer", "cus_d"]);
+    assert!(table.contains("synced 1 customers") && table.contains("unmatched, email d@example.com"), "{table}");
 }

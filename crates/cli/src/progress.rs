@@ -13,6 +13,8 @@ const BAR_REFRESH_PER_S: u8 = 10;
 
 pub struct Progress {
     label: String,
+    /// What is counted: `events`, `customers`.
+    unit: &'static str,
     form: Form,
 }
 
@@ -29,25 +31,30 @@ enum Form {
 }
 
 impl Progress {
-    /// A bar if stderr is a terminal, plain lines otherwise.
+    /// A bar if stderr is a terminal, plain lines otherwise, counting events.
     pub fn start(label: &str, total: u64) -> Progress {
+        Progress::counting(label, total, "events")
+    }
+
+    /// The same, counting `unit`.
+    pub fn counting(label: &str, total: u64, unit: &'static str) -> Progress {
         let form = if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(BAR_REFRESH_PER_S));
-            let style = ProgressStyle::with_template(
-                "{msg} [{bar:30}] {human_pos}/{human_len} events, {rate} events/s, ETA {eta}",
-            )
-            .expect("a valid progress template")
-            .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-                let _ = write!(out, "{:.0}", state.per_sec());
-            })
-            .progress_chars("=> ");
+            let template =
+                format!("{{msg}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit}, {{rate}} {unit}/s, ETA {{eta}}");
+            let style = ProgressStyle::with_template(&template)
+                .expect("a valid progress template")
+                .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}", state.per_sec());
+                })
+                .progress_chars("=> ");
             bar.set_style(style);
             bar.set_message(label.to_owned());
             Form::Bar(bar)
         } else {
             Form::Lines { started: Instant::now(), last_line: None, done: 0, total, printed: None }
         };
-        Progress { label: label.to_owned(), form }
+        Progress { label: label.to_owned(), unit, form }
     }
 
     /// `done` of `total` events; `total` may grow (the log grows while a
@@ -64,7 +71,7 @@ impl Progress {
                 if last_line.is_none_or(|at| at.elapsed() >= PLAIN_LINE_INTERVAL) {
                     *last_line = Some(Instant::now());
                     *printed = Some((done, *last_total));
-                    eprintln!("{}", plain_line(&self.label, done, *last_total, started.elapsed()));
+                    eprintln!("{}", plain_line(&self.label, self.unit, done, *last_total, started.elapsed()));
                 }
             }
         }
@@ -76,15 +83,15 @@ impl Progress {
             Form::Bar(bar) => bar.finish_and_clear(),
             Form::Lines { started, done, total, printed, .. } => {
                 if printed != Some((done, total)) {
-                    eprintln!("{}", plain_line(&self.label, done, total, started.elapsed()));
+                    eprintln!("{}", plain_line(&self.label, self.unit, done, total, started.elapsed()));
                 }
             }
         }
     }
 }
 
-fn plain_line(label: &str, done: u64, total: u64, elapsed: Duration) -> String {
+fn plain_line(label: &str, unit: &str, done: u64, total: u64, elapsed: Duration) -> String {
     let seconds = elapsed.as_secs_f64();
     let rate = if seconds > 0.0 { done as f64 / seconds } else { 0.0 };
-    format!("{label}: {done}/{total} events, {rate:.0} events/s")
+    format!("{label}: {done}/{total} {unit}, {rate:.0} {unit}/s")
 }

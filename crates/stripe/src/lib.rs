@@ -23,10 +23,10 @@ pub mod outbox;
 pub mod signature;
 
 pub use event::{
-    CheckoutFacts, EventObject, InvoiceFacts, InvoiceLineFacts, ParseError, ParsedBy, ParsedEvent, SubscriptionFacts,
-    parse,
+    ChargeFacts, CheckoutFacts, CreditNoteFacts, EventObject, InvoiceFacts, InvoiceLineFacts, ParseError, ParsedBy,
+    ParsedEvent, RefundFacts, SubscriptionFacts, parse,
 };
 pub use mapping::{Mapped, map};
-pub use outbound::{OutboundError, StripeApi};
+pub use outbound::{CustomerFacts, CustomerPage, OutboundError, StripeApi};
 pub use outbox::{Outbox, OutboxError, OutboxReport};
 pub use signature::{DEFAULT_TOLERANCE_S, SignatureError, SignatureHeader, parse_header, sign, verify};
