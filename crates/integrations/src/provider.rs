@@ -1,0 +1,171 @@
+//! The provider trait: what every data source does (DESIGN.md §9). The SQL,
+//! MongoDB and SaaS providers of later issues implement the same trait.
+//!
+//! A provider is stateless about members: everything it needs for a call
+//! comes in a [`Call`] (the integration's config, its credential, the
+//! limits, the guarded HTTP client), so one instance serves everyone.
+
+use crate::guard::GuardError;
+use crate::query::{QueryError, QuerySpec};
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// Execution limits, named and documented (DESIGN.md §9, "Limits").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_rows: usize,
+    /// Bytes of the upstream's answer, counted after decompression.
+    pub max_bytes: u64,
+}
+
+pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(60);
+pub const MAX_ROWS_DEFAULT: usize = 1_000;
+pub const MAX_ROWS_MAX: usize = 100_000;
+pub const RESPONSE_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+/// How long a connection may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Redirects followed, each re-checked by the guard.
+pub const REDIRECTS_MAX: usize = 3;
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { timeout: TIMEOUT_DEFAULT, max_rows: MAX_ROWS_DEFAULT, max_bytes: RESPONSE_BYTES_DEFAULT }
+    }
+}
+
+/// Rows as JSON objects, and what was cut.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    pub rows: Vec<Value>,
+    /// Bytes of the upstream's answer.
+    pub bytes: u64,
+    /// More rows came than `max_rows`: the rest was dropped.
+    pub truncated: bool,
+}
+
+/// Why a provider call failed, each with its stable problem code. Messages
+/// never carry a credential: upstream text is scrubbed of the call's
+/// secrets before it gets here.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("{0}")]
+    TargetForbidden(GuardError),
+    #[error("the source cannot be reached: {0}")]
+    Unreachable(String),
+    #[error("the source did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the source refused the credential: {0}")]
+    AuthFailed(String),
+    #[error("the source refused the query: {0}")]
+    QueryFailed(String),
+    #[error("the source's answer is larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+impl ProviderError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ProviderError {
+        ProviderError::Invalid { field: field.into(), message: message.into() }
+    }
+
+    /// The problem code (DESIGN.md §9, "Error codes").
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProviderError::Invalid { .. } => "validation_failed",
+            ProviderError::TargetForbidden(_) => "target_forbidden",
+            ProviderError::Unreachable(_) => "integration_unreachable",
+            ProviderError::Timeout(_) => "integration_timeout",
+            ProviderError::AuthFailed(_) => "integration_auth_failed",
+            ProviderError::QueryFailed(_) => "integration_query_failed",
+            ProviderError::TooLarge(_) => "integration_response_too_large",
+        }
+    }
+
+    /// Failures of the upstream (charged nothing), as opposed to refusals
+    /// of the request itself.
+    pub fn is_upstream(&self) -> bool {
+        !matches!(self, ProviderError::Invalid { .. } | ProviderError::TargetForbidden(_))
+    }
+}
+
+impl From<GuardError> for ProviderError {
+    fn from(error: GuardError) -> ProviderError {
+        if error.is_forbidden() {
+            ProviderError::TargetForbidden(error)
+        } else {
+            ProviderError::Unreachable(error.to_string())
+        }
+    }
+}
+
+impl From<QueryError> for ProviderError {
+    fn from(error: QueryError) -> ProviderError {
+        ProviderError::Invalid { field: error.field, message: error.message }
+    }
+}
+
+/// Everything one call needs.
+pub struct Call<'a> {
+    /// The integration's non-secret config, validated when saved.
+    pub config: &'a Value,
+    /// The credential's JSON object, from the vault; `None` for `auth: none`.
+    pub credential: Option<&'a SecretString>,
+    /// Identifies the credential version, for token caches.
+    pub credential_key: String,
+    pub limits: Limits,
+    pub http: &'a crate::http::GuardedHttp,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+pub trait Provider: Send + Sync {
+    /// `rest`, `graphql`, …
+    fn name(&self) -> &'static str;
+
+    /// The query kinds this provider runs (`request`, `graphql`, …).
+    fn kinds(&self) -> &'static [&'static str];
+
+    /// Checks a config (no extra fields, URLs the guard accepts) and the
+    /// credential's shape for it; nothing is contacted.
+    fn validate_config(
+        &self,
+        config: &Value,
+        credential: Option<&Map<String, Value>>,
+        guard: &crate::guard::Guard,
+    ) -> Result<(), ProviderError>;
+
+    /// Checks a saved query against the config (its kind, its template).
+    fn validate_query(&self, config: &Value, query: &QuerySpec) -> Result<(), ProviderError>;
+
+    /// The cheapest call that proves the source answers with this credential.
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// Runs a query with bound parameters, within the call's limits.
+    fn run<'a>(
+        &'a self,
+        call: &'a Call<'a>,
+        query: &'a QuerySpec,
+        params: &'a Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Rows, ProviderError>>;
+}
+
+/// Replaces every secret value of the credential in `text` (an upstream's
+/// error message, say) before it goes anywhere.
+pub fn scrub(text: &str, credential: Option<&SecretString>) -> String {
+    use secrecy::ExposeSecret;
+    let mut text = text.to_owned();
+    let Some(credential) = credential else { return text };
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(credential.expose_secret()) else { return text };
+    for value in fields.values() {
+        if let Some(secret) = value.as_str().filter(|secret| secret.len() >= 4) {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
+}
