@@ -5,7 +5,7 @@
 //! [`upcast`], which lifts old payloads to the current shape when they are
 //! read. Today every event is at version 1.
 
-use crate::domain::{CatalogEvent, IntakeEvent, MemberEvent};
+use crate::domain::{CatalogEvent, IntakeEvent, IntegrationEvent, MemberEvent};
 use crate::store::RecordedEvent;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +50,10 @@ pub fn encode_intake(event: &IntakeEvent) -> Encoded {
     encode(event.event_type(), event)
 }
 
+pub fn encode_integration(event: &IntegrationEvent) -> Encoded {
+    encode(event.event_type(), event)
+}
+
 /// Lift a payload stored at `schema_version` to the current shape. Each
 /// future version adds one step here (`1 → 2`, `2 → 3`, …) and never touches
 /// the stored row.
@@ -91,6 +95,12 @@ impl Typed for CatalogEvent {
     }
 }
 
+impl Typed for IntegrationEvent {
+    fn event_type(&self) -> &'static str {
+        IntegrationEvent::event_type(self)
+    }
+}
+
 impl Typed for IntakeEvent {
     fn event_type(&self) -> &'static str {
         IntakeEvent::event_type(self)
@@ -126,5 +136,9 @@ pub fn decode_catalog(recorded: &RecordedEvent) -> Result<CatalogEvent, CodecErr
 }
 
 pub fn decode_intake(recorded: &RecordedEvent) -> Result<IntakeEvent, CodecError> {
+    decode(recorded)
+}
+
+pub fn decode_integration(recorded: &RecordedEvent) -> Result<IntegrationEvent, CodecError> {
     decode(recorded)
 }

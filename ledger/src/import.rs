@@ -84,6 +84,8 @@ impl<'store> Import<'store> {
                     self.member_streams.insert(event.stream_id.clone());
                 } else if event.stream_id == CATALOG_STREAM {
                     codec::decode_catalog(event)?;
+                } else if event.stream_id.starts_with(crate::domain::integration::INTEGRATION_STREAM_PREFIX) {
+                    codec::decode_integration(event)?;
                 }
             }
         }

@@ -262,13 +262,41 @@ type Reply<T> = SyncSender<Result<T, LedgerError>>;
 /// A queued job. `Sync` does nothing but is answered, like every job, only
 /// once everything committed before it is durable.
 enum Job {
-    Member { member_id: String, request: Request<MemberCommand>, reply: Reply<Executed> },
-    Catalog { request: Request<CatalogCommand>, reply: Reply<Executed> },
-    Intake { request: Request<IntakeEvent>, reply: Reply<Executed> },
-    Check { member_id: String, credits: Credits, reply: Reply<CheckOutcome> },
-    State { member_id: String, reply: Reply<MemberState> },
-    Sweep { members_max: usize, reply: Reply<SweepReport> },
-    Sync { reply: Reply<()> },
+    Member {
+        member_id: String,
+        request: Request<MemberCommand>,
+        reply: Reply<Executed>,
+    },
+    Catalog {
+        request: Request<CatalogCommand>,
+        reply: Reply<Executed>,
+    },
+    Intake {
+        request: Request<IntakeEvent>,
+        reply: Reply<Executed>,
+    },
+    Integration {
+        member_id: String,
+        integration_id: String,
+        request: Request<IntegrationCommand>,
+        reply: Reply<Executed>,
+    },
+    Check {
+        member_id: String,
+        credits: Credits,
+        reply: Reply<CheckOutcome>,
+    },
+    State {
+        member_id: String,
+        reply: Reply<MemberState>,
+    },
+    Sweep {
+        members_max: usize,
+        reply: Reply<SweepReport>,
+    },
+    Sync {
+        reply: Reply<()>,
+    },
 }
 
 /// The embedded ledger: submit commands from any thread; one writer thread
@@ -498,6 +526,34 @@ impl Ledger {
 
     pub fn execute_catalog(&self, request: Request<CatalogCommand>) -> Result<Executed, LedgerError> {
         self.submit(|reply| Job::Catalog { request, reply })
+    }
+
+    /// Decide and durably append an integration command (its own stream,
+    /// `integration-{member}/{integration}`).
+    pub fn execute_integration(
+        &self,
+        member_id: &str,
+        integration_id: &str,
+        request: Request<IntegrationCommand>,
+    ) -> Result<Executed, LedgerError> {
+        self.submit(|reply| Job::Integration {
+            member_id: member_id.to_owned(),
+            integration_id: integration_id.to_owned(),
+            request,
+            reply,
+        })
+    }
+
+    /// An integration's state, folded from its stream as durably written
+    /// (read from the file, not through the writer).
+    pub fn integration_state(&self, member_id: &str, integration_id: &str) -> Result<IntegrationState, LedgerError> {
+        let reader = self.reader()?;
+        let mut state = IntegrationState::default();
+        for recorded in reader.stream_events(&integration_stream(member_id, integration_id), None, STREAM_PAGE_SIZE) {
+            let recorded = recorded?;
+            state.apply(&codec::decode_integration(&recorded)?, recorded.recorded_at);
+        }
+        Ok(state)
     }
 
     /// Record a Stripe event that changed no member on the `stripe-intake`
@@ -732,9 +788,10 @@ fn same_kind(error: &StoreError) -> StoreError {
 /// The answer to a job that could not run: every kind of job gets `error`.
 fn failed_job(job: &Job, error: LedgerError) -> Pending {
     match job {
-        Job::Member { reply, .. } | Job::Catalog { reply, .. } | Job::Intake { reply, .. } => {
-            Pending::Executed(reply.clone(), Box::new(Err(error)))
-        }
+        Job::Member { reply, .. }
+        | Job::Catalog { reply, .. }
+        | Job::Intake { reply, .. }
+        | Job::Integration { reply, .. } => Pending::Executed(reply.clone(), Box::new(Err(error))),
         Job::Check { reply, .. } => Pending::Checked(reply.clone(), Err(error)),
         Job::State { reply, .. } => Pending::State(reply.clone(), Err(error)),
         Job::Sweep { reply, .. } => Pending::Swept(reply.clone(), Err(error)),
@@ -1007,6 +1064,12 @@ impl Shell<'_, '_> {
             }
             Job::Intake { request, reply } => {
                 let result = self.guard(None, |shell| shell.in_savepoint(|shell| shell.intake(request)));
+                Pending::Executed(reply.clone(), Box::new(result))
+            }
+            Job::Integration { member_id, integration_id, request, reply } => {
+                let result = self.guard(None, |shell| {
+                    shell.in_savepoint(|shell| shell.integration_command(member_id, integration_id, request))
+                });
                 Pending::Executed(reply.clone(), Box::new(result))
             }
             Job::Check { member_id, credits, reply } => {
@@ -1402,6 +1465,68 @@ impl Shell<'_, '_> {
                 position: appended.last_position,
                 event: serde_json::to_value(&request.command).expect("events serialise"),
             }],
+            balance: None,
+        };
+        self.finish(request, outcome)
+    }
+
+    fn integration_command(
+        &mut self,
+        member_id: &str,
+        integration_id: &str,
+        request: &Request<IntegrationCommand>,
+    ) -> Result<Executed, LedgerError> {
+        validate::identifier("member_id", member_id)?;
+        crate::domain::integration::short_identifier("integration_id", integration_id)?;
+        if let Some(idempotency) = &request.idempotency
+            && let Some(record) = self.batch.idempotency(&idempotency.scope, &idempotency.key)?
+        {
+            return replayed(idempotency, record);
+        }
+        let stream_id = integration_stream(member_id, integration_id);
+        // Integration streams are short and their commands rare: folded
+        // from the batch's view each time, no cache to keep coherent.
+        let mut state = IntegrationState::default();
+        loop {
+            let page = self.batch.read_stream(&stream_id, state.version + 1, STREAM_PAGE_SIZE)?;
+            for recorded in &page {
+                state.apply(&codec::decode_integration(recorded)?, recorded.recorded_at);
+            }
+            if page.len() < STREAM_PAGE_SIZE {
+                break;
+            }
+        }
+        let member_registered = match request.command {
+            IntegrationCommand::Put { .. } => self.fresh_state(member_id)?.is_registered(),
+            _ => true,
+        };
+        let context = crate::domain::integration::IntegrationContext { member_id, integration_id, member_registered };
+        let events = crate::domain::integration::decide_integration(&state, &request.command, &context)?;
+        let positions: Vec<u64> = if events.is_empty() {
+            Vec::new()
+        } else {
+            let new_events = events
+                .iter()
+                .map(|event| {
+                    new_event(codec::encode_integration(event), metadata(request, &request.actor, Some(self.now)))
+                })
+                .collect();
+            let appended =
+                self.batch.append(&stream_id, ExpectedVersion::Exact(state.version), new_events, self.now)?;
+            (appended.first_position..=appended.last_position).collect()
+        };
+        let outcome = CommandOutcome {
+            stream_id: stream_id.clone(),
+            position: positions.last().copied().unwrap_or(self.batch.head().position),
+            events_appended: positions.len() as u64,
+            events: events
+                .iter()
+                .zip(&positions)
+                .map(|(event, position)| AppendedEvent {
+                    position: *position,
+                    event: serde_json::to_value(event).expect("events serialise"),
+                })
+                .collect(),
             balance: None,
         };
         self.finish(request, outcome)

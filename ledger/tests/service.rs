@@ -500,3 +500,56 @@ fn an_idempotent_retry_read_from_the_file_waits_for_the_fsync_of_a_commit_it_did
     assert_eq!(reading.stats().syncs.load(Relaxed), syncs_before + 1, "the retry waited for an fsync");
     assert!(reading.recorded(&key("admin/m/usage", "k2", 1)).unwrap().is_none());
 }
+
+#[test]
+fn an_integration_lives_in_its_own_stream_and_its_commands_are_idempotent() {
+    let dir = TempDir::new().unwrap();
+    let clock = Arc::new(ManualClock::new(start_instant()));
+    let ledger = open(&dir, &clock);
+    let put = || IntegrationCommand::Put {
+        provider: "rest".into(),
+        name: "Weather".into(),
+        config: serde_json::json!({"base_url": "https://api.example.com"}),
+        credential: Some(CredentialRef {
+            credential_id: "c1".into(),
+            version: 1,
+            fingerprint: "00112233aabbccdd".into(),
+            hint: None,
+        }),
+    };
+    // No member, no integration: refused, nothing written.
+    let before = head(&ledger);
+    let refused = ledger.execute_integration("acme", "weather", admin(put())).unwrap_err();
+    assert!(matches!(refused, LedgerError::Rejected(DomainError::MemberNotFound { .. })), "{refused}");
+    assert_eq!(head(&ledger), before);
+
+    ledger.execute("acme", admin(MemberCommand::Register(MemberProfile::default()))).unwrap();
+    let member_version = ledger.member_state("acme").unwrap().version;
+    let request = || admin(put()).with_idempotency(key("acme/integrations.put", "k1", 1));
+    let first = ledger.execute_integration("acme", "weather", request()).unwrap();
+    assert_eq!(first.outcome.stream_id, "integration-acme/weather");
+    assert_eq!(first.outcome.events_appended, 1);
+    let again = ledger.execute_integration("acme", "weather", request()).unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.outcome.position, first.outcome.position);
+    // Unchanged: no event. The member stream is untouched throughout.
+    assert_eq!(ledger.execute_integration("acme", "weather", admin(put())).unwrap().outcome.events_appended, 0);
+    assert_eq!(ledger.member_state("acme").unwrap().version, member_version);
+
+    let state = ledger.integration_state("acme", "weather").unwrap();
+    assert!(state.live);
+    assert_eq!((state.provider.as_str(), state.credential.as_ref().map(|c| c.version)), ("rest", Some(1)));
+    ledger
+        .execute_integration(
+            "acme",
+            "weather",
+            admin(IntegrationCommand::SaveQuery {
+                query_id: "forecast".into(),
+                spec: serde_json::json!({"kind": "request"}),
+            }),
+        )
+        .unwrap();
+    let missing = ledger.execute_integration("acme", "other", admin(IntegrationCommand::Remove)).unwrap_err();
+    assert_eq!(missing.to_string(), "integration `other` of member `acme` not found");
+    assert_eq!(ledger.integration_state("acme", "weather").unwrap().queries.len(), 1);
+}

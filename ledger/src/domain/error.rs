@@ -47,6 +47,14 @@ pub enum DomainError {
     #[error("invoice `{invoice_id}` not found")]
     InvoiceNotFound { invoice_id: String },
 
+    /// No live integration with this id for the member. `not_found`.
+    #[error("integration `{integration_id}` of member `{member_id}` not found")]
+    IntegrationNotFound { member_id: String, integration_id: String },
+
+    /// No saved query with this id in the integration. `not_found`.
+    #[error("query `{query_id}` of integration `{integration_id}` not found")]
+    QueryNotFound { integration_id: String, query_id: String },
+
     /// The catalog already has a plan with this id: revise it instead.
     /// `validation_failed` on `plan_id`.
     #[error("plan `{plan_id}` already exists")]
@@ -64,7 +72,9 @@ impl DomainError {
             | DomainError::SubscriptionNotFound { .. }
             | DomainError::ReservationNotFound { .. }
             | DomainError::UsageNotFound { .. }
-            | DomainError::InvoiceNotFound { .. } => "not_found",
+            | DomainError::InvoiceNotFound { .. }
+            | DomainError::IntegrationNotFound { .. }
+            | DomainError::QueryNotFound { .. } => "not_found",
             DomainError::ReservationExpired { .. } => "reservation_expired",
         }
     }

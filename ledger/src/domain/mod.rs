@@ -5,6 +5,7 @@ pub mod amount;
 pub mod catalog;
 pub mod error;
 pub mod intake;
+pub mod integration;
 pub mod limits;
 pub mod member;
 pub mod validate;
@@ -13,4 +14,8 @@ pub use amount::{Credits, MinorUnits, Overflow};
 pub use catalog::*;
 pub use error::DomainError;
 pub use intake::{IntakeEvent, STRIPE_INTAKE_STREAM};
+pub use integration::{
+    CredentialRef, IntegrationCommand, IntegrationEvent, IntegrationState, IntegrationStatus, TestSource,
+    integration_stream,
+};
 pub use member::*;
