@@ -93,6 +93,19 @@ pub enum ApiError {
     /// ledger was left unchanged.
     #[error("Stripe: {message}")]
     PaymentProvider { status: Option<u16>, code: String, message: String },
+    /// A data source's refusal or failure (`target_forbidden`,
+    /// `integration_*`), from `tally-integrations`.
+    #[error("{0}")]
+    Integration(tally_integrations::ProviderError),
+}
+
+impl From<tally_integrations::ProviderError> for ApiError {
+    fn from(error: tally_integrations::ProviderError) -> ApiError {
+        match error {
+            tally_integrations::ProviderError::Invalid { field, message } => ApiError::Validation { field, message },
+            other => ApiError::Integration(other),
+        }
+    }
 }
 
 impl From<tally_stripe::OutboundError> for ApiError {
@@ -133,6 +146,7 @@ impl ApiError {
             ApiError::InvalidSignature { .. } => "invalid_signature",
             ApiError::StripeNotConfigured(_) => "stripe_not_configured",
             ApiError::PaymentProvider { .. } => "payment_provider_error",
+            ApiError::Integration(error) => error.code(),
             ApiError::Ledger(error) => ledger_code(error),
         }
     }
@@ -198,6 +212,12 @@ pub const PROBLEM_TITLES: &[(&str, &str)] = &[
     ("invalid_signature", "The webhook signature was refused"),
     ("stripe_not_configured", "Stripe is not configured"),
     ("payment_provider_error", "The payment provider refused or failed"),
+    ("target_forbidden", "That address may not be reached"),
+    ("integration_unreachable", "The data source cannot be reached"),
+    ("integration_timeout", "The data source did not answer in time"),
+    ("integration_auth_failed", "The data source refused the credential"),
+    ("integration_query_failed", "The data source refused the query"),
+    ("integration_response_too_large", "The data source answered too much"),
     ("insufficient_credits", "Not enough credits"),
     ("reservation_expired", "The reservation has expired"),
     ("idempotency_key_reused", "This Idempotency-Key was used for another request"),
@@ -229,6 +249,11 @@ fn advice(code: &str) -> &'static str {
             "set TALLY_STRIPE_WEBHOOK_SECRET for webhooks, TALLY_STRIPE_SECRET_KEY for calls to Stripe, then restart tally"
         }
         "payment_provider_error" => "nothing was changed in tally; retry, or check the Stripe account",
+        "target_forbidden" => "use a public https address, or ask the operator to allow-list the range",
+        "integration_unreachable" | "integration_timeout" => "nothing was charged; retry later or check the source",
+        "integration_auth_failed" => "rotate the integration's credential; nothing was charged",
+        "integration_query_failed" => "fix the query or its parameters; nothing was charged",
+        "integration_response_too_large" => "ask for fewer rows or a narrower query; nothing was charged",
         "insufficient_credits" => "grant or purchase credits, or ask for fewer; nothing was written",
         "reservation_expired" => "record the work as usage instead, or reserve again",
         "idempotency_key_reused" => "use a new Idempotency-Key for a new request",
@@ -287,6 +312,11 @@ impl ResponseError for ApiError {
             ApiError::InvalidSignature { .. } => StatusCode::BAD_REQUEST,
             ApiError::StripeNotConfigured(_) => StatusCode::NOT_FOUND,
             ApiError::PaymentProvider { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Integration(error) => match error.code() {
+                "target_forbidden" | "integration_query_failed" => StatusCode::UNPROCESSABLE_ENTITY,
+                "integration_timeout" => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             ApiError::Ledger(error) => ledger_status(error),
         }
     }

@@ -25,6 +25,7 @@ pub mod body;
 pub mod commands;
 pub mod dto;
 pub mod error;
+pub mod integrations;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub rate_limits: ratelimit::RateLimits,
     pub stripe: stripe::StripeSettings,
+    /// The vault and the target guard (`serve --vault-key-file`, `TALLY_VAULT_KEY`).
+    pub integrations: integrations::IntegrationSettings,
     /// Usage batches running now, at most `batch::USAGE_BATCHES_CONCURRENT_MAX`.
     pub usage_batches: batch::BatchSlots,
     rates: Mutex<HashMap<String, (u32, Instant)>>,
@@ -79,6 +82,7 @@ impl AppState {
             metrics: metrics::Metrics::new(),
             rate_limits: ratelimit::RateLimits::default(),
             stripe: stripe::StripeSettings::new(),
+            integrations: integrations::IntegrationSettings::default(),
             usage_batches: batch::BatchSlots::default(),
             rates: Mutex::new(HashMap::new()),
         }
@@ -173,6 +177,15 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::openapi_json)
         .service(stripe::replay)
         .service(stripe_sync::sync)
+        .service(integrations::list_integrations)
+        .service(integrations::put_integration)
+        .service(integrations::get_integration)
+        .service(integrations::delete_integration)
+        .service(integrations::rotate_credential)
+        .service(integrations::list_queries)
+        .service(integrations::put_query)
+        .service(integrations::get_query)
+        .service(integrations::delete_query)
         .service(
             web::resource("/v1/webhooks/stripe")
                 .app_data(web::PayloadConfig::new(stripe::WEBHOOK_BODY_BYTES_MAX))

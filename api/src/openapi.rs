@@ -331,6 +331,15 @@ impl Modify for Limits {
         crate::stripe::webhook,
         crate::stripe::replay,
         crate::stripe_sync::sync,
+        crate::integrations::list_integrations,
+        crate::integrations::put_integration,
+        crate::integrations::get_integration,
+        crate::integrations::delete_integration,
+        crate::integrations::rotate_credential,
+        crate::integrations::list_queries,
+        crate::integrations::put_query,
+        crate::integrations::get_query,
+        crate::integrations::delete_query,
     ),
     modifiers(&BearerAuth, &ProblemResponses, &Limits)
 )]

@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod fake_stripe;
 mod faults;
+mod integrations;
 mod security;
 mod soak;
 mod stripe;

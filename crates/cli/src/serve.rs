@@ -37,6 +37,17 @@ pub struct ServeArgs {
     /// refused with 503 as on a full disk (reads go on). No limit by default.
     #[arg(long, env = "TALLY_MAX_LOG_BYTES", value_parser = clap::value_parser!(u64).range(65_536..))]
     max_log_bytes: Option<u64>,
+    /// The vault's key-encryption key: a file (mode 0600) holding 32 bytes
+    /// in base64. `TALLY_VAULT_KEY` gives the key itself instead. Without
+    /// either, integrations with credentials are refused (`--demo` makes
+    /// one in the data directory and says so).
+    #[arg(long)]
+    vault_key_file: Option<std::path::PathBuf>,
+    /// Private or loopback ranges integrations may reach, as CIDRs
+    /// (`127.0.0.1/32,10.0.0.0/8`); none by default. Plain http is allowed
+    /// to these ranges only.
+    #[arg(long, env = "TALLY_ALLOW_PRIVATE_TARGETS")]
+    allow_private_targets: Option<String>,
 }
 
 /// Tells the CLI where to ask for work only the owner of the projections
@@ -116,6 +127,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     }
     let mut app_state = AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone());
     app_state.stripe = stripe_settings()?;
+    app_state.integrations = integration_settings(&data_dir, &args)?;
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
@@ -201,6 +213,48 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     runner.stop();
     drop(ledger);
     Ok(())
+}
+
+/// The vault (when a key is given, or made for the demo) and the guard's
+/// allow-list. A vault that holds credentials but no key to open it: the
+/// start is refused, never served in clear or silently empty.
+fn integration_settings(data_dir: &DataDir, args: &ServeArgs) -> Result<tally_api::integrations::IntegrationSettings> {
+    use tally_integrations::vault::{Kek, Vault};
+    let vault_path = data_dir.root().join("vault.db");
+    let demo_key = data_dir.root().join("vault.key");
+    let kek = match (std::env::var("TALLY_VAULT_KEY").ok().filter(|key| !key.trim().is_empty()), &args.vault_key_file) {
+        (Some(key), _) => Some(Kek::from_base64(&key).context("TALLY_VAULT_KEY")?),
+        (None, Some(path)) => Some(Kek::from_file(path).context("--vault-key-file")?),
+        (None, None) if args.demo && demo_key.exists() => Some(Kek::from_file(&demo_key)?),
+        (None, None) if args.demo => {
+            let kek = Kek::generate_file(&demo_key)?;
+            tracing::warn!(path = %demo_key.display(), "demo: generated a vault key; keep it with the data directory, or credentials are lost");
+            Some(kek)
+        }
+        (None, None) => None,
+    };
+    let vault = match kek {
+        Some(kek) => Some(Arc::new(Vault::open(&vault_path, kek).context("cannot open the vault")?)),
+        None if vault_path.exists() => anyhow::bail!(
+            "{} holds credentials but no vault key was given: set TALLY_VAULT_KEY (32 bytes, base64) or pass --vault-key-file",
+            vault_path.display()
+        ),
+        None => {
+            tracing::info!(
+                "no vault key: integrations with credentials are refused (set TALLY_VAULT_KEY or --vault-key-file)"
+            );
+            None
+        }
+    };
+    let allowed = match &args.allow_private_targets {
+        Some(text) => tally_integrations::guard::Guard::parse_allow_list(text)
+            .map_err(|error| anyhow::anyhow!("--allow-private-targets: {error}"))?,
+        None => Vec::new(),
+    };
+    Ok(tally_api::integrations::IntegrationSettings {
+        vault,
+        guard: Arc::new(tally_integrations::guard::Guard::new(allowed)),
+    })
 }
 
 /// Stripe settings from the environment: the webhook secret and tolerance,

@@ -208,6 +208,32 @@ impl EventReader {
         rows::usage(&self.connection, stream_id, usage_id)
     }
 
+    /// The ids of the streams that begin with `prefix`, in order, at most
+    /// `limit`, after `after` (a range scan of the stream index). Streams
+    /// whose first event is not yet visible here are left out.
+    pub fn stream_ids_with_prefix(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        // Every stream id with the prefix sorts between the prefix and the
+        // prefix followed by the largest character.
+        let upper = format!("{prefix}{}", char::MAX);
+        let lower = after.unwrap_or(prefix);
+        let mut statement = self.connection.prepare_cached(
+            "SELECT stream_id FROM events WHERE stream_id > ?1 AND stream_id < ?2 AND version = 1
+               AND position <= ?3 ORDER BY stream_id LIMIT ?4",
+        )?;
+        let limit_position = i64::try_from(self.limit()).unwrap_or(i64::MAX);
+        let rows = statement.query_map(
+            rusqlite::params![lower, upper, limit_position, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |row| row.get::<_, String>(0),
+        )?;
+        let ids: Vec<String> = rows.collect::<Result<_, _>>()?;
+        Ok(ids.into_iter().filter(|id| id.starts_with(prefix)).collect())
+    }
+
     /// The member stream a Stripe customer is linked to.
     pub fn stripe_customer_stream(&self, customer_id: &str) -> Result<Option<String>, StoreError> {
         use rusqlite::OptionalExtension;

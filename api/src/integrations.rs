@@ -1,0 +1,587 @@
+//! Integration routes (DESIGN.md §9, issue 20 item 3): connect a source,
+//! change it, rotate its credential, remove it, and save its queries. The
+//! provider checks a config and a query (`tally-integrations`) before the
+//! ledger decides; a credential is sealed in the vault first, so that an
+//! event never names a secret that is not there, and shredded again if the
+//! ledger refuses. Secrets never leave the vault except to their source:
+//! answers show the credential's id, version, fingerprint and hint only.
+//!
+//! Member keys act on their own member's integrations; the admin key on
+//! anyone's. Another member's key gets `forbidden` and learns nothing.
+
+use crate::commands::{idempotency, member_path};
+use crate::error::{ApiError, Problem};
+use crate::{AppState, State, authenticate, body};
+use actix_web::web::{Bytes, Path};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, put};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use tally_integrations::guard::Guard;
+use tally_integrations::query::QuerySpec;
+use tally_integrations::vault::{Slot, Vault};
+use tally_ledger::domain::integration::{INTEGRATION_STREAM_PREFIX, short_identifier};
+use tally_ledger::domain::{CredentialRef, DomainError, IntegrationCommand, IntegrationState};
+use tally_ledger::service::Request;
+use utoipa::ToSchema;
+
+/// The credential id every integration's credential has: one at a time.
+const CREDENTIAL_ID: &str = "c1";
+/// Integrations listed per page.
+pub const INTEGRATIONS_PAGE_MAX: usize = 100;
+/// Fields of a credential, each a string.
+const CREDENTIAL_FIELDS_MAX: usize = 10;
+
+/// The integrations runtime of a server: the vault (absent without a key)
+/// and the guard that checks every target.
+#[derive(Clone)]
+pub struct IntegrationSettings {
+    pub vault: Option<Arc<Vault>>,
+    pub guard: Arc<Guard>,
+}
+
+impl Default for IntegrationSettings {
+    fn default() -> IntegrationSettings {
+        IntegrationSettings { vault: None, guard: Arc::new(Guard::default()) }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationBody {
+    /// `rest` or `graphql`.
+    pub provider: String,
+    pub name: String,
+    /// The provider's non-secret config (REST: `base_url`, `auth`, `headers`, `health_path`;
+    /// GraphQL: `endpoint`, `auth`, `headers`).
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// The secret fields the config's auth needs (`token`; `username` and `password`; `key`;
+    /// `client_id` and `client_secret`). Sealed in the vault; never shown again.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub credential: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialBody {
+    #[schema(value_type = Object)]
+    pub credential: Map<String, Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CredentialView {
+    pub id: String,
+    pub version: i64,
+    /// A keyed fingerprint: equal for equal secrets, useless to guess them.
+    pub fingerprint: String,
+    /// The last four characters of a secret of 16 or more, else absent.
+    pub hint: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LastTestView {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub ok: bool,
+    pub latency_ms: i64,
+    pub error_code: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IntegrationView {
+    /// `integration`.
+    pub object: &'static str,
+    pub member_id: String,
+    pub integration_id: String,
+    pub provider: String,
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// `untested`, `healthy`, `failing` or `disabled`.
+    pub status: &'static str,
+    pub credential: Option<CredentialView>,
+    pub last_test: Option<LastTestView>,
+    /// Saved query ids.
+    pub queries: Vec<String>,
+    /// The log position of this write (writes only).
+    pub position: Option<u64>,
+    /// True when this answer repeats a recorded one (same Idempotency-Key).
+    pub replayed: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IntegrationList {
+    pub integrations: Vec<IntegrationView>,
+    /// The last id of this page, when there may be more: pass as `cursor`.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueryView {
+    /// `query`.
+    pub object: &'static str,
+    pub integration_id: String,
+    pub query_id: String,
+    #[schema(value_type = Object)]
+    pub query: Value,
+    pub position: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueryList {
+    pub queries: Vec<QueryView>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// 1 to 100; default 100.
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn view(member_id: &str, integration_id: &str, state: &IntegrationState) -> IntegrationView {
+    IntegrationView {
+        object: "integration",
+        member_id: member_id.to_owned(),
+        integration_id: integration_id.to_owned(),
+        provider: state.provider.clone(),
+        name: state.name.clone(),
+        config: state.config.clone(),
+        status: state.status().as_str(),
+        credential: state.credential.as_ref().map(|credential| CredentialView {
+            id: credential.credential_id.clone(),
+            version: credential.version,
+            fingerprint: credential.fingerprint.clone(),
+            hint: credential.hint.clone(),
+        }),
+        last_test: state.last_test.as_ref().map(|test| LastTestView {
+            at: test.at,
+            ok: test.ok,
+            latency_ms: test.latency_ms,
+            error_code: test.error_code.clone(),
+        }),
+        queries: state.queries.keys().cloned().collect(),
+        position: None,
+        replayed: false,
+    }
+}
+
+/// The member and integration ids of the path, checked, and the caller
+/// allowed to act for the member.
+fn target(state: &AppState, request: &HttpRequest) -> Result<(crate::auth::Principal, String, String), ApiError> {
+    let principal = authenticate(state, request)?;
+    let member_id = member_path(request.match_info().get("member").unwrap_or_default())?;
+    principal.require_member(&member_id)?;
+    let integration_id = request.match_info().get("integration").unwrap_or_default().to_owned();
+    short_identifier("integration", &integration_id).map_err(ApiError::from)?;
+    Ok((principal, member_id, integration_id))
+}
+
+async fn load(state: &AppState, member_id: &str, integration_id: &str) -> Result<IntegrationState, ApiError> {
+    let ledger = state.ledger.clone();
+    let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
+    Ok(actix_web::web::block(move || ledger.integration_state(&member, &integration)).await??)
+}
+
+async fn live(state: &AppState, member_id: &str, integration_id: &str) -> Result<IntegrationState, ApiError> {
+    let current = load(state, member_id, integration_id).await?;
+    if !current.live {
+        return Err(DomainError::IntegrationNotFound {
+            member_id: member_id.to_owned(),
+            integration_id: integration_id.to_owned(),
+        }
+        .into());
+    }
+    Ok(current)
+}
+
+async fn execute(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    member_id: &str,
+    integration_id: &str,
+    command: IntegrationCommand,
+    idempotency: Option<tally_ledger::service::Idempotency>,
+) -> Result<tally_ledger::service::Executed, ApiError> {
+    let ledger = state.ledger.clone();
+    let mut ledger_request = Request::new(command, &principal.actor());
+    ledger_request.idempotency = idempotency;
+    let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
+    let executed =
+        actix_web::web::block(move || ledger.execute_integration(&member, &integration, ledger_request)).await??;
+    state.metrics.command("integration", executed.outcome.events.len());
+    Ok(executed)
+}
+
+/// A credential's fields: strings only, a few, bounded.
+fn credential_secret(fields: &Map<String, Value>) -> Result<SecretString, ApiError> {
+    if fields.len() > CREDENTIAL_FIELDS_MAX {
+        return Err(ApiError::validation("credential", format!("at most {CREDENTIAL_FIELDS_MAX} fields")));
+    }
+    if let Some((name, _)) = fields.iter().find(|(_, value)| !value.is_string()) {
+        return Err(ApiError::validation(format!("credential.{name}"), "must be a string"));
+    }
+    let text = serde_json::to_string(fields).expect("a JSON object serialises");
+    if text.len() > tally_integrations::vault::SECRET_BYTES_MAX {
+        return Err(ApiError::validation("credential", "is too large"));
+    }
+    Ok(SecretString::from(text))
+}
+
+/// The hint of a credential: of its secret field, never of a user name or
+/// client id.
+fn hint_of(fields: &Map<String, Value>) -> Option<String> {
+    ["token", "key", "password", "client_secret"]
+        .iter()
+        .find_map(|name| fields.get(*name).and_then(Value::as_str))
+        .and_then(tally_integrations::vault::hint)
+}
+
+fn vault(state: &AppState) -> Result<&Arc<Vault>, ApiError> {
+    state.integrations.vault.as_ref().ok_or_else(|| {
+        ApiError::validation(
+            "credential",
+            "this server has no vault key, so it stores no credential: the operator sets TALLY_VAULT_KEY \
+             (32 bytes, base64) or --vault-key-file and restarts",
+        )
+    })
+}
+
+/// Seals a new credential version unless the secret is the current one;
+/// returns the reference and the slot sealed now (to shred on a refusal).
+fn seal(
+    state: &AppState,
+    member_id: &str,
+    integration_id: &str,
+    current: &IntegrationState,
+    fields: &Map<String, Value>,
+) -> Result<(CredentialRef, Option<Slot>), ApiError> {
+    let vault = vault(state)?;
+    let secret = credential_secret(fields)?;
+    let fingerprint = vault.fingerprint(secret.expose_secret().as_bytes());
+    if let Some(credential) = current.credential.as_ref().filter(|credential| credential.fingerprint == fingerprint) {
+        return Ok((credential.clone(), None));
+    }
+    let slot = Slot {
+        member_id: member_id.to_owned(),
+        integration_id: integration_id.to_owned(),
+        credential_id: CREDENTIAL_ID.to_owned(),
+        version: current.last_credential_version + 1,
+    };
+    let sealed = vault.put(&slot, &secret).map_err(|error| ApiError::Internal(format!("vault: {error}")))?;
+    let credential = CredentialRef {
+        credential_id: sealed.credential_id,
+        version: sealed.version,
+        fingerprint: sealed.fingerprint,
+        hint: hint_of(fields),
+    };
+    Ok((credential, Some(slot)))
+}
+
+/// The current credential's fields, for checking a changed config against.
+fn stored_fields(
+    state: &AppState,
+    member_id: &str,
+    integration_id: &str,
+    current: &IntegrationState,
+) -> Result<Option<Map<String, Value>>, ApiError> {
+    let Some(credential) = &current.credential else { return Ok(None) };
+    let slot = Slot {
+        member_id: member_id.to_owned(),
+        integration_id: integration_id.to_owned(),
+        credential_id: credential.credential_id.clone(),
+        version: credential.version,
+    };
+    let secret = vault(state)?.get(&slot).map_err(|error| ApiError::Internal(format!("vault: {error}")))?;
+    match serde_json::from_str::<Value>(secret.expose_secret()) {
+        Ok(Value::Object(fields)) => Ok(Some(fields)),
+        _ => Err(ApiError::Internal("vault: a stored credential is not a JSON object".into())),
+    }
+}
+
+/// Runs a command that may have sealed a new credential version: shreds
+/// it again if the ledger refuses.
+async fn execute_sealed(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    member_id: &str,
+    integration_id: &str,
+    command: IntegrationCommand,
+    idempotency: Option<tally_ledger::service::Idempotency>,
+    sealed: Option<Slot>,
+) -> Result<tally_ledger::service::Executed, ApiError> {
+    let result = execute(state, principal, member_id, integration_id, command, idempotency).await;
+    if result.is_err()
+        && let (Some(slot), Some(vault)) = (sealed, state.integrations.vault.as_ref())
+        && let Err(error) = vault.shred_version(&slot)
+    {
+        tracing::error!(%error, member_id, integration_id, "a refused credential could not be shredded");
+    }
+    result
+}
+
+#[utoipa::path(put, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
+    request_body = IntegrationBody,
+    params(("member" = String, Path, description = "The member id"),
+        ("integration" = String, Path, description = "The integration id (at most 64 characters)")),
+    responses((status = 201, description = "Created", body = IntegrationView), (status = 200, description = "Changed", body = IntegrationView),
+        (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[put("/v1/members/{member}/integrations/{integration}")]
+pub async fn put_integration(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let idempotency = idempotency(&request, &principal, &member_id, "integrations.put", &bytes, 200, false)?;
+    let body: IntegrationBody = body::parse(&bytes)?;
+    let Some(provider) = tally_integrations::provider(&body.provider) else {
+        let known = tally_integrations::PROVIDERS.join(", ");
+        return Err(ApiError::validation("provider", format!("must be one of {known}")));
+    };
+    let current = load(&state, &member_id, &integration_id).await?;
+    let fields = match &body.credential {
+        Some(fields) => Some(fields.clone()),
+        None if current.live && current.provider == body.provider => {
+            stored_fields(&state, &member_id, &integration_id, &current)?
+        }
+        None => None,
+    };
+    provider.validate_config(&body.config, fields.as_ref(), &state.integrations.guard)?;
+    let (credential, sealed) = match &body.credential {
+        Some(fields) => {
+            let (credential, sealed) = seal(&state, &member_id, &integration_id, &current, fields)?;
+            (Some(credential), sealed)
+        }
+        None => (None, None),
+    };
+    let command = IntegrationCommand::Put { provider: body.provider, name: body.name, config: body.config, credential };
+    let executed =
+        execute_sealed(&state, &principal, &member_id, &integration_id, command, idempotency, sealed).await?;
+    let after = load(&state, &member_id, &integration_id).await?;
+    let mut answer = view(&member_id, &integration_id, &after);
+    answer.position = Some(executed.outcome.position);
+    answer.replayed = executed.replayed;
+    let created = !current.live
+        || executed.outcome.events.iter().any(|appended| appended.event["type"] == "IntegrationRegistered");
+    Ok(if created { HttpResponse::Created() } else { HttpResponse::Ok() }.json(answer))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/integrations/{integration}")]
+pub async fn get_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (_, member_id, integration_id) = target(&state, &request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    Ok(HttpResponse::Ok().json(view(&member_id, &integration_id, &current)))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/integrations", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ListQuery),
+    responses((status = 200, body = IntegrationList), (status = 403, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/integrations")]
+pub async fn list_integrations(
+    state: State,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authenticate(&state, &request)?;
+    let member_id = member_path(&path)?;
+    principal.require_member(&member_id)?;
+    let query: ListQuery = crate::admin::query(&request)?;
+    let limit = query.limit.unwrap_or(INTEGRATIONS_PAGE_MAX);
+    if !(1..=INTEGRATIONS_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::validation("limit", format!("must be 1 to {INTEGRATIONS_PAGE_MAX}")));
+    }
+    if let Some(cursor) = &query.cursor {
+        short_identifier("cursor", cursor).map_err(ApiError::from)?;
+    }
+    let ledger = state.ledger.clone();
+    let member = member_id.clone();
+    let cursor = query.cursor.clone();
+    let found = actix_web::web::block(move || -> Result<Vec<(String, IntegrationState)>, ApiError> {
+        let prefix = format!("{INTEGRATION_STREAM_PREFIX}{member}/");
+        let after = cursor.map(|cursor| format!("{prefix}{cursor}"));
+        let reader = ledger.reader()?;
+        let streams =
+            reader.stream_ids_with_prefix(&prefix, after.as_deref(), limit).map_err(tally_ledger::LedgerError::from)?;
+        let mut found = Vec::new();
+        for stream in streams {
+            let integration_id = stream[prefix.len()..].to_owned();
+            let current = ledger.integration_state(&member, &integration_id)?;
+            found.push((integration_id, current));
+        }
+        Ok(found)
+    })
+    .await??;
+    let next_cursor = (found.len() == limit).then(|| found.last().map(|(id, _)| id.clone())).flatten();
+    let integrations = found
+        .iter()
+        .filter(|(_, current)| current.live)
+        .map(|(integration_id, current)| view(&member_id, integration_id, current))
+        .collect();
+    Ok(HttpResponse::Ok().json(IntegrationList { integrations, next_cursor }))
+}
+
+#[utoipa::path(delete, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[delete("/v1/members/{member}/integrations/{integration}")]
+pub async fn delete_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let executed = execute(&state, &principal, &member_id, &integration_id, IntegrationCommand::Remove, None).await?;
+    // Crypto-shredding: the log's fingerprints now point at nothing.
+    if let Some(vault) = &state.integrations.vault {
+        vault
+            .shred_integration(&member_id, &integration_id)
+            .map_err(|error| ApiError::Internal(format!("vault: {error}")))?;
+    }
+    let mut answer = view(&member_id, &integration_id, &current);
+    answer.status = "removed";
+    answer.credential = None;
+    answer.position = Some(executed.outcome.position);
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/credential", tag = "integrations",
+    request_body = CredentialBody,
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/credential")]
+pub async fn rotate_credential(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let idempotency = idempotency(&request, &principal, &member_id, "integrations.credential", &bytes, 200, false)?;
+    let body: CredentialBody = body::parse(&bytes)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let provider = tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    provider.validate_config(&current.config, Some(&body.credential), &state.integrations.guard)?;
+    let (credential, sealed) = seal(&state, &member_id, &integration_id, &current, &body.credential)?;
+    let executed = match sealed {
+        Some(_) => {
+            let command = IntegrationCommand::RotateCredential { credential };
+            Some(execute_sealed(&state, &principal, &member_id, &integration_id, command, idempotency, sealed).await?)
+        }
+        // The same secret again: nothing to rotate.
+        None => None,
+    };
+    let after = load(&state, &member_id, &integration_id).await?;
+    let mut answer = view(&member_id, &integration_id, &after);
+    answer.position = executed.as_ref().map(|executed| executed.outcome.position);
+    answer.replayed = executed.is_some_and(|executed| executed.replayed);
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+fn query_target(request: &HttpRequest) -> Result<String, ApiError> {
+    let query_id = request.match_info().get("query").unwrap_or_default().to_owned();
+    short_identifier("query", &query_id).map_err(ApiError::from)?;
+    Ok(query_id)
+}
+
+#[utoipa::path(put, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
+    request_body(content = Object, description = "The query: kind, request or graphql, params, rows_pointer, cache_ttl_s, credits_base, credits_per_1k_rows, cache_hit_credits, max_rows, timeout_ms"),
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
+        ("query" = String, Path, description = "The query id (at most 64 characters)")),
+    responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[put("/v1/members/{member}/integrations/{integration}/queries/{query}")]
+pub async fn put_query(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let query_id = query_target(&request)?;
+    let idempotency = idempotency(&request, &principal, &member_id, "integrations.query.put", &bytes, 200, false)?;
+    let spec: QuerySpec = body::parse(&bytes)?;
+    spec.validate(
+        tally_integrations::provider::MAX_ROWS_MAX as u64,
+        tally_integrations::provider::TIMEOUT_MAX.as_millis() as u64,
+    )
+    .map_err(|error| ApiError::Validation { field: error.field, message: error.message })?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let provider = tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    provider.validate_query(&current.config, &spec)?;
+    let spec_json = serde_json::to_value(&spec).expect("a query serialises");
+    let command = IntegrationCommand::SaveQuery { query_id: query_id.clone(), spec: spec_json.clone() };
+    let executed = execute(&state, &principal, &member_id, &integration_id, command, idempotency).await?;
+    Ok(HttpResponse::Ok().json(QueryView {
+        object: "query",
+        integration_id,
+        query_id,
+        query: spec_json,
+        position: Some(executed.outcome.position),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}/queries", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    responses((status = 200, body = QueryList), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/integrations/{integration}/queries")]
+pub async fn list_queries(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (_, member_id, integration_id) = target(&state, &request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let queries = current
+        .queries
+        .iter()
+        .map(|(query_id, spec)| QueryView {
+            object: "query",
+            integration_id: integration_id.clone(),
+            query_id: query_id.clone(),
+            query: spec.clone(),
+            position: None,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(QueryList { queries }))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
+        ("query" = String, Path, description = "The query id")),
+    responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[get("/v1/members/{member}/integrations/{integration}/queries/{query}")]
+pub async fn get_query(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (_, member_id, integration_id) = target(&state, &request)?;
+    let query_id = query_target(&request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let Some(spec) = current.queries.get(&query_id) else {
+        return Err(DomainError::QueryNotFound { integration_id, query_id }.into());
+    };
+    Ok(HttpResponse::Ok().json(QueryView {
+        object: "query",
+        integration_id,
+        query_id,
+        query: spec.clone(),
+        position: None,
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
+    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
+        ("query" = String, Path, description = "The query id")),
+    responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[delete("/v1/members/{member}/integrations/{integration}/queries/{query}")]
+pub async fn delete_query(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let query_id = query_target(&request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let spec = current.queries.get(&query_id).cloned().unwrap_or(Value::Null);
+    let command = IntegrationCommand::RemoveQuery { query_id: query_id.clone() };
+    let executed = execute(&state, &principal, &member_id, &integration_id, command, None).await?;
+    Ok(HttpResponse::Ok().json(QueryView {
+        object: "query",
+        integration_id,
+        query_id,
+        query: spec,
+        position: Some(executed.outcome.position),
+    }))
+}

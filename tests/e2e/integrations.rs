@@ -1,0 +1,217 @@
+//! Integrations through the real server: connect a source, change it,
+//! rotate its credential, save queries, remove it; bad input refused with
+//! its field and nothing written; another member's key refused; and the
+//! secret never in an answer, the event feed or any file of the data
+//! directory.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// 32 bytes of 7, in base64: a test key.
+const VAULT_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+const TOKEN: &str = "tok_live_7f3a9c2e51d04b8a";
+const OTHER_TOKEN: &str = "tok_live_b2d94e7a10c35f66";
+
+fn server() -> Server {
+    Server::start_with_env(
+        TempDir::new().unwrap(),
+        &["--allow-private-targets", "127.0.0.1/32"],
+        &[("TALLY_VAULT_KEY", VAULT_KEY)],
+    )
+}
+
+fn weather(token: &str) -> Value {
+    json!({"provider": "rest", "name": "Weather",
+        "config": {"base_url": "https://api.example.com", "auth": {"type": "bearer"}},
+        "credential": {"token": token}})
+}
+
+fn call(server: &Server, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut request = server.client.request(method.parse().unwrap(), server.url(path)).bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    assert!(!text.contains(TOKEN) && !text.contains(OTHER_TOKEN), "a secret in an answer: {text}");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[test]
+fn an_integration_is_connected_changed_rotated_given_queries_and_removed() {
+    let server = server();
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let path = "/v1/members/acme/integrations/weather";
+    let (status, created) = call(&server, "PUT", path, ADMIN_KEY, Some(&weather(TOKEN)));
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        (&created["object"], &created["status"], &created["provider"]),
+        (&json!("integration"), &json!("untested"), &json!("rest"))
+    );
+    assert_eq!((&created["credential"]["version"], &created["credential"]["hint"]), (&json!(1), &json!("…4b8a")));
+    // Sent again: nothing changes. A new token: version 2.
+    let (status, same) = call(&server, "PUT", path, ADMIN_KEY, Some(&weather(TOKEN)));
+    assert_eq!((status, &same["credential"]["version"]), (200, &json!(1)), "{same}");
+    let (_, rotated) = call(
+        &server,
+        "POST",
+        &format!("{path}/credential"),
+        ADMIN_KEY,
+        Some(&json!({"credential": {"token": OTHER_TOKEN}})),
+    );
+    assert_eq!(rotated["credential"]["version"], 2, "{rotated}");
+    assert_ne!(rotated["credential"]["fingerprint"], created["credential"]["fingerprint"]);
+    // A config change without the credential keeps it.
+    let mut renamed = weather(OTHER_TOKEN);
+    renamed["name"] = json!("Weather (EU)");
+    renamed.as_object_mut().unwrap().remove("credential");
+    let (status, changed) = call(&server, "PUT", path, ADMIN_KEY, Some(&renamed));
+    assert_eq!(
+        (status, &changed["name"], &changed["credential"]["version"]),
+        (200, &json!("Weather (EU)"), &json!(2)),
+        "{changed}"
+    );
+
+    let query = json!({"kind": "request", "request": {"method": "GET", "path": "/forecast/{{city}}"},
+        "params": {"city": {"type": "string"}}, "rows_pointer": "/items", "cache_ttl_s": 60,
+        "credits_base": 5, "credits_per_1k_rows": 1, "max_rows": 1000});
+    let (status, saved) = call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&query));
+    assert_eq!((status, &saved["query_id"]), (200, &json!("forecast")), "{saved}");
+    let (_, listed) = call(&server, "GET", &format!("{path}/queries"), ADMIN_KEY, None);
+    assert_eq!(listed["queries"][0]["query"]["credits_base"], 5);
+    let (_, one) = call(&server, "GET", path, ADMIN_KEY, None);
+    assert_eq!(one["queries"], json!(["forecast"]));
+    let (_, all) = call(&server, "GET", "/v1/members/acme/integrations", ADMIN_KEY, None);
+    assert_eq!(all["integrations"].as_array().map(Vec::len), Some(1), "{all}");
+    assert_eq!(call(&server, "DELETE", &format!("{path}/queries/forecast"), ADMIN_KEY, None).0, 200);
+    assert_eq!(call(&server, "GET", &format!("{path}/queries/forecast"), ADMIN_KEY, None).0, 404);
+
+    let (status, removed) = call(&server, "DELETE", path, ADMIN_KEY, None);
+    assert_eq!((status, &removed["status"]), (200, &json!("removed")));
+    assert_eq!(call(&server, "GET", path, ADMIN_KEY, None).0, 404);
+    let (_, all) = call(&server, "GET", "/v1/members/acme/integrations", ADMIN_KEY, None);
+    assert_eq!(all["integrations"], json!([]));
+
+    // No secret in the event feed or in any file of the data directory.
+    let (_, feed) = call(&server, "GET", "/v1/events?after=0&limit=1000", ADMIN_KEY, None);
+    assert!(
+        feed["events"].as_array().unwrap().iter().any(|event| event["event_type"] == "IntegrationCredentialRotated")
+    );
+    let dir = server.data_dir.path().to_owned();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            for secret in [TOKEN, OTHER_TOKEN] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|window| window == secret.as_bytes()),
+                    "{secret} in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_integrations_and_queries_are_refused_with_their_field_and_other_members_get_nothing() {
+    let server = server();
+    for member in ["acme", "globex"] {
+        assert_eq!(server.put(&format!("/v1/members/{member}"), ADMIN_KEY, &json!({})).status(), 200);
+    }
+    let path = "/v1/members/acme/integrations/weather";
+    let head = server.head_position();
+    for (body, field, code) in [
+        (json!({"provider": "ftp", "name": "x", "config": {}}), "provider", "validation_failed"),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "https://u:p@api.example.com"}}),
+            "config.base_url",
+            "validation_failed",
+        ),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "ftp://api.example.com"}}),
+            "config.base_url",
+            "validation_failed",
+        ),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "https://api.example.com", "surprise": 1}}),
+            "config",
+            "validation_failed",
+        ),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "https://api.example.com", "auth": {"type": "bearer"}}}),
+            "credential",
+            "validation_failed",
+        ),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "https://api.example.com"}, "credential": {"token": "t"}}),
+            "credential",
+            "validation_failed",
+        ),
+        (
+            json!({"provider": "rest", "name": "x", "config": {"base_url": "https://api.example.com", "auth": {"type": "bearer"}}, "credential": {"token": 7}}),
+            "credential.token",
+            "validation_failed",
+        ),
+    ] {
+        let (status, problem) = call(&server, "PUT", path, ADMIN_KEY, Some(&body));
+        assert_eq!(
+            (status, problem["code"].as_str(), problem["field"].as_str()),
+            (422, Some(code), Some(field)),
+            "{body}: {problem}"
+        );
+    }
+    let (status, problem) = call(
+        &server,
+        "PUT",
+        path,
+        ADMIN_KEY,
+        Some(&json!({"provider": "rest", "name": "x", "config": {"base_url": "https://10.0.0.7/"}})),
+    );
+    assert_eq!((status, problem["code"].as_str()), (422, Some("target_forbidden")), "{problem}");
+    let (status, _) = call(&server, "PUT", "/v1/members/nobody/integrations/weather", ADMIN_KEY, Some(&weather(TOKEN)));
+    assert_eq!(status, 404, "no such member");
+    assert_eq!(server.head_position(), head, "refusals write nothing");
+
+    assert_eq!(call(&server, "PUT", path, ADMIN_KEY, Some(&weather(TOKEN))).0, 201);
+    let bad_query =
+        json!({"kind": "request", "request": {"path": "/forecast/{{city}}"}, "params": {"town": {"type": "string"}}});
+    let (status, problem) = call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&bad_query));
+    assert_eq!((status, problem["field"].as_str()), (422, Some("request.path")), "{problem}");
+    let wrong_kind = json!({"kind": "graphql", "graphql": {"query": "{ a }"}});
+    assert_eq!(
+        call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&wrong_kind)).1["field"],
+        "kind"
+    );
+
+    // Another member's key: forbidden on every route, and nothing learned.
+    let (_, key) = server.admin_post("/v1/members/globex/api-keys", json!({}));
+    let globex = key["secret"].as_str().unwrap().to_owned();
+    for (method, route) in [
+        ("GET", path.to_owned()),
+        ("PUT", path.to_owned()),
+        ("DELETE", path.to_owned()),
+        ("GET", "/v1/members/acme/integrations".to_owned()),
+        ("POST", format!("{path}/credential")),
+        ("GET", format!("{path}/queries")),
+        ("PUT", format!("{path}/queries/forecast")),
+    ] {
+        let (status, problem) = call(&server, method, &route, &globex, Some(&weather(OTHER_TOKEN)));
+        assert_eq!((status, problem["code"].as_str()), (403, Some("forbidden")), "{method} {route}");
+    }
+}
+
+#[test]
+fn without_a_vault_key_a_credential_is_refused_with_how_to_set_one() {
+    let server = Server::start(&[]);
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let (status, problem) =
+        call(&server, "PUT", "/v1/members/acme/integrations/weather", ADMIN_KEY, Some(&weather(TOKEN)));
+    assert_eq!((status, problem["field"].as_str()), (422, Some("credential")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("TALLY_VAULT_KEY"), "{problem}");
+    // Without a credential, an integration needs no vault.
+    let open = json!({"provider": "rest", "name": "Open data", "config": {"base_url": "https://api.example.com"}});
+    assert_eq!(call(&server, "PUT", "/v1/members/acme/integrations/open", ADMIN_KEY, Some(&open)).0, 201);
+}
