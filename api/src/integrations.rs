@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use tally_integrations::guard::Guard;
+use tally_integrations::http::GuardedHttp;
 use tally_integrations::query::QuerySpec;
 use tally_integrations::vault::{Slot, Vault};
 use tally_ledger::domain::integration::{INTEGRATION_STREAM_PREFIX, short_identifier};
@@ -33,17 +34,19 @@ pub const INTEGRATIONS_PAGE_MAX: usize = 100;
 /// Fields of a credential, each a string.
 const CREDENTIAL_FIELDS_MAX: usize = 10;
 
-/// The integrations runtime of a server: the vault (absent without a key)
-/// and the guard that checks every target.
+/// The integrations runtime of a server: the vault (absent without a key),
+/// the guard that checks configs, and the HTTP client whose own guard
+/// (the same allow-list, perhaps allow-list only) checks every call.
 #[derive(Clone)]
 pub struct IntegrationSettings {
     pub vault: Option<Arc<Vault>>,
     pub guard: Arc<Guard>,
+    pub http: GuardedHttp,
 }
 
 impl Default for IntegrationSettings {
     fn default() -> IntegrationSettings {
-        IntegrationSettings { vault: None, guard: Arc::new(Guard::default()) }
+        IntegrationSettings { vault: None, guard: Arc::new(Guard::default()), http: GuardedHttp::new(Guard::default()) }
     }
 }
 
@@ -132,6 +135,30 @@ pub struct QueryView {
 #[derive(Serialize, ToSchema)]
 pub struct QueryList {
     pub queries: Vec<QueryView>,
+}
+
+/// The path of an integration's routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct IntegrationPath {
+    /// The member id.
+    member: String,
+    /// The integration id (at most 64 characters).
+    integration: String,
+}
+
+/// The path of a saved query's routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct QueryPath {
+    /// The member id.
+    member: String,
+    /// The integration id (at most 64 characters).
+    integration: String,
+    /// The query id (at most 64 characters).
+    query: String,
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -328,8 +355,7 @@ async fn execute_sealed(
 
 #[utoipa::path(put, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
     request_body = IntegrationBody,
-    params(("member" = String, Path, description = "The member id"),
-        ("integration" = String, Path, description = "The integration id (at most 64 characters)")),
+    params(IntegrationPath),
     responses((status = 201, description = "Created", body = IntegrationView), (status = 200, description = "Changed", body = IntegrationView),
         (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
@@ -371,7 +397,7 @@ pub async fn put_integration(state: State, request: HttpRequest, bytes: Bytes) -
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    params(IntegrationPath),
     responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 #[get("/v1/members/{member}/integrations/{integration}")]
@@ -430,7 +456,7 @@ pub async fn list_integrations(
 }
 
 #[utoipa::path(delete, path = "/v1/members/{member}/integrations/{integration}", tag = "integrations",
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    params(IntegrationPath),
     responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 #[delete("/v1/members/{member}/integrations/{integration}")]
@@ -453,7 +479,7 @@ pub async fn delete_integration(state: State, request: HttpRequest) -> Result<Ht
 
 #[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/credential", tag = "integrations",
     request_body = CredentialBody,
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    params(IntegrationPath),
     responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/integrations/{integration}/credential")]
@@ -481,6 +507,83 @@ pub async fn rotate_credential(state: State, request: HttpRequest, bytes: Bytes)
     Ok(HttpResponse::Ok().json(answer))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct TestView {
+    /// `integration_test`.
+    pub object: &'static str,
+    pub integration_id: String,
+    pub ok: bool,
+    pub latency_ms: i64,
+    /// The problem code of a failed probe (`integration_auth_failed`, …).
+    pub error_code: Option<String>,
+    /// What went wrong, with no secret in it.
+    pub message: Option<String>,
+    /// The integration's status after this test.
+    pub status: &'static str,
+    pub position: Option<u64>,
+}
+
+/// The cheapest call that proves the source answers with this credential
+/// (REST: the `health_path`, or HEAD of the base; GraphQL: `{ __typename }`),
+/// recorded as `IntegrationTested`. Failures are answers, not errors: a
+/// source that is down is what a test is for.
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/test", tag = "integrations",
+    params(IntegrationPath),
+    responses((status = 200, body = TestView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/test")]
+pub async fn test_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let provider = tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let credential = match &current.credential {
+        Some(credential) => {
+            let slot = Slot {
+                member_id: member_id.clone(),
+                integration_id: integration_id.clone(),
+                credential_id: credential.credential_id.clone(),
+                version: credential.version,
+            };
+            Some(vault(&state)?.get(&slot).map_err(|error| ApiError::Internal(format!("vault: {error}")))?)
+        }
+        None => None,
+    };
+    let version = current.credential.as_ref().map_or(0, |credential| credential.version);
+    let call = tally_integrations::Call {
+        config: &current.config,
+        credential: credential.as_ref(),
+        credential_key: format!("{member_id}/{integration_id}/{version}"),
+        limits: tally_integrations::Limits::default(),
+        http: &state.integrations.http,
+    };
+    let started = std::time::Instant::now();
+    let outcome = provider.probe(&call).await;
+    let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let (ok, error_code, message) = match &outcome {
+        Ok(()) => (true, None, None),
+        Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string())),
+    };
+    let command = IntegrationCommand::RecordTest {
+        ok,
+        latency_ms,
+        error_code: error_code.clone(),
+        source: tally_ledger::domain::TestSource::Probe,
+    };
+    let executed = execute(&state, &principal, &member_id, &integration_id, command, None).await?;
+    let after = load(&state, &member_id, &integration_id).await?;
+    Ok(HttpResponse::Ok().json(TestView {
+        object: "integration_test",
+        integration_id,
+        ok,
+        latency_ms,
+        error_code,
+        message,
+        status: after.status().as_str(),
+        position: Some(executed.outcome.position),
+    }))
+}
+
 fn query_target(request: &HttpRequest) -> Result<String, ApiError> {
     let query_id = request.match_info().get("query").unwrap_or_default().to_owned();
     short_identifier("query", &query_id).map_err(ApiError::from)?;
@@ -489,8 +592,7 @@ fn query_target(request: &HttpRequest) -> Result<String, ApiError> {
 
 #[utoipa::path(put, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
     request_body(content = Object, description = "The query: kind, request or graphql, params, rows_pointer, cache_ttl_s, credits_base, credits_per_1k_rows, cache_hit_credits, max_rows, timeout_ms"),
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
-        ("query" = String, Path, description = "The query id (at most 64 characters)")),
+    params(QueryPath),
     responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
 #[put("/v1/members/{member}/integrations/{integration}/queries/{query}")]
@@ -521,7 +623,7 @@ pub async fn put_query(state: State, request: HttpRequest, bytes: Bytes) -> Resu
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}/queries", tag = "integrations",
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id")),
+    params(IntegrationPath),
     responses((status = 200, body = QueryList), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 #[get("/v1/members/{member}/integrations/{integration}/queries")]
@@ -543,8 +645,7 @@ pub async fn list_queries(state: State, request: HttpRequest) -> Result<HttpResp
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
-        ("query" = String, Path, description = "The query id")),
+    params(QueryPath),
     responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 #[get("/v1/members/{member}/integrations/{integration}/queries/{query}")]
@@ -565,8 +666,7 @@ pub async fn get_query(state: State, request: HttpRequest) -> Result<HttpRespons
 }
 
 #[utoipa::path(delete, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
-    params(("member" = String, Path, description = "The member id"), ("integration" = String, Path, description = "The integration id"),
-        ("query" = String, Path, description = "The query id")),
+    params(QueryPath),
     responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 #[delete("/v1/members/{member}/integrations/{integration}/queries/{query}")]

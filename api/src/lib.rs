@@ -182,6 +182,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(integrations::get_integration)
         .service(integrations::delete_integration)
         .service(integrations::rotate_credential)
+        .service(integrations::test_integration)
         .service(integrations::list_queries)
         .service(integrations::put_query)
         .service(integrations::get_query)

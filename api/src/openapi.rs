@@ -336,6 +336,7 @@ impl Modify for Limits {
         crate::integrations::get_integration,
         crate::integrations::delete_integration,
         crate::integrations::rotate_credential,
+        crate::integrations::test_integration,
         crate::integrations::list_queries,
         crate::integrations::put_query,
         crate::integrations::get_query,

@@ -195,6 +195,7 @@ fn bad_integrations_and_queries_are_refused_with_their_field_and_other_members_g
         ("DELETE", path.to_owned()),
         ("GET", "/v1/members/acme/integrations".to_owned()),
         ("POST", format!("{path}/credential")),
+        ("POST", format!("{path}/test")),
         ("GET", format!("{path}/queries")),
         ("PUT", format!("{path}/queries/forecast")),
     ] {
@@ -214,4 +215,79 @@ fn without_a_vault_key_a_credential_is_refused_with_how_to_set_one() {
     // Without a credential, an integration needs no vault.
     let open = json!({"provider": "rest", "name": "Open data", "config": {"base_url": "https://api.example.com"}});
     assert_eq!(call(&server, "PUT", "/v1/members/acme/integrations/open", ADMIN_KEY, Some(&open)).0, 201);
+}
+
+/// `POST …/test` probes the source: healthy on a 200, the credential's
+/// refusal named on a 401, `failing` after three failures in a row, and a
+/// name that resolves to a loopback address off the allow-list refused
+/// before any connection (the upstream counts none).
+#[test]
+fn a_test_probes_the_source_and_three_failures_make_it_failing() {
+    let upstream = crate::upstream::Upstream::start(TOKEN);
+    let server = Server::start_with_env(
+        TempDir::new().unwrap(),
+        &["--allow-private-targets", "127.0.0.1/32"],
+        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list")],
+    );
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let path = "/v1/members/acme/integrations/local";
+    let body = |token: &str| {
+        json!({"provider": "rest", "name": "Local",
+            "config": {"base_url": format!("http://127.0.0.1:{}", upstream.port), "auth": {"type": "bearer"}, "health_path": "/health"},
+            "credential": {"token": token}})
+    };
+    assert_eq!(call(&server, "PUT", path, ADMIN_KEY, Some(&body(TOKEN))).0, 201);
+    let (status, tested) = call(&server, "POST", &format!("{path}/test"), ADMIN_KEY, None);
+    assert_eq!((status, &tested["ok"], &tested["status"]), (200, &json!(true), &json!("healthy")), "{tested}");
+    assert_eq!(call(&server, "GET", path, ADMIN_KEY, None).1["last_test"]["ok"], true);
+
+    // A wrong token: the source's refusal, by its code.
+    call(
+        &server,
+        "POST",
+        &format!("{path}/credential"),
+        ADMIN_KEY,
+        Some(&json!({"credential": {"token": OTHER_TOKEN}})),
+    );
+    let (_, refused) = call(&server, "POST", &format!("{path}/test"), ADMIN_KEY, None);
+    assert_eq!(
+        (&refused["ok"], &refused["error_code"]),
+        (&json!(false), &json!("integration_auth_failed")),
+        "{refused}"
+    );
+
+    // Down: three failures in a row make it failing; one success heals it.
+    call(&server, "POST", &format!("{path}/credential"), ADMIN_KEY, Some(&json!({"credential": {"token": TOKEN}})));
+    upstream.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses: Vec<Value> =
+        (0..3).map(|_| call(&server, "POST", &format!("{path}/test"), ADMIN_KEY, None).1["status"].clone()).collect();
+    assert_eq!(statuses, [json!("untested"), json!("untested"), json!("failing")]);
+    upstream.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(call(&server, "POST", &format!("{path}/test"), ADMIN_KEY, None).1["status"], "healthy");
+
+    // A name is never looked up on an allow-list-only server.
+    let seen = upstream.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let named = json!({"provider": "rest", "name": "Named",
+        "config": {"base_url": format!("https://localhost:{}", upstream.port), "health_path": "/health"}});
+    assert_eq!(call(&server, "PUT", "/v1/members/acme/integrations/named", ADMIN_KEY, Some(&named)).0, 201);
+    let (_, refused) = call(&server, "POST", "/v1/members/acme/integrations/named/test", ADMIN_KEY, None);
+    assert_eq!(refused["error_code"], "target_forbidden", "{refused}");
+    assert_eq!(upstream.requests.load(std::sync::atomic::Ordering::SeqCst), seen, "nothing reached the upstream");
+}
+
+/// On a server that reaches public addresses, a name that resolves to a
+/// loopback address the allow-list leaves out is refused after the lookup
+/// (from /etc/hosts) and before any connection.
+#[test]
+fn a_name_resolving_to_a_forbidden_address_is_refused_before_connecting() {
+    let upstream = crate::upstream::Upstream::start(TOKEN);
+    let server = Server::start_with_env(TempDir::new().unwrap(), &[], &[("TALLY_VAULT_KEY", VAULT_KEY)]);
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let named = json!({"provider": "rest", "name": "Named",
+        "config": {"base_url": format!("https://localhost:{}", upstream.port), "health_path": "/health"}});
+    assert_eq!(call(&server, "PUT", "/v1/members/acme/integrations/named", ADMIN_KEY, Some(&named)).0, 201);
+    let (_, refused) = call(&server, "POST", "/v1/members/acme/integrations/named/test", ADMIN_KEY, None);
+    assert_eq!((&refused["ok"], &refused["error_code"]), (&json!(false), &json!("target_forbidden")), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("loopback"), "{refused}");
+    assert_eq!(upstream.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the upstream");
 }

@@ -12,3 +12,4 @@ mod security;
 mod soak;
 mod stripe;
 mod support;
+mod upstream;

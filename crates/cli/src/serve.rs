@@ -48,6 +48,17 @@ pub struct ServeArgs {
     /// to these ranges only.
     #[arg(long, env = "TALLY_ALLOW_PRIVATE_TARGETS")]
     allow_private_targets: Option<String>,
+    /// What integrations may reach: `public` addresses (and the allow-list),
+    /// or the `allow-list` only, looking up no name (for test and CI
+    /// servers that must send nothing past their own machine).
+    #[arg(long, env = "TALLY_OUTBOUND", value_enum, default_value = "public")]
+    outbound: Outbound,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Outbound {
+    Public,
+    AllowList,
 }
 
 /// Tells the CLI where to ask for work only the owner of the projections
@@ -251,9 +262,15 @@ fn integration_settings(data_dir: &DataDir, args: &ServeArgs) -> Result<tally_ap
             .map_err(|error| anyhow::anyhow!("--allow-private-targets: {error}"))?,
         None => Vec::new(),
     };
+    use tally_integrations::guard::Guard;
+    let outbound = match args.outbound {
+        Outbound::Public => Guard::new(allowed.clone()),
+        Outbound::AllowList => Guard::allow_list_only(allowed.clone()),
+    };
     Ok(tally_api::integrations::IntegrationSettings {
         vault,
-        guard: Arc::new(tally_integrations::guard::Guard::new(allowed)),
+        guard: Arc::new(Guard::new(allowed)),
+        http: tally_integrations::http::GuardedHttp::new(outbound),
     })
 }
 

@@ -138,6 +138,10 @@ pub enum GuardError {
     Forbidden { host: String, address: IpAddr, range: Range },
     #[error("`{0}` did not resolve to any address")]
     Unresolved(String),
+    #[error(
+        "this server reaches only the addresses its operator allow-listed (TALLY_OUTBOUND=allow-list), and `{0}` is not one"
+    )]
+    OutsideAllowList(String),
 }
 
 impl GuardError {
@@ -153,11 +157,21 @@ impl GuardError {
 #[derive(Clone, Debug, Default)]
 pub struct Guard {
     allowed: Vec<IpNet>,
+    /// Reach allow-listed literal addresses only: no name is looked up.
+    /// For test and CI servers, which must never send a packet (not even a
+    /// DNS query) past loopback whatever a client asks.
+    allowed_only: bool,
 }
 
 impl Guard {
     pub fn new(allowed: Vec<IpNet>) -> Guard {
-        Guard { allowed }
+        Guard { allowed, allowed_only: false }
+    }
+
+    /// Only the allow-list: names and every other address are refused
+    /// before any lookup or connection.
+    pub fn allow_list_only(allowed: Vec<IpNet>) -> Guard {
+        Guard { allowed, allowed_only: true }
     }
 
     /// Parses `127.0.0.0/8,::1/128` (an address alone is one host).
@@ -213,8 +227,13 @@ impl Guard {
             "http" if literal.is_some_and(|ip| self.allows(ip)) => {}
             other => return Err(GuardError::Scheme(other.to_owned())),
         }
-        if let Some(ip) = literal {
-            self.permits(&host.to_string(), ip)?;
+        match literal {
+            Some(ip) if self.allowed_only && !self.allows(ip) => {
+                return Err(GuardError::OutsideAllowList(host.to_string()));
+            }
+            Some(ip) => self.permits(&host.to_string(), ip)?,
+            None if self.allowed_only => return Err(GuardError::OutsideAllowList(host.to_string())),
+            None => {}
         }
         Ok(url)
     }
@@ -223,6 +242,9 @@ impl Guard {
     /// address is forbidden (a name that points at both a public and a
     /// private address is refused, not half-trusted).
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+        if self.allowed_only {
+            return Err(GuardError::OutsideAllowList(host.to_owned()));
+        }
         let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await;
         let addresses: Vec<SocketAddr> = match lookup {
             Ok(Ok(addresses)) => addresses.collect(),
@@ -350,6 +372,16 @@ mod tests {
         assert!(matches!(guard.check_url("https://10.0.0.1/").unwrap_err(), GuardError::Forbidden { .. }));
         assert!(Guard::parse_allow_list("127.0.0.0/33").is_err());
         assert!(Guard::parse_allow_list("nonsense").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_allow_list_only_guard_looks_up_no_name_and_reaches_no_other_address() {
+        let guard = Guard::allow_list_only(Guard::parse_allow_list("127.0.0.1/32").unwrap());
+        assert!(guard.check_url("http://127.0.0.1:9/x").is_ok());
+        for url in ["https://example.com/", "https://localhost/", "https://127.0.0.2/"] {
+            assert!(matches!(guard.check_url(url).unwrap_err(), GuardError::OutsideAllowList(_)), "{url}");
+        }
+        assert!(matches!(guard.resolve("localhost", 80).await.unwrap_err(), GuardError::OutsideAllowList(_)));
     }
 
     #[tokio::test]

@@ -1,0 +1,56 @@
+//! A small JSON upstream on 127.0.0.1 for the integration tests: the only
+//! source the server under test may reach. `GET /health` answers 200 to the
+//! right bearer token and 401 to any other; `down` makes every answer 503.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+pub struct Upstream {
+    pub port: u16,
+    pub down: Arc<AtomicBool>,
+    pub requests: Arc<AtomicU32>,
+}
+
+impl Upstream {
+    pub fn start(token: &'static str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU32::new(0));
+        let (is_down, counted) = (down.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if line.to_ascii_lowercase().starts_with("authorization:") {
+                        authorized = line.trim_end().ends_with(&format!("Bearer {token}"));
+                    }
+                }
+                let (status, body) = if is_down.load(Ordering::SeqCst) {
+                    ("503 Service Unavailable", "{\"error\":\"down\"}")
+                } else if !authorized {
+                    ("401 Unauthorized", "{\"error\":\"bad token\"}")
+                } else {
+                    ("200 OK", "{\"ok\":true}")
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut writer = stream;
+                let _ = writer.write_all(answer.as_bytes());
+            }
+        });
+        Upstream { port, down, requests }
+    }
+}
