@@ -567,6 +567,9 @@ fn settle_command(body: SettleBody, reservation_id: &str) -> Result<MemberComman
                 status,
                 duration_ms: query.duration_ms,
                 rows: query.rows,
+                bytes: 0,
+                cache_hit: false,
+                error_code: None,
             })
         })
         .transpose()?;

@@ -97,6 +97,12 @@ pub enum ApiError {
     /// `integration_*`), from `tally-integrations`.
     #[error("{0}")]
     Integration(tally_integrations::ProviderError),
+    /// 409 `integration_disabled`: a disabled integration runs nothing.
+    #[error("{0}")]
+    IntegrationDisabled(String),
+    /// 409 `execution_in_progress`: the same Idempotency-Key is running.
+    #[error("{0}")]
+    InProgress(String),
 }
 
 impl From<tally_integrations::ProviderError> for ApiError {
@@ -147,6 +153,8 @@ impl ApiError {
             ApiError::StripeNotConfigured(_) => "stripe_not_configured",
             ApiError::PaymentProvider { .. } => "payment_provider_error",
             ApiError::Integration(error) => error.code(),
+            ApiError::IntegrationDisabled(_) => "integration_disabled",
+            ApiError::InProgress(_) => "execution_in_progress",
             ApiError::Ledger(error) => ledger_code(error),
         }
     }
@@ -218,6 +226,8 @@ pub const PROBLEM_TITLES: &[(&str, &str)] = &[
     ("integration_auth_failed", "The data source refused the credential"),
     ("integration_query_failed", "The data source refused the query"),
     ("integration_response_too_large", "The data source answered too much"),
+    ("integration_disabled", "The integration is disabled"),
+    ("execution_in_progress", "This execution is still running"),
     ("insufficient_credits", "Not enough credits"),
     ("reservation_expired", "The reservation has expired"),
     ("idempotency_key_reused", "This Idempotency-Key was used for another request"),
@@ -254,6 +264,10 @@ fn advice(code: &str) -> &'static str {
         "integration_auth_failed" => "rotate the integration's credential; nothing was charged",
         "integration_query_failed" => "fix the query or its parameters; nothing was charged",
         "integration_response_too_large" => "ask for fewer rows or a narrower query; nothing was charged",
+        "integration_disabled" => "enable the integration first",
+        "execution_in_progress" => {
+            "retry with the same Idempotency-Key in a moment: it answers once the first run settles"
+        }
         "insufficient_credits" => "grant or purchase credits, or ask for fewer; nothing was written",
         "reservation_expired" => "record the work as usage instead, or reserve again",
         "idempotency_key_reused" => "use a new Idempotency-Key for a new request",
@@ -317,6 +331,7 @@ impl ResponseError for ApiError {
                 "integration_timeout" => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             },
+            ApiError::IntegrationDisabled(_) | ApiError::InProgress(_) => StatusCode::CONFLICT,
             ApiError::Ledger(error) => ledger_status(error),
         }
     }

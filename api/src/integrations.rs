@@ -42,12 +42,41 @@ pub struct IntegrationSettings {
     pub vault: Option<Arc<Vault>>,
     pub guard: Arc<Guard>,
     pub http: GuardedHttp,
+    /// Results by (member, integration, config and credential version, request).
+    pub cache: tally_integrations::cache::ResultCache,
+}
+
+impl IntegrationSettings {
+    pub fn new(vault: Option<Arc<Vault>>, guard: Guard, outbound: Guard) -> IntegrationSettings {
+        IntegrationSettings {
+            vault,
+            guard: Arc::new(guard),
+            http: GuardedHttp::new(outbound),
+            cache: tally_integrations::cache::ResultCache::new(tally_integrations::cache::CACHE_BYTES_DEFAULT),
+        }
+    }
 }
 
 impl Default for IntegrationSettings {
     fn default() -> IntegrationSettings {
-        IntegrationSettings { vault: None, guard: Arc::new(Guard::default()), http: GuardedHttp::new(Guard::default()) }
+        IntegrationSettings::new(None, Guard::default(), Guard::default())
     }
+}
+
+/// The plaintext of an integration's current credential, from the vault.
+pub(crate) fn vault_secret(
+    state: &AppState,
+    member_id: &str,
+    integration_id: &str,
+    credential: &CredentialRef,
+) -> Result<SecretString, ApiError> {
+    let slot = Slot {
+        member_id: member_id.to_owned(),
+        integration_id: integration_id.to_owned(),
+        credential_id: credential.credential_id.clone(),
+        version: credential.version,
+    };
+    vault(state)?.get(&slot).map_err(|error| ApiError::Internal(format!("vault: {error}")))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -538,15 +567,7 @@ pub async fn test_integration(state: State, request: HttpRequest) -> Result<Http
     let provider = tally_integrations::provider(&current.provider)
         .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
     let credential = match &current.credential {
-        Some(credential) => {
-            let slot = Slot {
-                member_id: member_id.clone(),
-                integration_id: integration_id.clone(),
-                credential_id: credential.credential_id.clone(),
-                version: credential.version,
-            };
-            Some(vault(&state)?.get(&slot).map_err(|error| ApiError::Internal(format!("vault: {error}")))?)
-        }
+        Some(credential) => Some(vault_secret(&state, &member_id, &integration_id, credential)?),
         None => None,
     };
     let version = current.credential.as_ref().map_or(0, |credential| credential.version);
@@ -684,4 +705,78 @@ pub async fn delete_query(state: State, request: HttpRequest) -> Result<HttpResp
         query: spec,
         position: Some(executed.outcome.position),
     }))
+}
+
+/// `Idempotency-Key` is required: an execution charges credits.
+fn execution_key(
+    request: &HttpRequest,
+    principal: &crate::auth::Principal,
+    member_id: &str,
+    route: &str,
+    bytes: &[u8],
+) -> Result<tally_ledger::service::Idempotency, ApiError> {
+    Ok(idempotency(request, principal, member_id, route, bytes, 200, true)?.expect("required keys are present"))
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/queries/{query}/execute", tag = "integrations",
+    request_body = crate::execution::ExecuteBody,
+    params(QueryPath),
+    responses((status = 200, body = crate::execution::ExecutionAnswer), (status = 402, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 502, body = Problem),
+        (status = 504, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/queries/{query}/execute")]
+pub async fn execute_query(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let query_id = query_target(&request)?;
+    let key = execution_key(&request, &principal, &member_id, "integrations.execute", &bytes)?;
+    let body: crate::execution::ExecuteBody = body::parse(&bytes)?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let Some(saved) = current.queries.get(&query_id) else {
+        return Err(DomainError::QueryNotFound { integration_id, query_id }.into());
+    };
+    let spec: QuerySpec = serde_json::from_value(saved.clone())
+        .map_err(|error| ApiError::Internal(format!("saved query `{query_id}` does not read: {error}")))?;
+    let run = crate::execution::Execution {
+        member_id: &member_id,
+        integration_id: &integration_id,
+        query_id: &query_id,
+        spec: &spec,
+        params: &body.params,
+        idempotency: key,
+    };
+    let answer = crate::execution::execute(&state, &principal, &current, run).await?;
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/execute", tag = "integrations",
+    request_body = crate::execution::AdhocBody,
+    params(IntegrationPath),
+    responses((status = 200, body = crate::execution::ExecutionAnswer), (status = 402, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 502, body = Problem),
+        (status = 504, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/execute")]
+pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let key = execution_key(&request, &principal, &member_id, "integrations.execute_adhoc", &bytes)?;
+    let body: crate::execution::AdhocBody = body::parse(&bytes)?;
+    let spec: QuerySpec =
+        serde_json::from_value(body.query).map_err(|error| ApiError::validation("query", error.to_string()))?;
+    spec.validate(
+        tally_integrations::provider::MAX_ROWS_MAX as u64,
+        tally_integrations::provider::TIMEOUT_MAX.as_millis() as u64,
+    )
+    .map_err(|error| ApiError::Validation { field: format!("query.{}", error.field), message: error.message })?;
+    let current = live(&state, &member_id, &integration_id).await?;
+    let run = crate::execution::Execution {
+        member_id: &member_id,
+        integration_id: &integration_id,
+        query_id: crate::execution::ADHOC_QUERY_ID,
+        spec: &spec,
+        params: &body.params,
+        idempotency: key,
+    };
+    let answer = crate::execution::execute(&state, &principal, &current, run).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }

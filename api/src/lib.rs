@@ -25,6 +25,7 @@ pub mod body;
 pub mod commands;
 pub mod dto;
 pub mod error;
+pub mod execution;
 pub mod integrations;
 pub mod metrics;
 pub mod openapi;
@@ -183,6 +184,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(integrations::delete_integration)
         .service(integrations::rotate_credential)
         .service(integrations::test_integration)
+        .service(integrations::execute_adhoc)
+        .service(integrations::execute_query)
         .service(integrations::list_queries)
         .service(integrations::put_query)
         .service(integrations::get_query)

@@ -142,6 +142,11 @@ const MEMBER_EXAMPLE: &str = "acme";
 /// Write routes outside [`crate::commands::WRITE_ROUTES`] that take an
 /// optional `Idempotency-Key`.
 const IDEMPOTENCY_KEY_OPTIONAL: &[(&str, &str)] = &[("POST", "/v1/plans")];
+/// Write routes outside [`crate::commands::WRITE_ROUTES`] that require one.
+const IDEMPOTENCY_KEY_REQUIRED: &[(&str, &str)] = &[
+    ("POST", "/v1/members/{member}/integrations/{integration}/queries/{query}/execute"),
+    ("POST", "/v1/members/{member}/integrations/{integration}/execute"),
+];
 
 fn apply(schema: &mut utoipa::openapi::schema::Object, rule: &Rule) {
     use tally_ledger::domain::limits::{ID_LENGTH_MAX, TEXT_LENGTH_MAX};
@@ -276,7 +281,8 @@ impl Modify for Limits {
         let keyed = crate::commands::WRITE_ROUTES
             .iter()
             .map(|route| (route.method, route.path, route.idempotency_required))
-            .chain(IDEMPOTENCY_KEY_OPTIONAL.iter().map(|(method, path)| (*method, *path, false)));
+            .chain(IDEMPOTENCY_KEY_OPTIONAL.iter().map(|(method, path)| (*method, *path, false)))
+            .chain(IDEMPOTENCY_KEY_REQUIRED.iter().map(|(method, path)| (*method, *path, true)));
         for (method, path, required) in keyed {
             let item = openapi.paths.paths.get_mut(path).unwrap_or_else(|| panic!("the document has no path {path}"));
             let operation = match method {
@@ -337,6 +343,8 @@ impl Modify for Limits {
         crate::integrations::delete_integration,
         crate::integrations::rotate_credential,
         crate::integrations::test_integration,
+        crate::integrations::execute_query,
+        crate::integrations::execute_adhoc,
         crate::integrations::list_queries,
         crate::integrations::put_query,
         crate::integrations::get_query,

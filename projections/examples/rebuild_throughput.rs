@@ -116,6 +116,9 @@ fn member_round(ledger: &Ledger, member: usize, round: u64) {
                     status: if round.is_multiple_of(13) { QueryStatus::Failed } else { QueryStatus::Succeeded },
                     duration_ms: 100 + (round % 900) as i64,
                     rows: (round % 50) as i64,
+                    bytes: 0,
+                    cache_hit: false,
+                    error_code: None,
                 };
                 let settle = MemberCommand::Settle { reservation_id, amount: Credits(30), query: Some(query) };
                 accept(ledger.execute(&member_id, Request::new(settle, "bench")));

@@ -180,7 +180,7 @@ fn bad_integrations_and_queries_are_refused_with_their_field_and_other_members_g
         json!({"kind": "request", "request": {"path": "/forecast/{{city}}"}, "params": {"town": {"type": "string"}}});
     let (status, problem) = call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&bad_query));
     assert_eq!((status, problem["field"].as_str()), (422, Some("request.path")), "{problem}");
-    let wrong_kind = json!({"kind": "graphql", "graphql": {"query": "{ a }"}});
+    let wrong_kind = json!({"kind": "graphql", "graphql": {"query": "{ a }"}, "credits_base": 1});
     assert_eq!(
         call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&wrong_kind)).1["field"],
         "kind"
@@ -290,4 +290,122 @@ fn a_name_resolving_to_a_forbidden_address_is_refused_before_connecting() {
     assert_eq!((&refused["ok"], &refused["error_code"]), (&json!(false), &json!("target_forbidden")), "{refused}");
     assert!(refused["message"].as_str().unwrap().contains("loopback"), "{refused}");
     assert_eq!(upstream.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the upstream");
+}
+
+/// A saved query runs against the loopback upstream, charged through a
+/// reservation; a retry with the same key answers from its record and never
+/// runs again; a second key is a cache hit at `credits_base`; failures of
+/// the source (down, too slow) charge nothing and leave no hold; too few
+/// credits refuse before anything runs.
+#[test]
+fn a_saved_query_runs_charged_and_a_retry_never_runs_twice() {
+    let upstream = crate::upstream::Upstream::start(TOKEN);
+    let server = Server::start_with_env(
+        TempDir::new().unwrap(),
+        &["--allow-private-targets", "127.0.0.1/32"],
+        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list")],
+    );
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let (status, _) =
+        server.admin_post("/v1/members/acme/credits/grants", json!({"source": "promotional", "amount": 100}));
+    assert_eq!(status, 201);
+    let path = "/v1/members/acme/integrations/weather";
+    let integration = json!({"provider": "rest", "name": "Weather",
+        "config": {"base_url": format!("http://127.0.0.1:{}", upstream.port), "auth": {"type": "bearer"}},
+        "credential": {"token": TOKEN}});
+    assert_eq!(call(&server, "PUT", path, ADMIN_KEY, Some(&integration)).0, 201);
+    let query = json!({"kind": "request", "request": {"method": "GET", "path": "/forecast/{{city}}"},
+        "params": {"city": {"type": "string"}}, "rows_pointer": "/items", "cache_ttl_s": 60,
+        "credits_base": 5, "credits_per_1k_rows": 1, "max_rows": 1000});
+    assert_eq!(call(&server, "PUT", &format!("{path}/queries/forecast"), ADMIN_KEY, Some(&query)).0, 200);
+    let execute = |key: Option<&str>, query_id: &str, body: Value| {
+        let mut request = server
+            .client
+            .post(server.url(&format!("{path}/queries/{query_id}/execute")))
+            .bearer_auth(ADMIN_KEY)
+            .json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        assert!(!text.contains(TOKEN), "{text}");
+        (status, serde_json::from_str::<Value>(&text).unwrap())
+    };
+    let runs = || upstream.requests.load(std::sync::atomic::Ordering::SeqCst);
+
+    let (status, first) = execute(Some("k1"), "forecast", json!({"params": {"city": "paris"}}));
+    assert_eq!(status, 200, "{first}");
+    let record = &first["execution"];
+    assert_eq!(
+        (&record["status"], &record["rows"], &record["credits"], &record["cache_hit"]),
+        (&json!("ok"), &json!(7), &json!(6), &json!(false))
+    );
+    assert_eq!(first["rows"].as_array().map(Vec::len), Some(7));
+    assert_eq!(first["rows"][0], json!({"day": 1, "city": "paris"}));
+    assert_eq!((&first["balance"]["available"], &first["balance"]["held"]), (&json!(94), &json!(0)));
+    let after_first = runs();
+
+    let (status, again) = execute(Some("k1"), "forecast", json!({"params": {"city": "paris"}}));
+    assert_eq!(
+        (status, &again["replayed"], &again["execution"]["execution_id"]),
+        (200, &json!(true), &record["execution_id"])
+    );
+    assert_eq!(runs(), after_first, "a retry never runs again");
+    let (_, hit) = execute(Some("k2"), "forecast", json!({"params": {"city": "paris"}}));
+    assert_eq!(
+        (&hit["execution"]["cache_hit"], &hit["execution"]["credits"], &hit["balance"]["available"]),
+        (&json!(true), &json!(5), &json!(89))
+    );
+    assert_eq!(runs(), after_first, "a cache hit runs nothing");
+
+    // Refused before anything: no key, a parameter of the wrong type.
+    let (status, problem) = execute(None, "forecast", json!({"params": {"city": "paris"}}));
+    assert_eq!((status, problem["header"].as_str()), (422, Some("Idempotency-Key")), "{problem}");
+    let (status, problem) = execute(Some("k3"), "forecast", json!({"params": {"city": 7}}));
+    assert_eq!((status, problem["field"].as_str()), (422, Some("params.city")), "{problem}");
+    assert_eq!(execute(Some("k4"), "nope", json!({})).0, 404);
+
+    // The source down, then too slow: nothing charged, no hold left.
+    upstream.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, problem) = execute(Some("k5"), "forecast", json!({"params": {"city": "oslo"}}));
+    assert_eq!((status, problem["code"].as_str()), (502, Some("integration_unreachable")), "{problem}");
+    upstream.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let slow =
+        json!({"kind": "request", "request": {"path": "/slow"}, "credits_base": 3, "max_rows": 10, "timeout_ms": 500});
+    assert_eq!(call(&server, "PUT", &format!("{path}/queries/slow"), ADMIN_KEY, Some(&slow)).0, 200);
+    let (status, problem) = execute(Some("k6"), "slow", json!({}));
+    assert_eq!((status, problem["code"].as_str()), (504, Some("integration_timeout")), "{problem}");
+    server.sync("acme");
+    let (_, balance) = server.admin_get("/v1/members/acme/balance");
+    assert_eq!((&balance["available"], &balance["held"]), (&json!(89), &json!(0)), "{balance}");
+
+    // Too few credits: refused before the source is called.
+    let dear = json!({"kind": "request", "request": {"path": "/forecast/x"}, "credits_base": 500, "max_rows": 10});
+    assert_eq!(call(&server, "PUT", &format!("{path}/queries/dear"), ADMIN_KEY, Some(&dear)).0, 200);
+    let before = runs();
+    let (status, problem) = execute(Some("k7"), "dear", json!({}));
+    assert_eq!((status, problem["code"].as_str()), (402, Some("insufficient_credits")), "{problem}");
+    assert_eq!(runs(), before);
+
+    // The query editor's run: an unsaved query, charged the same way.
+    let adhoc = server
+        .client
+        .post(server.url(&format!("{path}/execute")))
+        .bearer_auth(ADMIN_KEY)
+        .header("Idempotency-Key", "k8")
+        .json(&json!({"query": query, "params": {"city": "rome"}}))
+        .send()
+        .unwrap();
+    assert_eq!(adhoc.status().as_u16(), 200);
+    let adhoc: Value = adhoc.json().unwrap();
+    assert_eq!((&adhoc["execution"]["rows"], &adhoc["execution"]["credits"]), (&json!(7), &json!(6)));
+
+    // Every execution is recorded, failures included, in the member's log.
+    let (_, feed) = call(&server, "GET", "/v1/events?after=0&limit=1000", ADMIN_KEY, None);
+    let executed: Vec<&Value> =
+        feed["events"].as_array().unwrap().iter().filter(|event| event["event_type"] == "QueryExecuted").collect();
+    assert_eq!(executed.len(), 5, "paris, the hit, oslo down, slow, rome: {executed:?}");
+    assert!(executed.iter().any(|event| event["payload"]["error_code"] == "integration_timeout"));
 }

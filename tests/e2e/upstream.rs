@@ -1,6 +1,8 @@
 //! A small JSON upstream on 127.0.0.1 for the integration tests: the only
-//! source the server under test may reach. `GET /health` answers 200 to the
-//! right bearer token and 401 to any other; `down` makes every answer 503.
+//! source the server under test may reach. With the right bearer token,
+//! `GET /health` answers 200, `GET /forecast/{city}` seven rows under
+//! `items`, `GET /slow` after 3 s; any other token gets 401, and `down`
+//! makes every answer 503.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -22,33 +24,44 @@ impl Upstream {
         let (is_down, counted) = (down.clone(), requests.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut request_line = String::new();
-                let _ = reader.read_line(&mut request_line);
-                let mut authorized = false;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-                        break;
+                let (is_down, counted) = (is_down.clone(), counted.clone());
+                std::thread::spawn(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    let mut request_line = String::new();
+                    let _ = reader.read_line(&mut request_line);
+                    let mut authorized = false;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                        if line.to_ascii_lowercase().starts_with("authorization:") {
+                            authorized = line.trim_end().ends_with(&format!("Bearer {token}"));
+                        }
                     }
-                    if line.to_ascii_lowercase().starts_with("authorization:") {
-                        authorized = line.trim_end().ends_with(&format!("Bearer {token}"));
-                    }
-                }
-                let (status, body) = if is_down.load(Ordering::SeqCst) {
-                    ("503 Service Unavailable", "{\"error\":\"down\"}")
-                } else if !authorized {
-                    ("401 Unauthorized", "{\"error\":\"bad token\"}")
-                } else {
-                    ("200 OK", "{\"ok\":true}")
-                };
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let mut writer = stream;
-                let _ = writer.write_all(answer.as_bytes());
+                    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let (status, body) = if is_down.load(Ordering::SeqCst) {
+                        ("503 Service Unavailable", "{\"error\":\"down\"}".to_owned())
+                    } else if !authorized {
+                        ("401 Unauthorized", "{\"error\":\"bad token\"}".to_owned())
+                    } else if let Some(city) = path.strip_prefix("/forecast/") {
+                        let items: Vec<String> =
+                            (1..=7).map(|day| format!("{{\"day\":{day},\"city\":\"{city}\"}}")).collect();
+                        ("200 OK", format!("{{\"items\":[{}]}}", items.join(",")))
+                    } else if path == "/slow" {
+                        std::thread::sleep(std::time::Duration::from_secs(3));
+                        ("200 OK", "[]".to_owned())
+                    } else {
+                        ("200 OK", "{\"ok\":true}".to_owned())
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut writer = stream;
+                    let _ = writer.write_all(answer.as_bytes());
+                });
             }
         });
         Upstream { port, down, requests }

@@ -267,11 +267,7 @@ fn integration_settings(data_dir: &DataDir, args: &ServeArgs) -> Result<tally_ap
         Outbound::Public => Guard::new(allowed.clone()),
         Outbound::AllowList => Guard::allow_list_only(allowed.clone()),
     };
-    Ok(tally_api::integrations::IntegrationSettings {
-        vault,
-        guard: Arc::new(Guard::new(allowed)),
-        http: tally_integrations::http::GuardedHttp::new(outbound),
-    })
+    Ok(tally_api::integrations::IntegrationSettings::new(vault, Guard::new(allowed), outbound))
 }
 
 /// Stripe settings from the environment: the webhook secret and tolerance,

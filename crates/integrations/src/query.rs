@@ -221,6 +221,18 @@ impl QuerySpec {
         if bytes > TEMPLATE_BYTES_MAX {
             return Err(refuse("request", format!("templates are larger than {TEMPLATE_BYTES_MAX} bytes")));
         }
+        // What an execution reserves: at least one credit, at most the limit.
+        let bound = i128::from(self.credits_base)
+            + i128::from(self.credits_per_1k_rows) * i128::from(self.max_rows.div_ceil(1000));
+        if bound < 1 {
+            return Err(refuse(
+                "credits_base",
+                "a query costs at least one credit: set credits_base or credits_per_1k_rows",
+            ));
+        }
+        if bound > i128::from(CREDITS_MAX) {
+            return Err(refuse("credits_per_1k_rows", format!("an execution may cost at most {CREDITS_MAX} credits")));
+        }
         Ok(())
     }
 
@@ -363,6 +375,12 @@ mod tests {
             body[field] = value;
             assert_eq!(spec(body).validate(100_000, 60_000).unwrap_err().field, field);
         }
+        let free = spec(json!({"kind": "request", "request": {"path": "/"}}));
+        assert_eq!(free.validate(100_000, 60_000).unwrap_err().field, "credits_base", "a query costs something");
+        let dear = spec(
+            json!({"kind": "request", "request": {"path": "/"}, "credits_per_1k_rows": 1_000_000, "max_rows": 2_000}),
+        );
+        assert_eq!(dear.validate(100_000, 60_000).unwrap_err().field, "credits_per_1k_rows");
         let extra = serde_json::from_value::<QuerySpec>(json!({"kind": "request", "surprise": 1}));
         assert!(extra.is_err(), "unknown fields are refused");
     }

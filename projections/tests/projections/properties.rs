@@ -263,6 +263,9 @@ fn ledger_command(step: &Step, now: DateTime<Utc>, made: &Made) -> Option<Member
                     status: if failed { QueryStatus::Failed } else { QueryStatus::Succeeded },
                     duration_ms,
                     rows,
+                    bytes: 0,
+                    cache_hit: false,
+                    error_code: None,
                 }),
             }
         }

@@ -201,6 +201,9 @@ pub fn settle_with_query(
             status,
             duration_ms,
             rows,
+            bytes: 0,
+            cache_hit: false,
+            error_code: None,
         }),
     }
 }

@@ -997,6 +997,10 @@ fn settle(
         validate::identifier("query.query_id", &query.query_id)?;
         validate::range("query.duration_ms", query.duration_ms, 0, QUERY_DURATION_MS_MAX)?;
         validate::range("query.rows", query.rows, 0, i64::MAX)?;
+        validate::range("query.bytes", query.bytes, 0, i64::MAX)?;
+        if let Some(code) = &query.error_code {
+            validate::identifier("query.error_code", code)?;
+        }
     }
     let Some(reservation) = draft.state.reservations.get(reservation_id).cloned() else {
         return match closed_reservation(&draft.state, reservation_id)? {

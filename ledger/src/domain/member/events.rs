@@ -150,6 +150,19 @@ pub struct QueryExecution {
     pub status: QueryStatus,
     pub duration_ms: i64,
     pub rows: i64,
+    /// Bytes of the source's answer (0 when not measured).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub bytes: i64,
+    /// Served from the result cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
+    /// The problem code of a failed execution (`integration_timeout`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+}
+
+fn is_zero_i64(value: &i64) -> bool {
+    *value == 0
 }
 
 /// What a grant is before it exists: the part of `CreditsGranted` a caller

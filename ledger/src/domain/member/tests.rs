@@ -558,6 +558,9 @@ fn reservations_hold_in_burn_order_and_settle_part_releasing_the_rest() {
         status: QueryStatus::Succeeded,
         duration_ms: 120,
         rows: 7,
+        bytes: 0,
+        cache_hit: false,
+        error_code: None,
     };
     let events = life.run(MemberCommand::Settle {
         reservation_id: "rsv_4".into(),

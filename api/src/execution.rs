@@ -1,0 +1,323 @@
+//! Charged query execution (DESIGN.md §9, issue 20 item 4), in one place
+//! that every caller (the API now, the dashboard later) goes through:
+//!
+//! 1. the integration is live and not disabled, the query and its
+//!    parameters are valid, the base URL passes the guard: else a problem,
+//!    and nothing is written;
+//! 2. the price bound (`credits_base` + `credits_per_1k_rows` ×
+//!    ⌈max_rows / 1000⌉) is reserved, with a deadline past the timeout, so
+//!    that a crash leaves a hold that expires and charges nothing;
+//! 3. the result cache answers, or the source is run within its limits;
+//! 4. the actual price is settled (a cache hit costs `cache_hit_credits`,
+//!    `credits_base` by default; a failure of the source costs nothing) and
+//!    `QueryExecuted` goes in the same append as the settlement.
+//!
+//! The `Idempotency-Key` keys both steps (`…/reserve`, `…/settle`): a retry
+//! after the settlement answers from its record and never runs again; a
+//! retry while the first is still running is `execution_in_progress`.
+
+use crate::error::ApiError;
+use crate::integrations::vault_secret;
+use crate::{AppState, auth::Principal};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_integrations::cache::{CacheKey, CachedResult};
+use tally_integrations::query::QuerySpec;
+use tally_integrations::{Call, Limits, ProviderError};
+use tally_ledger::domain::{
+    Credits, IntegrationCommand, IntegrationState, IntegrationStatus, MemberCommand, QueryExecution, QueryStatus,
+    TestSource,
+};
+use tally_ledger::service::{Executed, Idempotency, Request};
+use utoipa::ToSchema;
+
+/// Seconds a hold outlives the execution's timeout.
+const HOLD_MARGIN_S: i64 = 30;
+/// The query id an ad-hoc run is recorded under.
+pub const ADHOC_QUERY_ID: &str = "adhoc";
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteBody {
+    /// The query's parameters, by name.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: Map<String, Value>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdhocBody {
+    /// An unsaved query, shaped as a saved one.
+    #[schema(value_type = Object)]
+    pub query: Value,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: Map<String, Value>,
+}
+
+#[derive(Serialize, ToSchema, Clone)]
+pub struct ExecutionRecord {
+    /// The reservation that paid for it.
+    pub execution_id: String,
+    /// `ok`, `error` or `timeout`.
+    pub status: &'static str,
+    pub rows: i64,
+    pub bytes: i64,
+    pub duration_ms: i64,
+    pub cache_hit: bool,
+    pub credits: i64,
+    pub error_code: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ExecutionAnswer {
+    pub execution: ExecutionRecord,
+    /// The rows; absent on a replay whose rows left the cache.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub rows: Option<Vec<Value>>,
+    pub truncated: bool,
+    pub position: u64,
+    pub balance: Option<crate::dto::BalanceView>,
+    pub replayed: bool,
+}
+
+pub struct Execution<'a> {
+    pub member_id: &'a str,
+    pub integration_id: &'a str,
+    pub query_id: &'a str,
+    pub spec: &'a QuerySpec,
+    pub params: &'a Map<String, Value>,
+    pub idempotency: Idempotency,
+}
+
+fn keyed(idempotency: &Idempotency, step: &str, status: u16) -> Idempotency {
+    Idempotency {
+        scope: idempotency.scope.clone(),
+        key: format!("{}/{step}", idempotency.key),
+        fingerprint: idempotency.fingerprint,
+        status,
+    }
+}
+
+/// ⌈rows / 1000⌉ for rows ≥ 0.
+fn thousands(rows: u64) -> i64 {
+    i64::try_from(rows.div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
+fn price_bound(spec: &QuerySpec) -> i64 {
+    spec.credits_base.saturating_add(spec.credits_per_1k_rows.saturating_mul(thousands(spec.max_rows)))
+}
+
+fn price_of(spec: &QuerySpec, rows: u64) -> i64 {
+    spec.credits_base.saturating_add(spec.credits_per_1k_rows.saturating_mul(thousands(rows))).min(price_bound(spec))
+}
+
+fn status_of(error: Option<&str>) -> &'static str {
+    match error {
+        None => "ok",
+        Some("integration_timeout") => "timeout",
+        Some(_) => "error",
+    }
+}
+
+/// Runs one execution as the module's steps say.
+pub async fn execute(
+    state: &AppState,
+    principal: &Principal,
+    current: &IntegrationState,
+    run: Execution<'_>,
+) -> Result<ExecutionAnswer, ApiError> {
+    if current.status() == IntegrationStatus::Disabled {
+        return Err(ApiError::IntegrationDisabled(format!("integration `{}` is disabled", run.integration_id)));
+    }
+    let provider = tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    provider.validate_query(&current.config, run.spec)?;
+    let params = run
+        .spec
+        .bind(run.params)
+        .map_err(|error| ApiError::Validation { field: error.field, message: error.message })?;
+    if let Some(base) =
+        current.config.get("base_url").or_else(|| current.config.get("endpoint")).and_then(Value::as_str)
+    {
+        state.integrations.http.guard().check_url(base).map_err(ProviderError::from)?;
+    }
+    let bound = price_bound(run.spec);
+    let credential_version = current.credential.as_ref().map_or(0, |credential| credential.version);
+    let digest: [u8; 32] = Sha256::new()
+        .chain_update(serde_json::to_vec(run.spec).expect("a query serialises"))
+        .chain_update(serde_json::to_vec(&params).expect("parameters serialise"))
+        .finalize()
+        .into();
+    let cache_key = CacheKey {
+        member_id: run.member_id.to_owned(),
+        integration_id: run.integration_id.to_owned(),
+        config_version: current.config_version,
+        credential_version,
+        request_digest: digest,
+    };
+
+    // A retry after the settlement: its record, never a second run.
+    let settle_key = keyed(&run.idempotency, "settle", 200);
+    let ledger = state.ledger.clone();
+    let recorded_key = settle_key.clone();
+    if let Some(executed) = actix_web::web::block(move || ledger.recorded(&recorded_key)).await?? {
+        let cached = state.integrations.cache.get(&cache_key).await;
+        return Ok(answer_of(&executed, cached.as_ref(), true));
+    }
+
+    let timeout = run.spec.timeout_ms.map_or(tally_integrations::provider::TIMEOUT_DEFAULT, Duration::from_millis);
+    let reserve =
+        MemberCommand::Reserve { amount: Credits(bound), ttl_s: Some(timeout.as_secs() as i64 + 1 + HOLD_MARGIN_S) };
+    let reserved = member(state, principal, run.member_id, reserve, keyed(&run.idempotency, "reserve", 201)).await?;
+    if reserved.replayed {
+        return Err(ApiError::InProgress(
+            "an execution with this Idempotency-Key is still running (or its server stopped before it settled; \
+             its hold then expires at its deadline)"
+                .into(),
+        ));
+    }
+    let reservation_id = reserved
+        .outcome
+        .events
+        .iter()
+        .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
+        .ok_or_else(|| ApiError::Internal("the reservation has no id".into()))?;
+
+    let started = std::time::Instant::now();
+    let (outcome, cache_hit) = match state.integrations.cache.get(&cache_key).await {
+        Some(cached) => (Ok(cached), true),
+        None => {
+            let credential = match &current.credential {
+                Some(credential) => Some(vault_secret(state, run.member_id, run.integration_id, credential)?),
+                None => None,
+            };
+            let call = Call {
+                config: &current.config,
+                credential: credential.as_ref(),
+                credential_key: format!("{}/{}/{credential_version}", run.member_id, run.integration_id),
+                limits: Limits {
+                    timeout,
+                    max_rows: run.spec.max_rows as usize,
+                    max_bytes: tally_integrations::provider::RESPONSE_BYTES_DEFAULT,
+                },
+                http: &state.integrations.http,
+            };
+            let result = provider.run(&call, run.spec, &params).await.map(|rows| CachedResult {
+                rows: Arc::new(rows.rows),
+                bytes: rows.bytes,
+                truncated: rows.truncated,
+                ttl: Duration::from_secs(run.spec.cache_ttl_s),
+                stored_at: std::time::Instant::now(),
+            });
+            if let Ok(result) = &result {
+                state.integrations.cache.put(cache_key.clone(), result.clone()).await;
+            }
+            (result, false)
+        }
+    };
+    let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let (credits, execution) = match &outcome {
+        Ok(result) => {
+            let rows = result.rows.len() as i64;
+            let credits = if cache_hit {
+                run.spec.cache_hit_credits.unwrap_or(run.spec.credits_base).min(bound)
+            } else {
+                price_of(run.spec, rows as u64)
+            };
+            let execution = QueryExecution {
+                integration_id: run.integration_id.to_owned(),
+                query_id: run.query_id.to_owned(),
+                status: QueryStatus::Succeeded,
+                duration_ms,
+                rows,
+                bytes: result.bytes as i64,
+                cache_hit,
+                error_code: None,
+            };
+            (credits, execution)
+        }
+        Err(error) => {
+            let execution = QueryExecution {
+                integration_id: run.integration_id.to_owned(),
+                query_id: run.query_id.to_owned(),
+                status: QueryStatus::Failed,
+                duration_ms,
+                rows: 0,
+                bytes: 0,
+                cache_hit: false,
+                error_code: Some(error.code().to_owned()),
+            };
+            (0, execution)
+        }
+    };
+    let settle = MemberCommand::Settle { reservation_id, amount: Credits(credits), query: Some(execution) };
+    let settled = member(state, principal, run.member_id, settle, settle_key).await?;
+    // The source's health, from what the execution saw.
+    if !cache_hit {
+        let health = IntegrationCommand::RecordTest {
+            ok: outcome.is_ok(),
+            latency_ms: duration_ms,
+            error_code: outcome.as_ref().err().map(|error| error.code().to_owned()),
+            source: TestSource::Execution,
+        };
+        let ledger = state.ledger.clone();
+        let (member_id, integration_id) = (run.member_id.to_owned(), run.integration_id.to_owned());
+        let request = Request::new(health, &principal.actor());
+        if let Err(error) =
+            actix_web::web::block(move || ledger.execute_integration(&member_id, &integration_id, request)).await?
+        {
+            tracing::warn!(%error, "an execution's health could not be recorded");
+        }
+    }
+    match outcome {
+        Ok(result) => Ok(answer_of(&settled, Some(&result), false)),
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn member(
+    state: &AppState,
+    principal: &Principal,
+    member_id: &str,
+    command: MemberCommand,
+    idempotency: Idempotency,
+) -> Result<Executed, ApiError> {
+    let ledger = state.ledger.clone();
+    let request = Request::new(command, &principal.actor()).with_idempotency(idempotency);
+    let member_id = member_id.to_owned();
+    let executed = actix_web::web::block(move || ledger.execute(&member_id, request)).await??;
+    state.metrics.command("integration.execute", executed.outcome.events.len());
+    state.projections.notify();
+    Ok(executed)
+}
+
+/// The answer from a settlement's outcome (its `QueryExecuted`), with the
+/// rows when they are at hand.
+fn answer_of(settled: &Executed, result: Option<&CachedResult>, replayed: bool) -> ExecutionAnswer {
+    let executed = settled.outcome.events.iter().find(|appended| appended.event["type"] == "QueryExecuted");
+    let field = |name: &str| executed.map(|appended| appended.event[name].clone()).unwrap_or(Value::Null);
+    let error_code = field("error_code").as_str().map(str::to_owned);
+    let execution = ExecutionRecord {
+        execution_id: field("reservation_id").as_str().unwrap_or_default().to_owned(),
+        status: status_of(error_code.as_deref()),
+        rows: field("rows").as_i64().unwrap_or(0),
+        bytes: field("bytes").as_i64().unwrap_or(0),
+        duration_ms: field("duration_ms").as_i64().unwrap_or(0),
+        cache_hit: field("cache_hit").as_bool().unwrap_or(false),
+        credits: field("credits").as_i64().unwrap_or(0),
+        error_code,
+    };
+    ExecutionAnswer {
+        execution,
+        rows: result.map(|result| result.rows.as_ref().clone()),
+        truncated: result.is_some_and(|result| result.truncated),
+        position: settled.outcome.position,
+        balance: settled.outcome.balance.as_ref().map(crate::commands::balance_view),
+        replayed: replayed || settled.replayed,
+    }
+}
