@@ -175,6 +175,23 @@ pub async fn execute(
         MemberCommand::Reserve { amount: Credits(bound), ttl_s: Some(timeout.as_secs() as i64 + 1 + HOLD_MARGIN_S) };
     let reserved = member(state, principal, run.member_id, reserve, keyed(&run.idempotency, "reserve", 201)).await?;
     if reserved.replayed {
+        let reservation_id = reserved
+            .outcome
+            .events
+            .iter()
+            .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let ledger = state.ledger.clone();
+        let member_id = run.member_id.to_owned();
+        let member_state = actix_web::web::block(move || ledger.member_state(&member_id)).await??;
+        if !member_state.reservations.contains_key(&reservation_id) {
+            return Err(ApiError::InvalidHeader {
+                header: "Idempotency-Key",
+                message: "the execution with this key ended without a result (its hold was released or expired, \
+                          and nothing was charged): send the request again with a new key"
+                    .into(),
+            });
+        }
         return Err(ApiError::InProgress(
             "an execution with this Idempotency-Key is still running (or its server stopped before it settled; \
              its hold then expires at its deadline)"
@@ -187,9 +204,51 @@ pub async fn execute(
         .iter()
         .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
         .ok_or_else(|| ApiError::Internal("the reservation has no id".into()))?;
+    let settled = run_and_settle(
+        state,
+        principal,
+        current,
+        &run,
+        &params,
+        &cache_key,
+        &reservation_id,
+        bound,
+        timeout,
+        settle_key,
+    )
+    .await;
+    if settled.is_err() {
+        // Whatever failed after the hold (the vault, the settlement), the
+        // hold goes back now rather than at its deadline.
+        let release = MemberCommand::Release { reservation_id: reservation_id.clone() };
+        let ledger = state.ledger.clone();
+        let request = Request::new(release, &principal.actor());
+        let member_id = run.member_id.to_owned();
+        let _ = actix_web::web::block(move || ledger.execute(&member_id, request)).await;
+    }
+    settled
+}
+
+/// Steps 3 and 4: the cache or the source, then the settlement.
+#[allow(clippy::too_many_arguments)]
+async fn run_and_settle(
+    state: &AppState,
+    principal: &Principal,
+    current: &IntegrationState,
+    run: &Execution<'_>,
+    params: &Map<String, Value>,
+    cache_key: &CacheKey,
+    reservation_id: &str,
+    bound: i64,
+    timeout: Duration,
+    settle_key: Idempotency,
+) -> Result<ExecutionAnswer, ApiError> {
+    let provider = tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let credential_version = cache_key.credential_version;
 
     let started = std::time::Instant::now();
-    let (outcome, cache_hit) = match state.integrations.cache.get(&cache_key).await {
+    let (outcome, cache_hit) = match state.integrations.cache.get(cache_key).await {
         Some(cached) => (Ok(cached), true),
         None => {
             let credential = match &current.credential {
@@ -207,7 +266,13 @@ pub async fn execute(
                 },
                 http: &state.integrations.http,
             };
-            let result = provider.run(&call, run.spec, &params).await.map(|rows| CachedResult {
+            // One deadline for the whole run (a token fetch and a retry on
+            // 401 included), well inside the hold's.
+            let result = match actix_web::rt::time::timeout(timeout, provider.run(&call, run.spec, params)).await {
+                Ok(result) => result,
+                Err(_) => Err(ProviderError::Timeout(timeout)),
+            };
+            let result = result.map(|rows| CachedResult {
                 rows: Arc::new(rows.rows),
                 bytes: rows.bytes,
                 truncated: rows.truncated,
@@ -255,10 +320,15 @@ pub async fn execute(
             (0, execution)
         }
     };
-    let settle = MemberCommand::Settle { reservation_id, amount: Credits(credits), query: Some(execution) };
+    let settle = MemberCommand::Settle {
+        reservation_id: reservation_id.to_owned(),
+        amount: Credits(credits),
+        query: Some(execution),
+    };
     let settled = member(state, principal, run.member_id, settle, settle_key).await?;
-    // The source's health, from what the execution saw.
-    if !cache_hit {
+    // The source's health, from what the execution saw: its answers and
+    // failures, not the caller's own mistakes.
+    if !cache_hit && outcome.as_ref().err().is_none_or(ProviderError::is_upstream) {
         let health = IntegrationCommand::RecordTest {
             ok: outcome.is_ok(),
             latency_ms: duration_ms,

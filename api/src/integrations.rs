@@ -373,11 +373,14 @@ async fn execute_sealed(
     sealed: Option<Slot>,
 ) -> Result<tally_ledger::service::Executed, ApiError> {
     let result = execute(state, principal, member_id, integration_id, command, idempotency).await;
-    if result.is_err()
+    // Refused, or answered from an earlier record (a retried request whose
+    // secret the log does not name): the version sealed now is no one's.
+    let unused = result.as_ref().map_or(true, |executed| executed.replayed);
+    if unused
         && let (Some(slot), Some(vault)) = (sealed, state.integrations.vault.as_ref())
         && let Err(error) = vault.shred_version(&slot)
     {
-        tracing::error!(%error, member_id, integration_id, "a refused credential could not be shredded");
+        tracing::error!(%error, member_id, integration_id, "an unused credential version could not be shredded");
     }
     result
 }

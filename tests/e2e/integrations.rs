@@ -409,3 +409,33 @@ fn a_saved_query_runs_charged_and_a_retry_never_runs_twice() {
     assert_eq!(executed.len(), 5, "paris, the hit, oslo down, slow, rome: {executed:?}");
     assert!(executed.iter().any(|event| event["payload"]["error_code"] == "integration_timeout"));
 }
+
+/// A PUT retried with its Idempotency-Key after the credential was rotated
+/// answers from its record and leaves no unnamed secret behind: the next
+/// rotation still works.
+#[test]
+fn a_retried_put_after_a_rotation_leaves_the_next_rotation_working() {
+    let server = server();
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let path = "/v1/members/acme/integrations/weather";
+    let put = || {
+        let response = server
+            .client
+            .put(server.url(path))
+            .bearer_auth(ADMIN_KEY)
+            .header("Idempotency-Key", "put-1")
+            .json(&weather(TOKEN))
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.json::<Value>().unwrap())
+    };
+    assert_eq!(put().0, 201);
+    let rotate = |token: &str| {
+        call(&server, "POST", &format!("{path}/credential"), ADMIN_KEY, Some(&json!({"credential": {"token": token}})))
+    };
+    assert_eq!(rotate(OTHER_TOKEN).1["credential"]["version"], 2);
+    let (status, replayed) = put();
+    assert_eq!((status, &replayed["replayed"]), (201, &json!(true)), "{replayed}");
+    let (status, rotated) = rotate("tok_live_third_secret_0001");
+    assert_eq!((status, &rotated["credential"]["version"]), (200, &json!(3)), "{rotated}");
+}

@@ -287,10 +287,10 @@ async fn fetch_token(
 /// source failing, another non-2xx refuses the query (with the source's
 /// words, scrubbed), a 2xx must be JSON.
 pub fn answer_json(answer: &Answer, call: &Call<'_>) -> Result<Value, ProviderError> {
+    // Scrubbed whole, then cut: a secret across the cut is never half shown.
     let text = || {
-        let text = String::from_utf8_lossy(&answer.body);
-        let text: String = text.chars().take(UPSTREAM_MESSAGE_MAX).collect();
-        scrub(&text, call.credential)
+        let text = scrub(&String::from_utf8_lossy(&answer.body), call.credential);
+        text.chars().take(UPSTREAM_MESSAGE_MAX).collect::<String>()
     };
     match answer.status {
         200..=299 => serde_json::from_slice(&answer.body)

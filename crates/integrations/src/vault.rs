@@ -304,8 +304,10 @@ impl Vault {
             .encrypt(&nonce_of(&nonce), Payload { msg: plaintext, aad: &slot.associated_data("tally-vault/v1", "") })
             .expect("AES-GCM seals any message under its size limit");
         let (dek_nonce, wrapped_dek) = wrap_dek(&self.keys.active, slot, dek.expose_secret());
+        // A row left at this version by a put the log never recorded (a
+        // crash between the two) names no event: it is replaced.
         self.conn.lock().expect("vault lock").execute(
-            "INSERT INTO credentials (member_id, integration_id, credential_id, version, kek_id, dek_nonce,
+            "INSERT OR REPLACE INTO credentials (member_id, integration_id, credential_id, version, kek_id, dek_nonce,
              wrapped_dek, nonce, ciphertext, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 slot.member_id,

@@ -220,6 +220,8 @@ async fn every_upstream_fault_is_its_own_clear_error() {
     let error = setup.run("rest", &plain("/missing"), json!({})).await.unwrap_err();
     assert_eq!(error.code(), "integration_query_failed");
     assert!(error.to_string().contains("no such thing") && !error.to_string().contains(TOKEN), "{error}");
+    let error = setup.run("rest", &plain("/padded"), json!({})).await.unwrap_err();
+    assert!(!error.to_string().contains("tok_test"), "no part of a secret across the cut: {error}");
     // A redirect to a loopback address off the allow-list: refused before connecting.
     let error = setup.run("rest", &plain("/escape"), json!({})).await.unwrap_err();
     assert_eq!(error.code(), "target_forbidden", "{error}");
