@@ -439,3 +439,54 @@ fn a_retried_put_after_a_rotation_leaves_the_next_rotation_working() {
     let (status, rotated) = rotate("tok_live_third_secret_0001");
     assert_eq!((status, &rotated["credential"]["version"]), (200, &json!(3)), "{rotated}");
 }
+
+/// `tally vault rotate-kek` on a stopped server's directory: afterwards the
+/// new key opens the vault (the same secret is recognised, no new version),
+/// and the old one no longer does.
+#[test]
+fn the_vault_key_is_rotated_offline_and_the_old_key_opens_nothing_after() {
+    use std::os::unix::fs::PermissionsExt;
+    const NEW_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+    const THIRD_KEY: &str = "CwsLCwsLCwsLCwsLCwsLCwsLCwsLCwsLCwsLCwsLCws=";
+    let server = server();
+    assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
+    let path = "/v1/members/acme/integrations/weather";
+    let (_, created) = call(&server, "PUT", path, ADMIN_KEY, Some(&weather(TOKEN)));
+    let data_dir = server.terminate();
+
+    let keys = TempDir::new().unwrap();
+    let key_file = |name: &str, key: &str| {
+        let file = keys.path().join(name);
+        std::fs::write(&file, key).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        file
+    };
+    let rotate = |current: &str, new_file: &std::path::Path| {
+        std::process::Command::new(tally_binary())
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["vault", "rotate-kek", "--new-key-file"])
+            .arg(new_file)
+            .env("TALLY_VAULT_KEY", current)
+            .output()
+            .expect("tally runs")
+    };
+    let output = rotate(VAULT_KEY, &key_file("new.key", NEW_KEY));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("re-sealed 1 credentials"), "{stdout}");
+    // The old key no longer opens the vault.
+    let output = rotate(VAULT_KEY, &key_file("third.key", THIRD_KEY));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("another key"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let server =
+        Server::start_with_env(data_dir, &["--allow-private-targets", "127.0.0.1/32"], &[("TALLY_VAULT_KEY", NEW_KEY)]);
+    let (status, same) = call(&server, "PUT", path, ADMIN_KEY, Some(&weather(TOKEN)));
+    assert_eq!((status, &same["credential"]["version"]), (200, &json!(1)), "{same}");
+    assert_eq!(same["credential"]["fingerprint"], created["credential"]["fingerprint"], "fingerprints survive");
+}

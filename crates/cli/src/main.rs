@@ -29,6 +29,7 @@ mod replay;
 mod serve;
 mod stripe;
 mod table;
+mod vault;
 
 use anyhow::Result;
 use chrono::{DateTime, Utc};
@@ -92,6 +93,9 @@ enum Command {
     /// Stripe: replay kept events through the running server.
     #[command(subcommand)]
     Stripe(stripe::StripeCommand),
+    /// The credential vault: re-seal it under a new key.
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
 }
 
 /// Parses an RFC 3339 instant for `--as-of` and `--at`.
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Events(command) => events::run(&data_dir, command).map(|()| ExitCode::SUCCESS),
         Command::Renew(args) => renew::run(&data_dir, args).map(|()| ExitCode::SUCCESS),
         Command::Stripe(command) => stripe::run(&data_dir, command).map(|()| ExitCode::SUCCESS),
+        Command::Vault(command) => vault::run(&data_dir, command).map(|()| ExitCode::SUCCESS),
     }
 }
 
