@@ -608,6 +608,52 @@ pub async fn test_integration(state: State, request: HttpRequest) -> Result<Http
     }))
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableBody {
+    /// Why, for whoever enables it again.
+    pub reason: String,
+}
+
+/// Disable an integration: it refuses executions (`integration_disabled`)
+/// until enabled again; tests still run. Doing it twice is no change.
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/disable", tag = "integrations",
+    request_body = DisableBody, params(IntegrationPath),
+    responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/disable")]
+pub async fn disable_integration(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    let body: DisableBody = body::parse(&bytes)?;
+    status_change(&state, &principal, &member_id, &integration_id, IntegrationCommand::Disable { reason: body.reason })
+        .await
+}
+
+/// Enable a disabled integration: `untested` until its next test or run.
+#[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/enable", tag = "integrations",
+    params(IntegrationPath),
+    responses((status = 200, body = IntegrationView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+#[post("/v1/members/{member}/integrations/{integration}/enable")]
+pub async fn enable_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (principal, member_id, integration_id) = target(&state, &request)?;
+    status_change(&state, &principal, &member_id, &integration_id, IntegrationCommand::Enable).await
+}
+
+async fn status_change(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    member_id: &str,
+    integration_id: &str,
+    command: IntegrationCommand,
+) -> Result<HttpResponse, ApiError> {
+    let executed = execute(state, principal, member_id, integration_id, command, None).await?;
+    let after = load(state, member_id, integration_id).await?;
+    let mut answer = view(member_id, integration_id, &after);
+    answer.position = Some(executed.outcome.position);
+    Ok(HttpResponse::Ok().json(answer))
+}
+
 fn query_target(request: &HttpRequest) -> Result<String, ApiError> {
     let query_id = request.match_info().get("query").unwrap_or_default().to_owned();
     short_identifier("query", &query_id).map_err(ApiError::from)?;

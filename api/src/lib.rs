@@ -184,6 +184,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(integrations::delete_integration)
         .service(integrations::rotate_credential)
         .service(integrations::test_integration)
+        .service(integrations::disable_integration)
+        .service(integrations::enable_integration)
         .service(integrations::execute_adhoc)
         .service(integrations::execute_query)
         .service(integrations::list_queries)

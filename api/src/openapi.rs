@@ -343,6 +343,8 @@ impl Modify for Limits {
         crate::integrations::delete_integration,
         crate::integrations::rotate_credential,
         crate::integrations::test_integration,
+        crate::integrations::disable_integration,
+        crate::integrations::enable_integration,
         crate::integrations::execute_query,
         crate::integrations::execute_adhoc,
         crate::integrations::list_queries,

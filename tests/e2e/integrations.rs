@@ -196,6 +196,8 @@ fn bad_integrations_and_queries_are_refused_with_their_field_and_other_members_g
         ("GET", "/v1/members/acme/integrations".to_owned()),
         ("POST", format!("{path}/credential")),
         ("POST", format!("{path}/test")),
+        ("POST", format!("{path}/disable")),
+        ("POST", format!("{path}/enable")),
         ("GET", format!("{path}/queries")),
         ("PUT", format!("{path}/queries/forecast")),
     ] {
@@ -402,11 +404,23 @@ fn a_saved_query_runs_charged_and_a_retry_never_runs_twice() {
     let adhoc: Value = adhoc.json().unwrap();
     assert_eq!((&adhoc["execution"]["rows"], &adhoc["execution"]["credits"]), (&json!(7), &json!(6)));
 
+    // Disabled, it runs nothing and charges nothing; enabled, it runs again.
+    let (status, disabled) =
+        call(&server, "POST", &format!("{path}/disable"), ADMIN_KEY, Some(&json!({"reason": "paused"})));
+    assert_eq!((status, &disabled["status"]), (200, &json!("disabled")), "{disabled}");
+    let before = runs();
+    let (status, problem) = execute(Some("k9"), "forecast", json!({"params": {"city": "kyiv"}}));
+    assert_eq!((status, problem["code"].as_str()), (409, Some("integration_disabled")), "{problem}");
+    assert_eq!(runs(), before);
+    let (_, enabled) = call(&server, "POST", &format!("{path}/enable"), ADMIN_KEY, None);
+    assert_eq!(enabled["status"], "untested");
+    assert_eq!(execute(Some("k10"), "forecast", json!({"params": {"city": "kyiv"}})).0, 200);
+
     // Every execution is recorded, failures included, in the member's log.
     let (_, feed) = call(&server, "GET", "/v1/events?after=0&limit=1000", ADMIN_KEY, None);
     let executed: Vec<&Value> =
         feed["events"].as_array().unwrap().iter().filter(|event| event["event_type"] == "QueryExecuted").collect();
-    assert_eq!(executed.len(), 5, "paris, the hit, oslo down, slow, rome: {executed:?}");
+    assert_eq!(executed.len(), 6, "paris, the hit, oslo down, slow, rome, kyiv: {executed:?}");
     assert!(executed.iter().any(|event| event["payload"]["error_code"] == "integration_timeout"));
 }
 
