@@ -17,7 +17,7 @@
 //! retry while the first is still running is `execution_in_progress`.
 
 use crate::error::ApiError;
-use crate::integrations::vault_secret;
+use crate::integrations::{provider_of, vault_secret};
 use crate::{AppState, auth::Principal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -134,8 +134,7 @@ pub async fn execute(
     if current.status() == IntegrationStatus::Disabled {
         return Err(ApiError::IntegrationDisabled(format!("integration `{}` is disabled", run.integration_id)));
     }
-    let provider = tally_integrations::provider(&current.provider)
-        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let provider = provider_of(current)?;
     provider.validate_query(&current.config, run.spec)?;
     let params = run
         .spec
@@ -174,13 +173,8 @@ pub async fn execute(
     let reserve =
         MemberCommand::Reserve { amount: Credits(bound), ttl_s: Some(timeout.as_secs() as i64 + 1 + HOLD_MARGIN_S) };
     let reserved = member(state, principal, run.member_id, reserve, keyed(&run.idempotency, "reserve", 201)).await?;
+    let reservation_id = reservation_of(&reserved)?;
     if reserved.replayed {
-        let reservation_id = reserved
-            .outcome
-            .events
-            .iter()
-            .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
-            .unwrap_or_default();
         let ledger = state.ledger.clone();
         let member_id = run.member_id.to_owned();
         let member_state = actix_web::web::block(move || ledger.member_state(&member_id)).await??;
@@ -198,15 +192,10 @@ pub async fn execute(
                 .into(),
         ));
     }
-    let reservation_id = reserved
-        .outcome
-        .events
-        .iter()
-        .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
-        .ok_or_else(|| ApiError::Internal("the reservation has no id".into()))?;
     let settled = run_and_settle(
         state,
         principal,
+        provider,
         current,
         &run,
         &params,
@@ -218,22 +207,26 @@ pub async fn execute(
     )
     .await;
     if settled.is_err() {
-        // Whatever failed after the hold (the vault, the settlement), the
-        // hold goes back now rather than at its deadline.
+        // Whatever failed before the settlement (the vault, the settlement
+        // itself), the hold goes back now rather than at its deadline.
         let release = MemberCommand::Release { reservation_id: reservation_id.clone() };
         let ledger = state.ledger.clone();
         let request = Request::new(release, &principal.actor());
         let member_id = run.member_id.to_owned();
         let _ = actix_web::web::block(move || ledger.execute(&member_id, request)).await;
     }
-    settled
+    // Settled: the rows, or the source's failure (charged nothing) as its problem.
+    Ok(settled??)
 }
 
-/// Steps 3 and 4: the cache or the source, then the settlement.
+/// Steps 3 and 4: the cache or the source, then the settlement. The outer
+/// error is one before the settlement; the inner, a settled failure of
+/// the source.
 #[allow(clippy::too_many_arguments)]
 async fn run_and_settle(
     state: &AppState,
     principal: &Principal,
+    provider: &dyn tally_integrations::Provider,
     current: &IntegrationState,
     run: &Execution<'_>,
     params: &Map<String, Value>,
@@ -242,9 +235,7 @@ async fn run_and_settle(
     bound: i64,
     timeout: Duration,
     settle_key: Idempotency,
-) -> Result<ExecutionAnswer, ApiError> {
-    let provider = tally_integrations::provider(&current.provider)
-        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+) -> Result<Result<ExecutionAnswer, ProviderError>, ApiError> {
     let credential_version = cache_key.credential_version;
 
     let started = std::time::Instant::now();
@@ -345,9 +336,19 @@ async fn run_and_settle(
         }
     }
     match outcome {
-        Ok(result) => Ok(answer_of(&settled, Some(&result), false)),
-        Err(error) => Err(error.into()),
+        Ok(result) => Ok(Ok(answer_of(&settled, Some(&result), false))),
+        Err(error) => Ok(Err(error)),
     }
+}
+
+/// The reservation a `Reserve` made (or made the first time, when replayed).
+fn reservation_of(reserved: &Executed) -> Result<String, ApiError> {
+    reserved
+        .outcome
+        .events
+        .iter()
+        .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
+        .ok_or_else(|| ApiError::Internal("the reservation has no id".into()))
 }
 
 async fn member(

@@ -22,7 +22,7 @@ use tally_integrations::guard::Guard;
 use tally_integrations::http::GuardedHttp;
 use tally_integrations::query::QuerySpec;
 use tally_integrations::vault::{Slot, Vault};
-use tally_ledger::domain::integration::{INTEGRATION_STREAM_PREFIX, short_identifier};
+use tally_ledger::domain::integration::short_identifier;
 use tally_ledger::domain::{CredentialRef, DomainError, IntegrationCommand, IntegrationState};
 use tally_ledger::service::Request;
 use utoipa::ToSchema;
@@ -275,6 +275,22 @@ async fn execute(
     Ok(executed)
 }
 
+/// The provider an integration was registered with.
+pub(crate) fn provider_of(current: &IntegrationState) -> Result<&'static dyn tally_integrations::Provider, ApiError> {
+    tally_integrations::provider(&current.provider)
+        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))
+}
+
+/// A query's own rules, its fields named under `prefix` (`query.` for an
+/// ad-hoc run's body).
+fn validate_spec(spec: &QuerySpec, prefix: &str) -> Result<(), ApiError> {
+    spec.validate(
+        tally_integrations::provider::MAX_ROWS_MAX as u64,
+        tally_integrations::provider::TIMEOUT_MAX.as_millis() as u64,
+    )
+    .map_err(|error| ApiError::Validation { field: format!("{prefix}{}", error.field), message: error.message })
+}
+
 /// A credential's fields: strings only, a few, bounded.
 fn credential_secret(fields: &Map<String, Value>) -> Result<SecretString, ApiError> {
     if fields.len() > CREDENTIAL_FIELDS_MAX {
@@ -461,23 +477,8 @@ pub async fn list_integrations(
         short_identifier("cursor", cursor).map_err(ApiError::from)?;
     }
     let ledger = state.ledger.clone();
-    let member = member_id.clone();
-    let cursor = query.cursor.clone();
-    let found = actix_web::web::block(move || -> Result<Vec<(String, IntegrationState)>, ApiError> {
-        let prefix = format!("{INTEGRATION_STREAM_PREFIX}{member}/");
-        let after = cursor.map(|cursor| format!("{prefix}{cursor}"));
-        let reader = ledger.reader()?;
-        let streams =
-            reader.stream_ids_with_prefix(&prefix, after.as_deref(), limit).map_err(tally_ledger::LedgerError::from)?;
-        let mut found = Vec::new();
-        for stream in streams {
-            let integration_id = stream[prefix.len()..].to_owned();
-            let current = ledger.integration_state(&member, &integration_id)?;
-            found.push((integration_id, current));
-        }
-        Ok(found)
-    })
-    .await??;
+    let (member, cursor) = (member_id.clone(), query.cursor.clone());
+    let found = actix_web::web::block(move || ledger.integrations_of(&member, cursor.as_deref(), limit)).await??;
     let next_cursor = (found.len() == limit).then(|| found.last().map(|(id, _)| id.clone())).flatten();
     let integrations = found
         .iter()
@@ -520,8 +521,7 @@ pub async fn rotate_credential(state: State, request: HttpRequest, bytes: Bytes)
     let idempotency = idempotency(&request, &principal, &member_id, "integrations.credential", &bytes, 200, false)?;
     let body: CredentialBody = body::parse(&bytes)?;
     let current = live(&state, &member_id, &integration_id).await?;
-    let provider = tally_integrations::provider(&current.provider)
-        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let provider = provider_of(&current)?;
     provider.validate_config(&current.config, Some(&body.credential), &state.integrations.guard)?;
     let (credential, sealed) = seal(&state, &member_id, &integration_id, &current, &body.credential)?;
     let executed = match sealed {
@@ -567,8 +567,7 @@ pub struct TestView {
 pub async fn test_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (principal, member_id, integration_id) = target(&state, &request)?;
     let current = live(&state, &member_id, &integration_id).await?;
-    let provider = tally_integrations::provider(&current.provider)
-        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let provider = provider_of(&current)?;
     let credential = match &current.credential {
         Some(credential) => Some(vault_secret(&state, &member_id, &integration_id, credential)?),
         None => None,
@@ -671,14 +670,9 @@ pub async fn put_query(state: State, request: HttpRequest, bytes: Bytes) -> Resu
     let query_id = query_target(&request)?;
     let idempotency = idempotency(&request, &principal, &member_id, "integrations.query.put", &bytes, 200, false)?;
     let spec: QuerySpec = body::parse(&bytes)?;
-    spec.validate(
-        tally_integrations::provider::MAX_ROWS_MAX as u64,
-        tally_integrations::provider::TIMEOUT_MAX.as_millis() as u64,
-    )
-    .map_err(|error| ApiError::Validation { field: error.field, message: error.message })?;
+    validate_spec(&spec, "")?;
     let current = live(&state, &member_id, &integration_id).await?;
-    let provider = tally_integrations::provider(&current.provider)
-        .ok_or_else(|| ApiError::Internal(format!("provider {} is not in this build", current.provider)))?;
+    let provider = provider_of(&current)?;
     provider.validate_query(&current.config, &spec)?;
     let spec_json = serde_json::to_value(&spec).expect("a query serialises");
     let command = IntegrationCommand::SaveQuery { query_id: query_id.clone(), spec: spec_json.clone() };
@@ -794,8 +788,7 @@ pub async fn execute_query(state: State, request: HttpRequest, bytes: Bytes) -> 
         params: &body.params,
         idempotency: key,
     };
-    let answer = crate::execution::execute(&state, &principal, &current, run).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    Ok(HttpResponse::Ok().json(crate::execution::execute(&state, &principal, &current, run).await?))
 }
 
 #[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/execute", tag = "integrations",
@@ -812,11 +805,7 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
     let body: crate::execution::AdhocBody = body::parse(&bytes)?;
     let spec: QuerySpec =
         serde_json::from_value(body.query).map_err(|error| ApiError::validation("query", error.to_string()))?;
-    spec.validate(
-        tally_integrations::provider::MAX_ROWS_MAX as u64,
-        tally_integrations::provider::TIMEOUT_MAX.as_millis() as u64,
-    )
-    .map_err(|error| ApiError::Validation { field: format!("query.{}", error.field), message: error.message })?;
+    validate_spec(&spec, "query.")?;
     let current = live(&state, &member_id, &integration_id).await?;
     let run = crate::execution::Execution {
         member_id: &member_id,
@@ -826,6 +815,5 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
         params: &body.params,
         idempotency: key,
     };
-    let answer = crate::execution::execute(&state, &principal, &current, run).await?;
-    Ok(HttpResponse::Ok().json(answer))
+    Ok(HttpResponse::Ok().json(crate::execution::execute(&state, &principal, &current, run).await?))
 }

@@ -547,13 +547,25 @@ impl Ledger {
     /// An integration's state, folded from its stream as durably written
     /// (read from the file, not through the writer).
     pub fn integration_state(&self, member_id: &str, integration_id: &str) -> Result<IntegrationState, LedgerError> {
+        fold_integration(&self.reader()?, &integration_stream(member_id, integration_id))
+    }
+
+    /// A member's integrations in id order, at most `limit` after `after`
+    /// (removed ones included: their streams remain), through one reader.
+    pub fn integrations_of(
+        &self,
+        member_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, IntegrationState)>, LedgerError> {
         let reader = self.reader()?;
-        let mut state = IntegrationState::default();
-        for recorded in reader.stream_events(&integration_stream(member_id, integration_id), None, STREAM_PAGE_SIZE) {
-            let recorded = recorded?;
-            state.apply(&codec::decode_integration(&recorded)?, recorded.recorded_at);
-        }
-        Ok(state)
+        let prefix = integration_stream(member_id, "");
+        let after = after.map(|integration_id| integration_stream(member_id, integration_id));
+        let streams = reader.stream_ids_with_prefix(&prefix, after.as_deref(), limit)?;
+        streams
+            .into_iter()
+            .map(|stream| Ok((stream[prefix.len()..].to_owned(), fold_integration(&reader, &stream)?)))
+            .collect()
     }
 
     /// Record a Stripe event that changed no member on the `stripe-intake`
@@ -1004,6 +1016,16 @@ impl Writer {
     }
 }
 
+/// An integration's state, folded from its stream as the reader sees it.
+fn fold_integration(reader: &EventReader, stream_id: &str) -> Result<IntegrationState, LedgerError> {
+    let mut state = IntegrationState::default();
+    for recorded in reader.stream_events(stream_id, None, STREAM_PAGE_SIZE) {
+        let recorded = recorded?;
+        state.apply(&codec::decode_integration(&recorded)?, recorded.recorded_at);
+    }
+    Ok(state)
+}
+
 /// The catalog may have been changed by another process: compare versions.
 fn refresh_catalog(batch: &mut Batch<'_>, catalog: &mut Arc<Catalog>) -> Result<(), LedgerError> {
     if batch.stream_version(CATALOG_STREAM)? == catalog.version {
@@ -1380,6 +1402,25 @@ impl Shell<'_, '_> {
         }
     }
 
+    /// The outcome of a command on a stream with no balance (the catalog,
+    /// an integration): every event echoed with its position.
+    fn plain_outcome<E: Serialize>(&self, stream_id: &str, events: &[E], positions: &[u64]) -> CommandOutcome {
+        CommandOutcome {
+            stream_id: stream_id.to_owned(),
+            position: positions.last().copied().unwrap_or(self.batch.head().position),
+            events_appended: positions.len() as u64,
+            events: events
+                .iter()
+                .zip(positions)
+                .map(|(event, position)| AppendedEvent {
+                    position: *position,
+                    event: serde_json::to_value(event).expect("events serialise"),
+                })
+                .collect(),
+            balance: None,
+        }
+    }
+
     fn finish<C>(&mut self, request: &Request<C>, outcome: CommandOutcome) -> Result<Executed, LedgerError> {
         let status = request.idempotency.as_ref().map_or(200, |idempotency| idempotency.status);
         if let Some(idempotency) = &request.idempotency {
@@ -1431,20 +1472,7 @@ impl Shell<'_, '_> {
         }
         *self.catalog = Arc::new(catalog);
         let positions: Vec<u64> = (appended.first_position..=appended.last_position).collect();
-        let outcome = CommandOutcome {
-            stream_id: CATALOG_STREAM.to_owned(),
-            position: appended.last_position,
-            events_appended: positions.len() as u64,
-            events: events
-                .iter()
-                .zip(&positions)
-                .map(|(event, position)| AppendedEvent {
-                    position: *position,
-                    event: serde_json::to_value(event).expect("events serialise"),
-                })
-                .collect(),
-            balance: None,
-        };
+        let outcome = self.plain_outcome(CATALOG_STREAM, &events, &positions);
         self.finish(request, outcome)
     }
 
@@ -1457,16 +1485,8 @@ impl Shell<'_, '_> {
         let event =
             new_event(codec::encode_intake(&request.command), metadata(request, &request.actor, Some(self.now)));
         let appended = self.batch.append(STRIPE_INTAKE_STREAM, ExpectedVersion::Any, vec![event], self.now)?;
-        let outcome = CommandOutcome {
-            stream_id: STRIPE_INTAKE_STREAM.to_owned(),
-            position: appended.last_position,
-            events_appended: 1,
-            events: vec![AppendedEvent {
-                position: appended.last_position,
-                event: serde_json::to_value(&request.command).expect("events serialise"),
-            }],
-            balance: None,
-        };
+        let outcome =
+            self.plain_outcome(STRIPE_INTAKE_STREAM, std::slice::from_ref(&request.command), &[appended.last_position]);
         self.finish(request, outcome)
     }
 
@@ -1515,20 +1535,7 @@ impl Shell<'_, '_> {
                 self.batch.append(&stream_id, ExpectedVersion::Exact(state.version), new_events, self.now)?;
             (appended.first_position..=appended.last_position).collect()
         };
-        let outcome = CommandOutcome {
-            stream_id: stream_id.clone(),
-            position: positions.last().copied().unwrap_or(self.batch.head().position),
-            events_appended: positions.len() as u64,
-            events: events
-                .iter()
-                .zip(&positions)
-                .map(|(event, position)| AppendedEvent {
-                    position: *position,
-                    event: serde_json::to_value(event).expect("events serialise"),
-                })
-                .collect(),
-            balance: None,
-        };
+        let outcome = self.plain_outcome(&stream_id, &events, &positions);
         self.finish(request, outcome)
     }
 

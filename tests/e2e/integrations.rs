@@ -21,6 +21,15 @@ fn server() -> Server {
     )
 }
 
+/// A server that reaches 127.0.0.1 only, and looks up no name.
+fn local_server() -> Server {
+    Server::start_with_env(
+        TempDir::new().unwrap(),
+        &["--allow-private-targets", "127.0.0.1/32"],
+        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list")],
+    )
+}
+
 fn weather(token: &str) -> Value {
     json!({"provider": "rest", "name": "Weather",
         "config": {"base_url": "https://api.example.com", "auth": {"type": "bearer"}},
@@ -226,11 +235,7 @@ fn without_a_vault_key_a_credential_is_refused_with_how_to_set_one() {
 #[test]
 fn a_test_probes_the_source_and_three_failures_make_it_failing() {
     let upstream = crate::upstream::Upstream::start(TOKEN);
-    let server = Server::start_with_env(
-        TempDir::new().unwrap(),
-        &["--allow-private-targets", "127.0.0.1/32"],
-        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list")],
-    );
+    let server = local_server();
     assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
     let path = "/v1/members/acme/integrations/local";
     let body = |token: &str| {
@@ -302,11 +307,7 @@ fn a_name_resolving_to_a_forbidden_address_is_refused_before_connecting() {
 #[test]
 fn a_saved_query_runs_charged_and_a_retry_never_runs_twice() {
     let upstream = crate::upstream::Upstream::start(TOKEN);
-    let server = Server::start_with_env(
-        TempDir::new().unwrap(),
-        &["--allow-private-targets", "127.0.0.1/32"],
-        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list")],
-    );
+    let server = local_server();
     assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
     let (status, _) =
         server.admin_post("/v1/members/acme/credits/grants", json!({"source": "promotional", "amount": 100}));

@@ -475,16 +475,13 @@ fn a_subscriptions_life_through_stripe_events() {
     assert_eq!(books_after["balance"]["available"], 0);
 
     // The member's log names the Stripe event behind each change.
-    let (_, log) = server.admin_get("/v1/events?limit=1000");
-    let applied: Vec<&str> = log["events"]
-        .as_array()
-        .unwrap()
+    let applied: Vec<String> = server
+        .events_of_type("StripeEventApplied")
         .iter()
-        .filter(|event| event["event_type"] == "StripeEventApplied")
-        .map(|event| event["payload"]["stripe_event_id"].as_str().unwrap())
+        .map(|payload| payload["stripe_event_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(applied.len(), 12, "{applied:?}");
-    assert_eq!((applied[0], applied[11]), ("evt_l01", "evt_l12"));
+    assert_eq!((applied[0].as_str(), applied[11].as_str()), ("evt_l01", "evt_l12"));
 }
 
 #[test]
@@ -609,15 +606,12 @@ fn events_ignored_before_a_customer_is_linked_are_replayed_for_it_in_stripes_ord
     let (_, balance) = server.admin_get("/v1/members/life/balance");
     assert_eq!(balance["available"], 1_000, "the paid invoice, applied after the subscription, allocated: {balance}");
     // In Stripe's order, not the order they arrived in.
-    let (_, feed) = server.admin_get("/v1/events?after=0&limit=100");
-    let applied: Vec<&str> = feed["events"]
-        .as_array()
-        .unwrap()
+    let applied: Vec<String> = server
+        .events_of_type("StripeEventApplied")
         .iter()
-        .filter(|event| event["event_type"] == "StripeEventApplied")
-        .map(|event| event["payload"]["stripe_event_id"].as_str().unwrap())
+        .map(|payload| payload["stripe_event_id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(applied, ["evt_c1", "evt_p1"], "{feed}");
+    assert_eq!(applied, ["evt_c1", "evt_p1"]);
 
     // Again: exactly once.
     let head = server.head_position();
@@ -915,16 +909,10 @@ fn a_delayed_payment_grants_its_credits_once_when_it_succeeds_in_any_order_and_s
             }
             server.sync("life");
             assert_eq!(server.admin_get("/v1/members/life/balance").1["available"], 5_000);
-            let (_, feed) = server.admin_get("/v1/events?after=0&limit=1000");
-            let failures: Vec<&Value> = feed["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|event| event["event_type"] == "CheckoutPaymentFailed")
-                .collect();
+            let failures = server.events_of_type("CheckoutPaymentFailed");
             assert_eq!(failures.len(), 1, "{fixture}: {failures:?}");
-            assert_eq!(failures[0]["payload"]["stripe_checkout_session_id"], "cs_failed");
-            assert_eq!(failures[0]["payload"]["credits"], 5_000);
+            assert_eq!(failures[0]["stripe_checkout_session_id"], "cs_failed");
+            assert_eq!(failures[0]["credits"], 5_000);
         }
     }
     assert!(

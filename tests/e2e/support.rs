@@ -139,6 +139,14 @@ impl Server {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// The payloads of the log's events of one type, in log order (the
+    /// first 1,000 events).
+    pub fn events_of_type(&self, event_type: &str) -> Vec<Value> {
+        let (_, feed) = self.admin_get("/v1/events?after=0&limit=1000");
+        let events = feed["events"].as_array().expect("an event feed");
+        events.iter().filter(|event| event["event_type"] == event_type).map(|event| event["payload"].clone()).collect()
+    }
+
     pub fn head_position(&self) -> u64 {
         self.admin_get("/v1/events?limit=1").1["head"].as_u64().expect("head")
     }
