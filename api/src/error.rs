@@ -103,6 +103,11 @@ pub enum ApiError {
     /// 409 `execution_in_progress`: the same Idempotency-Key is running.
     #[error("{0}")]
     InProgress(String),
+    /// 429 `too_many_executions` with `Retry-After`: the member's (or the
+    /// server's) concurrent executions stayed at their cap for the whole
+    /// queueing wait.
+    #[error("{message}; retry in {retry_after_s} s")]
+    TooManyExecutions { retry_after_s: u64, message: String },
 }
 
 impl From<tally_integrations::ProviderError> for ApiError {
@@ -155,6 +160,7 @@ impl ApiError {
             ApiError::Integration(error) => error.code(),
             ApiError::IntegrationDisabled(_) => "integration_disabled",
             ApiError::InProgress(_) => "execution_in_progress",
+            ApiError::TooManyExecutions { .. } => "too_many_executions",
             ApiError::Ledger(error) => ledger_code(error),
         }
     }
@@ -182,9 +188,9 @@ impl ApiError {
         match self {
             ApiError::Validation { field, .. } => problem.field = Some(field.clone()),
             ApiError::InvalidHeader { header, .. } => problem.header = Some((*header).to_owned()),
-            ApiError::RateLimited { retry_after_s } | ApiError::Busy { retry_after_s, .. } => {
-                problem.retry_after_s = Some(*retry_after_s)
-            }
+            ApiError::RateLimited { retry_after_s }
+            | ApiError::Busy { retry_after_s, .. }
+            | ApiError::TooManyExecutions { retry_after_s, .. } => problem.retry_after_s = Some(*retry_after_s),
             ApiError::InvalidSignature { reason, .. } => problem.reason = Some((*reason).to_owned()),
             ApiError::PaymentProvider { status, code, .. } => {
                 problem.provider_code = Some(code.clone());
@@ -228,6 +234,7 @@ pub const PROBLEM_TITLES: &[(&str, &str)] = &[
     ("integration_response_too_large", "The data source answered too much"),
     ("integration_disabled", "The integration is disabled"),
     ("execution_in_progress", "This execution is still running"),
+    ("too_many_executions", "Too many executions at once"),
     ("insufficient_credits", "Not enough credits"),
     ("reservation_expired", "The reservation has expired"),
     ("idempotency_key_reused", "This Idempotency-Key was used for another request"),
@@ -268,6 +275,7 @@ fn advice(code: &str) -> &'static str {
         "execution_in_progress" => {
             "retry with the same Idempotency-Key in a moment: it answers once the first run settles"
         }
+        "too_many_executions" => "wait for Retry-After seconds, then retry with the same Idempotency-Key; nothing ran",
         "insufficient_credits" => "grant or purchase credits, or ask for fewer; nothing was written",
         "reservation_expired" => "record the work as usage instead, or reserve again",
         "idempotency_key_reused" => "use a new Idempotency-Key for a new request",
@@ -332,6 +340,7 @@ impl ResponseError for ApiError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             ApiError::IntegrationDisabled(_) | ApiError::InProgress(_) => StatusCode::CONFLICT,
+            ApiError::TooManyExecutions { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Ledger(error) => ledger_status(error),
         }
     }
@@ -342,7 +351,10 @@ impl ResponseError for ApiError {
         }
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
-        if let ApiError::RateLimited { retry_after_s } | ApiError::Busy { retry_after_s, .. } = self {
+        if let ApiError::RateLimited { retry_after_s }
+        | ApiError::Busy { retry_after_s, .. }
+        | ApiError::TooManyExecutions { retry_after_s, .. } = self
+        {
             response.insert_header((header::RETRY_AFTER, retry_after_s.to_string()));
         }
         if let ApiError::Unauthorized = self {
@@ -381,6 +393,7 @@ mod tests {
             ApiError::Internal("m".into()),
             ApiError::Unavailable("m".into()),
             ApiError::Busy { retry_after_s: 1, message: "m".into() },
+            ApiError::TooManyExecutions { retry_after_s: 1, message: "m".into() },
             ApiError::InvalidSignature { reason: "r", detail: "m".into() },
             ApiError::StripeNotConfigured("m".into()),
             ApiError::PaymentProvider { status: None, code: "c".into(), message: "m".into() },

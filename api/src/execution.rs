@@ -34,6 +34,91 @@ use tally_ledger::domain::{
 use tally_ledger::service::{Executed, Idempotency, Request};
 use utoipa::ToSchema;
 
+/// Concurrent executions of one member, by default (DESIGN.md §9).
+pub const EXECUTIONS_PER_MEMBER_DEFAULT: usize = 4;
+/// Concurrent executions of the whole server, by default.
+pub const EXECUTIONS_MAX_DEFAULT: usize = 64;
+/// How long an execution waits for a free slot before `too_many_executions`.
+pub const EXECUTION_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// Members whose slots are remembered before idle ones are forgotten.
+const MEMBER_SLOTS_KEPT: usize = 10_000;
+
+/// The caps on executions running at once: per member and in all. An
+/// execution holds one slot of each from before its reservation until its
+/// settlement; one that finds no free slot waits up to
+/// [`EXECUTION_QUEUE_WAIT`], then is refused with nothing written.
+pub struct ExecutionSlots {
+    per_member_max: usize,
+    all_max: usize,
+    all: Arc<tokio::sync::Semaphore>,
+    members: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    queue_wait: Duration,
+}
+
+/// The slots one execution holds; dropping it frees them.
+pub struct ExecutionPermit {
+    _member: tokio::sync::OwnedSemaphorePermit,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ExecutionSlots {
+    pub fn new(per_member_max: usize, all_max: usize) -> ExecutionSlots {
+        ExecutionSlots::with_queue_wait(per_member_max, all_max, EXECUTION_QUEUE_WAIT)
+    }
+
+    pub fn with_queue_wait(per_member_max: usize, all_max: usize, queue_wait: Duration) -> ExecutionSlots {
+        ExecutionSlots {
+            per_member_max: per_member_max.max(1),
+            all_max: all_max.max(1),
+            all: Arc::new(tokio::sync::Semaphore::new(all_max.max(1))),
+            members: Default::default(),
+            queue_wait,
+        }
+    }
+
+    fn member(&self, member_id: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut members = self.members.lock().expect("slots lock");
+        if members.len() >= MEMBER_SLOTS_KEPT && !members.contains_key(member_id) {
+            // Forget the members with nothing running (nobody else holds
+            // their semaphore).
+            members.retain(|_, slots| Arc::strong_count(slots) > 1);
+        }
+        members
+            .entry(member_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_member_max)))
+            .clone()
+    }
+
+    /// A slot of the member's and one of the server's, waiting for them at
+    /// most the queueing wait in all.
+    pub async fn acquire(&self, member_id: &str) -> Result<ExecutionPermit, ApiError> {
+        let refused = |whose: &str, cap: usize| ApiError::TooManyExecutions {
+            retry_after_s: 1,
+            message: format!("{whose} {cap} executions at once are already running"),
+        };
+        let deadline = std::time::Instant::now() + self.queue_wait;
+        let member = self.member(member_id);
+        let member = actix_web::rt::time::timeout(self.queue_wait, member.acquire_owned())
+            .await
+            .map_err(|_| refused("the member's", self.per_member_max))?
+            .map_err(|_| ApiError::Internal("execution slots closed".into()))?;
+        let all = actix_web::rt::time::timeout(
+            deadline.saturating_duration_since(std::time::Instant::now()),
+            self.all.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| refused("the server's", self.all_max))?
+        .map_err(|_| ApiError::Internal("execution slots closed".into()))?;
+        Ok(ExecutionPermit { _member: member, _all: all })
+    }
+}
+
+impl Default for ExecutionSlots {
+    fn default() -> ExecutionSlots {
+        ExecutionSlots::new(EXECUTIONS_PER_MEMBER_DEFAULT, EXECUTIONS_MAX_DEFAULT)
+    }
+}
+
 /// Seconds a hold outlives the execution's timeout.
 const HOLD_MARGIN_S: i64 = 30;
 /// The query id an ad-hoc run is recorded under.
@@ -116,12 +201,10 @@ fn price_of(spec: &QuerySpec, rows: u64) -> i64 {
     spec.credits_base.saturating_add(spec.credits_per_1k_rows.saturating_mul(thousands(rows))).min(price_bound(spec))
 }
 
+/// The status an execution is answered with, as the history lists it.
 fn status_of(error: Option<&str>) -> &'static str {
-    match error {
-        None => "ok",
-        Some("integration_timeout") => "timeout",
-        Some(_) => "error",
-    }
+    let status = if error.is_none() { QueryStatus::Succeeded } else { QueryStatus::Failed };
+    tally_projections::models::integrations::execution_status(status, error)
 }
 
 /// Runs one execution as the module's steps say.
@@ -169,6 +252,9 @@ pub async fn execute(
         return Ok(answer_of(&executed, cached.as_ref(), true));
     }
 
+    // Slots before the hold: an execution refused for want of a slot has
+    // written nothing.
+    let _permit = state.integrations.slots.acquire(run.member_id).await?;
     let timeout = run.spec.timeout_ms.map_or(tally_integrations::provider::TIMEOUT_DEFAULT, Duration::from_millis);
     let reserve =
         MemberCommand::Reserve { amount: Credits(bound), ttl_s: Some(timeout.as_secs() as i64 + 1 + HOLD_MARGIN_S) };

@@ -25,6 +25,7 @@ use tally_integrations::vault::{Slot, Vault};
 use tally_ledger::domain::integration::short_identifier;
 use tally_ledger::domain::{CredentialRef, DomainError, IntegrationCommand, IntegrationState};
 use tally_ledger::service::Request;
+use tally_projections::QueryStats;
 use utoipa::ToSchema;
 
 /// The credential id every integration's credential has: one at a time.
@@ -44,6 +45,8 @@ pub struct IntegrationSettings {
     pub http: GuardedHttp,
     /// Results by (member, integration, config and credential version, request).
     pub cache: tally_integrations::cache::ResultCache,
+    /// The caps on executions running at once.
+    pub slots: Arc<crate::execution::ExecutionSlots>,
 }
 
 impl IntegrationSettings {
@@ -53,7 +56,14 @@ impl IntegrationSettings {
             guard: Arc::new(guard),
             http: GuardedHttp::new(outbound),
             cache: tally_integrations::cache::ResultCache::new(tally_integrations::cache::CACHE_BYTES_DEFAULT),
+            slots: Arc::default(),
         }
+    }
+
+    /// The same, with other caps on concurrent executions.
+    pub fn with_slots(mut self, slots: crate::execution::ExecutionSlots) -> IntegrationSettings {
+        self.slots = Arc::new(slots);
+        self
     }
 }
 
@@ -137,6 +147,9 @@ pub struct IntegrationView {
     pub last_test: Option<LastTestView>,
     /// Saved query ids.
     pub queries: Vec<String>,
+    /// Its executions so far, all queries together (reads of one
+    /// integration only; from the `query_stats` read model).
+    pub stats: Option<ExecutionStatsView>,
     /// The log position of this write (writes only).
     pub position: Option<u64>,
     /// True when this answer repeats a recorded one (same Idempotency-Key).
@@ -158,7 +171,62 @@ pub struct QueryView {
     pub query_id: String,
     #[schema(value_type = Object)]
     pub query: Value,
+    /// Its executions so far (reads of one query only).
+    pub stats: Option<ExecutionStatsView>,
     pub position: Option<u64>,
+}
+
+/// Executions of a query (or of all of an integration's), from the
+/// `query_stats` read model.
+#[derive(Serialize, ToSchema)]
+pub struct ExecutionStatsView {
+    pub executions: i64,
+    pub errors: i64,
+    pub timeouts: i64,
+    pub cache_hits: i64,
+    pub rows: i64,
+    pub credits: i64,
+    pub duration_ms_avg: i64,
+    /// The upper bound of the histogram bucket holding the median (absent
+    /// when beyond the last bound).
+    pub duration_ms_p50: Option<i64>,
+    pub duration_ms_p95: Option<i64>,
+    pub duration_ms_max: i64,
+    /// Executions per duration bucket, `le_ms` its inclusive upper bound.
+    #[schema(value_type = Vec<Object>)]
+    pub duration_histogram: Vec<tally_projections::HistogramBucket>,
+    pub last_executed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<QueryStats> for ExecutionStatsView {
+    fn from(stats: QueryStats) -> ExecutionStatsView {
+        ExecutionStatsView {
+            executions: stats.executions,
+            errors: stats.errors,
+            timeouts: stats.timeouts,
+            cache_hits: stats.cache_hits,
+            rows: stats.rows,
+            credits: stats.credits,
+            duration_ms_avg: stats.duration_ms_total.checked_div(stats.executions).unwrap_or(0),
+            duration_ms_p50: stats.duration_quantile_ms(0.5),
+            duration_ms_p95: stats.duration_quantile_ms(0.95),
+            duration_ms_max: stats.duration_ms_max,
+            last_executed_at: stats.last_executed_at,
+            duration_histogram: stats.duration_histogram,
+        }
+    }
+}
+
+/// The statistics of an integration's queries, as the read model has them
+/// now (a read model still being built counts as none yet).
+async fn stats_of(state: &AppState, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ApiError> {
+    let projections = state.projections.clone();
+    let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
+    match actix_web::web::block(move || projections.query_stats(&member, &integration)).await? {
+        Ok(stats) => Ok(stats),
+        Err(tally_projections::ProjectionError::NotReady { .. }) => Ok(Vec::new()),
+        Err(error) => Err(ApiError::Internal(error.to_string())),
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -223,6 +291,7 @@ fn view(member_id: &str, integration_id: &str, state: &IntegrationState) -> Inte
             error_code: test.error_code.clone(),
         }),
         queries: state.queries.keys().cloned().collect(),
+        stats: None,
         position: None,
         replayed: false,
     }
@@ -259,14 +328,14 @@ async fn live(state: &AppState, member_id: &str, integration_id: &str) -> Result
 
 async fn execute(
     state: &AppState,
-    principal: &crate::auth::Principal,
+    actor: &str,
     member_id: &str,
     integration_id: &str,
     command: IntegrationCommand,
     idempotency: Option<tally_ledger::service::Idempotency>,
 ) -> Result<tally_ledger::service::Executed, ApiError> {
     let ledger = state.ledger.clone();
-    let mut ledger_request = Request::new(command, &principal.actor());
+    let mut ledger_request = Request::new(command, actor);
     ledger_request.idempotency = idempotency;
     let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
     let executed =
@@ -388,7 +457,7 @@ async fn execute_sealed(
     idempotency: Option<tally_ledger::service::Idempotency>,
     sealed: Option<Slot>,
 ) -> Result<tally_ledger::service::Executed, ApiError> {
-    let result = execute(state, principal, member_id, integration_id, command, idempotency).await;
+    let result = execute(state, &principal.actor(), member_id, integration_id, command, idempotency).await;
     // Refused, or answered from an earlier record (a retried request whose
     // secret the log does not name): the version sealed now is no one's.
     let unused = result.as_ref().map_or(true, |executed| executed.replayed);
@@ -452,7 +521,10 @@ pub async fn put_integration(state: State, request: HttpRequest, bytes: Bytes) -
 pub async fn get_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (_, member_id, integration_id) = target(&state, &request)?;
     let current = live(&state, &member_id, &integration_id).await?;
-    Ok(HttpResponse::Ok().json(view(&member_id, &integration_id, &current)))
+    let stats = stats_of(&state, &member_id, &integration_id).await?;
+    let mut answer = view(&member_id, &integration_id, &current);
+    answer.stats = QueryStats::combined(&stats).map(ExecutionStatsView::from);
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/integrations", tag = "integrations",
@@ -496,7 +568,8 @@ pub async fn list_integrations(
 pub async fn delete_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (principal, member_id, integration_id) = target(&state, &request)?;
     let current = live(&state, &member_id, &integration_id).await?;
-    let executed = execute(&state, &principal, &member_id, &integration_id, IntegrationCommand::Remove, None).await?;
+    let executed =
+        execute(&state, &principal.actor(), &member_id, &integration_id, IntegrationCommand::Remove, None).await?;
     // Crypto-shredding: the log's fingerprints now point at nothing.
     if let Some(vault) = &state.integrations.vault {
         vault
@@ -566,10 +639,21 @@ pub struct TestView {
 #[post("/v1/members/{member}/integrations/{integration}/test")]
 pub async fn test_integration(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (principal, member_id, integration_id) = target(&state, &request)?;
-    let current = live(&state, &member_id, &integration_id).await?;
+    Ok(HttpResponse::Ok().json(probe(&state, &principal.actor(), member_id, integration_id).await?))
+}
+
+/// Probes a live integration and records the outcome as `IntegrationTested`,
+/// for the `test` route and the health scheduler.
+pub(crate) async fn probe(
+    state: &AppState,
+    actor: &str,
+    member_id: String,
+    integration_id: String,
+) -> Result<TestView, ApiError> {
+    let current = live(state, &member_id, &integration_id).await?;
     let provider = provider_of(&current)?;
     let credential = match &current.credential {
-        Some(credential) => Some(vault_secret(&state, &member_id, &integration_id, credential)?),
+        Some(credential) => Some(vault_secret(state, &member_id, &integration_id, credential)?),
         None => None,
     };
     let version = current.credential.as_ref().map_or(0, |credential| credential.version);
@@ -593,9 +677,9 @@ pub async fn test_integration(state: State, request: HttpRequest) -> Result<Http
         error_code: error_code.clone(),
         source: tally_ledger::domain::TestSource::Probe,
     };
-    let executed = execute(&state, &principal, &member_id, &integration_id, command, None).await?;
-    let after = load(&state, &member_id, &integration_id).await?;
-    Ok(HttpResponse::Ok().json(TestView {
+    let executed = execute(state, actor, &member_id, &integration_id, command, None).await?;
+    let after = load(state, &member_id, &integration_id).await?;
+    Ok(TestView {
         object: "integration_test",
         integration_id,
         ok,
@@ -604,7 +688,7 @@ pub async fn test_integration(state: State, request: HttpRequest) -> Result<Http
         message,
         status: after.status().as_str(),
         position: Some(executed.outcome.position),
-    }))
+    })
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -646,7 +730,7 @@ async fn status_change(
     integration_id: &str,
     command: IntegrationCommand,
 ) -> Result<HttpResponse, ApiError> {
-    let executed = execute(state, principal, member_id, integration_id, command, None).await?;
+    let executed = execute(state, &principal.actor(), member_id, integration_id, command, None).await?;
     let after = load(state, member_id, integration_id).await?;
     let mut answer = view(member_id, integration_id, &after);
     answer.position = Some(executed.outcome.position);
@@ -676,12 +760,13 @@ pub async fn put_query(state: State, request: HttpRequest, bytes: Bytes) -> Resu
     provider.validate_query(&current.config, &spec)?;
     let spec_json = serde_json::to_value(&spec).expect("a query serialises");
     let command = IntegrationCommand::SaveQuery { query_id: query_id.clone(), spec: spec_json.clone() };
-    let executed = execute(&state, &principal, &member_id, &integration_id, command, idempotency).await?;
+    let executed = execute(&state, &principal.actor(), &member_id, &integration_id, command, idempotency).await?;
     Ok(HttpResponse::Ok().json(QueryView {
         object: "query",
         integration_id,
         query_id,
         query: spec_json,
+        stats: None,
         position: Some(executed.outcome.position),
     }))
 }
@@ -702,6 +787,7 @@ pub async fn list_queries(state: State, request: HttpRequest) -> Result<HttpResp
             integration_id: integration_id.clone(),
             query_id: query_id.clone(),
             query: spec.clone(),
+            stats: None,
             position: None,
         })
         .collect();
@@ -720,11 +806,14 @@ pub async fn get_query(state: State, request: HttpRequest) -> Result<HttpRespons
     let Some(spec) = current.queries.get(&query_id) else {
         return Err(DomainError::QueryNotFound { integration_id, query_id }.into());
     };
+    let stats = stats_of(&state, &member_id, &integration_id).await?;
+    let stats = stats.into_iter().find(|stats| stats.query_id == query_id).map(ExecutionStatsView::from);
     Ok(HttpResponse::Ok().json(QueryView {
         object: "query",
         integration_id,
         query_id,
         query: spec.clone(),
+        stats,
         position: None,
     }))
 }
@@ -740,12 +829,13 @@ pub async fn delete_query(state: State, request: HttpRequest) -> Result<HttpResp
     let current = live(&state, &member_id, &integration_id).await?;
     let spec = current.queries.get(&query_id).cloned().unwrap_or(Value::Null);
     let command = IntegrationCommand::RemoveQuery { query_id: query_id.clone() };
-    let executed = execute(&state, &principal, &member_id, &integration_id, command, None).await?;
+    let executed = execute(&state, &principal.actor(), &member_id, &integration_id, command, None).await?;
     Ok(HttpResponse::Ok().json(QueryView {
         object: "query",
         integration_id,
         query_id,
         query: spec,
+        stats: None,
         position: Some(executed.outcome.position),
     }))
 }

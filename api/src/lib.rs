@@ -26,6 +26,7 @@ pub mod commands;
 pub mod dto;
 pub mod error;
 pub mod execution;
+pub mod health;
 pub mod integrations;
 pub mod metrics;
 pub mod openapi;
@@ -164,6 +165,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(reads::invoices)
         .service(reads::invoice)
         .service(reads::subscription)
+        .service(reads::executions)
         .service(reads::audit)
         .service(admin::list_plans)
         .service(admin::issue_key)

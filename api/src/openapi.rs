@@ -323,6 +323,7 @@ impl Modify for Limits {
         crate::reads::invoices,
         crate::reads::invoice,
         crate::reads::subscription,
+        crate::reads::executions,
         crate::reads::audit,
         crate::admin::list_plans,
         crate::admin::issue_key,

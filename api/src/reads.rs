@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tally_ledger::domain::{MemberState, member_stream, validate};
 use tally_projections::{
-    Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest, ProjectionError, Projections, ReadModel,
+    Cursor, ExecutionFilter, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest, ProjectionError, Projections,
+    ReadModel,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -52,6 +53,26 @@ pub struct DailyQuery {
     pub cursor: Option<String>,
     pub limit: Option<usize>,
 }
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionsQuery {
+    pub min_position: Option<u64>,
+    /// Only this integration's executions.
+    pub integration: Option<String>,
+    /// Only this query's (`adhoc` for the unsaved ones).
+    pub query: Option<String>,
+    /// `ok`, `error` or `timeout`.
+    pub status: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1–1,000; 100 by default.
+    pub limit: Option<usize>,
+}
+
+/// The statuses an execution is listed with.
+pub const EXECUTION_STATUSES: [&str; 3] = ["ok", "error", "timeout"];
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -294,6 +315,49 @@ pub async fn invoice(
         .await?;
     let invoice = invoice.ok_or_else(|| ApiError::NotFound(format!("invoice `{invoice_id}` not found")))?;
     Ok(HttpResponse::Ok().json(invoice))
+}
+
+#[utoipa::path(get, path = "/v1/members/{member}/executions", tag = "integrations",
+    params(("member" = String, Path), ExecutionsQuery),
+    responses((status = 200, description = "`executions`, newest first: id, integration, query, status, rows, bytes, duration, cache hit, credits, error code; `next_cursor`", body = Object),
+        (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+#[get("/v1/members/{member}/executions")]
+pub async fn executions(
+    state: Data<AppState>,
+    request: HttpRequest,
+    path: Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = authorize_member(&state, &request)?;
+    let params: ExecutionsQuery = query(&request)?;
+    if let Some(integration) = &params.integration {
+        validate::identifier("integration", integration).map_err(ApiError::from)?;
+    }
+    if let Some(query_id) = &params.query {
+        validate::identifier("query", query_id).map_err(ApiError::from)?;
+    }
+    if let Some(status) = &params.status
+        && !EXECUTION_STATUSES.contains(&status.as_str())
+    {
+        return Err(ApiError::validation("status", format!("must be one of {}", EXECUTION_STATUSES.join(", "))));
+    }
+    let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
+    let page = match params.cursor {
+        Some(cursor) => PageRequest::after(Cursor::new(cursor), limit, Order::NewestFirst),
+        None => PageRequest::first(limit).newest_first(),
+    };
+    let filter = ExecutionFilter { integration_id: params.integration, query_id: params.query, status: params.status };
+    let read_models = &[ReadModel::CreditBalances, ReadModel::QueryExecutions];
+    member_page(
+        &state,
+        &principal,
+        path.into_inner(),
+        read_models,
+        params.min_position,
+        "executions",
+        Default::default(),
+        move |projections, member| projections.executions(member, &filter, &page),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/members/{member}/subscription", tag = "reads", params(("member" = String, Path), ReadQuery),

@@ -1,5 +1,6 @@
 //! tally-projections: the read models of the event log (credit balances,
-//! credit transactions, daily usage statistics, invoices, subscriptions),
+//! credit transactions, daily usage statistics, invoices, subscriptions,
+//! integrations, query executions and query statistics),
 //! the runner that keeps them caught up, rebuilds, digests, and the query
 //! functions the API serves them with. The API never writes SQL against
 //! these tables.
@@ -9,10 +10,12 @@
 //! - [`projector`]: the [`Projector`] trait (name, version, handled event
 //!   types, tables, `apply`) and [`ProjectorTx`], through which `apply`
 //!   writes into the generation being built.
-//! - [`models`]: the four built-in projectors. `credits` builds both
+//! - [`models`]: the five built-in projectors. `credits` builds both
 //!   `credit_balances` and `credit_transactions` (a transaction's amount is
 //!   the balance change it causes, so both come from the same grant rows);
-//!   `daily_usage`, `invoices` and `subscriptions` one read model each.
+//!   `daily_usage`, `invoices` and `subscriptions` one read model each;
+//!   `integrations` builds `integrations` (from the integration streams),
+//!   `query_executions` and `query_stats` (from `QueryExecuted`).
 //! - [`runner`]: [`Projections`], the owner of a projections file: catch-up
 //!   in batches, the background runner thread, `wait_for` (read-your-writes),
 //!   rebuilds with progress, status.
@@ -104,6 +107,9 @@ pub use digest::Digest;
 pub use error::ProjectionError;
 pub use models::credits::{Balance, CreditTransaction, Grant, NextExpiry};
 pub use models::daily_usage::DailyUsage;
+pub use models::integrations::{
+    ExecutionFilter, ExecutionRow, HistogramBucket, IntegrationRow, ProbeCandidate, QueryStats,
+};
 pub use models::invoices::{Invoice, InvoiceLineView};
 pub use models::subscriptions::Subscription;
 pub use page::{Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest};

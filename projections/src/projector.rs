@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{CachedStatement, Connection};
-use tally_ledger::domain::MemberEvent;
+use tally_ledger::domain::{IntegrationEvent, MemberEvent};
 use tally_ledger::store::RecordedEvent;
 
 use crate::error::ProjectionError;
@@ -71,7 +71,26 @@ impl ProjectedEvent<'_> {
     }
 }
 
-/// A projector turns member events into rows of its own tables.
+/// An event from an integration stream (`integration-{member}/{integration}`),
+/// decoded once and handed to every projector that handles its type.
+#[derive(Clone, Copy, Debug)]
+pub struct IntegrationProjected<'event> {
+    pub recorded: &'event RecordedEvent,
+    pub member_id: &'event str,
+    pub integration_id: &'event str,
+    pub event: &'event IntegrationEvent,
+    /// When it took effect, as for [`ProjectedEvent::occurred_at`].
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl IntegrationProjected<'_> {
+    pub fn position(&self) -> u64 {
+        self.recorded.position
+    }
+}
+
+/// A projector turns member events (and, if it asks for them, the events of
+/// members' integrations) into rows of its own tables.
 ///
 /// `apply` must be a function of the event and of the projector's own
 /// tables only: no clock, no randomness, no other read model. That is what
@@ -91,6 +110,16 @@ pub trait Projector: Send + Sync {
     /// Apply one event, writing through `tx`. An error rolls back the whole
     /// batch, rows and checkpoint alike.
     fn apply(&self, tx: &ProjectorTx<'_>, event: &ProjectedEvent<'_>) -> Result<(), ProjectionError>;
+
+    /// Apply one event of an integration stream whose type `handles` names;
+    /// projectors of member streams only keep this default.
+    fn apply_integration(
+        &self,
+        _tx: &ProjectorTx<'_>,
+        _event: &IntegrationProjected<'_>,
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 
     /// The read models this projector's tables make up, in declaration order.
     fn read_models(&self) -> Vec<&'static str> {

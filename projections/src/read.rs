@@ -17,6 +17,7 @@ use crate::digest::{Digest, digest_read_model};
 use crate::error::ProjectionError;
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
+use crate::models::integrations::{self, ExecutionFilter, ExecutionRow, IntegrationRow, ProbeCandidate, QueryStats};
 use crate::models::invoices::{self, Invoice};
 use crate::models::subscriptions::{self, Subscription};
 use crate::page::{Page, PageRequest};
@@ -217,6 +218,31 @@ impl ReadModels {
 
     pub fn subscription(&self, member_id: &str) -> Result<Option<Subscription>, ProjectionError> {
         self.snapshot(|snapshot| subscriptions::subscription(snapshot, member_id))
+    }
+
+    /// A member's query executions, newest first unless asked otherwise.
+    pub fn executions(
+        &self,
+        member_id: &str,
+        filter: &ExecutionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ExecutionRow>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::executions(snapshot, member_id, filter, page))
+    }
+
+    /// The statistics of one integration's queries.
+    pub fn query_stats(&self, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::query_stats(snapshot, member_id, integration_id))
+    }
+
+    /// A member's integrations as the read model holds them.
+    pub fn integrations(&self, member_id: &str) -> Result<Vec<IntegrationRow>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::integrations(snapshot, member_id))
+    }
+
+    /// Active integrations, least recently checked first.
+    pub fn probe_candidates(&self, limit: usize) -> Result<Vec<ProbeCandidate>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::probe_candidates(snapshot, limit))
     }
 
     /// The live checkpoint a read model is served at.

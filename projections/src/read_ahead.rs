@@ -11,28 +11,52 @@
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 
-use tally_ledger::codec;
-use tally_ledger::domain::MemberEvent;
+use tally_ledger::codec::{self, CodecError};
+use tally_ledger::domain::integration::parse_integration_stream;
+use tally_ledger::domain::{IntegrationEvent, MemberEvent};
 use tally_ledger::store::{EventReader, READ_PAGE_SIZE_MAX, RecordedEvent};
 
 use crate::error::ProjectionError;
 
-/// The stream prefix of member streams, the only ones projected today.
+/// The stream prefix of member streams.
 pub(crate) const MEMBER_STREAM_PREFIX: &str = "member-";
+
+/// An event of a projected stream, decoded: a member's, or one of a
+/// member's integrations'. Other streams (the catalog, Stripe) are not
+/// projected.
+pub(crate) enum Decoded {
+    Member(MemberEvent),
+    Integration(IntegrationEvent),
+}
+
+/// Whether an event's stream is projected at all.
+pub(crate) fn projected_stream(stream_id: &str) -> bool {
+    stream_id.starts_with(MEMBER_STREAM_PREFIX) || parse_integration_stream(stream_id).is_some()
+}
+
+/// Decodes an event of a projected stream by its stream's kind.
+pub(crate) fn decode(recorded: &RecordedEvent) -> Result<Decoded, CodecError> {
+    if recorded.stream_id.starts_with(MEMBER_STREAM_PREFIX) {
+        codec::decode_member(recorded).map(Decoded::Member)
+    } else {
+        codec::decode_integration(recorded).map(Decoded::Integration)
+    }
+}
 
 /// Batches read and waiting to be taken: none, so that a build holds at
 /// most two batches of `build_batch_events_max` events (the one applied,
 /// the one read meanwhile), which still overlaps reading and applying.
 const BATCHES_WAITING_MAX: usize = 0;
 
-/// A run of events from the log, with their member events decoded where
-/// a projector may want them.
+/// A run of events from the log, with the events of projected streams
+/// decoded where a projector may want them.
 pub(crate) struct EventBatch {
     pub(crate) events: Vec<RecordedEvent>,
-    /// One per event: `None` when not decoded yet (not a member event, or
-    /// of a type no projector of the build handles), `Some(None)` when it
-    /// does not decode (the error is produced again where it matters).
-    pub(crate) decoded: Vec<Option<Option<MemberEvent>>>,
+    /// One per event: `None` when not decoded yet (not of a projected
+    /// stream, or of a type no projector of the build handles), `Some(None)`
+    /// when it does not decode (the error is produced again where it
+    /// matters).
+    pub(crate) decoded: Vec<Option<Option<Decoded>>>,
 }
 
 impl EventBatch {
@@ -44,8 +68,8 @@ impl EventBatch {
 }
 
 /// Reads up to `batch_events_max` events after `after_position`, in pages
-/// of at most [`READ_PAGE_SIZE_MAX`], and decodes the member events whose
-/// type is in `decoded_types`.
+/// of at most [`READ_PAGE_SIZE_MAX`], and decodes the events of projected
+/// streams whose type is in `decoded_types`.
 pub(crate) fn read_batch(
     reader: &EventReader,
     after_position: u64,
@@ -79,9 +103,8 @@ fn read_pages(
     let decoded = events
         .iter()
         .map(|event| {
-            let wanted =
-                event.stream_id.starts_with(MEMBER_STREAM_PREFIX) && decoded_types.contains(&event.event_type.as_str());
-            wanted.then(|| codec::decode_member(event).ok())
+            let wanted = projected_stream(&event.stream_id) && decoded_types.contains(&event.event_type.as_str());
+            wanted.then(|| decode(event).ok())
         })
         .collect();
     Ok(EventBatch { events, decoded })
@@ -235,7 +258,11 @@ mod tests {
 
         let full = read_pages(&reader, 1, 4, 3, &["MemberRegistered"]).unwrap();
         assert_eq!(positions(&full), [2, 3, 4, 5]);
-        assert!(full.decoded.iter().all(|decoded| matches!(decoded, Some(Some(MemberEvent::MemberRegistered { .. })))));
+        assert!(
+            full.decoded
+                .iter()
+                .all(|decoded| matches!(decoded, Some(Some(Decoded::Member(MemberEvent::MemberRegistered { .. })))))
+        );
 
         let at_head = read_pages(&reader, 5, 4, 3, &[]).unwrap();
         assert_eq!(positions(&at_head), [6, 7]);

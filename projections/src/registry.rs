@@ -5,7 +5,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProjectionError;
-use crate::models::{CreditsProjector, DailyUsageProjector, InvoicesProjector, SubscriptionsProjector};
+use crate::models::{
+    CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector, SubscriptionsProjector,
+};
 use crate::projector::Projector;
 
 /// The read models of DESIGN.md §5, each served by one projector.
@@ -17,15 +19,21 @@ pub enum ReadModel {
     DailyUsageStats,
     Invoices,
     Subscriptions,
+    Integrations,
+    QueryExecutions,
+    QueryStats,
 }
 
 impl ReadModel {
-    pub const ALL: [ReadModel; 5] = [
+    pub const ALL: [ReadModel; 8] = [
         ReadModel::CreditBalances,
         ReadModel::CreditTransactions,
         ReadModel::DailyUsageStats,
         ReadModel::Invoices,
         ReadModel::Subscriptions,
+        ReadModel::Integrations,
+        ReadModel::QueryExecutions,
+        ReadModel::QueryStats,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +43,9 @@ impl ReadModel {
             ReadModel::DailyUsageStats => "daily_usage_stats",
             ReadModel::Invoices => "invoices",
             ReadModel::Subscriptions => "subscriptions",
+            ReadModel::Integrations => "integrations",
+            ReadModel::QueryExecutions => "query_executions",
+            ReadModel::QueryStats => "query_stats",
         }
     }
 
@@ -47,6 +58,9 @@ impl ReadModel {
             ReadModel::DailyUsageStats => crate::models::daily_usage::PROJECTOR_NAME,
             ReadModel::Invoices => crate::models::invoices::PROJECTOR_NAME,
             ReadModel::Subscriptions => crate::models::subscriptions::PROJECTOR_NAME,
+            ReadModel::Integrations | ReadModel::QueryExecutions | ReadModel::QueryStats => {
+                crate::models::integrations::PROJECTOR_NAME
+            }
         }
     }
 
@@ -68,6 +82,7 @@ pub fn builtin_projectors() -> Vec<Arc<dyn Projector>> {
         Arc::new(DailyUsageProjector),
         Arc::new(InvoicesProjector),
         Arc::new(SubscriptionsProjector),
+        Arc::new(IntegrationsProjector),
     ]
 }
 

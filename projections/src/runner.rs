@@ -41,20 +41,20 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
-use tally_ledger::codec;
-use tally_ledger::domain::MemberEvent;
+use tally_ledger::domain::integration::parse_integration_stream;
 use tally_ledger::store::{CHAIN_HASH_ZERO, EventReader, READ_PAGE_SIZE_MAX, RecordedEvent};
 
 use crate::digest::Digest;
 use crate::error::ProjectionError;
 use crate::models::credits::{Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::DailyUsage;
+use crate::models::integrations::{ExecutionFilter, ExecutionRow, IntegrationRow, ProbeCandidate, QueryStats};
 use crate::models::invoices::Invoice;
 use crate::models::subscriptions::Subscription;
 use crate::page::{Page, PageRequest};
-use crate::projector::{ProjectedEvent, Projector, ProjectorTx, RenderedSql};
+use crate::projector::{IntegrationProjected, ProjectedEvent, Projector, ProjectorTx, RenderedSql};
 use crate::read::ReadModels;
-use crate::read_ahead::{EventBatch, MEMBER_STREAM_PREFIX, ReadAhead};
+use crate::read_ahead::{self, Decoded, EventBatch, MEMBER_STREAM_PREFIX, ReadAhead};
 use crate::registry::{ReadModel, Registry, builtin_projectors};
 use crate::storage::{self, GenerationRow, Slot};
 
@@ -645,6 +645,27 @@ impl Projections {
     pub fn subscription(&self, member_id: &str) -> Result<Option<Subscription>, ProjectionError> {
         self.shared.read_models.subscription(member_id)
     }
+
+    pub fn executions(
+        &self,
+        member_id: &str,
+        filter: &ExecutionFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ExecutionRow>, ProjectionError> {
+        self.shared.read_models.executions(member_id, filter, page)
+    }
+
+    pub fn query_stats(&self, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ProjectionError> {
+        self.shared.read_models.query_stats(member_id, integration_id)
+    }
+
+    pub fn integrations(&self, member_id: &str) -> Result<Vec<IntegrationRow>, ProjectionError> {
+        self.shared.read_models.integrations(member_id)
+    }
+
+    pub fn probe_candidates(&self, limit: usize) -> Result<Vec<ProbeCandidate>, ProjectionError> {
+        self.shared.read_models.probe_candidates(limit)
+    }
 }
 
 fn rate(events: u64, elapsed_s: f64) -> f64 {
@@ -1168,17 +1189,17 @@ fn ensure_rendered(rendered: &mut HashMap<(usize, u64), RenderedSql>, targets: &
 /// The decoded event at `index` of a batch, decoded on first use (unless
 /// the read-ahead did) and kept for the other projectors.
 fn decoded<'cache>(
-    cache: &'cache mut [Option<Option<MemberEvent>>],
+    cache: &'cache mut [Option<Option<Decoded>>],
     index: usize,
     recorded: &RecordedEvent,
-) -> Result<&'cache MemberEvent, ProjectionError> {
+) -> Result<&'cache Decoded, ProjectionError> {
     if cache[index].is_none() {
-        cache[index] = Some(codec::decode_member(recorded).ok());
+        cache[index] = Some(read_ahead::decode(recorded).ok());
     }
     match &cache[index] {
         Some(Some(event)) => Ok(event),
         // Decode again for the error itself (rare: the log is damaged).
-        _ => Err(codec::decode_member(recorded).err().map_or_else(
+        _ => Err(read_ahead::decode(recorded).err().map_or_else(
             || ProjectionError::Runner(format!("event {} decodes only sometimes", recorded.position)),
             ProjectionError::from,
         )),
@@ -1225,15 +1246,24 @@ fn apply_batch(
                 if recorded.position <= target.checkpoint || !handled[event_types[index]] {
                     continue;
                 }
-                let Some(member_id) = recorded.stream_id.strip_prefix(MEMBER_STREAM_PREFIX) else { continue };
-                let event = decoded(cache, index, recorded)?;
-                let projected = ProjectedEvent {
-                    recorded,
-                    member_id,
-                    event,
-                    occurred_at: recorded.metadata.occurred_at.unwrap_or(recorded.recorded_at),
-                };
-                projector.apply(&tx, &projected)?;
+                if !read_ahead::projected_stream(&recorded.stream_id) {
+                    continue;
+                }
+                let occurred_at = recorded.metadata.occurred_at.unwrap_or(recorded.recorded_at);
+                match decoded(cache, index, recorded)? {
+                    Decoded::Member(event) => {
+                        let member_id = recorded.stream_id.strip_prefix(MEMBER_STREAM_PREFIX).unwrap_or_default();
+                        projector.apply(&tx, &ProjectedEvent { recorded, member_id, event, occurred_at })?;
+                    }
+                    Decoded::Integration(event) => {
+                        let Some((member_id, integration_id)) = parse_integration_stream(&recorded.stream_id) else {
+                            continue;
+                        };
+                        let projected =
+                            IntegrationProjected { recorded, member_id, integration_id, event, occurred_at };
+                        projector.apply_integration(&tx, &projected)?;
+                    }
+                }
             }
             tx.finish()
         };

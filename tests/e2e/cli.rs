@@ -420,7 +420,7 @@ fn rebuilds_run_in_the_server_while_it_serves_reads() {
     let reads = reader.join().expect("the reader thread");
     assert_eq!(rebuilt.code, 0, "{}", rebuilt.stderr);
     assert!(
-        rebuilt.stdout.contains("rebuilt credits, daily_usage, invoices, subscriptions (by the server"),
+        rebuilt.stdout.contains("rebuilt credits, daily_usage, invoices, subscriptions, integrations (by the server"),
         "{}",
         rebuilt.stdout
     );
@@ -443,7 +443,7 @@ fn rebuilds_run_in_the_server_while_it_serves_reads() {
     let rebuilt = tally(data_dir.path(), &["projections", "rebuild", "--all"]);
     assert_eq!(rebuilt.code, 0, "{}", rebuilt.stderr);
     assert!(
-        rebuilt.stdout.starts_with("rebuilt credits, daily_usage, invoices, subscriptions: "),
+        rebuilt.stdout.starts_with("rebuilt credits, daily_usage, invoices, subscriptions, integrations: "),
         "{}",
         rebuilt.stdout
     );

@@ -5,6 +5,7 @@ mod answers;
 mod api;
 mod cli;
 mod crash;
+mod executions;
 mod fake_stripe;
 mod faults;
 mod integrations;

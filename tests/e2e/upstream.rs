@@ -1,8 +1,8 @@
 //! A small JSON upstream on 127.0.0.1 for the integration tests: the only
 //! source the server under test may reach. With the right bearer token,
 //! `GET /health` answers 200, `GET /forecast/{city}` seven rows under
-//! `items`, `GET /slow` after 3 s; any other token gets 401, and `down`
-//! makes every answer 503.
+//! `items`, `GET /slow` after 3 s; any other token gets 401, `down`
+//! makes every answer 503, and `slow` delays every answer by a second.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 pub struct Upstream {
     pub port: u16,
     pub down: Arc<AtomicBool>,
+    pub slow: Arc<AtomicBool>,
     pub requests: Arc<AtomicU32>,
 }
 
@@ -20,13 +21,17 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("address").port();
         let down = Arc::new(AtomicBool::new(false));
+        let slow = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicU32::new(0));
-        let (is_down, counted) = (down.clone(), requests.clone());
+        let (is_down, is_slow, counted) = (down.clone(), slow.clone(), requests.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (is_down, counted) = (is_down.clone(), counted.clone());
+                let (is_down, is_slow, counted) = (is_down.clone(), is_slow.clone(), counted.clone());
                 std::thread::spawn(move || {
                     counted.fetch_add(1, Ordering::SeqCst);
+                    if is_slow.load(Ordering::SeqCst) {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
                     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
                     let mut request_line = String::new();
                     let _ = reader.read_line(&mut request_line);
@@ -64,6 +69,6 @@ impl Upstream {
                 });
             }
         });
-        Upstream { port, down, requests }
+        Upstream { port, down, slow, requests }
     }
 }

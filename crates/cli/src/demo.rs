@@ -1,10 +1,14 @@
 //! `serve --demo`: a plan catalog and a month of history for a few members,
 //! written through the ledger itself (with a clock that walks the month), so
-//! a new user sees real balances, usage, rollovers and invoices at once.
+//! a new user sees real balances, usage, rollovers and invoices at once;
+//! and for acme two integrations (REST `weather`, GraphQL `catalog`) on the
+//! demo upstream ([`crate::demo_upstream`]), with saved queries and a week
+//! of charged executions.
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde::Deserialize;
+use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 use tally_ledger::domain::*;
@@ -14,6 +18,75 @@ const PLANS: &str = include_str!("../../../fixtures/plans.json");
 const MEMBERS: &str = include_str!("../../../fixtures/demo-members.json");
 /// How far back the demo history starts.
 const HISTORY_DAYS: i64 = 35;
+/// How many days of query executions the demo has.
+const EXECUTION_DAYS: i64 = 7;
+/// The member whose integrations the demo sets up.
+pub const INTEGRATIONS_MEMBER: &str = "acme";
+
+/// The demo's integrations: (id, provider, name, config on the upstream
+/// at `base`).
+fn demo_integrations(base: &str) -> [(&'static str, &'static str, &'static str, Value); 2] {
+    [
+        (
+            "weather",
+            "rest",
+            "Weather (demo)",
+            json!({"base_url": base, "auth": {"type": "none"}, "health_path": "/health"}),
+        ),
+        (
+            "catalog",
+            "graphql",
+            "Product catalog (demo)",
+            json!({"endpoint": format!("{base}/graphql"), "auth": {"type": "none"}}),
+        ),
+    ]
+}
+
+/// The demo's saved queries: (integration, query, spec).
+fn demo_queries() -> Result<Vec<(&'static str, &'static str, Value)>> {
+    let specs = [
+        (
+            "weather",
+            "forecast",
+            json!({"kind": "request", "name": "7-day forecast", "request": {"method": "GET", "path": "/forecast/{{city}}"},
+                "params": {"city": {"type": "string"}}, "rows_pointer": "/items", "cache_ttl_s": 60,
+                "credits_base": 5, "credits_per_1k_rows": 1, "max_rows": 1000}),
+        ),
+        (
+            "catalog",
+            "products",
+            json!({"kind": "graphql", "name": "Products by category",
+                "graphql": {"query": "query($category: String) { products(category: $category) { sku name category price } }"},
+                "params": {"category": {"type": "string", "default": "software"}}, "rows_pointer": "/products",
+                "cache_ttl_s": 300, "credits_base": 3, "credits_per_1k_rows": 1, "max_rows": 1000}),
+        ),
+    ];
+    specs
+        .into_iter()
+        .map(|(integration, query, spec)| {
+            // Saved as the API saves them: parsed, then written back whole.
+            let parsed: tally_integrations::query::QuerySpec =
+                serde_json::from_value(spec).with_context(|| format!("demo query {integration}/{query}"))?;
+            Ok((integration, query, serde_json::to_value(&parsed)?))
+        })
+        .collect()
+}
+
+/// Points the demo's integrations at the demo upstream of this run (its
+/// port changes from run to run). Does nothing to integrations a user
+/// removed.
+pub fn point_integrations(ledger: &Ledger, base: &str) -> Result<()> {
+    for (integration_id, provider, name, config) in demo_integrations(base) {
+        let state = ledger.integration_state(INTEGRATIONS_MEMBER, integration_id)?;
+        if !state.live || state.config == config {
+            continue;
+        }
+        let put =
+            IntegrationCommand::Put { provider: provider.to_owned(), name: name.to_owned(), config, credential: None };
+        ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, Request::new(put, "demo"))?;
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,9 +146,78 @@ fn accepted(result: Result<tally_ledger::Executed, LedgerError>) -> Result<()> {
     }
 }
 
+/// Registers the demo's integrations (checked once) and saves their queries.
+fn register_integrations(ledger: &Ledger, base: &str) -> Result<()> {
+    let admin = |command| Request::new(command, "admin");
+    for (integration_id, provider, name, config) in demo_integrations(base) {
+        let put =
+            IntegrationCommand::Put { provider: provider.to_owned(), name: name.to_owned(), config, credential: None };
+        ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(put))?;
+        let test =
+            IntegrationCommand::RecordTest { ok: true, latency_ms: 12, error_code: None, source: TestSource::Probe };
+        ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(test))?;
+    }
+    for (integration_id, query_id, spec) in demo_queries()? {
+        let save = IntegrationCommand::SaveQuery { query_id: query_id.to_owned(), spec };
+        ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(save))?;
+    }
+    Ok(())
+}
+
+/// One execution of a demo query, reserved and settled as a real one is
+/// (`QueryExecuted` in the settlement): one in twelve times the source
+/// timed out (nothing charged), one in four the answer came from the cache.
+fn execute_demo_query(ledger: &Ledger, random: &mut Lcg, slot: usize) -> Result<()> {
+    let admin = |command| Request::new(command, "admin");
+    let (integration_id, query_id, base_credits, rows) =
+        [("weather", "forecast", 5, 7), ("catalog", "products", 3, 3)][slot % 2];
+    let reserve = MemberCommand::Reserve { amount: Credits(base_credits + 1), ttl_s: Some(60) };
+    let reserved = match ledger.execute(INTEGRATIONS_MEMBER, admin(reserve)) {
+        Ok(reserved) => reserved,
+        Err(LedgerError::Rejected(DomainError::InsufficientCredits { .. })) => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
+    let reservation_id = reserved
+        .outcome
+        .events
+        .iter()
+        .find_map(|appended| appended.event["reservation_id"].as_str().map(str::to_owned))
+        .context("a reservation has an id")?;
+    let roll = random.next_in(0, 11);
+    let cache_hit = roll % 4 == 1;
+    let (execution, credits) = if roll == 0 {
+        let failed = QueryExecution {
+            integration_id: integration_id.to_owned(),
+            query_id: query_id.to_owned(),
+            status: QueryStatus::Failed,
+            duration_ms: 10_000,
+            rows: 0,
+            bytes: 0,
+            cache_hit: false,
+            error_code: Some("integration_timeout".to_owned()),
+        };
+        (failed, 0)
+    } else {
+        let done = QueryExecution {
+            integration_id: integration_id.to_owned(),
+            query_id: query_id.to_owned(),
+            status: QueryStatus::Succeeded,
+            duration_ms: if cache_hit { random.next_in(0, 2) } else { random.next_in(15, 240) },
+            rows,
+            bytes: rows * 64,
+            cache_hit,
+            error_code: None,
+        };
+        (done, if cache_hit { base_credits } else { base_credits + 1 })
+    };
+    let settle = MemberCommand::Settle { reservation_id, amount: Credits(credits), query: Some(execution) };
+    ledger.execute(INTEGRATIONS_MEMBER, admin(settle))?;
+    Ok(())
+}
+
 /// Load the demo into an empty log at `events_path`. Returns false (and
 /// writes nothing) if the log already has events.
-pub fn load(events_path: &Path, now: DateTime<Utc>) -> Result<bool> {
+pub fn load(events_path: &Path, now: DateTime<Utc>, upstream_base: &str) -> Result<bool> {
     let start = (now - Duration::days(HISTORY_DAYS)).duration_trunc(Duration::days(1)).context("demo start")?;
     let clock = Arc::new(ManualClock::new(start));
     let ledger = Ledger::open(events_path, LedgerOptions::default(), clock.clone())?;
@@ -99,6 +241,8 @@ pub fn load(events_path: &Path, now: DateTime<Utc>) -> Result<bool> {
         ledger.execute(&member.member_id, admin(start_subscription))?;
     }
     let mut random = Lcg(0x7a11);
+    let mut random_queries = Lcg(0x9e3);
+    let mut demo_executions = 0;
     for day in 0..HISTORY_DAYS {
         for hour in [9, 13, 17] {
             let instant = start + Duration::days(day) + Duration::hours(hour);
@@ -107,6 +251,13 @@ pub fn load(events_path: &Path, now: DateTime<Utc>) -> Result<bool> {
             }
             clock.advance_to(instant);
             ledger.run_due()?;
+            if day == HISTORY_DAYS - EXECUTION_DAYS - 1 && hour == 9 {
+                register_integrations(&ledger, upstream_base)?;
+            }
+            if day >= HISTORY_DAYS - EXECUTION_DAYS {
+                execute_demo_query(&ledger, &mut random_queries, demo_executions)?;
+                demo_executions += 1;
+            }
             for member in &members {
                 let credits = random.next_in(member.daily_credits[0], member.daily_credits[1]) / 3;
                 let usage = RecordUsage {

@@ -21,6 +21,7 @@
 mod audit;
 mod data_dir;
 mod demo;
+mod demo_upstream;
 mod events;
 mod progress;
 mod projections;

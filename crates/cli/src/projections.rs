@@ -48,9 +48,10 @@ pub struct StatusArgs {
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("which").required(true).args(["name", "all"]))]
 pub struct RebuildArgs {
-    /// A projector (credits, daily_usage, invoices, subscriptions) or one of
-    /// its read models (credit_balances, credit_transactions,
-    /// daily_usage_stats, invoices, subscriptions).
+    /// A projector (credits, daily_usage, invoices, subscriptions,
+    /// integrations) or one of its read models (credit_balances,
+    /// credit_transactions, daily_usage_stats, invoices, subscriptions,
+    /// integrations, query_executions, query_stats).
     name: Option<String>,
     /// Rebuild every projector.
     #[arg(long)]

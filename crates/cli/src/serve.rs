@@ -53,6 +53,20 @@ pub struct ServeArgs {
     /// servers that must send nothing past their own machine).
     #[arg(long, env = "TALLY_OUTBOUND", value_enum, default_value = "public")]
     outbound: Outbound,
+    /// Query executions one member may run at once; more wait up to 2 s,
+    /// then get `too_many_executions` (429).
+    #[arg(long, env = "TALLY_EXECUTIONS_PER_MEMBER", default_value_t = tally_api::execution::EXECUTIONS_PER_MEMBER_DEFAULT as u64,
+        value_parser = clap::value_parser!(u64).range(1..=1024))]
+    executions_per_member: u64,
+    /// Seconds between two scheduled health probes of an integration
+    /// (each jittered by up to a fifth); 0 turns the probes off.
+    #[arg(long, env = "TALLY_HEALTH_CHECK_INTERVAL_S", default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    health_check_interval_s: u64,
+    /// Query executions the whole server runs at once.
+    #[arg(long, env = "TALLY_EXECUTIONS_MAX", default_value_t = tally_api::execution::EXECUTIONS_MAX_DEFAULT as u64,
+        value_parser = clap::value_parser!(u64).range(1..=4096))]
+    executions_max: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -115,8 +129,15 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         Some(clock) => clock.clone(),
         None => Arc::new(SystemClock),
     };
-    if args.demo {
-        if demo::load(&events_path, clock.now())? {
+    // The demo's data source, on a free loopback port (allow-listed below,
+    // in demo mode only).
+    let demo_upstream = match args.demo {
+        true => Some(crate::demo_upstream::start()?),
+        false => None,
+    };
+    let demo_base = demo_upstream.map(|address| format!("http://{address}"));
+    if let Some(base) = &demo_base {
+        if demo::load(&events_path, clock.now(), base)? {
             tracing::info!("loaded the demo: plans free, starter, pro, enterprise; members acme, globex, initech");
         } else {
             tracing::info!("the log is not empty; the demo was not loaded again");
@@ -126,6 +147,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let mut options = LedgerOptions::default();
     options.store.max_log_bytes = args.max_log_bytes;
     let ledger = Arc::new(Ledger::open(&events_path, options, clock)?);
+    if let Some(base) = &demo_base {
+        demo::point_integrations(&ledger, base)?;
+    }
     let projections = Arc::new(Projections::open(&projections_path, &events_path)?);
     // The read models serve only what is on disk.
     projections.hide_unsynced(ledger.visible_head());
@@ -138,7 +162,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     }
     let mut app_state = AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone());
     app_state.stripe = stripe_settings()?;
-    app_state.integrations = integration_settings(&data_dir, &args)?;
+    app_state.integrations = integration_settings(&data_dir, &args, demo_upstream)?;
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
@@ -186,6 +210,37 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         })
     });
 
+    let health = (test_clock.is_none() && args.health_check_interval_s > 0).then(|| {
+        let interval = Duration::from_secs(args.health_check_interval_s);
+        // Looks for due integrations ten times per interval (at least every
+        // second, at most every 30 s).
+        let tick = (interval / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let state = state.clone();
+        let stop = stop_scheduler.clone();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => return tracing::error!(%error, "the health scheduler cannot start"),
+            };
+            // One `block_on` for the thread's whole life: the connections
+            // this runtime opens (pooled in the HTTP client the API shares)
+            // are driven by it, so it must never stand still.
+            runtime.block_on(async {
+                let stopping = || stop.wait(Duration::ZERO);
+                while !stopping() {
+                    let probed = tally_api::health::sweep(&state, interval, Utc::now(), stopping).await;
+                    if probed > 0 {
+                        tracing::debug!(probed, "scheduled health probes");
+                    }
+                    let next = std::time::Instant::now() + tick;
+                    while std::time::Instant::now() < next && !stopping() {
+                        actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            });
+        })
+    });
+
     let addr = args.addr.clone();
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
     let served = actix_web::rt::System::new().block_on(async {
@@ -221,6 +276,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     if let Some(outbox) = outbox {
         let _ = outbox.join();
     }
+    if let Some(health) = health {
+        let _ = health.join();
+    }
     runner.stop();
     drop(ledger);
     Ok(())
@@ -229,7 +287,11 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
 /// The vault (when a key is given, or made for the demo) and the guard's
 /// allow-list. A vault that holds credentials but no key to open it: the
 /// start is refused, never served in clear or silently empty.
-fn integration_settings(data_dir: &DataDir, args: &ServeArgs) -> Result<tally_api::integrations::IntegrationSettings> {
+fn integration_settings(
+    data_dir: &DataDir,
+    args: &ServeArgs,
+    demo_upstream: Option<SocketAddr>,
+) -> Result<tally_api::integrations::IntegrationSettings> {
     use tally_integrations::vault::{Kek, Vault};
     let vault_path = data_dir.root().join("vault.db");
     let demo_key = data_dir.root().join("vault.key");
@@ -257,17 +319,26 @@ fn integration_settings(data_dir: &DataDir, args: &ServeArgs) -> Result<tally_ap
             None
         }
     };
-    let allowed = match &args.allow_private_targets {
+    let mut allowed = match &args.allow_private_targets {
         Some(text) => tally_integrations::guard::Guard::parse_allow_list(text)
             .map_err(|error| anyhow::anyhow!("--allow-private-targets: {error}"))?,
         None => Vec::new(),
     };
+    if let Some(address) = demo_upstream {
+        tracing::info!(%address, "demo: integrations may reach the demo upstream's loopback address");
+        allowed.extend(
+            tally_integrations::guard::Guard::parse_allow_list(&format!("{}/32", address.ip()))
+                .map_err(|error| anyhow::anyhow!("the demo upstream's address: {error}"))?,
+        );
+    }
     use tally_integrations::guard::Guard;
     let outbound = match args.outbound {
         Outbound::Public => Guard::new(allowed.clone()),
         Outbound::AllowList => Guard::allow_list_only(allowed.clone()),
     };
-    Ok(tally_api::integrations::IntegrationSettings::new(vault, Guard::new(allowed), outbound))
+    let slots =
+        tally_api::execution::ExecutionSlots::new(args.executions_per_member as usize, args.executions_max as usize);
+    Ok(tally_api::integrations::IntegrationSettings::new(vault, Guard::new(allowed), outbound).with_slots(slots))
 }
 
 /// Stripe settings from the environment: the webhook secret and tolerance,

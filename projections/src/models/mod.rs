@@ -3,10 +3,12 @@
 
 pub mod credits;
 pub mod daily_usage;
+pub mod integrations;
 pub mod invoices;
 pub mod subscriptions;
 
 pub use credits::CreditsProjector;
 pub use daily_usage::DailyUsageProjector;
+pub use integrations::IntegrationsProjector;
 pub use invoices::InvoicesProjector;
 pub use subscriptions::SubscriptionsProjector;
