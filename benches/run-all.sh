@@ -24,6 +24,9 @@ target/release/tally-bench | tee "$out/write.md"
 echo "== peer: cqrs-es + sqlite-es"
 benches/peers/run.sh | tee "$out/peer-cqrs-es.md"
 
+echo "== query execution: overhead and cache hits beside the usage route (tally-exec)"
+target/release/tally-exec | tee "$out/exec.md"
+
 echo "== HTTP on loopback: tally-load at fixed rates"
 http_dir="$(mktemp -d)"
 port=18282

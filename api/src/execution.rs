@@ -403,9 +403,15 @@ async fn run_and_settle(
         query: Some(execution),
     };
     let settled = member(state, principal, run.member_id, settle, settle_key).await?;
-    // The source's health, from what the execution saw: its answers and
-    // failures, not the caller's own mistakes.
-    if !cache_hit && outcome.as_ref().err().is_none_or(ProviderError::is_upstream) {
+    // The source's health, from what the execution saw: its failures (not
+    // the caller's own mistakes), and a success only when it changes the
+    // status (an integration already healthy gains nothing from one more,
+    // and its stream would grow by an event a run).
+    let news = match &outcome {
+        Ok(_) => current.status() != IntegrationStatus::Healthy || current.consecutive_failures > 0,
+        Err(error) => error.is_upstream(),
+    };
+    if !cache_hit && news {
         let health = IntegrationCommand::RecordTest {
             ok: outcome.is_ok(),
             latency_ms: duration_ms,

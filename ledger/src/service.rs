@@ -311,6 +311,45 @@ pub struct Ledger {
     checkpoint_stats: Option<Arc<CheckpointStats>>,
     durable: Arc<Durable>,
     visible: Arc<VisibleHead>,
+    /// Readers kept for reuse: opening a connection costs more than most
+    /// reads do (a query execution reads twice before it reserves).
+    readers: Arc<Mutex<Vec<EventReader>>>,
+}
+
+/// Idle readers a [`Ledger`] keeps.
+const READERS_IDLE_MAX: usize = 16;
+
+/// A reader of the log, returned to its ledger's pool when dropped.
+pub struct PooledReader {
+    reader: Option<EventReader>,
+    pool: Arc<Mutex<Vec<EventReader>>>,
+}
+
+impl std::ops::Deref for PooledReader {
+    type Target = EventReader;
+
+    fn deref(&self) -> &EventReader {
+        self.reader.as_ref().expect("a reader until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledReader {
+    fn deref_mut(&mut self) -> &mut EventReader {
+        self.reader.as_mut().expect("a reader until dropped")
+    }
+}
+
+impl Drop for PooledReader {
+    fn drop(&mut self) {
+        let Some(reader) = self.reader.take() else { return };
+        // One left inside a transaction (a read that failed midway) is not reused.
+        if reader.is_idle() {
+            let mut idle = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if idle.len() < READERS_IDLE_MAX {
+                idle.push(reader);
+            }
+        }
+    }
 }
 
 /// Counters of the writer's work, for metrics: how well group commit batches.
@@ -434,6 +473,7 @@ impl Ledger {
             checkpoint_stats,
             durable,
             visible,
+            readers: Arc::default(),
         })
     }
 
@@ -463,10 +503,17 @@ impl Ledger {
 
     /// A new read connection on the log. It never returns an event of a
     /// batch this ledger committed but has not yet fsynced.
-    pub fn reader(&self) -> Result<EventReader, LedgerError> {
-        let mut reader = EventReader::open(&self.path)?;
-        reader.hide_unsynced(self.visible_head());
-        Ok(reader)
+    pub fn reader(&self) -> Result<PooledReader, LedgerError> {
+        let idle = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let reader = match idle {
+            Some(reader) => reader,
+            None => {
+                let mut reader = EventReader::open(&self.path)?;
+                reader.hide_unsynced(self.visible_head());
+                reader
+            }
+        };
+        Ok(PooledReader { reader: Some(reader), pool: Arc::clone(&self.readers) })
     }
 
     /// How far readers of this process may read the log: hand it to
@@ -547,7 +594,7 @@ impl Ledger {
     /// An integration's state, folded from its stream as durably written
     /// (read from the file, not through the writer).
     pub fn integration_state(&self, member_id: &str, integration_id: &str) -> Result<IntegrationState, LedgerError> {
-        fold_integration(&self.reader()?, &integration_stream(member_id, integration_id))
+        fold_integration(&*self.reader()?, &integration_stream(member_id, integration_id))
     }
 
     /// A member's integrations in id order, at most `limit` after `after`
@@ -1294,6 +1341,9 @@ impl Shell<'_, '_> {
                     let previous_customer = profile_changes.then(|| state.profile.stripe_customer_id.clone()).flatten();
                     let version_before = state.version;
                     let mut state = state;
+                    // The cached copy goes first, so that the parts the two
+                    // share (closed reservations) are changed in place.
+                    self.members.remove(member_id);
                     for occurred in &decision {
                         state.apply(&occurred.event);
                     }

@@ -45,6 +45,11 @@ pub struct ChainReport {
 }
 
 impl EventReader {
+    /// No transaction left open: the reader may serve another caller.
+    pub fn is_idle(&self) -> bool {
+        self.connection.is_autocommit()
+    }
+
     /// Opens an existing log read-only; refuses a file that is not one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let connection = open_for_reading(path)?;
