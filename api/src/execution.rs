@@ -403,15 +403,12 @@ async fn run_and_settle(
         query: Some(execution),
     };
     let settled = member(state, principal, run.member_id, settle, settle_key).await?;
-    // The source's health, from what the execution saw: its failures (not
-    // the caller's own mistakes), and a success only when it changes the
-    // status (an integration already healthy gains nothing from one more,
-    // and its stream would grow by an event a run).
-    let news = match &outcome {
-        Ok(_) => current.status() != IntegrationStatus::Healthy || current.consecutive_failures > 0,
-        Err(error) => error.is_upstream(),
-    };
-    if !cache_hit && news {
+    // The source's health, from what the execution saw: its answers and
+    // failures, not the caller's own mistakes. The ledger decides on fresh
+    // state and writes nothing for a success after successes (this
+    // request's `current` may be seconds old), so an integration's stream
+    // does not grow by an event a run.
+    if !cache_hit && outcome.as_ref().err().is_none_or(ProviderError::is_upstream) {
         let health = IntegrationCommand::RecordTest {
             ok: outcome.is_ok(),
             latency_ms: duration_ms,

@@ -20,6 +20,9 @@ pub const HEALTH_CHECK_INTERVAL_DEFAULT: Duration = Duration::from_secs(300);
 pub const HEALTH_ACTOR: &str = "health_scheduler";
 /// Integrations one sweep probes at most.
 pub const PROBES_PER_SWEEP_MAX: usize = 100;
+/// Integrations one sweep looks at: more than it probes, so that those
+/// tried lately without a record do not hide the others.
+const CANDIDATES_PER_SWEEP_MAX: usize = 1_000;
 
 /// When an integration checked at `checked_at` is next due: one interval
 /// later, plus a jitter of up to a fifth of it that depends only on the
@@ -32,11 +35,37 @@ pub fn next_due(member_id: &str, integration_id: &str, checked_at: DateTime<Utc>
     checked_at.checked_add_signed(wait).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// The scheduler's memory between sweeps: when it last tried each
+/// integration (`member/integration`), so that one whose probe could not
+/// be recorded (no vault key, a read model not caught up yet) waits for its
+/// next turn like the others instead of being tried at every sweep.
+#[derive(Default)]
+pub struct Attempts(std::collections::HashMap<String, DateTime<Utc>>);
+
+impl Attempts {
+    fn last(&self, member_id: &str, integration_id: &str) -> Option<DateTime<Utc>> {
+        self.0.get(&format!("{member_id}/{integration_id}")).copied()
+    }
+
+    fn record(&mut self, member_id: &str, integration_id: &str, at: DateTime<Utc>, interval: Duration) {
+        // Forget what is older than two intervals: those are due anyway.
+        let horizon = at - chrono::Duration::from_std(interval * 2).unwrap_or(chrono::Duration::MAX);
+        self.0.retain(|_, attempted| *attempted > horizon);
+        self.0.insert(format!("{member_id}/{integration_id}"), at);
+    }
+}
+
 /// One sweep: probes the integrations due at `now`, until `stopping` says
 /// the server is shutting down. Returns how many were probed.
-pub async fn sweep(state: &AppState, interval: Duration, now: DateTime<Utc>, stopping: impl Fn() -> bool) -> usize {
+pub async fn sweep(
+    state: &AppState,
+    attempts: &mut Attempts,
+    interval: Duration,
+    now: DateTime<Utc>,
+    stopping: impl Fn() -> bool,
+) -> usize {
     let projections = state.projections.clone();
-    let candidates = match actix_web::web::block(move || projections.probe_candidates(PROBES_PER_SWEEP_MAX)).await {
+    let candidates = match actix_web::web::block(move || projections.probe_candidates(CANDIDATES_PER_SWEEP_MAX)).await {
         Ok(Ok(candidates)) => candidates,
         // A read model still being built: the next sweep.
         Ok(Err(tally_projections::ProjectionError::NotReady { .. })) => return 0,
@@ -51,13 +80,17 @@ pub async fn sweep(state: &AppState, interval: Duration, now: DateTime<Utc>, sto
     };
     let mut probed = 0;
     for candidate in candidates {
-        if stopping() {
+        if stopping() || probed >= PROBES_PER_SWEEP_MAX {
             break;
         }
-        if next_due(&candidate.member_id, &candidate.integration_id, candidate.checked_at, interval) > now {
+        let (member_id, integration_id) = (candidate.member_id, candidate.integration_id);
+        let checked_at = attempts
+            .last(&member_id, &integration_id)
+            .map_or(candidate.checked_at, |tried| tried.max(candidate.checked_at));
+        if next_due(&member_id, &integration_id, checked_at, interval) > now {
             continue;
         }
-        let (member_id, integration_id) = (candidate.member_id, candidate.integration_id);
+        attempts.record(&member_id, &integration_id, now, interval);
         match crate::integrations::probe(state, HEALTH_ACTOR, member_id.clone(), integration_id.clone()).await {
             Ok(test) => {
                 probed += 1;

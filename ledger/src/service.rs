@@ -501,8 +501,11 @@ impl Ledger {
         self.clock.now()
     }
 
-    /// A new read connection on the log. It never returns an event of a
-    /// batch this ledger committed but has not yet fsynced.
+    /// A read connection on the log, an idle one of the pool or a new one;
+    /// back to the pool when dropped (unless left inside a transaction). It
+    /// never returns an event of a batch this ledger committed but has not
+    /// yet fsynced. Each read is its own snapshot of the log (autocommit),
+    /// as on a new connection.
     pub fn reader(&self) -> Result<PooledReader, LedgerError> {
         let idle = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let reader = match idle {

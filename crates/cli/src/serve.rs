@@ -227,8 +227,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
             // are driven by it, so it must never stand still.
             runtime.block_on(async {
                 let stopping = || stop.wait(Duration::ZERO);
+                let mut attempts = tally_api::health::Attempts::default();
                 while !stopping() {
-                    let probed = tally_api::health::sweep(&state, interval, Utc::now(), stopping).await;
+                    let probed = tally_api::health::sweep(&state, &mut attempts, interval, Utc::now(), stopping).await;
                     if probed > 0 {
                         tracing::debug!(probed, "scheduled health probes");
                     }

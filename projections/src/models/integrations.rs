@@ -158,8 +158,12 @@ const SELECT_HEALTH: &str =
 const TESTED: &str = "UPDATE {integrations} SET status = ?3, consecutive_failures = ?4, last_test_at = ?5,
     last_test_ok = ?6, last_test_latency_ms = ?7, last_test_error = ?8, updated_at = ?5, updated_position = ?9
     WHERE member_id = ?1 AND integration_id = ?2";
-const SET_STATUS: &str = "UPDATE {integrations} SET status = ?3, consecutive_failures = 0, updated_at = ?4,
-    updated_position = ?5 WHERE member_id = ?1 AND integration_id = ?2";
+/// Enabled: `untested`, failures forgotten.
+const ENABLE: &str = "UPDATE {integrations} SET status = 'untested', consecutive_failures = 0, updated_at = ?3,
+    updated_position = ?4 WHERE member_id = ?1 AND integration_id = ?2";
+/// Disabled: the failure count stays, as the ledger keeps it.
+const DISABLE: &str = "UPDATE {integrations} SET status = 'disabled', updated_at = ?3, updated_position = ?4
+    WHERE member_id = ?1 AND integration_id = ?2";
 const REMOVE: &str = "UPDATE {integrations} SET status = 'removed', credential_version = NULL,
     credential_hint = NULL, consecutive_failures = 0, updated_at = ?3, updated_position = ?4
     WHERE member_id = ?1 AND integration_id = ?2";
@@ -372,10 +376,10 @@ impl Projector for IntegrationsProjector {
                 ])?;
             }
             IntegrationEvent::IntegrationDisabled { .. } => {
-                tx.statement(SET_STATUS)?.execute(params![member_id, integration_id, "disabled", at, position])?;
+                tx.statement(DISABLE)?.execute(params![member_id, integration_id, at, position])?;
             }
             IntegrationEvent::IntegrationEnabled {} => {
-                tx.statement(SET_STATUS)?.execute(params![member_id, integration_id, "untested", at, position])?;
+                tx.statement(ENABLE)?.execute(params![member_id, integration_id, at, position])?;
             }
             IntegrationEvent::IntegrationRemoved {} => {
                 tx.statement(REMOVE_QUERIES)?.execute(params![member_id, integration_id])?;
@@ -653,6 +657,7 @@ pub struct IntegrationRow {
     pub last_test_ok: Option<bool>,
     pub queries: i64,
     pub executions: i64,
+    /// Executions that failed, timeouts included.
     pub errors: i64,
     pub credits: i64,
     pub updated_position: u64,
