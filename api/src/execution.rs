@@ -52,7 +52,6 @@ pub struct ExecutionSlots {
     all_max: usize,
     all: Arc<tokio::sync::Semaphore>,
     members: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    queue_wait: Duration,
 }
 
 /// The slots one execution holds; dropping it frees them.
@@ -63,16 +62,11 @@ pub struct ExecutionPermit {
 
 impl ExecutionSlots {
     pub fn new(per_member_max: usize, all_max: usize) -> ExecutionSlots {
-        ExecutionSlots::with_queue_wait(per_member_max, all_max, EXECUTION_QUEUE_WAIT)
-    }
-
-    pub fn with_queue_wait(per_member_max: usize, all_max: usize, queue_wait: Duration) -> ExecutionSlots {
         ExecutionSlots {
             per_member_max: per_member_max.max(1),
             all_max: all_max.max(1),
             all: Arc::new(tokio::sync::Semaphore::new(all_max.max(1))),
             members: Default::default(),
-            queue_wait,
         }
     }
 
@@ -96,9 +90,9 @@ impl ExecutionSlots {
             retry_after_s: 1,
             message: format!("{whose} {cap} executions at once are already running"),
         };
-        let deadline = std::time::Instant::now() + self.queue_wait;
+        let deadline = std::time::Instant::now() + EXECUTION_QUEUE_WAIT;
         let member = self.member(member_id);
-        let member = actix_web::rt::time::timeout(self.queue_wait, member.acquire_owned())
+        let member = actix_web::rt::time::timeout(EXECUTION_QUEUE_WAIT, member.acquire_owned())
             .await
             .map_err(|_| refused("the member's", self.per_member_max))?
             .map_err(|_| ApiError::Internal("execution slots closed".into()))?;

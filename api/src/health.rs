@@ -74,7 +74,7 @@ pub async fn sweep(
             return 0;
         }
         Err(error) => {
-            tracing::warn!(%error, "the health scheduler cannot list integrations");
+            tracing::warn!(%error, "the health scheduler's blocking read did not run");
             return 0;
         }
     };

@@ -17,7 +17,7 @@ use crate::digest::{Digest, digest_read_model};
 use crate::error::ProjectionError;
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
-use crate::models::integrations::{self, ExecutionFilter, ExecutionRow, IntegrationRow, ProbeCandidate, QueryStats};
+use crate::models::integrations::{self, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
 use crate::models::invoices::{self, Invoice};
 use crate::models::subscriptions::{self, Subscription};
 use crate::page::{Page, PageRequest};
@@ -233,11 +233,6 @@ impl ReadModels {
     /// The statistics of one integration's queries.
     pub fn query_stats(&self, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ProjectionError> {
         self.snapshot(|snapshot| integrations::query_stats(snapshot, member_id, integration_id))
-    }
-
-    /// A member's integrations as the read model holds them.
-    pub fn integrations(&self, member_id: &str) -> Result<Vec<IntegrationRow>, ProjectionError> {
-        self.snapshot(|snapshot| integrations::integrations(snapshot, member_id))
     }
 
     /// Active integrations, least recently checked first.

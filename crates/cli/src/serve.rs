@@ -60,7 +60,7 @@ pub struct ServeArgs {
     executions_per_member: u64,
     /// Seconds between two scheduled health probes of an integration
     /// (each jittered by up to a fifth); 0 turns the probes off.
-    #[arg(long, env = "TALLY_HEALTH_CHECK_INTERVAL_S", default_value_t = 300,
+    #[arg(long, env = "TALLY_HEALTH_CHECK_INTERVAL_S", default_value_t = tally_api::health::HEALTH_CHECK_INTERVAL_DEFAULT.as_secs(),
         value_parser = clap::value_parser!(u64).range(0..=86_400))]
     health_check_interval_s: u64,
     /// Query executions the whole server runs at once.

@@ -31,7 +31,7 @@ use crate::projector::{IntegrationProjected, ProjectedEvent, Projector, Projecto
 use crate::read::Snapshot;
 use crate::registry::ReadModel;
 use crate::storage::to_sql_integer;
-use crate::values::{day_text, instant_at, instant_text, optional_instant_at, u64_at};
+use crate::values::{day_text, instant_at, instant_text, u64_at};
 
 pub const PROJECTOR_NAME: &str = "integrations";
 pub const PROJECTOR_VERSION: u32 = 1;
@@ -641,55 +641,6 @@ pub(crate) fn query_stats(
         }
     }
     Ok(stats)
-}
-
-/// One integration as the `integrations` read model holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct IntegrationRow {
-    pub integration_id: String,
-    pub provider: String,
-    pub name: String,
-    pub status: String,
-    pub credential_version: Option<i64>,
-    pub credential_hint: Option<String>,
-    pub consecutive_failures: i64,
-    pub last_test_at: Option<DateTime<Utc>>,
-    pub last_test_ok: Option<bool>,
-    pub queries: i64,
-    pub executions: i64,
-    /// Executions that failed, timeouts included.
-    pub errors: i64,
-    pub credits: i64,
-    pub updated_position: u64,
-}
-
-/// A member's integrations (removed ones included), by id.
-pub(crate) fn integrations(snapshot: &Snapshot<'_>, member_id: &str) -> Result<Vec<IntegrationRow>, ProjectionError> {
-    let template = "SELECT i.integration_id, provider, name, status, credential_version, credential_hint,
-        consecutive_failures, last_test_at, last_test_ok, updated_position, executions, errors, credits,
-        (SELECT count(*) FROM {integration_queries} q WHERE q.member_id = i.member_id
-            AND q.integration_id = i.integration_id)
-        FROM {integrations} i WHERE i.member_id = ?1 ORDER BY i.integration_id";
-    let mut statement = snapshot.statement(ReadModel::Integrations, template)?;
-    let rows = statement.query_map(params![member_id], |row| {
-        Ok(IntegrationRow {
-            integration_id: row.get(0)?,
-            provider: row.get(1)?,
-            name: row.get(2)?,
-            status: row.get(3)?,
-            credential_version: row.get(4)?,
-            credential_hint: row.get(5)?,
-            consecutive_failures: row.get(6)?,
-            last_test_at: optional_instant_at(row, 7)?,
-            last_test_ok: row.get(8)?,
-            updated_position: u64_at(row, 9)?,
-            executions: row.get(10)?,
-            errors: row.get(11)?,
-            credits: row.get(12)?,
-            queries: row.get(13)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 /// An integration the health scheduler may probe: neither disabled nor
