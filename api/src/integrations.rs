@@ -335,12 +335,24 @@ async fn execute(
     idempotency: Option<tally_ledger::service::Idempotency>,
 ) -> Result<tally_ledger::service::Executed, ApiError> {
     let ledger = state.ledger.clone();
+    // A new config or credential, a disable or a removal: connections kept
+    // open for the old one are closed.
+    let closes_connections = matches!(
+        command,
+        IntegrationCommand::Put { .. }
+            | IntegrationCommand::RotateCredential { .. }
+            | IntegrationCommand::Disable { .. }
+            | IntegrationCommand::Remove
+    );
     let mut ledger_request = Request::new(command, actor);
     ledger_request.idempotency = idempotency;
     let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
     let executed =
         actix_web::web::block(move || ledger.execute_integration(&member, &integration, ledger_request)).await??;
     state.metrics.command("integration", executed.outcome.events.len());
+    if closes_connections {
+        tally_integrations::forget(&format!("{member_id}/{integration_id}"));
+    }
     Ok(executed)
 }
 
@@ -892,17 +904,26 @@ pub async fn execute_query(state: State, request: HttpRequest, bytes: Bytes) -> 
 pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> Result<HttpResponse, ApiError> {
     let (principal, member_id, integration_id) = target(&state, &request)?;
     let key = execution_key(&request, &principal, &member_id, "integrations.execute_adhoc", &bytes)?;
-    let body: crate::execution::AdhocBody = body::parse(&bytes)?;
-    let spec: QuerySpec =
-        serde_json::from_value(body.query).map_err(|error| ApiError::validation("query", error.to_string()))?;
-    validate_spec(&spec, "query.")?;
+    // `{"query": {…}, "params": {…}}`, or the query alone (its parameters
+    // then take their defaults).
+    let raw: Value = body::parse(&bytes)?;
+    let flat = raw.get("kind").is_some() && raw.get("query").is_none();
+    let (spec, params, prefix): (QuerySpec, Map<String, Value>, &str) = if flat {
+        (body::parse_value(raw)?, Map::new(), "")
+    } else {
+        let body: crate::execution::AdhocBody = body::parse_value(raw)?;
+        let spec =
+            serde_json::from_value(body.query).map_err(|error| ApiError::validation("query", error.to_string()))?;
+        (spec, body.params, "query.")
+    };
+    validate_spec(&spec, prefix)?;
     let current = live(&state, &member_id, &integration_id).await?;
     let run = crate::execution::Execution {
         member_id: &member_id,
         integration_id: &integration_id,
         query_id: crate::execution::ADHOC_QUERY_ID,
         spec: &spec,
-        params: &body.params,
+        params: &params,
         idempotency: key,
     };
     Ok(HttpResponse::Ok().json(crate::execution::execute(&state, &principal, &current, run).await?))

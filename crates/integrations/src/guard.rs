@@ -130,6 +130,10 @@ pub enum GuardError {
     InvalidUrl(String),
     #[error("the scheme `{0}` is not allowed: use https (or http to a host the operator's allow-list opens)")]
     Scheme(String),
+    #[error(
+        "an unencrypted connection to `{0}` is allowed only to an address the operator's allow-list opens: use TLS"
+    )]
+    Unencrypted(String),
     #[error("the URL carries credentials: put them in the integration's credential, not in the URL")]
     Credentials,
     #[error("the URL has no host")]
@@ -236,6 +240,36 @@ impl Guard {
             None => {}
         }
         Ok(url)
+    }
+
+    /// What can be refused of a database host without a lookup: a literal
+    /// address the guard refuses, a name when only the allow-list is
+    /// reached, and plain text (`encrypted: false`) to anything but an
+    /// allow-listed literal address, as with `http`.
+    pub fn check_host(&self, host: &str, encrypted: bool) -> Result<(), GuardError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.len() > 253 || host.contains(['/', '@', ' ', '?', '#']) {
+            return Err(GuardError::InvalidUrl(format!("`{host}` is not a host name or address")));
+        }
+        match host.parse::<IpAddr>() {
+            Ok(ip) if self.allowed_only && !self.allows(ip) => Err(GuardError::OutsideAllowList(host.to_owned())),
+            Ok(ip) if !encrypted && !self.allows(ip) => Err(GuardError::Unencrypted(host.to_owned())),
+            Ok(ip) => self.permits(host, ip),
+            Err(_) if self.allowed_only => Err(GuardError::OutsideAllowList(host.to_owned())),
+            Err(_) if !encrypted => Err(GuardError::Unencrypted(host.to_owned())),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The addresses a database connection may go to: a literal address
+    /// checked as it is, a name resolved and checked (every address).
+    pub async fn resolve_host(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse::<IpAddr>() {
+            Ok(ip) if self.allowed_only && !self.allows(ip) => Err(GuardError::OutsideAllowList(bare.to_owned())),
+            Ok(ip) => self.permits(bare, ip).map(|()| vec![SocketAddr::new(ip, port)]),
+            Err(_) => self.resolve(bare, port).await,
+        }
     }
 
     /// Resolves `host` and keeps the permitted addresses; refuses when any

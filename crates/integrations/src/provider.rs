@@ -122,6 +122,21 @@ pub struct Call<'a> {
     pub http: &'a crate::http::GuardedHttp,
 }
 
+impl Call<'_> {
+    /// `member/integration`: what a provider keys its connection pools by.
+    pub fn integration_key(&self) -> &str {
+        self.credential_key.rsplit_once('/').map_or(self.credential_key.as_str(), |(key, _version)| key)
+    }
+}
+
+/// `work` within `timeout`: past it, [`ProviderError::Timeout`].
+pub async fn within<T>(
+    timeout: Duration,
+    work: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    tokio::time::timeout(timeout, work).await.unwrap_or(Err(ProviderError::Timeout(timeout)))
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait Provider: Send + Sync {
@@ -145,6 +160,10 @@ pub trait Provider: Send + Sync {
 
     /// The cheapest call that proves the source answers with this credential.
     fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>>;
+
+    /// Closes what the provider keeps open for an integration (its
+    /// connection pool), when it is changed, disabled or removed.
+    fn forget(&self, _integration_key: &str) {}
 
     /// Runs a query with bound parameters, within the call's limits.
     fn run<'a>(

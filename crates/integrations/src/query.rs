@@ -30,6 +30,27 @@ pub struct QuerySpec {
     /// For `graphql`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphql: Option<GraphqlRequest>,
+    /// For `sql` (PostgreSQL, MySQL/MariaDB): one statement; `{{name}}`
+    /// becomes a bind parameter (`$n`, `?`), never text in the statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    /// For `find` and `aggregate` (MongoDB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// For `find`: the filter, projection and sort, in Extended JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<Value>,
+    /// For `find`: at most this many documents (and never more than
+    /// `max_rows`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// For `aggregate`: the stages, in Extended JSON; no `$out` or `$merge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Vec<Value>>,
     #[serde(default)]
     pub params: BTreeMap<String, ParamSpec>,
     /// A JSON pointer (RFC 6901) to the array of rows in the answer; the
@@ -164,7 +185,39 @@ impl QuerySpec {
                 collect_strings(body, "request.body", &mut templates);
             }
         }
+        if let Some(sql) = &self.sql {
+            templates.push(("sql".to_owned(), sql.as_str()));
+        }
+        for (field, document) in [("filter", &self.filter), ("projection", &self.projection), ("sort", &self.sort)] {
+            if let Some(document) = document {
+                collect_strings(document, field, &mut templates);
+            }
+        }
+        for (index, stage) in self.pipeline.iter().flatten().enumerate() {
+            collect_strings(stage, &format!("pipeline.{index}"), &mut templates);
+        }
         templates
+    }
+
+    /// Refuses the fields of other kinds: a query names only what its
+    /// kind reads.
+    pub fn only_fields(&self, kind_fields: &[&str]) -> Result<(), QueryError> {
+        let present = [
+            ("request", self.request.is_some()),
+            ("graphql", self.graphql.is_some()),
+            ("sql", self.sql.is_some()),
+            ("collection", self.collection.is_some()),
+            ("filter", self.filter.is_some()),
+            ("projection", self.projection.is_some()),
+            ("sort", self.sort.is_some()),
+            ("limit", self.limit.is_some()),
+            ("pipeline", self.pipeline.is_some()),
+            ("rows_pointer", self.rows_pointer.is_some()),
+        ];
+        match present.iter().find(|(field, present)| *present && !kind_fields.contains(field)) {
+            Some((field, _)) => Err(refuse(*field, format!("is not a field of kind `{}`", self.kind))),
+            None => Ok(()),
+        }
     }
 
     /// Checks what needs no provider: limits, parameter declarations, and
@@ -297,14 +350,18 @@ fn text_of(value: &Value) -> String {
 
 /// Substitutes placeholders in a text; `encode` is applied to each value.
 pub fn render(template: &str, params: &Map<String, Value>, encode: impl Fn(&str) -> String) -> String {
+    render_with(template, |name| encode(&params.get(name).map(text_of).unwrap_or_default()))
+}
+
+/// Replaces each placeholder by what `replace` makes of its name.
+pub fn render_with(template: &str, mut replace: impl FnMut(&str) -> String) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else { break };
-        let name = after[..end].trim();
-        out.push_str(&encode(&params.get(name).map(text_of).unwrap_or_default()));
+        out.push_str(&replace(after[..end].trim()));
         rest = &after[end + 2..];
     }
     out.push_str(rest);

@@ -1,0 +1,26 @@
+-- The schema the source tests query, owned by the user `app`.
+CREATE DATABASE appdb;
+CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'my-app-pw-4b8e21f6';
+GRANT ALL ON appdb.* TO 'app'@'127.0.0.1';
+GRANT PROCESS ON *.* TO 'app'@'127.0.0.1';
+USE appdb;
+CREATE TABLE orders (id INT PRIMARY KEY, customer VARCHAR(50) NOT NULL, total DECIMAL(12, 2) NOT NULL, created_at DATETIME NOT NULL);
+INSERT INTO orders VALUES
+  (1, 'ada', 12.50, '2026-01-02 03:04:05'),
+  (2, 'ada', 7.25, '2026-01-03 00:00:00'),
+  (3, 'bob', 100.00, '2026-02-01 12:00:00'),
+  (4, 'o''brien', 1.00, '2026-02-02 12:00:00');
+CREATE TABLE kinds (
+  id INT PRIMARY KEY, ti TINYINT, b BOOL, si SMALLINT, i INT, bi BIGINT, ubi BIGINT UNSIGNED, f FLOAT, d DOUBLE,
+  dec_ DECIMAL(30, 10), vc VARCHAR(20), tx TEXT, bin VARBINARY(8), bl BLOB, dt DATETIME(6), ts TIMESTAMP NULL,
+  da DATE, tm TIME, yr YEAR, bits BIT(12), j JSON, en ENUM('happy', 'sad')
+);
+INSERT INTO kinds VALUES
+  (1, -5, TRUE, -300, 40000, 9007199254740993, 18446744073709551615, 1.5, 2.25,
+   12345678901234567890.0123456789, 'héllo', 'long text', X'00FF10', X'0102', '2026-03-04 05:06:07.123456',
+   '2026-03-04 05:06:07', '2026-03-04', '-25:14:15', 2026, b'101010101010', '{"a": [1, 2]}', 'sad'),
+  (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+CREATE TABLE big (id INT PRIMARY KEY, label VARCHAR(40)) ENGINE=InnoDB;
+INSERT INTO big SELECT seq, MD5(seq) FROM seq_1_to_100000;
+CREATE TABLE victims (id INT PRIMARY KEY);
+INSERT INTO victims VALUES (1), (2), (3);
