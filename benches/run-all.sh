@@ -27,6 +27,9 @@ benches/peers/run.sh | tee "$out/peer-cqrs-es.md"
 echo "== query execution: overhead and cache hits beside the usage route (tally-exec)"
 target/release/tally-exec | tee "$out/exec.md"
 
+echo "== database sources: tally beside the driver, per provider (tally-sources; needs bash .ci/test-servers)"
+target/release/tally-sources | tee "$out/sources.md"
+
 echo "== HTTP on loopback: tally-load at fixed rates"
 http_dir="$(mktemp -d)"
 port=18282

@@ -157,11 +157,58 @@ pub struct ExecutionAnswer {
     pub execution: ExecutionRecord,
     /// The rows; absent on a replay whose rows left the cache.
     #[schema(value_type = Option<Vec<Object>>)]
-    pub rows: Option<Vec<Value>>,
+    pub rows: Option<Arc<Vec<tally_integrations::provider::Row>>>,
     pub truncated: bool,
     pub position: u64,
     pub balance: Option<crate::dto::BalanceView>,
     pub replayed: bool,
+}
+
+/// Rows per chunk of a streamed answer.
+const ROWS_PER_CHUNK: usize = 256;
+
+/// What an answer says beside its rows.
+#[derive(Serialize)]
+struct AnswerHead<'a> {
+    execution: &'a ExecutionRecord,
+    truncated: bool,
+    position: u64,
+    balance: &'a Option<crate::dto::BalanceView>,
+    replayed: bool,
+}
+
+impl ExecutionAnswer {
+    /// The answer as HTTP. Its rows are streamed a chunk at a time from
+    /// the result itself, never copied whole into a body: an answer of
+    /// 10,000 rows holds its rows once, plus one chunk.
+    pub fn respond(self) -> actix_web::HttpResponse {
+        use actix_web::web::Bytes;
+        let Some(rows) = self.rows.clone() else { return actix_web::HttpResponse::Ok().json(self) };
+        let head = AnswerHead {
+            execution: &self.execution,
+            truncated: self.truncated,
+            position: self.position,
+            balance: &self.balance,
+            replayed: self.replayed,
+        };
+        let head = serde_json::to_string(&head).expect("an answer serialises");
+        let chunks = rows.len().div_ceil(ROWS_PER_CHUNK);
+        let body = (0..chunks).map(move |index| {
+            let mut chunk = String::new();
+            for (offset, row) in rows[index * ROWS_PER_CHUNK..].iter().take(ROWS_PER_CHUNK).enumerate() {
+                if index > 0 || offset > 0 {
+                    chunk.push(',');
+                }
+                chunk.push_str(row.get());
+            }
+            Bytes::from(chunk)
+        });
+        let parts = std::iter::once(Bytes::from_static(b"{\"rows\":["))
+            .chain(body)
+            .chain(std::iter::once(Bytes::from(format!("],{}", &head[1..]))))
+            .map(Ok::<_, std::convert::Infallible>);
+        actix_web::HttpResponse::Ok().content_type("application/json").streaming(futures_util::stream::iter(parts))
+    }
 }
 
 pub struct Execution<'a> {
@@ -468,7 +515,7 @@ fn answer_of(settled: &Executed, result: Option<&CachedResult>, replayed: bool) 
     };
     ExecutionAnswer {
         execution,
-        rows: result.map(|result| result.rows.as_ref().clone()),
+        rows: result.map(|result| result.rows.clone()),
         truncated: result.is_some_and(|result| result.truncated),
         position: settled.outcome.position,
         balance: settled.outcome.balance.as_ref().map(crate::commands::balance_view),

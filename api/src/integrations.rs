@@ -890,7 +890,7 @@ pub async fn execute_query(state: State, request: HttpRequest, bytes: Bytes) -> 
         params: &body.params,
         idempotency: key,
     };
-    Ok(HttpResponse::Ok().json(crate::execution::execute(&state, &principal, &current, run).await?))
+    Ok(crate::execution::execute(&state, &principal, &current, run).await?.respond())
 }
 
 #[utoipa::path(post, path = "/v1/members/{member}/integrations/{integration}/execute", tag = "integrations",
@@ -926,5 +926,5 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
         params: &params,
         idempotency: key,
     };
-    Ok(HttpResponse::Ok().json(crate::execution::execute(&state, &principal, &current, run).await?))
+    Ok(crate::execution::execute(&state, &principal, &current, run).await?.respond())
 }

@@ -27,9 +27,9 @@ pub struct CacheKey {
 }
 
 /// A cached result: rows as JSON, with what the execution record needs.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct CachedResult {
-    pub rows: Arc<Vec<serde_json::Value>>,
+    pub rows: Arc<Vec<crate::provider::Row>>,
     pub bytes: u64,
     pub truncated: bool,
     pub ttl: Duration,
@@ -103,7 +103,7 @@ mod tests {
 
     fn result(bytes: u64, ttl_ms: u64) -> CachedResult {
         CachedResult {
-            rows: Arc::new(vec![serde_json::json!({"n": 1})]),
+            rows: Arc::new(vec![crate::provider::row(&serde_json::json!({"n": 1}))]),
             bytes,
             truncated: false,
             ttl: Duration::from_millis(ttl_ms),

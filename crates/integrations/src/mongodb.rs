@@ -266,12 +266,8 @@ impl Provider for MongodbProvider {
                         rows.truncated = true;
                         break;
                     }
-                    rows.bytes += cursor.current().as_bytes().len() as u64;
-                    if rows.bytes > call.limits.max_bytes {
-                        return Err(ProviderError::TooLarge(call.limits.max_bytes));
-                    }
                     let document = cursor.deserialize_current().map_err(driver_error)?;
-                    rows.rows.push(Bson::Document(document).into_relaxed_extjson());
+                    rows.push(&Bson::Document(document).into_relaxed_extjson(), call.limits.max_bytes)?;
                 }
                 Ok(rows)
             };

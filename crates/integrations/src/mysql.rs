@@ -213,13 +213,10 @@ async fn read(
                 rows.truncated = true;
                 break;
             }
-            let object = row_json(row, &columns);
-            rows.bytes += serde_json::to_vec(&object).map_or(0, |bytes| bytes.len() as u64);
-            if rows.bytes > call.limits.max_bytes {
+            if let Err(too_large) = rows.push(&row_json(row, &columns), call.limits.max_bytes) {
                 result.drop_result().await?;
-                return Err(Failure::Provider(ProviderError::TooLarge(call.limits.max_bytes)));
+                return Err(Failure::Provider(too_large));
             }
-            rows.rows.push(object);
         }
         // What is left (a LIMIT of the query's own above max_rows) is read
         // off the wire and dropped, never held.

@@ -208,12 +208,7 @@ async fn read(
                 rows.truncated = true;
                 break;
             }
-            let object = row_json(row, &columns)?;
-            rows.bytes += serde_json::to_vec(&object).map_or(0, |bytes| bytes.len() as u64);
-            if rows.bytes > call.limits.max_bytes {
-                return Err(ProviderError::TooLarge(call.limits.max_bytes));
-            }
-            rows.rows.push(object);
+            rows.push(&row_json(row, &columns)?, call.limits.max_bytes)?;
         }
         if exhausted || rows.truncated {
             break;

@@ -38,10 +38,19 @@ impl Default for Limits {
     }
 }
 
+/// One row, as its JSON text: a parsed `Value` takes ten times or more
+/// the memory of its text, and a row is only ever passed on, not read.
+pub type Row = Box<serde_json::value::RawValue>;
+
+/// A row's JSON text.
+pub fn row(value: &Value) -> Row {
+    serde_json::value::to_raw_value(value).expect("a JSON value serialises")
+}
+
 /// Rows as JSON objects, and what was cut.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Rows {
-    pub rows: Vec<Value>,
+    pub rows: Vec<Row>,
     /// Bytes of the upstream's answer.
     pub bytes: u64,
     /// More rows came than `max_rows`: the rest was dropped.
@@ -67,6 +76,26 @@ pub enum ProviderError {
     QueryFailed(String),
     #[error("the source's answer is larger than {0} bytes")]
     TooLarge(u64),
+}
+
+impl Rows {
+    /// Appends a row, counting its JSON bytes: past `max_bytes`, the
+    /// answer is too large.
+    pub fn push(&mut self, value: &Value, max_bytes: u64) -> Result<(), ProviderError> {
+        let row = row(value);
+        self.bytes += row.get().len() as u64;
+        if self.bytes > max_bytes {
+            return Err(ProviderError::TooLarge(max_bytes));
+        }
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// The rows parsed again (for tests and tools; the execution path
+    /// passes them on as text).
+    pub fn values(&self) -> Vec<Value> {
+        self.rows.iter().map(|row| serde_json::from_str(row.get()).expect("a row is JSON")).collect()
+    }
 }
 
 impl ProviderError {

@@ -309,13 +309,13 @@ pub fn rows_at(answer: &Value, pointer: Option<&str>, bytes: u64, max_rows: usiz
             ProviderError::QueryFailed(format!("rows_pointer `{pointer}` finds nothing in the answer"))
         })?,
     };
-    let mut rows = match found {
-        Value::Array(items) => items.clone(),
-        Value::Null => Vec::new(),
-        other => vec![other.clone()],
+    let items = match found {
+        Value::Array(items) => items.as_slice(),
+        Value::Null => &[],
+        other => std::slice::from_ref(other),
     };
-    let truncated = rows.len() > max_rows;
-    rows.truncate(max_rows);
+    let truncated = items.len() > max_rows;
+    let rows = items.iter().take(max_rows).map(crate::provider::row).collect();
     Ok(Rows { rows, bytes, truncated })
 }
 

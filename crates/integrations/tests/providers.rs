@@ -187,11 +187,11 @@ async fn a_rest_query_binds_its_parameters_and_reads_rows_at_the_pointer() {
     let setup = rest(port, Some(json!({"token": TOKEN})));
     let rows = setup.run("rest", &forecast_query("/forecast/{{city}}"), json!({"city": "paris"})).await.unwrap();
     assert_eq!(rows.rows.len(), 7);
-    assert_eq!(rows.rows[0], json!({"day": 1, "city": "paris"}));
+    assert_eq!(rows.values()[0], json!({"day": 1, "city": "paris"}));
     assert!(!rows.truncated && rows.bytes > 0);
     // A value with a slash stays one path segment.
     let rows = setup.run("rest", &forecast_query("/forecast/{{city}}"), json!({"city": "a/b c"})).await.unwrap();
-    assert_eq!(rows.rows[0]["city"], "a/b c");
+    assert_eq!(rows.values()[0]["city"], "a/b c");
     // max_rows cuts and says so.
     let mut limited = setup.limits;
     limited.max_rows = 3;
@@ -200,7 +200,7 @@ async fn a_rest_query_binds_its_parameters_and_reads_rows_at_the_pointer() {
     assert_eq!((rows.rows.len(), rows.truncated), (3, true));
     // A redirect to the same allowed host is followed.
     let rows = setup.run("rest", &forecast_query("/hop"), json!({"city": "x"})).await.unwrap();
-    assert_eq!(rows.rows[0]["city"], "hopped");
+    assert_eq!(rows.values()[0]["city"], "hopped");
     provider("rest").unwrap().probe(&setup.call()).await.unwrap();
 }
 
@@ -281,11 +281,11 @@ async fn oauth2_tokens_are_cached_and_fetched_again_once_on_401() {
     };
     let spec = query(json!({"kind": "request", "request": {"path": "/api/protected"}}));
     for _ in 0..3 {
-        assert_eq!(setup.run("rest", &spec, json!({})).await.unwrap().rows[0]["token"], 1);
+        assert_eq!(setup.run("rest", &spec, json!({})).await.unwrap().values()[0]["token"], 1);
     }
     assert_eq!(counters.tokens_issued.load(Ordering::SeqCst), 1, "one token for three calls");
     counters.expire_next.store(1, Ordering::SeqCst);
-    assert_eq!(setup.run("rest", &spec, json!({})).await.unwrap().rows[0]["token"], 2, "refreshed once on 401");
+    assert_eq!(setup.run("rest", &spec, json!({})).await.unwrap().values()[0]["token"], 2, "refreshed once on 401");
     assert_eq!(counters.tokens_issued.load(Ordering::SeqCst), 2);
 }
 
@@ -298,7 +298,7 @@ async fn graphql_passes_parameters_as_variables_and_refuses_errors_and_mutations
         "params": {"city": {"type": "string"}}, "rows_pointer": "/forecast/items"}));
     let rows = setup.run("graphql", &forecast, json!({"city": "lyon"})).await.unwrap();
     assert_eq!(
-        rows.rows,
+        rows.values(),
         vec![json!({"day": 1, "city": "lyon"}), json!({"day": 2, "city": "lyon"}), json!({"day": 3, "city": "lyon"})]
     );
     let broken = query(json!({"kind": "graphql", "graphql": {"query": "{ broken }"}}));
