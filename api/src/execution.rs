@@ -34,6 +34,9 @@ use tally_ledger::domain::{
 use tally_ledger::service::{Executed, Idempotency, Request};
 use utoipa::ToSchema;
 
+/// What an ad-hoc run costs when its query names no price.
+pub const ADHOC_CREDITS_DEFAULT: i64 = 1;
+
 /// Concurrent executions of one member, by default (DESIGN.md §9).
 pub const EXECUTIONS_PER_MEMBER_DEFAULT: usize = 4;
 /// Concurrent executions of the whole server, by default.

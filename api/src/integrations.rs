@@ -908,7 +908,7 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
     // then take their defaults).
     let raw: Value = body::parse(&bytes)?;
     let flat = raw.get("kind").is_some() && raw.get("query").is_none();
-    let (spec, params, prefix): (QuerySpec, Map<String, Value>, &str) = if flat {
+    let (mut spec, params, prefix): (QuerySpec, Map<String, Value>, &str) = if flat {
         (body::parse_value(raw)?, Map::new(), "")
     } else {
         let body: crate::execution::AdhocBody = body::parse_value(raw)?;
@@ -916,6 +916,10 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
             serde_json::from_value(body.query).map_err(|error| ApiError::validation("query", error.to_string()))?;
         (spec, body.params, "query.")
     };
+    // The editor's run of a query with no price costs one credit.
+    if spec.credits_base == 0 && spec.credits_per_1k_rows == 0 {
+        spec.credits_base = crate::execution::ADHOC_CREDITS_DEFAULT;
+    }
     validate_spec(&spec, prefix)?;
     let current = live(&state, &member_id, &integration_id).await?;
     let run = crate::execution::Execution {

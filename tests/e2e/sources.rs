@@ -264,9 +264,10 @@ fn sql_source_is_read_only_bound_and_bounded(dialect: &Dialect) {
         &server,
         "/v1/members/acme/integrations/db/execute",
         "flat-1",
-        &json!({"kind": "sql", "sql": "select count(*) as n from orders", "max_rows": 10, "credits_base": 1}),
+        &json!({"kind": "sql", "sql": "select count(*) as n from orders", "max_rows": 10}),
     );
     assert_eq!((status, &rows(&answer)[0]["n"]), (200, &json!(4)), "{answer}");
+    assert_eq!(answer["execution"]["credits"], 1, "a run with no price costs one credit: {answer}");
 }
 
 /// Wrong password, server down, server killed mid-query: each named, none
@@ -666,4 +667,42 @@ fn database_configs_are_checked_when_saved() {
     );
     assert_eq!((status, problem["code"].as_str()), (422, Some("target_forbidden")), "{problem}");
     assert!(!problem.to_string().contains("secret-pw"));
+}
+
+/// TLS to PostgreSQL: `verify-full` with the integration's CA, `require`
+/// with any certificate, and `verify-full` against the system's roots
+/// refused (the certificate is from a throw-away CA).
+#[test]
+fn postgres_over_tls_checks_the_certificate() {
+    let tls = databases::start("postgres.sh", &["tls"]).unwrap();
+    let ca = std::fs::read_to_string(tls.dir.join("tls/ca.crt")).unwrap();
+    let server = local_server();
+    member(&server, "acme", 100);
+    let config = |sslmode: &str, ca: Option<&str>| {
+        let mut config = sql_config(&tls);
+        config["sslmode"] = json!(sslmode);
+        if let Some(ca) = ca {
+            config["ca_cert"] = json!(ca);
+        }
+        config
+    };
+    let password = || Some(json!({"password": PG_PASSWORD}));
+    integrate(&server, "verified", "postgres", config("verify-full", Some(&ca)), password());
+    integrate(&server, "encrypted", "postgres", config("require", None), password());
+    integrate(&server, "unknown", "postgres", config("verify-full", None), password());
+    let query =
+        json!({"kind": "sql", "sql": "select ssl from pg_stat_ssl where pid = pg_backend_pid()", "credits_base": 1});
+    for integration in ["verified", "encrypted"] {
+        let (status, answer) = adhoc(&server, integration, query.clone(), json!({}));
+        assert_eq!((status, &rows(&answer)[0]["ssl"]), (200, &json!(true)), "{integration}: {answer}");
+    }
+    let (status, problem) = adhoc(&server, "unknown", query, json!({}));
+    assert_eq!((status, problem["code"].as_str()), (502, Some("integration_unreachable")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().to_lowercase().contains("certificate"), "{problem}");
+    let (status, problem) = put(
+        &server,
+        "/v1/members/acme/integrations/bad-ca",
+        &json!({"provider": "postgres", "name": "x", "config": config("verify-full", Some("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"))}),
+    );
+    assert_eq!((status, problem["code"].as_str()), (422, Some("validation_failed")), "{problem}");
 }

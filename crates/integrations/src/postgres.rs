@@ -463,7 +463,16 @@ fn query_error(error: &tokio_postgres::Error, password: Option<&SecretString>) -
             ProviderError::QueryFailed(text)
         };
     }
-    ProviderError::Unreachable(message(&error.to_string()))
+    // The driver's own words name only the step (`error performing TLS
+    // handshake`); its causes say why (`invalid peer certificate: …`).
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    ProviderError::Unreachable(message(&text))
 }
 
 fn pool_error(error: deadpool_postgres::PoolError, password: Option<&SecretString>) -> ProviderError {

@@ -85,6 +85,7 @@ impl SqlConfig {
             if ca.len() > CA_CERT_BYTES_MAX || !ca.contains("-----BEGIN CERTIFICATE-----") {
                 return Err(ProviderError::invalid("config.ca_cert", "PEM certificates, at most 64 KiB"));
             }
+            crate::tls::roots_of(ca)?;
         }
         password_shape(credential)?;
         Ok(parsed)
