@@ -34,6 +34,10 @@ use tally_ledger::domain::{
 use tally_ledger::service::{Executed, Idempotency, Request};
 use utoipa::ToSchema;
 
+/// How long past a query's timeout a provider may take to give up on its
+/// own before the execution stops waiting for it.
+const PROVIDER_GRACE: Duration = Duration::from_millis(500);
+
 /// What an ad-hoc run costs when its query names no price.
 pub const ADHOC_CREDITS_DEFAULT: i64 = 1;
 
@@ -388,11 +392,17 @@ async fn run_and_settle(
                 http: &state.integrations.http,
             };
             // One deadline for the whole run (a token fetch and a retry on
-            // 401 included), well inside the hold's.
-            let result = match actix_web::rt::time::timeout(timeout, provider.run(&call, run.spec, params)).await {
-                Ok(result) => result,
-                Err(_) => Err(ProviderError::Timeout(timeout)),
-            };
+            // 401 included), well inside the hold's. Providers keep the
+            // timeout themselves and clean up after it (a statement
+            // cancelled on the server); this one, a little later, is for
+            // a provider that would not.
+            let result =
+                match actix_web::rt::time::timeout(timeout + PROVIDER_GRACE, provider.run(&call, run.spec, params))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ProviderError::Timeout(timeout)),
+                };
             let result = result.map(|rows| CachedResult {
                 rows: Arc::new(rows.rows),
                 bytes: rows.bytes,

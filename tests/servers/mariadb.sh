@@ -3,6 +3,7 @@
 # mariadb.sql, stopped and removed when OWNER_PID exits.
 #   mariadb.sh PORT OWNER_PID   prints "dir=DIR port=PORT" once ready
 # root reaches it over the private socket DIR/s (unix_socket auth); the user `app` over TCP.
+# The server's time zone is +02:00, so that a session left in it (not UTC) shows in the tests.
 set -euo pipefail
 port=$1 owner=$2
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,7 +17,8 @@ mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
 /usr/sbin/mariadbd --no-defaults --datadir="$dir/data" --user="$user" \
   --port="$port" --bind-address=127.0.0.1 --socket="$dir/s" \
   --pid-file="$dir/pid" --log-error="$dir/err.log" --skip-name-resolve \
-  --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --max-connections=200 >/dev/null 2>&1 &
+  --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --max-connections=200 \
+  --default-time-zone=+02:00 >/dev/null 2>&1 &
 pid=$!
 ok=0
 for _ in $(seq 1 300); do

@@ -12,8 +12,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$bin/initdb" ] || { echo "PostgreSQL is not installed (apt-get install postgresql; .ci/test-servers does it)" >&2; exit 1; }
 dir=$(mktemp -d /tmp/tally-pg.XXXXXX)
-chown postgres:postgres "$dir"
-echo 'superuser-pw' >"$dir/pw"; chown postgres "$dir/pw"; chmod 600 "$dir/pw"
+echo 'superuser-pw' >"$dir/pw"; chmod 600 "$dir/pw"
+if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir" "$dir/pw"; fi
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 as_postgres "$bin/initdb" -D "$dir/data" -U postgres --pwfile="$dir/pw" -E UTF8 --no-locale \
   --auth-local=trust --auth-host=scram-sha-256 --no-sync >"$dir/initdb.log" 2>&1 \
@@ -27,7 +27,7 @@ if [ "$mode" = tls ]; then
   printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >server.ext
   openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 \
     -extfile server.ext 2>/dev/null
-  chown postgres server.key server.crt; chmod 600 server.key; cd - >/dev/null
+  chmod 600 server.key; if [ "$(id -u)" = 0 ]; then chown postgres server.key server.crt; fi; cd - >/dev/null
   tls_options="-c ssl=on -c ssl_cert_file=$dir/tls/server.crt -c ssl_key_file=$dir/tls/server.key"
 fi
 as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 30 start \

@@ -24,4 +24,5 @@ CREATE TABLE big AS SELECT g AS id, md5(g::text) AS label FROM generate_series(1
 ALTER TABLE big ADD PRIMARY KEY (id);
 CREATE TABLE victims (id int PRIMARY KEY);
 INSERT INTO victims VALUES (1), (2), (3);
+CREATE FUNCTION add_victim() RETURNS int LANGUAGE sql AS 'INSERT INTO victims VALUES (99) RETURNING 1';
 ANALYZE;

@@ -2,7 +2,7 @@
 //! (with its own small pool) per integration.
 //!
 //! Config: `{"hosts": ["host:port", …], "database", "user", "auth_source",
-//! "replica_set", "sslmode"}` with the credential `{"password"}`; or only
+//! "sslmode"}` with the credential `{"password"}`; or only
 //! `{"database"}` with the credential `{"uri"}`, a whole `mongodb://`
 //! connection string kept in the vault (its hosts are checked when it is
 //! used). `sslmode` as for SQL: `verify-full` (the default), `require`
@@ -16,25 +16,29 @@
 //! aggregation a final `$limit` of one past `max_rows`, so the server stops
 //! there. Documents come back as relaxed Extended JSON.
 //!
-//! The guard checks every configured host (resolved, every address) right
-//! before the client is built; the driver then resolves the name itself,
-//! so a name that changes its address between the two lookups is the one
-//! gap left (no hook of the driver pins an address). With one host the
-//! client connects directly and discovers no other member.
+//! One host, connected to directly (no replica-set discovery: members the
+//! server names would not pass the guard); SCRAM or no authentication (the
+//! driver's other mechanisms read this machine's own credentials). The
+//! guard checks the host (resolved, every address) before the client is
+//! built; with `sslmode` `disable` or `require` the client is given the
+//! checked address itself, and with `verify-full` the name, whose
+//! certificate a rebound address could not present.
 
 use crate::provider::{BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
 use crate::query::{QuerySpec, render_json};
 use crate::sql::{IDLE_TIMEOUT, POOL_SIZE_MAX, Pools, SslMode};
 use bson::{Bson, Document};
 use mongodb::Client;
-use mongodb::options::{ClientOptions, Credential, ServerAddress, Tls, TlsOptions};
+use mongodb::options::{AuthMechanism, ClientOptions, Credential, ServerAddress, Tls, TlsOptions};
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
 
 const DEFAULT_PORT: u16 = 27017;
-pub const HOSTS_MAX: usize = 16;
+const ONE_HOST: &str =
+    "one host: tally connects to it directly (the members a replica set names itself would not pass the target guard)";
+const MECHANISMS: &str = "authentication is SCRAM (or none): other mechanisms read this machine's own credentials";
 /// Stages that write, refused at any depth.
 const WRITE_STAGES: &[&str] = &["$out", "$merge"];
 const BATCH_SIZE: u32 = 500;
@@ -50,8 +54,6 @@ struct MongoConfig {
     user: Option<String>,
     #[serde(default)]
     auth_source: Option<String>,
-    #[serde(default)]
-    replica_set: Option<String>,
     #[serde(default)]
     sslmode: SslMode,
 }
@@ -103,8 +105,8 @@ impl MongoConfig {
         {
             return Err(ProviderError::invalid("config.database", "a database name"));
         }
-        if parsed.hosts.len() > HOSTS_MAX {
-            return Err(ProviderError::invalid("config.hosts", format!("at most {HOSTS_MAX} hosts")));
+        if parsed.hosts.len() > 1 {
+            return Err(ProviderError::invalid("config.hosts", ONE_HOST));
         }
         let encrypted = parsed.sslmode != SslMode::Disable;
         for host in &parsed.hosts {
@@ -120,8 +122,25 @@ impl MongoConfig {
                     ));
                 }
                 let uri = fields.get("uri").and_then(Value::as_str).unwrap_or_default();
-                for (host, _) in uri_hosts(uri)? {
+                let hosts = uri_hosts(uri)?;
+                if hosts.len() != 1 {
+                    return Err(ProviderError::invalid("credential.uri", ONE_HOST));
+                }
+                for (host, _) in hosts {
                     guard.check_host(&host, encrypted).map_err(crate::sql::host_refusal)?;
+                }
+                let options = uri.split_once('?').map_or("", |(_, options)| options).to_ascii_lowercase();
+                for option in options.split('&') {
+                    let (name, value) = option.split_once('=').unwrap_or((option, ""));
+                    let refused = match name {
+                        "replicaset" | "loadbalanced" => Some(ONE_HOST),
+                        "authmechanism" if !value.starts_with("scram-sha-") => Some(MECHANISMS),
+                        "authmechanismproperties" => Some(MECHANISMS),
+                        _ => None,
+                    };
+                    if let Some(message) = refused {
+                        return Err(ProviderError::invalid("credential.uri", message));
+                    }
                 }
             }
             _ => {
@@ -175,13 +194,16 @@ impl Provider for MongodbProvider {
         {
             return Err(ProviderError::invalid("collection", "a collection name is required"));
         }
-        for (field, document) in [("filter", &query.filter), ("projection", &query.projection), ("sort", &query.sort)] {
+        for (field, document) in [("filter", &query.filter), ("projection", &query.projection)] {
             if let Some(document) = document {
                 if !document.is_object() {
                     return Err(ProviderError::invalid(field, "must be an Extended JSON object"));
                 }
                 extended(document, field)?;
             }
+        }
+        if let Some(sort) = &query.sort {
+            check_sort(sort, "sort")?;
         }
         if query.kind == "aggregate" {
             let Some(pipeline) = &query.pipeline else {
@@ -193,6 +215,7 @@ impl Provider for MongodbProvider {
                     return Err(ProviderError::invalid(field, "a stage is an object with one operator"));
                 }
                 extended(stage, &field)?;
+                check_sorts(stage, &field)?;
             }
             if let Some(stage) = write_stage(&Value::Array(pipeline.clone())) {
                 return Err(ProviderError::invalid("pipeline", format!("`{stage}` writes, and tally runs reads only")));
@@ -233,7 +256,11 @@ impl Provider for MongodbProvider {
                 let mut cursor = if query.kind == "aggregate" {
                     let mut pipeline = Vec::new();
                     for (index, stage) in query.pipeline.iter().flatten().enumerate() {
-                        pipeline.push(document(&render_json(stage, params), &format!("pipeline.{index}"))?);
+                        let mut stage =
+                            Bson::Document(document(&render_json(stage, params), &format!("pipeline.{index}"))?);
+                        ordered_sorts(&mut stage);
+                        let Bson::Document(stage) = stage else { unreachable!("a document stays one") };
+                        pipeline.push(stage);
                     }
                     pipeline.push(bson::doc! {"$limit": wanted as i64});
                     collection
@@ -255,7 +282,7 @@ impl Provider for MongodbProvider {
                     if let Some(projection) = part(&query.projection, "projection")? {
                         find = find.projection(projection);
                     }
-                    if let Some(sort) = part(&query.sort, "sort")? {
+                    if let Some(sort) = query.sort.as_ref().map(|sort| sort_document(sort, "sort")).transpose()? {
                         find = find.sort(sort);
                     }
                     find.await.map_err(driver_error)?
@@ -308,10 +335,28 @@ impl MongodbProvider {
                             credential.source = config.auth_source.clone();
                             options.credential = Some(credential);
                         }
-                        options.repl_set_name = config.replica_set.clone();
                         options
                     }
                 };
+                // One host, reached directly: a replica set's other members,
+                // named by the server itself, would not pass the guard.
+                if options.hosts.len() != 1 || options.repl_set_name.is_some() || options.load_balanced == Some(true) {
+                    return Err(ProviderError::invalid("credential.uri", ONE_HOST));
+                }
+                options.repl_set_name = None;
+                options.direct_connection = Some(true);
+                // SCRAM or no authentication only: the other mechanisms
+                // read the machine's own credentials (cloud roles, token
+                // files) and would hand them to the host.
+                if let Some(credential) = options.credential.as_mut() {
+                    if !matches!(
+                        credential.mechanism,
+                        None | Some(AuthMechanism::ScramSha1 | AuthMechanism::ScramSha256)
+                    ) {
+                        return Err(ProviderError::invalid("credential.uri", MECHANISMS));
+                    }
+                    credential.mechanism_properties = None;
+                }
                 let encrypted = config.sslmode != SslMode::Disable;
                 options.tls = Some(match config.sslmode {
                     SslMode::Disable => Tls::Disabled,
@@ -322,15 +367,19 @@ impl MongodbProvider {
                     }
                     SslMode::VerifyFull => Tls::Enabled(TlsOptions::default()),
                 });
-                for host in &options.hosts {
-                    let ServerAddress::Tcp { host, port } = host else {
+                for address in options.hosts.iter_mut() {
+                    let ServerAddress::Tcp { host, port } = address else {
                         return Err(ProviderError::invalid("config.hosts", "TCP hosts only"));
                     };
                     guard.check_host(host, encrypted).map_err(crate::sql::host_refusal)?;
-                    crate::sql::checked_addresses(guard, host, port.unwrap_or(DEFAULT_PORT)).await?;
-                }
-                if options.hosts.len() == 1 && options.repl_set_name.is_none() {
-                    options.direct_connection = Some(true);
+                    let checked = crate::sql::checked_addresses(guard, host, port.unwrap_or(DEFAULT_PORT)).await?;
+                    // Without a verified certificate, the name is not needed
+                    // and the connection goes to the checked address itself;
+                    // with one, a name that now points elsewhere fails the
+                    // certificate check.
+                    if config.sslmode != SslMode::VerifyFull {
+                        *host = checked[0].to_string();
+                    }
                 }
                 options.app_name = Some("tally".into());
                 options.connect_timeout = Some(CONNECT_TIMEOUT);
@@ -341,6 +390,79 @@ impl MongodbProvider {
             })
             .await?;
         Ok((client, config.database))
+    }
+}
+
+/// A sort: one key as an object, or several as a list of pairs in order
+/// (`[["total", -1], ["_id", 1]]`): a JSON object's keys lose their order
+/// here, and a sort's order is its meaning.
+fn check_sort(sort: &Value, field: &str) -> Result<(), ProviderError> {
+    let several =
+        "several keys lose their order in a JSON object: give them as a list of pairs, [[\"total\", -1], [\"_id\", 1]]";
+    match sort {
+        Value::Object(keys) if keys.len() <= 1 => extended(sort, field).map(|_| ()),
+        Value::Object(_) => Err(ProviderError::invalid(field, several)),
+        Value::Array(pairs) => {
+            for pair in pairs {
+                match pair.as_array().map(Vec::as_slice) {
+                    Some([Value::String(_), Value::Number(_) | Value::Object(_)]) => {}
+                    _ => return Err(ProviderError::invalid(field, "a sort pair is [\"field\", 1 or -1]")),
+                }
+            }
+            Ok(())
+        }
+        _ => Err(ProviderError::invalid(field, "a sort is an object of one key, or a list of pairs")),
+    }
+}
+
+/// Every `$sort` of a stage, at any depth, checked as [`check_sort`].
+fn check_sorts(value: &Value, field: &str) -> Result<(), ProviderError> {
+    match value {
+        Value::Object(fields) => fields.iter().try_for_each(|(key, inner)| {
+            if key == "$sort" { check_sort(inner, field) } else { check_sorts(inner, field) }
+        }),
+        Value::Array(items) => items.iter().try_for_each(|item| check_sorts(item, field)),
+        _ => Ok(()),
+    }
+}
+
+/// A checked sort as an ordered document.
+fn sort_document(sort: &Value, field: &str) -> Result<Document, ProviderError> {
+    let mut sort = Bson::Document(bson::doc! {"$sort": extended(sort, field)?});
+    ordered_sorts(&mut sort);
+    match sort {
+        Bson::Document(mut wrapper) => match wrapper.remove("$sort") {
+            Some(Bson::Document(sort)) => Ok(sort),
+            _ => Err(ProviderError::invalid(field, "a sort is an object of one key, or a list of pairs")),
+        },
+        _ => unreachable!("a document stays one"),
+    }
+}
+
+/// Turns every `$sort` given as a list of pairs into a document, in the
+/// pairs' order.
+fn ordered_sorts(value: &mut Bson) {
+    match value {
+        Bson::Document(fields) => {
+            for (key, inner) in fields.iter_mut() {
+                match inner {
+                    Bson::Array(pairs) if key == "$sort" => {
+                        let mut sort = Document::new();
+                        for pair in pairs.iter() {
+                            if let Bson::Array(pair) = pair
+                                && let [Bson::String(name), direction] = pair.as_slice()
+                            {
+                                sort.insert(name.clone(), direction.clone());
+                            }
+                        }
+                        *inner = Bson::Document(sort);
+                    }
+                    other => ordered_sorts(other),
+                }
+            }
+        }
+        Bson::Array(items) => items.iter_mut().for_each(ordered_sorts),
+        _ => {}
     }
 }
 
@@ -377,8 +499,9 @@ fn driver_error(error: mongodb::error::Error) -> ProviderError {
         ErrorKind::Command(command) => match command.code {
             // MaxTimeMSExpired.
             50 => ProviderError::Timeout(Duration::ZERO),
-            // Unauthorized, AuthenticationFailed.
-            13 | 18 => ProviderError::AuthFailed(format!("{} ({})", command.message, command.code)),
+            // AuthenticationFailed (Unauthorized, 13, is a permission of
+            // the query's: integration_query_failed).
+            18 => ProviderError::AuthFailed(format!("{} ({})", command.message, command.code)),
             _ => ProviderError::QueryFailed(format!("{} ({})", command.message, command.code)),
         },
         ErrorKind::InvalidArgument { .. } | ErrorKind::Write(_) | ErrorKind::BsonDeserialization(_) => {
@@ -429,8 +552,20 @@ mod tests {
             uri_hosts("mongodb://u:p@a.example:1,b.example/db?tls=true").unwrap(),
             vec![("a.example".into(), 1), ("b.example".into(), 27017)]
         );
-        assert!(uri_hosts("mongodb+srv://cluster.example").is_err());
         let open = crate::guard::Guard::new(vec![]);
+        for refused in [
+            "mongodb://a.example,b.example/db",
+            "mongodb://a.example/db?replicaSet=rs0",
+            "mongodb://a.example/db?authMechanism=MONGODB-OIDC&authMechanismProperties=ENVIRONMENT:k8s",
+            "mongodb://a.example/db?authMechanism=MONGODB-AWS",
+        ] {
+            let credential = json!({"uri": refused});
+            let error = MongoConfig::parse(&json!({"database": "db"}), credential.as_object(), &open).unwrap_err();
+            assert_eq!(error.code(), "validation_failed", "{refused}: {error}");
+        }
+        let scram = json!({"uri": "mongodb://u:p@a.example/db?authMechanism=SCRAM-SHA-256"});
+        assert!(MongoConfig::parse(&json!({"database": "db"}), scram.as_object(), &open).is_ok());
+        assert!(uri_hosts("mongodb+srv://cluster.example").is_err());
         let credential = json!({"uri": "mongodb://u:p@10.1.2.3:27017/db"});
         let error = MongoConfig::parse(&json!({"database": "db"}), credential.as_object(), &open).unwrap_err();
         assert_eq!(error.code(), "target_forbidden", "{error}");

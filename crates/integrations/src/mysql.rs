@@ -29,6 +29,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 const DEFAULT_PORT: u16 = 3306;
+/// The first words of the statements a `mysql` query may be.
+const READING: &[&str] = &["select", "with", "show", "describe", "desc", "explain", "table", "values"];
 /// The binary character set: a string column holding bytes.
 const BINARY_CHARSET: u16 = 63;
 
@@ -68,7 +70,23 @@ impl Provider for MysqlProvider {
     }
 
     fn validate_query(&self, _config: &Value, query: &QuerySpec) -> Result<(), ProviderError> {
-        crate::sql::validate_sql_query(query)
+        crate::sql::validate_sql_query(query)?;
+        // MySQL and MariaDB commit before DDL (TRUNCATE, DROP, …), even in
+        // a read-only transaction, and a procedure may COMMIT and write:
+        // only statements that read are run.
+        let sql = query.sql.as_deref().unwrap_or_default();
+        let keyword = crate::sql::first_keyword(sql).to_ascii_lowercase();
+        if !READING.contains(&keyword.as_str()) {
+            return Err(ProviderError::invalid(
+                "sql",
+                format!("a mysql query reads: it starts with one of {}", READING.join(", ").to_uppercase()),
+            ));
+        }
+        let lowered = sql.to_ascii_lowercase();
+        if ["into outfile", "into dumpfile"].iter().any(|into| lowered.contains(into)) {
+            return Err(ProviderError::invalid("sql", "SELECT … INTO OUTFILE writes a file on the server"));
+        }
+        Ok(())
     }
 
     fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
@@ -76,7 +94,7 @@ impl Provider for MysqlProvider {
             let password = crate::sql::password(call)?;
             let work = async {
                 let source = self.source(call, password.as_ref()).await?;
-                let mut conn = connect(&source, password.as_ref()).await?;
+                let mut conn = connect(&source, password.as_ref(), CONNECT_TIMEOUT).await?;
                 conn.query_drop("SELECT 1").await.map_err(|error| driver_error(error, password.as_ref()))
             };
             crate::provider::within(call.limits.timeout, work).await
@@ -96,24 +114,35 @@ impl Provider for MysqlProvider {
         Box::pin(async move {
             let started = Instant::now();
             let password = crate::sql::password(call)?;
+            let remaining = || call.limits.timeout.saturating_sub(started.elapsed());
+            let source = crate::provider::within(remaining(), self.source(call, password.as_ref())).await?;
+            let mut conn = connect(&source, password.as_ref(), remaining()).await?;
+            let connection_id = conn.id();
             let work = async {
-                let source = self.source(call, password.as_ref()).await?;
-                let mut conn = connect(&source, password.as_ref()).await?;
                 let flavour = flavour(&mut conn, &source.flavour)
                     .await
                     .map_err(|error| driver_error(error, password.as_ref()))?;
-                let budget = crate::sql::statement_budget(call.limits.timeout.saturating_sub(started.elapsed()));
+                let budget = crate::sql::statement_budget(remaining());
                 read(&mut conn, flavour, call, query, params, budget).await.map_err(|error| match error {
                     Failure::Driver(error) => driver_error(error, password.as_ref()),
                     Failure::Provider(error) => error,
                 })
             };
-            // On our own deadline the connection is dropped mid-statement:
-            // the pool closes it rather than reuse it, and the server's own
-            // limit (set just under ours) has ended the statement.
-            match tokio::time::timeout(call.limits.timeout.saturating_sub(started.elapsed()), work).await {
-                Ok(result) => result,
-                Err(_) => Err(ProviderError::Timeout(call.limits.timeout)),
+            match tokio::time::timeout(remaining(), work).await {
+                Ok(result) => result.map_err(|error| crate::provider::with_timeout(error, call.limits.timeout)),
+                Err(_) => {
+                    // Our deadline first: the server's own limit covers
+                    // SELECT only on MySQL, so the statement is killed from
+                    // another connection.
+                    drop(conn);
+                    let pool = source.pool.clone();
+                    tokio::spawn(async move {
+                        if let Ok(Ok(mut killer)) = tokio::time::timeout(CONNECT_TIMEOUT, pool.get_conn()).await {
+                            let _ = killer.query_drop(format!("KILL QUERY {connection_id}")).await;
+                        }
+                    });
+                    Err(ProviderError::Timeout(call.limits.timeout))
+                }
             }
         })
     }
@@ -137,7 +166,9 @@ impl MysqlProvider {
                     SslMode::VerifyFull => Some(match &config.ca_cert {
                         Some(pem) => {
                             crate::tls::roots_of(pem)?;
-                            mysql_async::SslOpts::default().with_root_certs(vec![pem.clone().into_bytes().into()])
+                            mysql_async::SslOpts::default()
+                                .with_root_certs(vec![pem.clone().into_bytes().into()])
+                                .with_disable_built_in_roots(true)
                         }
                         None => mysql_async::SslOpts::default(),
                     }),
@@ -198,7 +229,9 @@ async fn read(
         Flavour::MariaDb => format!("max_statement_time = {:.3}", budget.as_secs_f64().max(0.001)),
         Flavour::MySql => format!("max_execution_time = {}", budget.as_millis().max(1)),
     };
-    conn.query_drop(format!("SET SESSION {limit}, sql_select_limit = {}", max_rows + 1)).await?;
+    // Every run sets its session: a connection the pool hands back was
+    // reset (COM_RESET_CONNECTION), which forgets the time zone too.
+    conn.query_drop(format!("SET SESSION {limit}, sql_select_limit = {}, time_zone = '+00:00'", max_rows + 1)).await?;
     conn.query_drop("START TRANSACTION READ ONLY").await?;
     let (statement, names) =
         crate::sql::bind_placeholders(query.sql.as_deref().unwrap_or_default(), Placeholders::Question);
@@ -213,7 +246,7 @@ async fn read(
                 rows.truncated = true;
                 break;
             }
-            if let Err(too_large) = rows.push(&row_json(row, &columns), call.limits.max_bytes) {
+            if let Err(too_large) = rows.push_columns(&row_cells(row, &columns), call.limits.max_bytes) {
                 result.drop_result().await?;
                 return Err(Failure::Provider(too_large));
             }
@@ -242,13 +275,13 @@ fn param(value: &Value) -> mysql_async::Value {
     }
 }
 
-fn row_json(row: mysql_async::Row, columns: &[Column]) -> Value {
-    let values = row.unwrap();
-    let mut object = Map::with_capacity(columns.len());
-    for (column, value) in columns.iter().zip(values) {
-        object.insert(column.name_str().into_owned(), cell(column, value));
-    }
-    Value::Object(object)
+/// One row's cells, in column order.
+fn row_cells(row: mysql_async::Row, columns: &[Column]) -> Vec<(String, Value)> {
+    columns
+        .iter()
+        .zip(row.unwrap())
+        .map(|(column, value)| (column.name_str().into_owned(), cell(column, value)))
+        .collect()
 }
 
 fn float(value: f64) -> Value {
@@ -326,10 +359,11 @@ fn driver_error(error: mysql_async::Error, password: Option<&SecretString>) -> P
     }
 }
 
-/// A connection from the pool, a new one within the connect timeout.
-async fn connect(source: &Source, password: Option<&SecretString>) -> Result<Conn, ProviderError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, source.pool.get_conn()).await {
+/// A connection from the pool: an idle one, a new one, or the next one
+/// freed, within `wait`.
+async fn connect(source: &Source, password: Option<&SecretString>, wait: Duration) -> Result<Conn, ProviderError> {
+    match tokio::time::timeout(wait, source.pool.get_conn()).await {
         Ok(conn) => conn.map_err(|error| driver_error(error, password)),
-        Err(_) => Err(ProviderError::Unreachable("connecting timed out".into())),
+        Err(_) => Err(ProviderError::Timeout(wait)),
     }
 }

@@ -75,7 +75,9 @@ impl Provider for PostgresProvider {
                 client.simple_query("SELECT 1").await.map_err(|error| query_error(&error, password.as_ref()))?;
                 Ok(())
             };
-            crate::provider::within(call.limits.timeout, work).await
+            crate::provider::within(call.limits.timeout, work)
+                .await
+                .map_err(|error| crate::provider::with_timeout(error, call.limits.timeout))
         })
     }
 
@@ -103,7 +105,7 @@ impl Provider for PostgresProvider {
             let budget = crate::sql::statement_budget(remaining);
             let work = read(&mut client, call, query, params, budget, password.as_ref());
             match tokio::time::timeout(remaining, work).await {
-                Ok(result) => result,
+                Ok(result) => result.map_err(|error| crate::provider::with_timeout(error, call.limits.timeout)),
                 Err(_) => {
                     // Our deadline first (a hung network, say): the server
                     // is told to stop, and the connection is not reused.
@@ -124,7 +126,8 @@ impl PostgresProvider {
         call: &Call<'_>,
         password: Option<&SecretString>,
     ) -> Result<(Pool, tokio_postgres_rustls::MakeRustlsConnect), ProviderError> {
-        self.pools
+        let (pool, tls) = self
+            .pools
             .get(call, || async {
                 let config = SqlConfig::parse(call.config, None, call.http.guard())?;
                 let port = config.port.unwrap_or(DEFAULT_PORT);
@@ -150,8 +153,10 @@ impl PostgresProvider {
                     config.sslmode,
                     config.ca_cert.as_deref(),
                 )?);
+                // Clean: what a run left in the session (advisory locks,
+                // settings, temporary tables) goes before the next.
                 let manager =
-                    Manager::from_config(pg, tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+                    Manager::from_config(pg, tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Clean });
                 let pool = Pool::builder(manager)
                     .max_size(POOL_SIZE_MAX)
                     .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -160,7 +165,10 @@ impl PostgresProvider {
                     .map_err(|error| ProviderError::Unreachable(error.to_string()))?;
                 Ok((pool, tls))
             })
-            .await
+            .await?;
+        // Connections unused for the idle timeout are closed.
+        pool.retain(|_, metrics| metrics.last_used() < crate::sql::IDLE_TIMEOUT);
+        Ok((pool, tls))
     }
 }
 
@@ -208,7 +216,7 @@ async fn read(
                 rows.truncated = true;
                 break;
             }
-            rows.push(&row_json(row, &columns)?, call.limits.max_bytes)?;
+            rows.push_columns(&row_cells(row, &columns)?, call.limits.max_bytes)?;
         }
         if exhausted || rows.truncated {
             break;
@@ -266,9 +274,9 @@ fn bind(name: &str, param_type: &Type, value: &Value) -> Result<Box<dyn ToSql + 
     })
 }
 
-/// One row as a JSON object, its columns in order.
-fn row_json(row: &Row, columns: &[(String, Type)]) -> Result<Value, ProviderError> {
-    let mut object = Map::with_capacity(columns.len());
+/// One row's cells, in column order.
+fn row_cells<'c>(row: &Row, columns: &'c [(String, Type)]) -> Result<Vec<(&'c str, Value)>, ProviderError> {
+    let mut cells = Vec::with_capacity(columns.len());
     for (index, (name, column_type)) in columns.iter().enumerate() {
         let value = cell(row, index, column_type).map_err(|error| match error {
             Cell::Unmapped => ProviderError::QueryFailed(format!(
@@ -276,9 +284,9 @@ fn row_json(row: &Row, columns: &[(String, Type)]) -> Result<Value, ProviderErro
             )),
             Cell::Decode(message) => ProviderError::QueryFailed(format!("column `{name}`: {message}")),
         })?;
-        object.insert(name.clone(), value);
+        cells.push((name.as_str(), value));
     }
-    Ok(Value::Object(object))
+    Ok(cells)
 }
 
 enum Cell {
@@ -465,14 +473,27 @@ fn query_error(error: &tokio_postgres::Error, password: Option<&SecretString>) -
     }
     // The driver's own words name only the step (`error performing TLS
     // handshake`); its causes say why (`invalid peer certificate: …`).
-    let mut text = error.to_string();
+    let step = error.to_string();
+    let mut text = step.clone();
     let mut cause = std::error::Error::source(error);
     while let Some(inner) = cause {
         text.push_str(": ");
         text.push_str(&inner.to_string());
         cause = inner.source();
     }
-    ProviderError::Unreachable(message(&text))
+    // Binding and decoding are the query's; authentication the
+    // credential's; the rest (connecting, TLS, I/O, a closed connection)
+    // the source's.
+    if ["error serializing", "error deserializing", "invalid column", "expected "]
+        .iter()
+        .any(|prefix| step.starts_with(prefix))
+    {
+        ProviderError::QueryFailed(message(&text))
+    } else if step.starts_with("authentication error") {
+        ProviderError::AuthFailed(message(&text))
+    } else {
+        ProviderError::Unreachable(message(&text))
+    }
 }
 
 fn pool_error(error: deadpool_postgres::PoolError, password: Option<&SecretString>) -> ProviderError {

@@ -91,6 +91,33 @@ impl Rows {
         Ok(())
     }
 
+    /// Appends a row of named columns, as an object in column order (a
+    /// `Value` object would sort them); a name twice is refused.
+    pub fn push_columns<S: AsRef<str>>(&mut self, columns: &[(S, Value)], max_bytes: u64) -> Result<(), ProviderError> {
+        let mut text = String::from("{");
+        for (index, (name, value)) in columns.iter().enumerate() {
+            let name = name.as_ref();
+            if columns[..index].iter().any(|(earlier, _)| earlier.as_ref() == name) {
+                return Err(ProviderError::QueryFailed(format!(
+                    "the column name `{name}` appears twice: give each column its own name (AS …)"
+                )));
+            }
+            if index > 0 {
+                text.push(',');
+            }
+            text.push_str(&serde_json::to_string(name).expect("a string serialises"));
+            text.push(':');
+            text.push_str(&serde_json::to_string(value).expect("a JSON value serialises"));
+        }
+        text.push('}');
+        self.bytes += text.len() as u64;
+        if self.bytes > max_bytes {
+            return Err(ProviderError::TooLarge(max_bytes));
+        }
+        self.rows.push(serde_json::value::RawValue::from_string(text).expect("an object was written"));
+        Ok(())
+    }
+
     /// The rows parsed again (for tests and tools; the execution path
     /// passes them on as text).
     pub fn values(&self) -> Vec<Value> {
@@ -164,6 +191,15 @@ pub async fn within<T>(
     work: impl Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
     tokio::time::timeout(timeout, work).await.unwrap_or(Err(ProviderError::Timeout(timeout)))
+}
+
+/// A timeout the source reported (its own statement limit) named with the
+/// call's timeout.
+pub fn with_timeout(error: ProviderError, timeout: Duration) -> ProviderError {
+    match error {
+        ProviderError::Timeout(_) => ProviderError::Timeout(timeout),
+        other => other,
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

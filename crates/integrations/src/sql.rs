@@ -23,7 +23,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Connections one integration keeps open, at most.
-pub const POOL_SIZE_MAX: usize = 4;
+/// (Above the executions one member may run at once, by default, and a
+/// health probe beside them.)
+pub const POOL_SIZE_MAX: usize = 8;
 /// An idle connection (and an unused pool) is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A statement, at most.
@@ -135,6 +137,23 @@ pub fn validate_sql_query(query: &QuerySpec) -> Result<(), ProviderError> {
         return Err(ProviderError::invalid("sql", "contains a NUL character"));
     }
     Ok(())
+}
+
+/// The statement's first word, past blanks and comments (`-- …`, `# …`,
+/// `/* … */`).
+pub fn first_keyword(sql: &str) -> &str {
+    let mut rest = sql;
+    loop {
+        let trimmed = rest.trim_start();
+        if let Some(comment) = trimmed.strip_prefix("--").or_else(|| trimmed.strip_prefix('#')) {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = trimmed.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            let end = trimmed.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(trimmed.len());
+            return &trimmed[..end];
+        }
+    }
 }
 
 /// How a driver writes bind parameters.
@@ -332,6 +351,13 @@ mod tests {
         assert!(SqlConfig::parse(&config(json!({"host": "db.example.com"})), None, &open).is_ok());
         let other = json!({"password": "x", "token": "y"});
         assert_eq!(password_shape(other.as_object()).unwrap_err().code(), "validation_failed");
+    }
+
+    #[test]
+    fn the_first_keyword_is_found_past_comments() {
+        assert_eq!(first_keyword("  select 1"), "select");
+        assert_eq!(first_keyword("/* x */ -- y\n # z\n CALL p()"), "CALL");
+        assert_eq!(first_keyword("/* unclosed"), "");
     }
 
     #[test]
