@@ -92,15 +92,17 @@ pub(crate) fn vault_secret(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntegrationBody {
-    /// `rest` or `graphql`.
+    /// `rest`, `graphql`, `postgres`, `mysql` or `mongodb`.
     pub provider: String,
     pub name: String,
     /// The provider's non-secret config (REST: `base_url`, `auth`, `headers`, `health_path`;
-    /// GraphQL: `endpoint`, `auth`, `headers`).
+    /// GraphQL: `endpoint`, `auth`, `headers`; PostgreSQL and MySQL: `host`, `port`, `database`,
+    /// `user`, `sslmode`, `ca_cert`; MongoDB: `hosts`, `database`, `user`, `auth_source`, `sslmode`).
     #[schema(value_type = Object)]
     pub config: Value,
     /// The secret fields the config's auth needs (`token`; `username` and `password`; `key`;
-    /// `client_id` and `client_secret`). Sealed in the vault; never shown again.
+    /// `client_id` and `client_secret`; a database's `password`; MongoDB's `uri`). Sealed in
+    /// the vault; never shown again.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub credential: Option<Map<String, Value>>,
@@ -756,7 +758,7 @@ fn query_target(request: &HttpRequest) -> Result<String, ApiError> {
 }
 
 #[utoipa::path(put, path = "/v1/members/{member}/integrations/{integration}/queries/{query}", tag = "integrations",
-    request_body(content = Object, description = "The query: kind, request or graphql, params, rows_pointer, cache_ttl_s, credits_base, credits_per_1k_rows, cache_hit_credits, max_rows, timeout_ms"),
+    request_body(content = Object, description = "The query: kind (request, graphql, sql, find, aggregate), request, graphql, sql, collection, filter, projection, sort, limit, pipeline, params, rows_pointer, cache_ttl_s, credits_base, credits_per_1k_rows, cache_hit_credits, max_rows, timeout_ms"),
     params(QueryPath),
     responses((status = 200, body = QueryView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
