@@ -446,20 +446,23 @@ fn mariadb_charges_and_records() {
     sql_source_charges_and_records(&mariadb_dialect());
 }
 
+/// A server with acme's `db` on the dialect's database, and the answer to
+/// `select * from kinds` there.
+fn kinds(dialect: &Dialect) -> (Server, Value) {
+    let server = local_server();
+    member(&server, "acme", 100);
+    let credential = Some(json!({"password": dialect.password}));
+    integrate(&server, "db", dialect.provider, sql_config((dialect.database)()), credential);
+    let query = json!({"kind": "sql", "sql": "select * from kinds order by id", "credits_base": 1});
+    let (status, answer) = adhoc(&server, "db", query, json!({}));
+    assert_eq!(status, 200, "{answer}");
+    (server, answer)
+}
+
 /// Every PostgreSQL type of the documented mapping, and NULL.
 #[test]
 fn postgres_types_map_to_json_as_documented() {
-    let database = databases::postgres();
-    let server = local_server();
-    member(&server, "acme", 100);
-    integrate(&server, "db", "postgres", sql_config(database), Some(json!({"password": PG_PASSWORD})));
-    let (status, answer) = adhoc(
-        &server,
-        "db",
-        json!({"kind": "sql", "sql": "select * from kinds order by id", "credits_base": 1}),
-        json!({}),
-    );
-    assert_eq!(status, 200, "{answer}");
+    let (server, answer) = kinds(&postgres_dialect());
     let expected = json!({"id": 1, "b": true, "i2": -2, "i4": 40000, "i8": 9007199254740993_i64, "f4": 1.5, "f8": 2.25,
         "n": "12345678901234567890.0123456789", "t": "héllo", "vc": "short", "c": "ab ",
         "ts": "2026-03-04T05:06:07.123456Z", "tstz": "2026-03-04T03:06:07Z", "d": "2026-03-04", "tm": "13:14:15",
@@ -503,17 +506,7 @@ fn postgres_types_map_to_json_as_documented() {
 /// Every MariaDB type of the documented mapping, and NULL.
 #[test]
 fn mariadb_types_map_to_json_as_documented() {
-    let database = databases::mariadb();
-    let server = local_server();
-    member(&server, "acme", 100);
-    integrate(&server, "db", "mysql", sql_config(database), Some(json!({"password": MARIADB_PASSWORD})));
-    let (status, answer) = adhoc(
-        &server,
-        "db",
-        json!({"kind": "sql", "sql": "select * from kinds order by id", "credits_base": 1}),
-        json!({}),
-    );
-    assert_eq!(status, 200, "{answer}");
+    let (server, answer) = kinds(&mariadb_dialect());
     let expected = json!({"id": 1, "ti": -5, "b": 1, "si": -300, "i": 40000, "bi": 9007199254740993_i64,
         "ubi": 18446744073709551615_u64, "f": 1.5, "d": 2.25, "dec_": "12345678901234567890.0123456789",
         "vc": "héllo", "tx": "long text", "bin": "AP8Q", "bl": "AQI=", "dt": "2026-03-04T05:06:07.123456Z",

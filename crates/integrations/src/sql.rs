@@ -244,14 +244,24 @@ struct Entry<P> {
 
 /// One pool per integration, built on first use and dropped (its
 /// connections closed) when the integration changes, is forgotten, or has
-/// not been used for [`IDLE_TIMEOUT`].
+/// not been used for [`IDLE_TIMEOUT`] (looked for once a minute).
 pub struct Pools<P> {
-    entries: Mutex<HashMap<String, Entry<P>>>,
+    state: Mutex<PoolsState<P>>,
 }
+
+struct PoolsState<P> {
+    entries: HashMap<String, Entry<P>>,
+    /// When unused pools were last looked for: at most once a minute, not
+    /// on every execution.
+    swept: Instant,
+}
+
+/// How often unused pools are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl<P> Default for Pools<P> {
     fn default() -> Pools<P> {
-        Pools { entries: Mutex::new(HashMap::new()) }
+        Pools { state: Mutex::new(PoolsState { entries: HashMap::new(), swept: Instant::now() }) }
     }
 }
 
@@ -265,28 +275,32 @@ impl<P: Clone> Pools<P> {
     {
         let key = call.integration_key();
         let fingerprint = fingerprint(call);
-        let stale: Vec<P>;
+        // Pools dropped here close their connections after the lock is let go.
+        let mut unused: Vec<P> = Vec::new();
         {
-            let mut entries = self.entries.lock().expect("the pools' lock is never poisoned");
+            let mut state = self.state.lock().expect("the pools' lock is never poisoned");
             let now = Instant::now();
-            let idle: Vec<String> = entries
-                .iter()
-                .filter(|(_, entry)| now.duration_since(entry.used) > IDLE_TIMEOUT)
-                .map(|(key, _)| key.clone())
-                .collect();
-            stale = idle.iter().filter_map(|key| entries.remove(key)).map(|entry| entry.pool).collect();
-            if let Some(entry) = entries.get_mut(key)
+            if now.duration_since(state.swept) >= SWEEP_EVERY {
+                state.swept = now;
+                unused.extend(
+                    state
+                        .entries
+                        .extract_if(|_, entry| now.duration_since(entry.used) > IDLE_TIMEOUT)
+                        .map(|(_, entry)| entry.pool),
+                );
+            }
+            if let Some(entry) = state.entries.get_mut(key)
                 && entry.fingerprint == fingerprint
             {
                 entry.used = now;
                 return Ok(entry.pool.clone());
             }
         }
-        drop(stale);
+        drop(unused);
         let pool = build().await?;
         let replaced = {
-            let mut entries = self.entries.lock().expect("the pools' lock is never poisoned");
-            entries.insert(key.to_owned(), Entry { fingerprint, pool: pool.clone(), used: Instant::now() })
+            let mut state = self.state.lock().expect("the pools' lock is never poisoned");
+            state.entries.insert(key.to_owned(), Entry { fingerprint, pool: pool.clone(), used: Instant::now() })
         };
         drop(replaced);
         Ok(pool)
@@ -295,7 +309,7 @@ impl<P: Clone> Pools<P> {
     /// Drops the pool of an integration: its idle connections close now,
     /// those in use when their run ends.
     pub fn forget(&self, integration_key: &str) {
-        let removed = self.entries.lock().expect("the pools' lock is never poisoned").remove(integration_key);
+        let removed = self.state.lock().expect("the pools' lock is never poisoned").entries.remove(integration_key);
         drop(removed);
     }
 }

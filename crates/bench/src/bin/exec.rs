@@ -25,11 +25,10 @@
 //! target/release/tally-exec --smoke            # CI: a second a phase, checks every answer
 //! ```
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -85,50 +84,6 @@ async fn upstream(listener: tokio::net::TcpListener) {
             }
         });
     }
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_tally(tally: &PathBuf, clients: usize) -> Result<Server> {
-    use std::io::BufRead;
-    let dir = std::env::temp_dir().join(format!("tally-exec-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut child = Command::new(tally)
-        .arg("--data-dir")
-        .arg(&dir)
-        .args(["serve", "--addr", "127.0.0.1:0", "--allow-private-targets", "127.0.0.1/32"])
-        .args(["--outbound", "allow-list", "--executions-max", &clients.max(64).to_string()])
-        .args(["--health-check-interval-s", "0"])
-        .env("TALLY_ADMIN_KEY", ADMIN_KEY)
-        .env("TALLY_VAULT_KEY", VAULT_KEY)
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", tally.display()))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let base = loop {
-        let Some(line) = lines.next() else { bail!("tally exited before listening") };
-        if let Some(address) = line?.strip_prefix("tally listening on ") {
-            break address.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Server { child, base, dir })
 }
 
 /// Each phase's members: fresh ones, so that no phase meets the state an
@@ -314,7 +269,13 @@ fn main() -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let upstream_port = listener.local_addr()?.port();
         tokio::spawn(upstream(listener));
-        let server = start_tally(&args.tally, clients)?;
+        let server = tally_bench::start_tally(
+            &args.tally,
+            "tally-exec",
+            ADMIN_KEY,
+            VAULT_KEY,
+            &["--executions-max".to_owned(), clients.max(64).to_string()],
+        )?;
         let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
         setup(&client, &server.base, members, upstream_port).await?;
         eprintln!("tally-exec: {clients} clients over {members} members, {seconds} s a phase");

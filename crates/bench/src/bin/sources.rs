@@ -26,12 +26,12 @@
 //! target/release/tally-sources --smoke         # CI: a second a phase, checks every answer
 //! ```
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -141,50 +141,6 @@ fn start_database(script: &str) -> Result<Database> {
         .with_context(|| format!("cannot run {}", path.display()))?;
     ensure!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
     Ok(Database { port })
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_tally(tally: &Path, clients: usize) -> Result<Server> {
-    use std::io::BufRead;
-    let dir = std::env::temp_dir().join(format!("tally-sources-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut child = Command::new(tally)
-        .arg("--data-dir")
-        .arg(&dir)
-        .args(["serve", "--addr", "127.0.0.1:0", "--allow-private-targets", "127.0.0.1/32"])
-        .args(["--outbound", "allow-list", "--executions-max", &clients.max(64).to_string()])
-        .args(["--executions-per-member", &clients.max(4).to_string(), "--health-check-interval-s", "0"])
-        .env("TALLY_ADMIN_KEY", ADMIN_KEY)
-        .env("TALLY_VAULT_KEY", VAULT_KEY)
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", tally.display()))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let base = loop {
-        let Some(line) = lines.next() else { bail!("tally exited before listening") };
-        if let Some(address) = line?.strip_prefix("tally listening on ") {
-            break address.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Server { child, base, dir })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -412,7 +368,12 @@ fn main() -> Result<()> {
         .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let server = start_tally(&args.tally, clients)?;
+        let server = tally_bench::start_tally(&args.tally, "tally-sources", ADMIN_KEY, VAULT_KEY, &[
+                "--executions-max".to_owned(),
+                clients.max(64).to_string(),
+                "--executions-per-member".to_owned(),
+                clients.max(4).to_string(),
+            ])?;
         let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
         let mut reports = Vec::new();
         let mut memory = Vec::new();
