@@ -570,6 +570,7 @@ fn settle_command(body: SettleBody, reservation_id: &str) -> Result<MemberComman
                 bytes: 0,
                 cache_hit: false,
                 error_code: None,
+                api_usage: None,
             })
         })
         .transpose()?;

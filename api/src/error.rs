@@ -190,7 +190,10 @@ impl ApiError {
             ApiError::InvalidHeader { header, .. } => problem.header = Some((*header).to_owned()),
             ApiError::RateLimited { retry_after_s }
             | ApiError::Busy { retry_after_s, .. }
-            | ApiError::TooManyExecutions { retry_after_s, .. } => problem.retry_after_s = Some(*retry_after_s),
+            | ApiError::TooManyExecutions { retry_after_s, .. }
+            | ApiError::Integration(tally_integrations::ProviderError::RateLimited { retry_after_s, .. }) => {
+                problem.retry_after_s = Some(*retry_after_s)
+            }
             ApiError::InvalidSignature { reason, .. } => problem.reason = Some((*reason).to_owned()),
             ApiError::PaymentProvider { status, code, .. } => {
                 problem.provider_code = Some(code.clone());
@@ -232,6 +235,7 @@ pub const PROBLEM_TITLES: &[(&str, &str)] = &[
     ("integration_auth_failed", "The data source refused the credential"),
     ("integration_query_failed", "The data source refused the query"),
     ("integration_response_too_large", "The data source answered too much"),
+    ("integration_rate_limited", "The data source asked for a pause"),
     ("integration_disabled", "The integration is disabled"),
     ("execution_in_progress", "This execution is still running"),
     ("too_many_executions", "Too many executions at once"),
@@ -271,6 +275,10 @@ fn advice(code: &str) -> &'static str {
         "integration_auth_failed" => "rotate the integration's credential; nothing was charged",
         "integration_query_failed" => "fix the query or its parameters; nothing was charged",
         "integration_response_too_large" => "ask for fewer rows or a narrower query; nothing was charged",
+        "integration_rate_limited" => {
+            "the source asked for a pause: retry after Retry-After seconds; nothing was charged and nothing more \
+             was sent to it"
+        }
         "integration_disabled" => "enable the integration first",
         "execution_in_progress" => {
             "retry with the same Idempotency-Key in a moment: it answers once the first run settles"
@@ -337,6 +345,7 @@ impl ResponseError for ApiError {
             ApiError::Integration(error) => match error.code() {
                 "target_forbidden" | "integration_query_failed" => StatusCode::UNPROCESSABLE_ENTITY,
                 "integration_timeout" => StatusCode::GATEWAY_TIMEOUT,
+                "integration_rate_limited" => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_GATEWAY,
             },
             ApiError::IntegrationDisabled(_) | ApiError::InProgress(_) => StatusCode::CONFLICT,
@@ -353,7 +362,8 @@ impl ResponseError for ApiError {
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
         if let ApiError::RateLimited { retry_after_s }
         | ApiError::Busy { retry_after_s, .. }
-        | ApiError::TooManyExecutions { retry_after_s, .. } = self
+        | ApiError::TooManyExecutions { retry_after_s, .. }
+        | ApiError::Integration(tally_integrations::ProviderError::RateLimited { retry_after_s, .. }) = self
         {
             response.insert_header((header::RETRY_AFTER, retry_after_s.to_string()));
         }
@@ -397,6 +407,10 @@ mod tests {
             ApiError::InvalidSignature { reason: "r", detail: "m".into() },
             ApiError::StripeNotConfigured("m".into()),
             ApiError::PaymentProvider { status: None, code: "c".into(), message: "m".into() },
+            ApiError::Integration(tally_integrations::ProviderError::RateLimited {
+                retry_after_s: 30,
+                message: "m".into(),
+            }),
             ApiError::Ledger(LedgerError::IdempotencyKeyReused),
             ApiError::Ledger(LedgerError::VersionConflict { stream_id: "s".into(), attempts: 1 }),
             ApiError::Ledger(LedgerError::Rejected(DomainError::InsufficientCredits {

@@ -28,8 +28,8 @@ use tally_integrations::cache::{CacheKey, CachedResult};
 use tally_integrations::query::QuerySpec;
 use tally_integrations::{Call, Limits, ProviderError};
 use tally_ledger::domain::{
-    Credits, IntegrationCommand, IntegrationState, IntegrationStatus, MemberCommand, QueryExecution, QueryStatus,
-    TestSource,
+    ApiUsage, Credits, IntegrationCommand, IntegrationState, IntegrationStatus, MemberCommand, QueryExecution,
+    QueryStatus, TestSource,
 };
 use tally_ledger::service::{Executed, Idempotency, Request};
 use utoipa::ToSchema;
@@ -373,8 +373,8 @@ async fn run_and_settle(
     let credential_version = cache_key.credential_version;
 
     let started = std::time::Instant::now();
-    let (outcome, cache_hit) = match state.integrations.cache.get(cache_key).await {
-        Some(cached) => (Ok(cached), true),
+    let (outcome, cache_hit, api_usage) = match state.integrations.cache.get(cache_key).await {
+        Some(cached) => (Ok(cached), true, None),
         None => {
             let credential = match &current.credential {
                 Some(credential) => Some(vault_secret(state, run.member_id, run.integration_id, credential)?),
@@ -403,6 +403,7 @@ async fn run_and_settle(
                     Ok(result) => result,
                     Err(_) => Err(ProviderError::Timeout(timeout)),
                 };
+            let api_usage = result.as_ref().ok().and_then(|rows| rows.usage);
             let result = result.map(|rows| CachedResult {
                 rows: Arc::new(rows.rows),
                 bytes: rows.bytes,
@@ -413,7 +414,7 @@ async fn run_and_settle(
             if let Ok(result) = &result {
                 state.integrations.cache.put(cache_key.clone(), result.clone()).await;
             }
-            (result, false)
+            (result, false, api_usage)
         }
     };
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -434,6 +435,7 @@ async fn run_and_settle(
                 bytes: result.bytes as i64,
                 cache_hit,
                 error_code: None,
+                api_usage: api_usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit }),
             };
             (credits, execution)
         }
@@ -447,6 +449,7 @@ async fn run_and_settle(
                 bytes: 0,
                 cache_hit: false,
                 error_code: Some(error.code().to_owned()),
+                api_usage: None,
             };
             (0, execution)
         }
@@ -461,12 +464,15 @@ async fn run_and_settle(
     // failures, not the caller's own mistakes. The ledger decides on fresh
     // state and writes nothing for a success after successes (this
     // request's `current` may be seconds old), so an integration's stream
-    // does not grow by an event a run.
-    if !cache_hit && outcome.as_ref().err().is_none_or(ProviderError::is_upstream) {
+    // does not grow by an event a run. A rate limit says nothing of the
+    // source's health.
+    let rate_limited = matches!(outcome, Err(ProviderError::RateLimited { .. }));
+    if !cache_hit && !rate_limited && outcome.as_ref().err().is_none_or(ProviderError::is_upstream) {
         let health = IntegrationCommand::RecordTest {
             ok: outcome.is_ok(),
             latency_ms: duration_ms,
             error_code: outcome.as_ref().err().map(|error| error.code().to_owned()),
+            api_usage: None,
             source: TestSource::Execution,
         };
         let ledger = state.ledger.clone();

@@ -23,7 +23,7 @@ use tally_integrations::http::GuardedHttp;
 use tally_integrations::query::QuerySpec;
 use tally_integrations::vault::{Slot, Vault};
 use tally_ledger::domain::integration::short_identifier;
-use tally_ledger::domain::{CredentialRef, DomainError, IntegrationCommand, IntegrationState};
+use tally_ledger::domain::{ApiUsage, CredentialRef, DomainError, IntegrationCommand, IntegrationState};
 use tally_ledger::service::Request;
 use tally_projections::QueryStats;
 use utoipa::ToSchema;
@@ -152,6 +152,10 @@ pub struct IntegrationView {
     /// Its executions so far, all queries together (reads of one
     /// integration only; from the `query_stats` read model).
     pub stats: Option<ExecutionStatsView>,
+    /// How many API calls the source says were used of its allowance
+    /// (Salesforce: the org's calls in the last 24 hours), as of its last
+    /// answer that said (reads of one integration only).
+    pub api_usage: Option<ApiUsageView>,
     /// The log position of this write (writes only).
     pub position: Option<u64>,
     /// True when this answer repeats a recorded one (same Idempotency-Key).
@@ -216,6 +220,37 @@ impl From<QueryStats> for ExecutionStatsView {
             last_executed_at: stats.last_executed_at,
             duration_histogram: stats.duration_histogram,
         }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiUsageView {
+    pub used: u64,
+    pub limit: u64,
+    /// `used / limit`, 0 to 1 (or more, past the allowance).
+    pub ratio: f64,
+    /// When the source said so.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The source's last report of its API usage (none while the read model
+/// is being built).
+async fn api_usage_of(
+    state: &AppState,
+    member_id: &str,
+    integration_id: &str,
+) -> Result<Option<ApiUsageView>, ApiError> {
+    let projections = state.projections.clone();
+    let (member, integration) = (member_id.to_owned(), integration_id.to_owned());
+    match actix_web::web::block(move || projections.api_usage(&member, &integration)).await? {
+        Ok(usage) => Ok(usage.map(|usage| ApiUsageView {
+            used: usage.used,
+            limit: usage.limit,
+            ratio: if usage.limit == 0 { 0.0 } else { usage.used as f64 / usage.limit as f64 },
+            at: usage.at,
+        })),
+        Err(tally_projections::ProjectionError::NotReady { .. }) => Ok(None),
+        Err(error) => Err(ApiError::Internal(error.to_string())),
     }
 }
 
@@ -294,6 +329,7 @@ fn view(member_id: &str, integration_id: &str, state: &IntegrationState) -> Inte
         }),
         queries: state.queries.keys().cloned().collect(),
         stats: None,
+        api_usage: None,
         position: None,
         replayed: false,
     }
@@ -507,7 +543,7 @@ pub async fn put_integration(state: State, request: HttpRequest, bytes: Bytes) -
         }
         None => None,
     };
-    provider.validate_config(&body.config, fields.as_ref(), &state.integrations.guard)?;
+    tally_integrations::validate_config(provider, &body.config, fields.as_ref(), &state.integrations.guard)?;
     let (credential, sealed) = match &body.credential {
         Some(fields) => {
             let (credential, sealed) = seal(&state, &member_id, &integration_id, &current, fields)?;
@@ -538,6 +574,7 @@ pub async fn get_integration(state: State, request: HttpRequest) -> Result<HttpR
     let stats = stats_of(&state, &member_id, &integration_id).await?;
     let mut answer = view(&member_id, &integration_id, &current);
     answer.stats = QueryStats::combined(&stats).map(ExecutionStatsView::from);
+    answer.api_usage = api_usage_of(&state, &member_id, &integration_id).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
 
@@ -609,7 +646,7 @@ pub async fn rotate_credential(state: State, request: HttpRequest, bytes: Bytes)
     let body: CredentialBody = body::parse(&bytes)?;
     let current = live(&state, &member_id, &integration_id).await?;
     let provider = provider_of(&current)?;
-    provider.validate_config(&current.config, Some(&body.credential), &state.integrations.guard)?;
+    tally_integrations::validate_config(provider, &current.config, Some(&body.credential), &state.integrations.guard)?;
     let (credential, sealed) = seal(&state, &member_id, &integration_id, &current, &body.credential)?;
     let executed = match sealed {
         Some(_) => {
@@ -639,6 +676,10 @@ pub struct TestView {
     pub message: Option<String>,
     /// The integration's status after this test.
     pub status: &'static str,
+    /// The source's count of API calls against its allowance, when its
+    /// answer gave one (Salesforce).
+    #[schema(value_type = Option<Object>)]
+    pub api_usage: Option<ApiUsage>,
     pub position: Option<u64>,
 }
 
@@ -681,14 +722,15 @@ pub(crate) async fn probe(
     let started = std::time::Instant::now();
     let outcome = provider.probe(&call).await;
     let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-    let (ok, error_code, message) = match &outcome {
-        Ok(()) => (true, None, None),
-        Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string())),
+    let (ok, error_code, message, api_usage) = match &outcome {
+        Ok(usage) => (true, None, None, usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit })),
+        Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string()), None),
     };
     let command = IntegrationCommand::RecordTest {
         ok,
         latency_ms,
         error_code: error_code.clone(),
+        api_usage,
         source: tally_ledger::domain::TestSource::Probe,
     };
     let executed = execute(state, actor, &member_id, &integration_id, command, None).await?;
@@ -701,6 +743,7 @@ pub(crate) async fn probe(
         error_code,
         message,
         status: after.status().as_str(),
+        api_usage,
         position: Some(executed.outcome.position),
     })
 }
@@ -933,4 +976,46 @@ pub async fn execute_adhoc(state: State, request: HttpRequest, bytes: Bytes) -> 
         idempotency: key,
     };
     Ok(crate::execution::execute(&state, &principal, &current, run).await?.respond())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProviderList {
+    /// One form per provider: its query kinds, its config fields and its
+    /// credential shapes, each field with its type, whether it is
+    /// required or secret, its default and help.
+    #[schema(value_type = Vec<Object>)]
+    pub providers: Vec<Value>,
+}
+
+/// The providers this server runs, each described as the form a person
+/// fills in to connect one: generated from the same description that
+/// checks a config and a credential when an integration is saved. Public:
+/// it says nothing of any member.
+#[utoipa::path(get, path = "/v1/providers", tag = "integrations",
+    responses((status = 200, body = ProviderList)))]
+#[get("/v1/providers")]
+pub async fn list_providers() -> HttpResponse {
+    let providers = tally_integrations::PROVIDERS
+        .iter()
+        .filter_map(|name| tally_integrations::provider(name))
+        .map(|provider| provider.form().document())
+        .collect();
+    HttpResponse::Ok().json(ProviderList { providers })
+}
+
+/// One provider's form, as in `GET /v1/providers`.
+#[utoipa::path(get, path = "/v1/providers/{provider}", tag = "integrations",
+    params(("provider" = String, Path, description = "`rest`, `graphql`, `postgres`, `mysql`, `mongodb`, `airtable`, `google_sheets` or `salesforce`")),
+    responses((status = 200, body = Object), (status = 404, body = Problem)))]
+#[get("/v1/providers/{provider}")]
+pub async fn get_provider(path: Path<String>) -> Result<HttpResponse, ApiError> {
+    let name = path.into_inner();
+    match tally_integrations::provider(&name) {
+        Some(provider) => Ok(HttpResponse::Ok().json(provider.form().document())),
+        None => Err(ApiError::NotFound(format!(
+            "no provider `{}`: the providers are {}",
+            name.chars().take(64).collect::<String>(),
+            tally_integrations::PROVIDERS.join(", ")
+        ))),
+    }
 }

@@ -180,6 +180,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(admin::openapi_json)
         .service(stripe::replay)
         .service(stripe_sync::sync)
+        .service(integrations::list_providers)
+        .service(integrations::get_provider)
         .service(integrations::list_integrations)
         .service(integrations::put_integration)
         .service(integrations::get_integration)

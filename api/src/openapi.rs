@@ -338,6 +338,8 @@ impl Modify for Limits {
         crate::stripe::webhook,
         crate::stripe::replay,
         crate::stripe_sync::sync,
+        crate::integrations::list_providers,
+        crate::integrations::get_provider,
         crate::integrations::list_integrations,
         crate::integrations::put_integration,
         crate::integrations::get_integration,

@@ -580,6 +580,7 @@ fn member_events() -> Vec<MemberEvent> {
                 bytes: 0,
                 cache_hit: false,
                 error_code: None,
+                api_usage: None,
             },
             credits: Credits(4),
         },

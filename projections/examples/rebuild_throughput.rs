@@ -119,6 +119,7 @@ fn member_round(ledger: &Ledger, member: usize, round: u64) {
                     bytes: 0,
                     cache_hit: false,
                     error_code: None,
+                    api_usage: None,
                 };
                 let settle = MemberCommand::Settle { reservation_id, amount: Credits(30), query: Some(query) };
                 accept(ledger.execute(&member_id, Request::new(settle, "bench")));

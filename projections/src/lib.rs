@@ -107,7 +107,9 @@ pub use digest::Digest;
 pub use error::ProjectionError;
 pub use models::credits::{Balance, CreditTransaction, Grant, NextExpiry};
 pub use models::daily_usage::DailyUsage;
-pub use models::integrations::{ExecutionFilter, ExecutionRow, HistogramBucket, ProbeCandidate, QueryStats};
+pub use models::integrations::{
+    ApiUsageRow, ExecutionFilter, ExecutionRow, HistogramBucket, ProbeCandidate, QueryStats,
+};
 pub use models::invoices::{Invoice, InvoiceLineView};
 pub use models::subscriptions::Subscription;
 pub use page::{Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest};

@@ -17,7 +17,7 @@ use crate::digest::{Digest, digest_read_model};
 use crate::error::ProjectionError;
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
-use crate::models::integrations::{self, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
+use crate::models::integrations::{self, ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
 use crate::models::invoices::{self, Invoice};
 use crate::models::subscriptions::{self, Subscription};
 use crate::page::{Page, PageRequest};
@@ -233,6 +233,11 @@ impl ReadModels {
     /// The statistics of one integration's queries.
     pub fn query_stats(&self, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ProjectionError> {
         self.snapshot(|snapshot| integrations::query_stats(snapshot, member_id, integration_id))
+    }
+
+    /// The last API usage a source reported for an integration.
+    pub fn api_usage(&self, member_id: &str, integration_id: &str) -> Result<Option<ApiUsageRow>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::api_usage(snapshot, member_id, integration_id))
     }
 
     /// Active integrations, least recently checked first.

@@ -48,7 +48,7 @@ use crate::digest::Digest;
 use crate::error::ProjectionError;
 use crate::models::credits::{Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::DailyUsage;
-use crate::models::integrations::{ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
+use crate::models::integrations::{ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
 use crate::models::invoices::Invoice;
 use crate::models::subscriptions::Subscription;
 use crate::page::{Page, PageRequest};
@@ -657,6 +657,10 @@ impl Projections {
 
     pub fn query_stats(&self, member_id: &str, integration_id: &str) -> Result<Vec<QueryStats>, ProjectionError> {
         self.shared.read_models.query_stats(member_id, integration_id)
+    }
+
+    pub fn api_usage(&self, member_id: &str, integration_id: &str) -> Result<Option<ApiUsageRow>, ProjectionError> {
+        self.shared.read_models.api_usage(member_id, integration_id)
     }
 
     pub fn probe_candidates(&self, limit: usize) -> Result<Vec<ProbeCandidate>, ProjectionError> {

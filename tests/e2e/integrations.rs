@@ -146,7 +146,7 @@ fn bad_integrations_and_queries_are_refused_with_their_field_and_other_members_g
         ),
         (
             json!({"provider": "rest", "name": "x", "config": {"base_url": "https://api.example.com", "surprise": 1}}),
-            "config",
+            "config.surprise",
             "validation_failed",
         ),
         (

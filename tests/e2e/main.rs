@@ -10,6 +10,8 @@ mod executions;
 mod fake_stripe;
 mod faults;
 mod integrations;
+mod saas;
+mod saas_fakes;
 mod security;
 mod soak;
 mod sources;

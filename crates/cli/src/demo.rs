@@ -153,8 +153,13 @@ fn register_integrations(ledger: &Ledger, base: &str) -> Result<()> {
         let put =
             IntegrationCommand::Put { provider: provider.to_owned(), name: name.to_owned(), config, credential: None };
         ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(put))?;
-        let test =
-            IntegrationCommand::RecordTest { ok: true, latency_ms: 12, error_code: None, source: TestSource::Probe };
+        let test = IntegrationCommand::RecordTest {
+            ok: true,
+            latency_ms: 12,
+            api_usage: None,
+            error_code: None,
+            source: TestSource::Probe,
+        };
         ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(test))?;
     }
     for (integration_id, query_id, spec) in demo_queries()? {
@@ -195,6 +200,7 @@ fn execute_demo_query(ledger: &Ledger, random: &mut Lcg, slot: usize) -> Result<
             bytes: 0,
             cache_hit: false,
             error_code: Some("integration_timeout".to_owned()),
+            api_usage: None,
         };
         (failed, 0)
     } else {
@@ -207,6 +213,7 @@ fn execute_demo_query(ledger: &Ledger, random: &mut Lcg, slot: usize) -> Result<
             bytes: rows * 64,
             cache_hit,
             error_code: None,
+            api_usage: None,
         };
         (done, if cache_hit { base_credits } else { base_credits + 1 })
     };

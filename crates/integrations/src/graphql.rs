@@ -6,9 +6,26 @@
 //! `errors` is refused, even with partial `data`: a half answer is not
 //! charged as a whole one. `rows_pointer` points into `data`.
 
-use crate::provider::{BoxFuture, Call, Provider, ProviderError, Rows, scrub};
+use crate::form::{Field, Form, Kind, field};
+use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows, scrub};
 use crate::query::QuerySpec;
-use crate::rest::{HttpAuth, answer_json, config_unchecked, parse_config, rows_at};
+use crate::rest::{HTTP_CREDENTIALS, HttpAuth, answer_json, config_unchecked, parse_config, rows_at};
+
+const CONFIG: &[Field] = &[
+    field("endpoint", Kind::Url, "the GraphQL endpoint; https unless the operator allow-lists the address").required(),
+    field("auth", Kind::Object, "how tally signs in, as for the rest provider"),
+    field("headers", Kind::Object, "headers sent with every request (not Host or Authorization), at most 50"),
+];
+
+pub const FORM: Form = Form {
+    provider: "graphql",
+    title: "GraphQL API",
+    help: "a GraphQL endpoint; parameters go as variables",
+    kinds: &["graphql"],
+    config: CONFIG,
+    credentials: HTTP_CREDENTIALS,
+    credential_optional: false,
+};
 use serde_json::{Map, Value, json};
 
 #[derive(Default)]
@@ -74,12 +91,8 @@ pub fn operation_types(document: &str) -> Vec<String> {
 }
 
 impl Provider for GraphqlProvider {
-    fn name(&self) -> &'static str {
-        "graphql"
-    }
-
-    fn kinds(&self) -> &'static [&'static str] {
-        &["graphql"]
+    fn form(&self) -> &'static Form {
+        &FORM
     }
 
     fn validate_config(
@@ -126,7 +139,7 @@ impl Provider for GraphqlProvider {
         Ok(())
     }
 
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
             let config = config_unchecked(call.config)?;
             let body = json!({"query": "{ __typename }"});
@@ -136,7 +149,7 @@ impl Provider for GraphqlProvider {
                 .await?;
             let json = answer_json(&answer, call)?;
             match json.pointer("/data/__typename") {
-                Some(Value::String(_)) => Ok(()),
+                Some(Value::String(_)) => Ok(None),
                 _ => Err(ProviderError::QueryFailed("the endpoint does not answer GraphQL".into())),
             }
         })

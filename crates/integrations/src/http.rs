@@ -19,6 +19,7 @@ pub struct GuardedHttp {
 #[derive(Clone, Debug)]
 pub struct Answer {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -66,6 +67,7 @@ impl GuardedHttp {
         let exchange = async {
             let mut response = self.client.execute(request).await.map_err(transport_error)?;
             let status = response.status().as_u16();
+            let headers = response.headers().clone();
             if response.content_length().is_some_and(|length| length > max_bytes) {
                 return Err(ProviderError::TooLarge(max_bytes));
             }
@@ -76,7 +78,7 @@ impl GuardedHttp {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Answer { status, body })
+            Ok(Answer { status, headers, body })
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(answer) => answer,

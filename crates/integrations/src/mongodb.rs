@@ -24,7 +24,7 @@
 //! checked address itself, and with `verify-full` the name, whose
 //! certificate a rebound address could not present.
 
-use crate::provider::{BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
 use crate::query::{QuerySpec, render_json};
 use crate::sql::{IDLE_TIMEOUT, POOL_SIZE_MAX, Pools, SslMode};
 use bson::{Bson, Document};
@@ -157,18 +157,57 @@ impl MongoConfig {
     }
 }
 
+const CONFIG: &[crate::form::Field] = {
+    use crate::form::{Kind, field};
+    &[
+        field("hosts", Kind::List, "one `host:port` (27017 when no port); none when the credential is a `uri`"),
+        field("database", Kind::String, "the database to read").required().max_length(NAME_MAX),
+        field("user", Kind::String, "the user tally signs in as (SCRAM), with the credential's password"),
+        field("auth_source", Kind::String, "the database that holds the user; `database` when absent"),
+        field("sslmode", Kind::Enum, "TLS, as for the SQL providers")
+            .options(&["verify-full", "require", "disable"])
+            .default("\"verify-full\""),
+    ]
+};
+
+pub const FORM: crate::form::Form = crate::form::Form {
+    provider: "mongodb",
+    title: "MongoDB",
+    help: "find and aggregate (never $out or $merge) against one MongoDB server",
+    kinds: &["find", "aggregate"],
+    config: CONFIG,
+    credentials: &[
+        crate::form::CredentialForm {
+            name: "password",
+            when: None,
+            fields: &[crate::form::field("password", crate::form::Kind::String, "the user's password")
+                .required()
+                .secret()],
+        },
+        crate::form::CredentialForm {
+            name: "uri",
+            when: None,
+            fields: &[crate::form::field(
+                "uri",
+                crate::form::Kind::String,
+                "a whole mongodb:// connection string (one host), instead of hosts, user and password",
+            )
+            .required()
+            .secret()
+            .max_length(4_096)],
+        },
+    ],
+    credential_optional: true,
+};
+
 #[derive(Default)]
 pub struct MongodbProvider {
     clients: Pools<Client>,
 }
 
 impl Provider for MongodbProvider {
-    fn name(&self) -> &'static str {
-        "mongodb"
-    }
-
-    fn kinds(&self) -> &'static [&'static str] {
-        &["find", "aggregate"]
+    fn form(&self) -> &'static crate::form::Form {
+        &FORM
     }
 
     fn validate_config(
@@ -224,14 +263,17 @@ impl Provider for MongodbProvider {
         Ok(())
     }
 
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
             let work = async {
                 let (client, database) = self.client(call).await?;
                 client.database(&database).run_command(bson::doc! {"ping": 1}).await.map_err(driver_error)?;
                 Ok(())
             };
-            crate::provider::within(call.limits.timeout, work).await.map_err(|error| scrubbed(error, call))
+            crate::provider::within(call.limits.timeout, work)
+                .await
+                .map(|()| None)
+                .map_err(|error| scrubbed(error, call))
         })
     }
 

@@ -16,7 +16,7 @@
 //! `DATETIME/TIMESTAMP` → RFC 3339 in UTC (`…Z`; the session's time zone is
 //! UTC); `TIME` → `[-]HH:MM:SS[.ffffff]`; NULL → null.
 
-use crate::provider::{BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
 use crate::query::QuerySpec;
 use crate::sql::{IDLE_TIMEOUT, POOL_SIZE_MAX, Placeholders, Pools, SqlConfig, SslMode};
 use base64::Engine as _;
@@ -46,18 +46,26 @@ struct Source {
     flavour: Arc<OnceLock<Flavour>>,
 }
 
+const CONFIG: [crate::form::Field; 6] = crate::sql::sql_config("3306");
+
+pub const FORM: crate::form::Form = crate::form::Form {
+    provider: "mysql",
+    title: "MySQL / MariaDB",
+    help: "read-only SQL against MySQL or MariaDB",
+    kinds: &["sql"],
+    config: &CONFIG,
+    credentials: crate::sql::PASSWORD,
+    credential_optional: true,
+};
+
 #[derive(Default)]
 pub struct MysqlProvider {
     pools: Pools<Source>,
 }
 
 impl Provider for MysqlProvider {
-    fn name(&self) -> &'static str {
-        "mysql"
-    }
-
-    fn kinds(&self) -> &'static [&'static str] {
-        &["sql"]
+    fn form(&self) -> &'static crate::form::Form {
+        &FORM
     }
 
     fn validate_config(
@@ -89,7 +97,7 @@ impl Provider for MysqlProvider {
         Ok(())
     }
 
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
             let password = crate::sql::password(call)?;
             let work = async {
@@ -97,7 +105,7 @@ impl Provider for MysqlProvider {
                 let mut conn = connect(&source, password.as_ref(), CONNECT_TIMEOUT).await?;
                 conn.query_drop("SELECT 1").await.map_err(|error| driver_error(error, password.as_ref()))
             };
-            crate::provider::within(call.limits.timeout, work).await
+            crate::provider::within(call.limits.timeout, work).await.map(|()| None)
         })
     }
 

@@ -24,7 +24,7 @@
 //! floats, booleans, uuid, dates, timestamps and json are bound; for
 //! anything else the refusal says which cast to write (`{{x}}::text`).
 
-use crate::provider::{BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, CONNECT_TIMEOUT, Call, Provider, ProviderError, Rows};
 use crate::query::QuerySpec;
 use crate::sql::{POOL_SIZE_MAX, Placeholders, Pools, SqlConfig, SslMode};
 use base64::Engine as _;
@@ -39,18 +39,26 @@ const DEFAULT_PORT: u16 = 5432;
 /// Rows read from the portal at a time.
 const BATCH_ROWS: usize = 500;
 
+const CONFIG: [crate::form::Field; 6] = crate::sql::sql_config("5432");
+
+pub const FORM: crate::form::Form = crate::form::Form {
+    provider: "postgres",
+    title: "PostgreSQL",
+    help: "read-only SQL against PostgreSQL",
+    kinds: &["sql"],
+    config: &CONFIG,
+    credentials: crate::sql::PASSWORD,
+    credential_optional: true,
+};
+
 #[derive(Default)]
 pub struct PostgresProvider {
     pools: Pools<(Pool, tokio_postgres_rustls::MakeRustlsConnect)>,
 }
 
 impl Provider for PostgresProvider {
-    fn name(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn kinds(&self) -> &'static [&'static str] {
-        &["sql"]
+    fn form(&self) -> &'static crate::form::Form {
+        &FORM
     }
 
     fn validate_config(
@@ -66,7 +74,7 @@ impl Provider for PostgresProvider {
         crate::sql::validate_sql_query(query)
     }
 
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
             let password = crate::sql::password(call)?;
             let work = async {
@@ -77,6 +85,7 @@ impl Provider for PostgresProvider {
             };
             crate::provider::within(call.limits.timeout, work)
                 .await
+                .map(|()| None)
                 .map_err(|error| crate::provider::with_timeout(error, call.limits.timeout))
         })
     }

@@ -55,6 +55,17 @@ pub struct Rows {
     pub bytes: u64,
     /// More rows came than `max_rows`: the rest was dropped.
     pub truncated: bool,
+    /// How much of its API allowance the source says is used (Salesforce's
+    /// `Sforce-Limit-Info`), when it says.
+    pub usage: Option<ApiUsage>,
+}
+
+/// A source's count of API calls against its limit (Salesforce's daily
+/// allowance), as the source reported it on its last answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiUsage {
+    pub used: u64,
+    pub limit: u64,
 }
 
 /// Why a provider call failed, each with its stable problem code. Messages
@@ -76,6 +87,10 @@ pub enum ProviderError {
     QueryFailed(String),
     #[error("the source's answer is larger than {0} bytes")]
     TooLarge(u64),
+    /// The source's rate limit: nothing more is sent to it before
+    /// `retry_after_s` (no hammering).
+    #[error("the source's rate limit is reached: {message}")]
+    RateLimited { retry_after_s: u64, message: String },
 }
 
 impl Rows {
@@ -140,6 +155,7 @@ impl ProviderError {
             ProviderError::AuthFailed(_) => "integration_auth_failed",
             ProviderError::QueryFailed(_) => "integration_query_failed",
             ProviderError::TooLarge(_) => "integration_response_too_large",
+            ProviderError::RateLimited { .. } => "integration_rate_limited",
         }
     }
 
@@ -205,11 +221,21 @@ pub fn with_timeout(error: ProviderError, timeout: Duration) -> ProviderError {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait Provider: Send + Sync {
-    /// `rest`, `graphql`, …
-    fn name(&self) -> &'static str;
+    /// Its name, query kinds, config and credential fields, as
+    /// `GET /v1/providers` shows them and [`crate::validate_config`] checks
+    /// them first.
+    fn form(&self) -> &'static crate::form::Form;
 
-    /// The query kinds this provider runs (`request`, `graphql`, …).
-    fn kinds(&self) -> &'static [&'static str];
+    /// `rest`, `graphql`, …: its form's.
+    fn name(&self) -> &'static str {
+        self.form().provider
+    }
+
+    /// The query kinds this provider runs (`request`, `graphql`, …): its
+    /// form's.
+    fn kinds(&self) -> &'static [&'static str] {
+        self.form().kinds
+    }
 
     /// Checks a config (no extra fields, URLs the guard accepts) and the
     /// credential's shape for it; nothing is contacted.
@@ -223,8 +249,9 @@ pub trait Provider: Send + Sync {
     /// Checks a saved query against the config (its kind, its template).
     fn validate_query(&self, config: &Value, query: &QuerySpec) -> Result<(), ProviderError>;
 
-    /// The cheapest call that proves the source answers with this credential.
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>>;
+    /// The cheapest call that proves the source answers with this
+    /// credential, and the source's count of API calls if it gives one.
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>>;
 
     /// Closes what the provider keeps open for an integration (its
     /// connection pool), when it is changed, disabled or removed.

@@ -51,6 +51,47 @@ pub struct QuerySpec {
     /// For `aggregate`: the stages, in Extended JSON; no `$out` or `$merge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<Vec<Value>>,
+    /// For `records` (Airtable): the base, when not the integration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_id: Option<String>,
+    /// For `records`: the table, by id or name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// For `records`: a view of the table (its filter and order apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
+    /// For `records`: an Airtable formula; `{{name}}` becomes an escaped
+    /// string or number literal, never formula text.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "filterByFormula")]
+    pub filter_by_formula: Option<String>,
+    /// For `records`: only these fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<String>>,
+    /// For `range` (Google Sheets): the spreadsheet, when not the
+    /// integration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spreadsheet_id: Option<String>,
+    /// For `range`: an A1 range (`Sheet1!A1:F`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<String>,
+    /// For `range`: `FORMATTED_VALUE` (the default), `UNFORMATTED_VALUE`
+    /// or `FORMULA`.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "valueRenderOption")]
+    pub value_render_option: Option<String>,
+    /// For `range`: `SERIAL_NUMBER` (the default) or `FORMATTED_STRING`.
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "dateTimeRenderOption")]
+    pub date_time_render_option: Option<String>,
+    /// For `range`: the first row names the columns (rows are objects);
+    /// otherwise rows are arrays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_row: Option<bool>,
+    /// For `soql` (Salesforce): one SOQL query; `{{name}}` becomes an
+    /// escaped literal, never query text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soql: Option<String>,
+    /// For `soql`: keep each record's `attributes` (type and URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_attributes: Option<bool>,
     #[serde(default)]
     pub params: BTreeMap<String, ParamSpec>,
     /// A JSON pointer (RFC 6901) to the array of rows in the answer; the
@@ -185,8 +226,19 @@ impl QuerySpec {
                 collect_strings(body, "request.body", &mut templates);
             }
         }
-        if let Some(sql) = &self.sql {
-            templates.push(("sql".to_owned(), sql.as_str()));
+        for (field, text) in [
+            ("sql", &self.sql),
+            ("soql", &self.soql),
+            ("filter_by_formula", &self.filter_by_formula),
+            ("base_id", &self.base_id),
+            ("table", &self.table),
+            ("view", &self.view),
+            ("spreadsheet_id", &self.spreadsheet_id),
+            ("range", &self.range),
+        ] {
+            if let Some(text) = text {
+                templates.push((field.to_owned(), text.as_str()));
+            }
         }
         for (field, document) in [("filter", &self.filter), ("projection", &self.projection), ("sort", &self.sort)] {
             if let Some(document) = document {
@@ -213,6 +265,18 @@ impl QuerySpec {
             ("limit", self.limit.is_some()),
             ("pipeline", self.pipeline.is_some()),
             ("rows_pointer", self.rows_pointer.is_some()),
+            ("base_id", self.base_id.is_some()),
+            ("table", self.table.is_some()),
+            ("view", self.view.is_some()),
+            ("filter_by_formula", self.filter_by_formula.is_some()),
+            ("fields", self.fields.is_some()),
+            ("spreadsheet_id", self.spreadsheet_id.is_some()),
+            ("range", self.range.is_some()),
+            ("value_render_option", self.value_render_option.is_some()),
+            ("date_time_render_option", self.date_time_render_option.is_some()),
+            ("header_row", self.header_row.is_some()),
+            ("soql", self.soql.is_some()),
+            ("keep_attributes", self.keep_attributes.is_some()),
         ];
         match present.iter().find(|(field, present)| *present && !kind_fields.contains(field)) {
             Some((field, _)) => Err(refuse(*field, format!("is not a field of kind `{}`", self.kind))),

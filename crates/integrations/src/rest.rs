@@ -14,7 +14,7 @@
 //!   expires, and fetched again once when the API answers 401.
 
 use crate::http::Answer;
-use crate::provider::{BoxFuture, Call, Limits, Provider, ProviderError, Rows, scrub};
+use crate::provider::{ApiUsage, BoxFuture, Call, Limits, Provider, ProviderError, Rows, scrub};
 use crate::query::{QuerySpec, render, render_json, render_path};
 use moka::future::Cache;
 use secrecy::ExposeSecret;
@@ -27,6 +27,66 @@ use std::time::Duration;
 pub const HEADERS_MAX: usize = 50;
 /// An upstream's error text kept in a problem, at most.
 pub const UPSTREAM_MESSAGE_MAX: usize = 300;
+use crate::form::{CredentialForm, Field, Form, Kind, When, field as form_field};
+
+const AUTH_HELP: &str = "how tally signs in: {\"type\": \"none\"} (the default), {\"type\": \"bearer\"}, \
+    {\"type\": \"basic\"}, {\"type\": \"api_key\", \"header\": name} or {\"type\": \"api_key\", \"query\": name}, \
+    {\"type\": \"oauth2_client_credentials\", \"token_url\": url, \"scope\": text}";
+
+/// The credential shapes of the HTTP providers, one per `auth.type`.
+pub const HTTP_CREDENTIALS: &[CredentialForm] = &[
+    CredentialForm {
+        name: "bearer",
+        when: Some(When { field: "auth.type", equals: "bearer", absent: "none" }),
+        fields: &[form_field("token", Kind::String, "sent as `Authorization: Bearer …`")
+            .required()
+            .secret()
+            .max_length(8_192)],
+    },
+    CredentialForm {
+        name: "basic",
+        when: Some(When { field: "auth.type", equals: "basic", absent: "none" }),
+        fields: &[
+            form_field("username", Kind::String, "the user name").required().secret(),
+            form_field("password", Kind::String, "the password").required().secret(),
+        ],
+    },
+    CredentialForm {
+        name: "api_key",
+        when: Some(When { field: "auth.type", equals: "api_key", absent: "none" }),
+        fields: &[form_field("key", Kind::String, "sent in the header or query parameter the config names")
+            .required()
+            .secret()
+            .max_length(8_192)],
+    },
+    CredentialForm {
+        name: "oauth2_client_credentials",
+        when: Some(When { field: "auth.type", equals: "oauth2_client_credentials", absent: "none" }),
+        fields: &[
+            form_field("client_id", Kind::String, "the OAuth 2.0 client id").required().secret(),
+            form_field("client_secret", Kind::String, "the OAuth 2.0 client secret").required().secret(),
+        ],
+    },
+];
+
+const REST_CONFIG: &[Field] = &[
+    form_field("base_url", Kind::Url, "the API's base URL; https unless the operator allow-lists the address")
+        .required(),
+    form_field("auth", Kind::Object, AUTH_HELP),
+    form_field("headers", Kind::Object, "headers sent with every request (not Host or Authorization), at most 50"),
+    form_field("health_path", Kind::String, "a path to GET for the health check; a HEAD of base_url without it"),
+];
+
+pub const REST_FORM: Form = Form {
+    provider: "rest",
+    title: "REST API",
+    help: "any JSON API over HTTP(S)",
+    kinds: &["request"],
+    config: REST_CONFIG,
+    credentials: HTTP_CREDENTIALS,
+    credential_optional: false,
+};
+
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 /// A token is refreshed this long before the expiry its issuer gave.
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
@@ -132,7 +192,7 @@ pub fn parse_config(
 }
 
 /// A forbidden address is `target_forbidden`; a bad URL is invalid.
-fn url_refusal(field: &str, error: crate::guard::GuardError) -> ProviderError {
+pub fn url_refusal(field: &str, error: crate::guard::GuardError) -> ProviderError {
     match error {
         forbidden @ crate::guard::GuardError::Forbidden { .. } => ProviderError::TargetForbidden(forbidden),
         other => ProviderError::invalid(field, other.to_string()),
@@ -316,7 +376,7 @@ pub fn rows_at(answer: &Value, pointer: Option<&str>, bytes: u64, max_rows: usiz
     };
     let truncated = items.len() > max_rows;
     let rows = items.iter().take(max_rows).map(crate::provider::row).collect();
-    Ok(Rows { rows, bytes, truncated })
+    Ok(Rows { rows, bytes, truncated, usage: None })
 }
 
 #[derive(Default)]
@@ -325,12 +385,8 @@ pub struct RestProvider {
 }
 
 impl Provider for RestProvider {
-    fn name(&self) -> &'static str {
-        "rest"
-    }
-
-    fn kinds(&self) -> &'static [&'static str] {
-        &["request"]
+    fn form(&self) -> &'static Form {
+        &REST_FORM
     }
 
     fn validate_config(
@@ -370,7 +426,7 @@ impl Provider for RestProvider {
         Ok(())
     }
 
-    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
             let config = config_unchecked(call.config)?;
             let base = config.base_url.trim_end_matches('/').to_owned();
@@ -383,7 +439,7 @@ impl Provider for RestProvider {
             match answer.status {
                 401 | 403 => Err(ProviderError::AuthFailed(format!("the source answered {}", answer.status))),
                 500..=599 => Err(ProviderError::Unreachable(format!("the source answered {}", answer.status))),
-                _ => Ok(()),
+                _ => Ok(None),
             }
         })
     }

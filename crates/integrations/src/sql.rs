@@ -34,6 +34,35 @@ pub const SQL_BYTES_MAX: usize = 64 * 1024;
 pub const CA_CERT_BYTES_MAX: usize = 64 * 1024;
 const NAME_MAX: usize = 128;
 
+/// The config fields of the SQL providers; `port`'s default differs.
+pub const fn sql_config(default_port: &'static str) -> [crate::form::Field; 6] {
+    use crate::form::{Kind, field};
+    [
+        field("host", Kind::String, "the server's name or address; the guard checks it").required().max_length(253),
+        field("port", Kind::Integer, "the server's port").range(1, 65_535).default(default_port),
+        field("database", Kind::String, "the database to read").required().max_length(NAME_MAX),
+        field("user", Kind::String, "the user tally signs in as: give it read access only")
+            .required()
+            .max_length(NAME_MAX),
+        field(
+            "sslmode",
+            Kind::Enum,
+            "TLS: verify-full checks the certificate and name; require encrypts only; \
+            disable only for allow-listed addresses",
+        )
+        .options(&["verify-full", "require", "disable"])
+        .default("\"verify-full\""),
+        field("ca_cert", Kind::Pem, "PEM certificates to trust instead of the system's roots (verify-full only)"),
+    ]
+}
+
+/// The credential of a database: a password, or none.
+pub const PASSWORD: &[crate::form::CredentialForm] = &[crate::form::CredentialForm {
+    name: "password",
+    when: None,
+    fields: &[crate::form::field("password", crate::form::Kind::String, "the user's password").required().secret()],
+}];
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 pub enum SslMode {
     #[serde(rename = "disable")]

@@ -463,6 +463,7 @@ impl Draft {
                     bytes: 0,
                     cache_hit: false,
                     error_code: None,
+                    api_usage: None,
                 }),
             },
             Draft::Release { reservation_ref } => MemberCommand::Release { reservation_id: reservation_ref },

@@ -57,6 +57,14 @@ pub struct CredentialRef {
     pub hint: Option<String>,
 }
 
+/// A source's count of API calls against its allowance (Salesforce's
+/// daily one), as the source reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiUsage {
+    pub used: u64,
+    pub limit: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IntegrationStatus {
@@ -113,6 +121,8 @@ pub enum IntegrationEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error_code: Option<String>,
         source: TestSource,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_usage: Option<ApiUsage>,
     },
     IntegrationDisabled {
         reason: String,
@@ -163,6 +173,7 @@ pub enum IntegrationCommand {
         latency_ms: i64,
         error_code: Option<String>,
         source: TestSource,
+        api_usage: Option<ApiUsage>,
     },
     Disable {
         reason: String,
@@ -386,7 +397,7 @@ pub fn decide_integration(
             check_credential(state, credential)?;
             vec![IntegrationEvent::IntegrationCredentialRotated { credential: credential.clone() }]
         }
-        IntegrationCommand::RecordTest { ok, latency_ms, error_code, source } => {
+        IntegrationCommand::RecordTest { ok, latency_ms, error_code, source, api_usage } => {
             validate::range("latency_ms", *latency_ms, 0, 3_600_000)?;
             if let Some(code) = error_code {
                 validate::identifier("error_code", code)?;
@@ -403,6 +414,7 @@ pub fn decide_integration(
                 latency_ms: *latency_ms,
                 error_code: error_code.clone(),
                 source: *source,
+                api_usage: *api_usage,
             }]
         }
         IntegrationCommand::Disable { reason } => {
@@ -536,6 +548,7 @@ mod tests {
             ok,
             latency_ms: 12,
             error_code: (!ok).then(|| "integration_timeout".to_owned()),
+            api_usage: None,
             source,
         };
         run(&mut state, test(true, TestSource::Probe)).unwrap();

@@ -15,7 +15,7 @@ pub use catalog::*;
 pub use error::DomainError;
 pub use intake::{IntakeEvent, STRIPE_INTAKE_STREAM};
 pub use integration::{
-    CredentialRef, IntegrationCommand, IntegrationEvent, IntegrationState, IntegrationStatus, TestSource,
+    ApiUsage, CredentialRef, IntegrationCommand, IntegrationEvent, IntegrationState, IntegrationStatus, TestSource,
     integration_stream,
 };
 pub use member::*;

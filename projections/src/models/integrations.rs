@@ -34,7 +34,8 @@ use crate::storage::to_sql_integer;
 use crate::values::{day_text, instant_at, instant_text, u64_at};
 
 pub const PROJECTOR_NAME: &str = "integrations";
-pub const PROJECTOR_VERSION: u32 = 1;
+/// 2: the source's API usage (`api_usage_*`).
+pub const PROJECTOR_VERSION: u32 = 2;
 
 /// The upper bounds (inclusive, milliseconds) of the duration histogram's
 /// buckets; a last bucket holds everything slower.
@@ -59,6 +60,9 @@ const TABLES: &[TableSpec] = &[
             executions INTEGER NOT NULL,
             errors INTEGER NOT NULL,
             credits INTEGER NOT NULL,
+            api_usage_used INTEGER,
+            api_usage_limit INTEGER,
+            api_usage_at TEXT,
             created_at TEXT NOT NULL,
             updated_at TEXT NOT NULL,
             updated_position INTEGER NOT NULL,
@@ -153,6 +157,9 @@ const CHANGE_CONFIG: &str = "UPDATE {integrations} SET name = ?3, config = ?4,
 const ROTATE: &str = "UPDATE {integrations} SET credential_version = ?3, credential_hint = ?4,
     status = CASE status WHEN 'disabled' THEN 'disabled' ELSE 'untested' END, consecutive_failures = 0,
     updated_at = ?5, updated_position = ?6 WHERE member_id = ?1 AND integration_id = ?2";
+/// The source's last word on its API allowance.
+const API_USAGE: &str = "UPDATE {integrations} SET api_usage_used = ?3, api_usage_limit = ?4, api_usage_at = ?5
+    WHERE member_id = ?1 AND integration_id = ?2";
 const SELECT_HEALTH: &str =
     "SELECT status, consecutive_failures FROM {integrations} WHERE member_id = ?1 AND integration_id = ?2";
 const TESTED: &str = "UPDATE {integrations} SET status = ?3, consecutive_failures = ?4, last_test_at = ?5,
@@ -245,6 +252,15 @@ impl Projector for IntegrationsProjector {
             i64::from(status != "ok"),
             credits.0
         ])?;
+        if let Some(usage) = execution.api_usage {
+            tx.statement(API_USAGE)?.execute(params![
+                member_id,
+                execution.integration_id,
+                to_sql_integer(usage.used),
+                to_sql_integer(usage.limit),
+                executed_at,
+            ])?;
+        }
 
         let day = day_text(event.occurred_at.date_naive());
         let key = params![member_id, execution.integration_id, execution.query_id, day];
@@ -350,7 +366,16 @@ impl Projector for IntegrationsProjector {
                     position
                 ])?;
             }
-            IntegrationEvent::IntegrationTested { ok, latency_ms, error_code, .. } => {
+            IntegrationEvent::IntegrationTested { ok, latency_ms, error_code, api_usage, .. } => {
+                if let Some(usage) = api_usage {
+                    tx.statement(API_USAGE)?.execute(params![
+                        member_id,
+                        integration_id,
+                        to_sql_integer(usage.used),
+                        to_sql_integer(usage.limit),
+                        at,
+                    ])?;
+                }
                 let (status, failures): (String, i64) = tx
                     .statement(SELECT_HEALTH)?
                     .query_row(params![member_id, integration_id], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -641,6 +666,32 @@ pub(crate) fn query_stats(
         }
     }
     Ok(stats)
+}
+
+/// A source's last report of its API usage: calls used, the allowance,
+/// and when it said so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApiUsageRow {
+    pub used: u64,
+    pub limit: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// The last API usage a source reported for an integration, if any.
+pub(crate) fn api_usage(
+    snapshot: &Snapshot<'_>,
+    member_id: &str,
+    integration_id: &str,
+) -> Result<Option<ApiUsageRow>, ProjectionError> {
+    let template = "SELECT api_usage_used, api_usage_limit, api_usage_at FROM {integrations}
+        WHERE member_id = ?1 AND integration_id = ?2 AND api_usage_at IS NOT NULL";
+    let mut statement = snapshot.statement(ReadModel::Integrations, template)?;
+    let row = statement
+        .query_row(params![member_id, integration_id], |row| {
+            Ok(ApiUsageRow { used: u64_at(row, 0)?, limit: u64_at(row, 1)?, at: instant_at(row, 2)? })
+        })
+        .optional()?;
+    Ok(row)
 }
 
 /// An integration the health scheduler may probe: neither disabled nor

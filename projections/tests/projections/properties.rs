@@ -266,6 +266,7 @@ fn ledger_command(step: &Step, now: DateTime<Utc>, made: &Made) -> Option<Member
                     bytes: 0,
                     cache_hit: false,
                     error_code: None,
+                    api_usage: None,
                 }),
             }
         }

@@ -204,6 +204,7 @@ pub fn settle_with_query(
             bytes: 0,
             cache_hit: false,
             error_code: None,
+            api_usage: None,
         }),
     }
 }

@@ -159,6 +159,10 @@ pub struct QueryExecution {
     /// The problem code of a failed execution (`integration_timeout`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
+    /// The source's count of API calls against its allowance, when its
+    /// answer gave one (Salesforce's `Sforce-Limit-Info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_usage: Option<crate::domain::integration::ApiUsage>,
 }
 
 fn is_zero_i64(value: &i64) -> bool {

@@ -561,6 +561,7 @@ fn reservations_hold_in_burn_order_and_settle_part_releasing_the_rest() {
         bytes: 0,
         cache_hit: false,
         error_code: None,
+        api_usage: None,
     };
     let events = life.run(MemberCommand::Settle {
         reservation_id: "rsv_4".into(),
