@@ -168,6 +168,22 @@ fn airtable_lists_records_paced_charged_and_bound() {
     let history = answers.get(&server, "/v1/members/acme/executions?integration=crm");
     assert_eq!(history["executions"][0]["credits"], 4, "{history}");
 
+    // The documentation's own answer reads as the documentation says.
+    let (status, documented, _) = answers.post(
+        &server,
+        "/v1/members/acme/integrations/crm/execute",
+        "doc-1",
+        &json!({"kind": "records",
+            "table": "Restaurants"}),
+    );
+    assert_eq!(status, 200, "{documented}");
+    let page: Value = serde_json::from_str(&fixture("airtable/list_records.json")).unwrap();
+    assert_eq!(rows(&documented).len(), 6, "two pages of the documented three records");
+    let record = &page["records"][0];
+    let mut expected = json!({"id": record["id"], "createdTime": record["createdTime"]});
+    expected.as_object_mut().unwrap().extend(record["fields"].as_object().unwrap().clone());
+    assert_eq!(rows(&documented)[0], expected);
+
     // The same run again is a cache hit: credits_base, nothing sent.
     let sent = airtable.fake.requests().len();
     let (_, again, _) = answers.run(&server, "crm", "all", json!({}));
@@ -299,6 +315,20 @@ fn google_sheets_signs_in_as_a_service_account_and_reads_ranges() {
     assert_eq!(available(&server), before - 2);
     let (_, cached, _) = answers.run(&server, "sites", "table", json!({}));
     assert_eq!(cached["execution"]["cache_hit"], true);
+
+    // The documentation's ValueRange, with its header row.
+    let (status, documented, _) = answers.post(
+        &server,
+        "/v1/members/acme/integrations/sites/execute",
+        "doc-1",
+        &json!({"kind": "range", "range": "Doc!A1:D5", "header_row": true}),
+    );
+    assert_eq!(status, 200, "{documented}");
+    assert_eq!(rows(&documented).len(), 4);
+    assert_eq!(
+        rows(&documented)[0],
+        json!({"Item": "Wheel", "Cost": "$20.50", "Stocked": "4", "Ship Date": "3/1/2016"})
+    );
 
     // Without a header row, arrays; max_rows cuts.
     answers.save(
@@ -445,6 +475,26 @@ fn salesforce_follows_batches_refreshes_tokens_and_reports_usage() {
     assert!(retry_after.is_some());
     salesforce.over_limit.store(false, Ordering::SeqCst);
     assert_eq!(available(&server), before);
+
+    // The documentation's two pages, at the version they show.
+    let documented_version = json!({"login_url": salesforce.fake.url(""), "api_version": "67.0"});
+    answers.integrate(
+        &server,
+        "v67",
+        "salesforce",
+        documented_version,
+        json!({"client_id": SF_CLIENT_ID,
+        "client_secret": SF_CLIENT_SECRET}),
+    );
+    let (status, documented, _) = answers.post(
+        &server,
+        "/v1/members/acme/integrations/v67/execute",
+        "doc-1",
+        &json!({"kind": "soql", "soql": "SELECT Id, Name FROM Account"}),
+    );
+    assert_eq!(status, 200, "{documented}");
+    let names: Vec<&Value> = rows(&documented).iter().map(|row| &row["Name"]).collect();
+    assert_eq!(names, [&json!("Test 1"), &json!("Test 2"), &json!("O'Brien & Sons")]);
 
     // The refresh-token flow; a wrong secret is refused at the token.
     let refresh = json!({"login_url": salesforce.fake.url(""), "api_version": SF_VERSION, "flow": "refresh_token"});

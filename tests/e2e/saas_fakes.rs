@@ -274,6 +274,14 @@ impl FakeAirtable {
             if base == AIRTABLE_FORBIDDEN_BASE {
                 return reply(403, fixture("airtable/error_403.json"));
             }
+            if base == AIRTABLE_BASE && table == "Restaurants" {
+                // The documentation's own answer, then its last page.
+                let mut page: Value = serde_json::from_str(&fixture("airtable/list_records.json")).unwrap();
+                if request.param("offset") == page["offset"].as_str() {
+                    page.as_object_mut().unwrap().remove("offset");
+                }
+                return reply(200, page.to_string());
+            }
             if base != AIRTABLE_BASE || table != "Customers" {
                 return reply(404, fixture("airtable/error_404.json"));
             }
@@ -479,6 +487,9 @@ impl FakeSheets {
                 limits.fetch_sub(1, Ordering::SeqCst);
                 return reply(429, fixture("google_sheets/error_429.json")).with("Retry-After", "42");
             }
+            if range.starts_with("Doc!") {
+                return reply(200, fixture("google_sheets/values_get.json"));
+            }
             if !range.starts_with("Sheet1!") {
                 return reply(400, fixture("google_sheets/error_400_range.json"));
             }
@@ -641,6 +652,13 @@ fn salesforce_api(request: &Request, names: &[String], batch: usize, over: &Atom
     }
     if request.path == "/services/data/" {
         return reply(200, fixture("salesforce/versions.json"));
+    }
+    // The documentation's own pages, at the version they show.
+    if request.path == "/services/data/v67.0/query" {
+        return reply(200, fixture("salesforce/query_page1.json"));
+    }
+    if request.path == "/services/data/v67.0/query/01gD0000002HU6KIAW-2" {
+        return reply(200, fixture("salesforce/query_last_page.json"));
     }
     let data = format!("/services/data/v{SF_VERSION}/query");
     let (selected, start): (Vec<usize>, usize) = if request.path == data {

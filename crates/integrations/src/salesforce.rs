@@ -327,13 +327,13 @@ impl Provider for SalesforceProvider {
                 if let Some(usage) = api_usage(&answer.headers) {
                     rows.usage = Some(usage);
                 }
-                let body = check(&answer, call)?;
-                for record in body["records"].as_array().into_iter().flatten() {
+                let mut body = check(&answer, call)?;
+                let records = body.get_mut("records").and_then(Value::as_array_mut).map(std::mem::take);
+                for mut record in records.into_iter().flatten() {
                     if rows.rows.len() == max_rows {
                         rows.truncated = true;
                         break;
                     }
-                    let mut record = record.clone();
                     if !keep_attributes && let Some(fields) = record.as_object_mut() {
                         fields.remove("attributes");
                     }
