@@ -30,6 +30,9 @@ target/release/tally-exec | tee "$out/exec.md"
 echo "== database sources: tally beside the driver, per provider (tally-sources; needs bash .ci/test-servers)"
 target/release/tally-sources | tee "$out/sources.md"
 
+echo "== SaaS presets beside rest, the Airtable pacer's floor (tally-saas)"
+target/release/tally-saas | tee "$out/saas.md"
+
 echo "== HTTP on loopback: tally-load at fixed rates"
 http_dir="$(mktemp -d)"
 port=18282
