@@ -403,7 +403,8 @@ async fn run_and_settle(
                     Ok(result) => result,
                     Err(_) => Err(ProviderError::Timeout(timeout)),
                 };
-            let api_usage = result.as_ref().ok().and_then(|rows| rows.usage);
+            // What the source said of its allowance, success or failure.
+            let api_usage = provider.last_usage(call.integration_key());
             let result = result.map(|rows| CachedResult {
                 rows: Arc::new(rows.rows),
                 bytes: rows.bytes,
@@ -418,6 +419,7 @@ async fn run_and_settle(
         }
     };
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let api_usage = api_usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit });
     let (credits, execution) = match &outcome {
         Ok(result) => {
             let rows = result.rows.len() as i64;
@@ -435,7 +437,7 @@ async fn run_and_settle(
                 bytes: result.bytes as i64,
                 cache_hit,
                 error_code: None,
-                api_usage: api_usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit }),
+                api_usage,
             };
             (credits, execution)
         }
@@ -449,7 +451,7 @@ async fn run_and_settle(
                 bytes: 0,
                 cache_hit: false,
                 error_code: Some(error.code().to_owned()),
-                api_usage: None,
+                api_usage,
             };
             (0, execution)
         }

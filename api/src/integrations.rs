@@ -92,7 +92,8 @@ pub(crate) fn vault_secret(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntegrationBody {
-    /// `rest`, `graphql`, `postgres`, `mysql` or `mongodb`.
+    /// `rest`, `graphql`, `postgres`, `mysql`, `mongodb`, `airtable`,
+    /// `google_sheets` or `salesforce` (`GET /v1/providers` describes each).
     pub provider: String,
     pub name: String,
     /// The provider's non-secret config (REST: `base_url`, `auth`, `headers`, `health_path`;
@@ -722,10 +723,29 @@ pub(crate) async fn probe(
     let started = std::time::Instant::now();
     let outcome = provider.probe(&call).await;
     let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-    let (ok, error_code, message, api_usage) = match &outcome {
-        Ok(usage) => (true, None, None, usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit })),
-        Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string()), None),
+    let usage = match &outcome {
+        Ok(usage) => usage.or_else(|| provider.last_usage(call.integration_key())),
+        Err(_) => provider.last_usage(call.integration_key()),
     };
+    let api_usage = usage.map(|usage| ApiUsage { used: usage.used, limit: usage.limit });
+    let (ok, error_code, message) = match &outcome {
+        Ok(_) => (true, None, None),
+        Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string())),
+    };
+    // A source that asks for a pause is not unhealthy: nothing is recorded.
+    if matches!(outcome, Err(tally_integrations::ProviderError::RateLimited { .. })) {
+        return Ok(TestView {
+            object: "integration_test",
+            integration_id,
+            ok,
+            latency_ms,
+            error_code,
+            message,
+            status: current.status().as_str(),
+            api_usage,
+            position: None,
+        });
+    }
     let command = IntegrationCommand::RecordTest {
         ok,
         latency_ms,
@@ -913,6 +933,7 @@ fn execution_key(
     params(QueryPath),
     responses((status = 200, body = crate::execution::ExecutionAnswer), (status = 402, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 502, body = Problem),
+        (status = 503, body = Problem, description = "`integration_rate_limited` (the source asked for a pause; Retry-After), or the server is busy"),
         (status = 504, body = Problem)),
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/integrations/{integration}/queries/{query}/execute")]
@@ -943,6 +964,7 @@ pub async fn execute_query(state: State, request: HttpRequest, bytes: Bytes) -> 
     params(IntegrationPath),
     responses((status = 200, body = crate::execution::ExecutionAnswer), (status = 402, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 502, body = Problem),
+        (status = 503, body = Problem, description = "`integration_rate_limited` (the source asked for a pause; Retry-After), or the server is busy"),
         (status = 504, body = Problem)),
     security(("bearer" = [])))]
 #[post("/v1/members/{member}/integrations/{integration}/execute")]

@@ -19,13 +19,16 @@ const VAULT_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 
 /// A server that reaches 127.0.0.1 only, logging at debug into a file.
 fn logged_server() -> (Server, TempDir, PathBuf) {
+    server_with(&[("TALLY_OUTBOUND", "allow-list")])
+}
+
+/// A server with 127.0.0.1 allow-listed and `env`, logging at debug.
+fn server_with(env: &[(&str, &str)]) -> (Server, TempDir, PathBuf) {
     let log = TempDir::new().unwrap();
     let log_path = log.path().join("server.log");
-    let server = Server::start_logged(
-        &["--allow-private-targets", "127.0.0.1/32"],
-        &[("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_OUTBOUND", "allow-list"), ("TALLY_LOG", "debug")],
-        &log_path,
-    );
+    let mut env = env.to_vec();
+    env.extend([("TALLY_VAULT_KEY", VAULT_KEY), ("TALLY_LOG", "debug")]);
+    let server = Server::start_logged(&["--allow-private-targets", "127.0.0.1/32"], &env, &log_path);
     assert_eq!(server.put("/v1/members/acme", ADMIN_KEY, &json!({})).status(), 200);
     let grant = json!({"source": "promotional", "amount": 10_000});
     assert_eq!(server.admin_post("/v1/members/acme/credits/grants", grant).0, 201);
@@ -281,6 +284,20 @@ fn airtable_lists_records_paced_charged_and_bound() {
     let (_, integration) = server.admin_get("/v1/members/acme/integrations/crm");
     assert_eq!(integration["status"], "healthy", "a rate limit is not a failure of the source: {integration}");
 
+    // Every request to the base was paced: 210 ms apart, never closer.
+    let times: Vec<std::time::Instant> = airtable
+        .fake
+        .requests()
+        .iter()
+        .filter(|request| request.path.starts_with(&format!("/v0/{AIRTABLE_BASE}/")))
+        .map(|request| request.at)
+        .collect();
+    assert!(times.len() > 20, "{} requests", times.len());
+    for pair in times.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(gap >= Duration::from_millis(190), "two requests to one base {gap:?} apart");
+    }
+
     answers.assert_no_secret(server, &log_path, &[AIRTABLE_TOKEN]);
 }
 
@@ -352,12 +369,6 @@ fn google_sheets_signs_in_as_a_service_account_and_reads_ranges() {
     assert!(sheets.refused.lock().unwrap().is_empty(), "{:?}", sheets.refused.lock().unwrap());
 
     // Google's refusals, named.
-    sheets.rate_limits.store(1, Ordering::SeqCst);
-    let (status, limited, retry_after) = answers.run(&server, "sites", "raw", json!({"cells": "A1:C"}));
-    assert_eq!(
-        (status, &limited["code"], retry_after.as_deref()),
-        (503, &json!("integration_rate_limited"), Some("42"))
-    );
     answers.save(&server, "sites", "other-tab", json!({"kind": "range", "range": "Summary!A1:B", "credits_base": 1}));
     let (status, refused, _) = answers.run(&server, "sites", "other-tab", json!({}));
     assert_eq!((status, &refused["code"]), (422, &json!("integration_query_failed")), "{refused}");
@@ -371,6 +382,19 @@ fn google_sheets_signs_in_as_a_service_account_and_reads_ranges() {
     );
     let (status, private, _) = answers.run(&server, "sites", "private", json!({}));
     assert_eq!((status, &private["code"]), (502, &json!("integration_auth_failed")), "{private}");
+
+    // A 429: the integration is held back for Google's Retry-After; the
+    // next run sends nothing.
+    sheets.rate_limits.store(1, Ordering::SeqCst);
+    let (status, limited, retry_after) = answers.run(&server, "sites", "raw", json!({"cells": "A1:C"}));
+    assert_eq!(
+        (status, &limited["code"], retry_after.as_deref()),
+        (503, &json!("integration_rate_limited"), Some("42"))
+    );
+    let sent = sheets.fake.requests().len();
+    let (status, held, _) = answers.run(&server, "sites", "raw", json!({"cells": "A2:C"}));
+    assert_eq!((status, &held["code"]), (503, &json!("integration_rate_limited")), "{held}");
+    assert_eq!(sheets.fake.requests().len(), sent, "nothing was sent while Google asked for a pause");
 
     // A key whose signature Google cannot verify is refused at the token.
     let stranger = ServiceAccount::generate().key_file(&sheets.fake.url("/token"));
@@ -391,8 +415,16 @@ fn google_sheets_signs_in_as_a_service_account_and_reads_ranges() {
     let (status, public, _) = answers.run(&server, "public", "table", json!({}));
     assert_eq!((status, rows(&public).len()), (200, 12), "{public}");
 
-    let body = account.private_key_pem.lines().nth(3).unwrap().to_owned();
-    answers.assert_no_secret(server, &log_path, &[&body, SHEETS_API_KEY, "ya29.test-access-1"]);
+    let mut secrets: Vec<String> =
+        vec![account.private_key_pem.lines().nth(3).unwrap().to_owned(), SHEETS_API_KEY.into()];
+    secrets.extend((1..=sheets.issued.load(Ordering::SeqCst)).map(|n| format!("ya29.test-access-{n}")));
+    // The signed assertions too: each was a credential for an hour.
+    let assertions =
+        sheets.fake.requests().iter().filter_map(|request| request.form_field("assertion")).collect::<Vec<_>>();
+    assert!(!assertions.is_empty());
+    secrets.extend(assertions);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    answers.assert_no_secret(server, &log_path, &secrets);
 }
 
 #[test]
@@ -473,6 +505,17 @@ fn salesforce_follows_batches_refreshes_tokens_and_reports_usage() {
     let (status, limited, retry_after) = answers.run(&server, "crm", "one", json!({"name": "Account 0001"}));
     assert_eq!((status, &limited["code"]), (503, &json!("integration_rate_limited")), "{limited}");
     assert!(retry_after.is_some());
+    let executed = server.events_of_type("QueryExecuted");
+    let failed = executed.last().unwrap();
+    assert_eq!(failed["error_code"], "integration_rate_limited", "{failed}");
+    assert!(failed["api_usage"]["used"].is_u64(), "a failure's answer reported the usage too: {failed}");
+    // Held back: a test sends nothing, records nothing, and the
+    // integration stays healthy.
+    let sent = salesforce.fake.requests().len();
+    let probed = answers.test(&server, "crm");
+    assert_eq!((&probed["error_code"], &probed["position"]), (&json!("integration_rate_limited"), &Value::Null));
+    assert_eq!(salesforce.fake.requests().len(), sent, "nothing is sent to an org that is over its limit");
+    assert_eq!(answers.get(&server, "/v1/members/acme/integrations/crm")["status"], "healthy");
     salesforce.over_limit.store(false, Ordering::SeqCst);
     assert_eq!(available(&server), before);
 
@@ -518,7 +561,10 @@ fn salesforce_follows_batches_refreshes_tokens_and_reports_usage() {
     let wrong = answers.test(&server, "wrong");
     assert_eq!(wrong["error_code"], "integration_auth_failed", "{wrong}");
 
-    answers.assert_no_secret(server, &log_path, &[SF_CLIENT_SECRET, SF_REFRESH_TOKEN, "00DTEST!session.1"]);
+    let mut secrets: Vec<String> = vec![SF_CLIENT_ID.into(), SF_CLIENT_SECRET.into(), SF_REFRESH_TOKEN.into()];
+    secrets.extend((1..=salesforce.tokens_issued.load(Ordering::SeqCst)).map(|n| format!("00DTEST!session.{n}")));
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    answers.assert_no_secret(server, &log_path, &secrets);
 }
 
 /// A token server that names an instance the guard does not allow (a
@@ -527,7 +573,10 @@ fn salesforce_follows_batches_refreshes_tokens_and_reports_usage() {
 fn a_salesforce_instance_url_is_checked_by_the_target_guard() {
     let salesforce = FakeSalesforce::start(10, 100);
     *salesforce.instance_url.lock().unwrap() = format!("http://127.0.0.2:{}", salesforce.fake.port);
-    let (server, _log, _log_path) = logged_server();
+    // The guard's own rule, not an allow-list-only server: 127.0.0.2 is
+    // loopback, and only 127.0.0.1 is opened. Every address here is a
+    // literal: nothing is looked up.
+    let (server, _log, _log_path) = server_with(&[]);
     let mut answers = Answers::default();
     let config = json!({"login_url": salesforce.fake.url(""), "api_version": SF_VERSION});
     answers.integrate(

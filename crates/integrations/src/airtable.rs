@@ -91,11 +91,11 @@ impl Default for AirtableProvider {
 }
 
 /// `{"error": {"type", "message"}}` or `{"error": "NOT_FOUND"}`.
-fn error_of(answer: &Answer, call: &Call<'_>) -> (String, String) {
+fn error_of(answer: &Answer) -> (String, String) {
     let body: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
     let error = &body["error"];
     let kind = error["type"].as_str().or(error.as_str()).unwrap_or_default().to_owned();
-    (kind, crate::saas::said(error["message"].as_str().unwrap_or_default(), call))
+    (kind, error["message"].as_str().unwrap_or_default().to_owned())
 }
 
 impl AirtableProvider {
@@ -113,7 +113,7 @@ impl AirtableProvider {
         let fields = crate::rest::credential_fields(call)?;
         let header = crate::saas::bearer(fields.get("token").and_then(Value::as_str).unwrap_or_default())?;
         loop {
-            self.pacer.wait(base_key, deadline).await?;
+            self.pacer.wait(base_key, deadline, call.limits.timeout).await?;
             let request = call
                 .http
                 .client()
@@ -125,6 +125,7 @@ impl AirtableProvider {
             if answer.status != 429 {
                 return Ok(answer);
             }
+            // retry_after is capped: the sum cannot overflow.
             let wait = retry_after(&answer.headers).map_or(RATE_LIMIT_WAIT, Duration::from_secs).max(RATE_LIMIT_WAIT);
             self.pacer.block(base_key, wait);
             tracing::info!(base = base_key, wait_s = wait.as_secs(), "airtable answered 429: the base is held back");
@@ -136,8 +137,8 @@ impl AirtableProvider {
         if let Some(json) = crate::saas::json_of(answer, "Airtable") {
             return json;
         }
-        let (kind, message) = error_of(answer, call);
-        let said = format!("Airtable answered {} {kind}: {message}", answer.status);
+        let (kind, message) = error_of(answer);
+        let said = crate::saas::said(&format!("Airtable answered {} {kind}: {message}", answer.status), call);
         Err(match answer.status {
             401 | 403 => ProviderError::AuthFailed(said),
             500..=599 => ProviderError::Unreachable(format!("Airtable answered {}", answer.status)),
@@ -195,6 +196,9 @@ impl Provider for AirtableProvider {
                         })
                     })
             });
+            if sort.to_string().contains("{{") {
+                return Err(ProviderError::invalid("sort", "takes no {{parameters}}: name the fields"));
+            }
             if !valid {
                 return Err(ProviderError::invalid(
                     "sort",
@@ -213,7 +217,7 @@ impl Provider for AirtableProvider {
             let base_key = format!("{base}/{}", config.base_id);
             let (url, query) = match &config.probe_table {
                 Some(table) => (
-                    format!("{base}/{}/{}", config.base_id, segment(table)),
+                    format!("{base}/{}/{}", config.base_id, crate::saas::segment("config.probe_table", table)?),
                     vec![("pageSize".to_owned(), "1".to_owned()), ("maxRecords".to_owned(), "1".to_owned())],
                 ),
                 None => (format!("{base}/meta/whoami"), Vec::new()),
@@ -240,7 +244,7 @@ impl Provider for AirtableProvider {
             let table = plain(query.table.as_deref().unwrap_or_default());
             let base = config.base_url.trim_end_matches('/');
             let base_key = format!("{base}/{base_id}");
-            let url = format!("{base}/{base_id}/{}", segment(&table));
+            let url = format!("{base}/{base_id}/{}", crate::saas::segment("table", &table)?);
             let max_rows = call.limits.max_rows;
             // One more than max_rows tells whether there were more.
             let wanted = max_rows + 1;
@@ -262,6 +266,7 @@ impl Provider for AirtableProvider {
             }
             let mut rows = Rows::default();
             let mut offset: Option<String> = None;
+            let mut offsets = std::collections::HashSet::new();
             loop {
                 let mut page = pairs.clone();
                 page.push(("pageSize".to_owned(), (wanted - rows.rows.len()).min(PAGE_SIZE_MAX).to_string()));
@@ -271,7 +276,8 @@ impl Provider for AirtableProvider {
                 let budget = call.limits.max_bytes.saturating_sub(rows.bytes);
                 let answer = self.get(call, &base_key, &url, &page, deadline, budget).await?;
                 let body = Self::check(&answer, call)?;
-                for record in body["records"].as_array().into_iter().flatten() {
+                let records = body["records"].as_array().map(Vec::as_slice).unwrap_or_default();
+                for record in records {
                     if rows.rows.len() == max_rows {
                         rows.truncated = true;
                         break;
@@ -279,18 +285,21 @@ impl Provider for AirtableProvider {
                     rows.push_columns(&columns_of(record), call.limits.max_bytes)?;
                 }
                 offset = body["offset"].as_str().map(str::to_owned);
-                if rows.truncated || offset.is_none() {
+                let Some(next) = &offset else { break };
+                if rows.truncated {
                     break;
+                }
+                // Every page moves on: never the same offset twice, never an
+                // empty page with more to come.
+                if records.is_empty() || !offsets.insert(next.clone()) {
+                    return Err(ProviderError::QueryFailed(
+                        "Airtable's pages do not move on (an empty page, or an offset given twice)".into(),
+                    ));
                 }
             }
             Ok(rows)
         })
     }
-}
-
-/// A table name or id as one path segment.
-fn segment(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
 /// A record's columns: `id`, `createdTime`, then its fields.

@@ -19,8 +19,8 @@
 use crate::form::{CredentialForm, Field, Form, Kind, field};
 use crate::http::Answer;
 use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows};
-use crate::query::{QuerySpec, render_path};
-use crate::saas::{Token, Tokens, left, lifetime, retry_after};
+use crate::query::QuerySpec;
+use crate::saas::{Pacer, Token, Tokens, left, lifetime, retry_after};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -166,27 +166,54 @@ fn assertion(account: &ServiceAccount, token_uri: &str, now: i64) -> Result<Stri
         .map_err(|_| ProviderError::AuthFailed("the assertion could not be signed".into()))
 }
 
-/// How a call signs in.
+/// How a call signs in: the kind is read without copying the key file,
+/// which is read (and zeroed after) only to sign an assertion.
 enum Credential {
-    /// A service account's key file (still sealed in its secret).
-    ServiceAccount(SecretString),
+    ServiceAccount,
     ApiKey(SecretString),
 }
 
-fn credential_of(call: &Call<'_>) -> Result<Credential, ProviderError> {
-    let fields = crate::rest::credential_fields(call)?;
-    if let Some(text) = fields.get("service_account_json").and_then(Value::as_str) {
-        return Ok(Credential::ServiceAccount(SecretString::from(text.to_owned())));
-    }
-    match fields.get("api_key").and_then(Value::as_str) {
-        Some(key) => Ok(Credential::ApiKey(SecretString::from(key.to_owned()))),
-        None => Err(ProviderError::AuthFailed("the stored credential has no key".into())),
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(default)]
+    service_account_json: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    api_key: Option<String>,
+}
+
+/// The key file's text, zeroed when dropped.
+#[derive(Deserialize)]
+struct KeyFile {
+    service_account_json: String,
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.service_account_json);
     }
 }
 
-#[derive(Default)]
+fn credential_of(call: &Call<'_>) -> Result<Credential, ProviderError> {
+    let stored = || ProviderError::AuthFailed("the stored credential has no key".into());
+    let secret = call.credential.ok_or_else(stored)?;
+    let shape: Shape = serde_json::from_str(secret.expose_secret()).map_err(|_| stored())?;
+    match (shape.service_account_json, shape.api_key) {
+        (Some(_), _) => Ok(Credential::ServiceAccount),
+        (None, Some(key)) => Ok(Credential::ApiKey(SecretString::from(key))),
+        (None, None) => Err(stored()),
+    }
+}
+
 pub struct SheetsProvider {
     tokens: Tokens,
+    /// Holds an integration back after Google's 429, for its Retry-After.
+    pacer: Pacer,
+}
+
+impl Default for SheetsProvider {
+    fn default() -> SheetsProvider {
+        SheetsProvider { tokens: Tokens::default(), pacer: Pacer::new(Duration::ZERO) }
+    }
 }
 
 impl SheetsProvider {
@@ -196,7 +223,6 @@ impl SheetsProvider {
         &self,
         call: &Call<'_>,
         config: &Config,
-        key_file: &SecretString,
         deadline: Instant,
     ) -> Result<Arc<SecretString>, ProviderError> {
         if let Some(token) = self.tokens.get(&call.credential_key).await {
@@ -204,8 +230,10 @@ impl SheetsProvider {
         }
         let (token_uri, assertion) = {
             // The key is unsealed for the signing only, and zeroed after.
-            let account = ServiceAccount::read(key_file.expose_secret())
-                .map_err(|_| ProviderError::AuthFailed("the stored key file does not parse".into()))?;
+            let unreadable = || ProviderError::AuthFailed("the stored key file does not parse".into());
+            let secret = call.credential.ok_or_else(unreadable)?;
+            let key_file: KeyFile = serde_json::from_str(secret.expose_secret()).map_err(|_| unreadable())?;
+            let account = ServiceAccount::read(&key_file.service_account_json).map_err(|_| unreadable())?;
             let token_uri = config
                 .token_uri
                 .clone()
@@ -226,8 +254,9 @@ impl SheetsProvider {
         Ok(token.access_token)
     }
 
-    /// A GET of the API, signed in; a 401 with a cached token fetches a
-    /// new one once.
+    /// A GET of the API, signed in: a 401 with a kept token fetches a new
+    /// one once; a 429 holds the integration back for its Retry-After,
+    /// waited out when the run has time, else refused.
     async fn get(
         &self,
         call: &Call<'_>,
@@ -237,24 +266,32 @@ impl SheetsProvider {
         deadline: Instant,
     ) -> Result<Answer, ProviderError> {
         let credential = credential_of(call)?;
-        for attempt in 0..2 {
+        let key = call.integration_key().to_owned();
+        let mut refreshed = false;
+        loop {
+            self.pacer.wait(&key, deadline, call.limits.timeout).await?;
             let mut request =
                 call.http.client().get(url).query(query).header(reqwest::header::ACCEPT, "application/json");
             request = match &credential {
-                Credential::ApiKey(key) => request.query(&[("key", key.expose_secret())]),
-                Credential::ServiceAccount(key_file) => {
-                    let token = self.token(call, config, key_file, deadline).await?;
+                Credential::ApiKey(api_key) => request.query(&[("key", api_key.expose_secret())]),
+                Credential::ServiceAccount => {
+                    let token = self.token(call, config, deadline).await?;
                     request.header(reqwest::header::AUTHORIZATION, crate::saas::bearer(token.expose_secret())?)
                 }
             };
             let answer = call.http.send(request, left(deadline, call.limits.timeout)?, call.limits.max_bytes).await?;
-            if answer.status == 401 && attempt == 0 && matches!(credential, Credential::ServiceAccount(_)) {
-                self.tokens.forget(&call.credential_key).await;
-                continue;
+            match answer.status {
+                401 if !refreshed && matches!(credential, Credential::ServiceAccount) => {
+                    self.tokens.forget(&call.credential_key).await;
+                    refreshed = true;
+                }
+                429 => {
+                    let wait = retry_after(&answer.headers).unwrap_or(RATE_LIMIT_WAIT_S);
+                    self.pacer.block(&key, Duration::from_secs(wait));
+                }
+                _ => return Ok(answer),
             }
-            return Ok(answer);
         }
-        unreachable!("the loop returns on its second attempt")
     }
 }
 
@@ -282,6 +319,10 @@ fn check(answer: &Answer, call: &Call<'_>) -> Result<Value, ProviderError> {
 impl Provider for SheetsProvider {
     fn form(&self) -> &'static Form {
         &FORM
+    }
+
+    fn forget(&self, integration_key: &str) {
+        self.tokens.forget_integration(integration_key);
     }
 
     fn validate_config(
@@ -343,9 +384,7 @@ impl Provider for SheetsProvider {
             let deadline = Instant::now() + call.limits.timeout;
             let Some(spreadsheet) = &config.spreadsheet_id else {
                 return match credential_of(call)? {
-                    Credential::ServiceAccount(key_file) => {
-                        self.token(call, &config, &key_file, deadline).await.map(|_| None)
-                    }
+                    Credential::ServiceAccount => self.token(call, &config, deadline).await.map(|_| None),
                     Credential::ApiKey(_) => Err(ProviderError::invalid(
                         "config.spreadsheet_id",
                         "an API key can only be tested on a spreadsheet: name one in the config",
@@ -353,7 +392,7 @@ impl Provider for SheetsProvider {
                 };
             };
             let base = config.api_base_url.trim_end_matches('/');
-            let url = format!("{base}/v4/spreadsheets/{}", segment(spreadsheet));
+            let url = format!("{base}/v4/spreadsheets/{}", crate::saas::segment("config.spreadsheet_id", spreadsheet)?);
             let answer = self.get(call, &config, &url, &[("fields", "properties.title")], deadline).await?;
             let body = check(&answer, call)?;
             match body.pointer("/properties/title") {
@@ -372,11 +411,15 @@ impl Provider for SheetsProvider {
         Box::pin(async move {
             let config = config_of(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
+            // Each rendered whole, then encoded as one path segment: a
+            // sheet name may hold `/`, `?` or `#`.
+            let plain = |text: &str| crate::query::render(text, params, str::to_owned);
             let spreadsheet = match &query.spreadsheet_id {
-                Some(template) => render_path(template, params),
-                None => segment(config.spreadsheet_id.as_deref().unwrap_or_default()),
+                Some(template) => plain(template),
+                None => config.spreadsheet_id.clone().unwrap_or_default(),
             };
-            let range = render_path(query.range.as_deref().unwrap_or_default(), params);
+            let spreadsheet = crate::saas::segment("spreadsheet_id", &spreadsheet)?;
+            let range = crate::saas::segment("range", &plain(query.range.as_deref().unwrap_or_default()))?;
             let base = config.api_base_url.trim_end_matches('/');
             let url = format!("{base}/v4/spreadsheets/{spreadsheet}/values/{range}");
             let mut pairs = vec![("majorDimension", "ROWS")];
@@ -394,15 +437,14 @@ impl Provider for SheetsProvider {
     }
 }
 
-/// A spreadsheet id as one path segment.
-fn segment(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>().replace('+', "%20")
-}
-
 /// The column names of a header row: an empty one is `column_N`, a
 /// repeated one gets `_2`, `_3`, ….
 fn column_names(header: &[Value], width: usize) -> Vec<String> {
     let mut names: Vec<String> = Vec::with_capacity(width);
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::with_capacity(width);
+    // The next suffix to try per name: a thousand `x` columns cost a
+    // thousand lookups, not a million.
+    let mut suffixes: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for index in 0..width {
         let given = header.get(index).map(|cell| match cell {
             Value::String(text) => text.trim().to_owned(),
@@ -411,11 +453,13 @@ fn column_names(header: &[Value], width: usize) -> Vec<String> {
         });
         let base = given.filter(|name| !name.is_empty()).unwrap_or_else(|| format!("column_{}", index + 1));
         let mut name = base.clone();
-        let mut n = 2;
-        while names.contains(&name) {
+        let mut n = suffixes.get(&base).copied().unwrap_or(2);
+        while taken.contains(&name) {
             name = format!("{base}_{n}");
             n += 1;
         }
+        suffixes.insert(base, n);
+        taken.insert(name.clone());
         names.push(name);
     }
     names

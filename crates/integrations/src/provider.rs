@@ -55,9 +55,6 @@ pub struct Rows {
     pub bytes: u64,
     /// More rows came than `max_rows`: the rest was dropped.
     pub truncated: bool,
-    /// How much of its API allowance the source says is used (Salesforce's
-    /// `Sforce-Limit-Info`), when it says.
-    pub usage: Option<ApiUsage>,
 }
 
 /// A source's count of API calls against its limit (Salesforce's daily
@@ -110,9 +107,15 @@ impl Rows {
     /// `Value` object would sort them); a name twice is refused.
     pub fn push_columns<S: AsRef<str>>(&mut self, columns: &[(S, Value)], max_bytes: u64) -> Result<(), ProviderError> {
         let mut text = String::from("{");
+        // Wide rows (a spreadsheet's) look names up in a set, not a scan.
+        let mut seen = (columns.len() > 16).then(|| std::collections::HashSet::with_capacity(columns.len()));
         for (index, (name, value)) in columns.iter().enumerate() {
             let name = name.as_ref();
-            if columns[..index].iter().any(|(earlier, _)| earlier.as_ref() == name) {
+            let twice = match &mut seen {
+                Some(seen) => !seen.insert(name),
+                None => columns[..index].iter().any(|(earlier, _)| earlier.as_ref() == name),
+            };
+            if twice {
                 return Err(ProviderError::QueryFailed(format!(
                     "the column name `{name}` appears twice: give each column its own name (AS …)"
                 )));
@@ -256,6 +259,13 @@ pub trait Provider: Send + Sync {
     /// Closes what the provider keeps open for an integration (its
     /// connection pool), when it is changed, disabled or removed.
     fn forget(&self, _integration_key: &str) {}
+
+    /// The source's count of API calls against its allowance, as its last
+    /// answer to this integration (`member/integration`) gave it, success
+    /// or failure (Salesforce's `Sforce-Limit-Info`).
+    fn last_usage(&self, _integration_key: &str) -> Option<ApiUsage> {
+        None
+    }
 
     /// Runs a query with bound parameters, within the call's limits.
     fn run<'a>(

@@ -432,11 +432,23 @@ pub fn render_with(template: &str, mut replace: impl FnMut(&str) -> String) -> S
     out
 }
 
-/// A URL path with each placeholder's value percent-encoded as one segment.
-pub fn render_path(template: &str, params: &Map<String, Value>) -> String {
-    render(template, params, |value| {
-        url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>().replace('+', "%20")
-    })
+/// A URL path with each placeholder's value percent-encoded as one
+/// segment; a value of `.` or `..` (which a URL reads as a step up, even
+/// encoded) is refused.
+pub fn render_path(template: &str, params: &Map<String, Value>) -> Result<String, QueryError> {
+    for name in placeholders(template).unwrap_or_default() {
+        if let Some(value) = params.get(name).map(text_of)
+            && (value == "." || value == "..")
+        {
+            return Err(refuse(format!("params.{name}"), "`.` and `..` cannot be a path segment"));
+        }
+    }
+    Ok(render(template, params, segment))
+}
+
+/// A text as one URL path segment, percent-encoded.
+pub fn segment(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
 /// A JSON body: a string that is exactly one placeholder takes the value
@@ -525,7 +537,9 @@ mod tests {
     #[test]
     fn values_are_bound_not_spliced() {
         let params = json!({"city": "../admin?x=1 2", "n": 5}).as_object().unwrap().clone();
-        assert_eq!(render_path("/forecast/{{city}}/days", &params), "/forecast/..%2Fadmin%3Fx%3D1%202/days");
+        assert_eq!(render_path("/forecast/{{city}}/days", &params).unwrap(), "/forecast/..%2Fadmin%3Fx%3D1%202/days");
+        let up = json!({"city": ".."}).as_object().unwrap().clone();
+        assert_eq!(render_path("/forecast/{{city}}", &up).unwrap_err().field, "params.city");
         assert_eq!(
             render_json(&json!({"where": {"city": "{{city}}", "n": "{{ n }}", "label": "n={{n}}"}}), &params),
             json!({"where": {"city": "../admin?x=1 2", "n": 5, "label": "n=5"}})

@@ -376,7 +376,7 @@ pub fn rows_at(answer: &Value, pointer: Option<&str>, bytes: u64, max_rows: usiz
     };
     let truncated = items.len() > max_rows;
     let rows = items.iter().take(max_rows).map(crate::provider::row).collect();
-    Ok(Rows { rows, bytes, truncated, usage: None })
+    Ok(Rows { rows, bytes, truncated })
 }
 
 #[derive(Default)]
@@ -455,7 +455,7 @@ impl Provider for RestProvider {
             let request = query.request.as_ref().ok_or_else(|| ProviderError::invalid("request", "is required"))?;
             let method = reqwest::Method::from_bytes(request.method.as_bytes())
                 .map_err(|_| ProviderError::invalid("request.method", "not an HTTP method"))?;
-            let url = format!("{}{}", config.base_url.trim_end_matches('/'), render_path(&request.path, params));
+            let url = format!("{}{}", config.base_url.trim_end_matches('/'), render_path(&request.path, params)?);
             let pairs: Vec<(String, String)> =
                 request.query.iter().map(|(key, value)| (key.clone(), render(value, params, str::to_owned))).collect();
             let body = request.body.as_ref().map(|body| render_json(body, params));

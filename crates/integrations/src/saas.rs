@@ -85,39 +85,51 @@ impl Language {
     }
 
     /// Refuses a placeholder written inside a string literal of the
-    /// template (`'{{name}}'`): the value becomes a whole literal of its
-    /// own, so it is written bare (`Name = {{name}}`).
+    /// template (`'{{name}}'`), or, in a formula, inside a field reference
+    /// (`{ {{name}} }`, where no escape exists): the value becomes a whole
+    /// literal of its own, so it is written bare (`Name = {{name}}`).
     pub fn check_template(self, field: &str, template: &str) -> Result<(), QueryError> {
+        let refuse = |inside: &str| QueryError {
+            field: field.to_owned(),
+            message: format!(
+                "a {{{{parameter}}}} inside {inside} of the {}: write it bare, it becomes a quoted, escaped literal",
+                self.name()
+            ),
+        };
         let mut quote: Option<char> = None;
-        let mut chars = template.char_indices().peekable();
-        while let Some((index, c)) = chars.next() {
-            match quote {
-                Some(open) => match c {
-                    '\\' => {
-                        chars.next();
-                    }
-                    c if c == open => quote = None,
-                    '{' if template[index..].starts_with("{{") => {
-                        return Err(QueryError {
-                            field: field.to_owned(),
-                            message: format!(
-                                "a {{{{parameter}}}} inside a quoted {} string: write it bare, it becomes a quoted, \
-                                 escaped literal",
-                                self.name()
-                            ),
-                        });
-                    }
-                    _ => {}
-                },
-                None => {
-                    let opens = match self {
-                        Language::Soql => c == '\'',
-                        Language::Formula => c == '"' || c == '\'',
-                    };
-                    if opens {
-                        quote = Some(c);
-                    }
+        let mut field_reference = false;
+        let mut escaped = false;
+        let mut index = 0;
+        while index < template.len() {
+            let rest = &template[index..];
+            // A placeholder is looked for before anything else, even right
+            // after a backslash.
+            if rest.starts_with("{{") {
+                if quote.is_some() {
+                    return Err(refuse("a quoted string"));
                 }
+                if field_reference {
+                    return Err(refuse("a field reference {…}"));
+                }
+                let end = rest.find("}}").map_or(template.len(), |end| index + end + 2);
+                index = end;
+                continue;
+            }
+            let c = rest.chars().next().expect("not at the end");
+            index += c.len_utf8();
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match (quote, c) {
+                (Some(_), '\\') => escaped = true,
+                (Some(open), c) if c == open => quote = None,
+                (Some(_), _) => {}
+                (None, '\'') => quote = Some('\''),
+                (None, '"') if self == Language::Formula => quote = Some('"'),
+                (None, '{') if self == Language::Formula => field_reference = true,
+                (None, '}') if self == Language::Formula => field_reference = false,
+                (None, _) => {}
             }
         }
         Ok(())
@@ -148,44 +160,63 @@ impl Pacer {
     }
 
     /// When `key` may send next, taking that turn; or the refusal, when
-    /// the turn is past `deadline`.
-    fn take(&self, key: &str, deadline: Instant) -> Result<Instant, ProviderError> {
+    /// the turn is past `deadline`: `integration_rate_limited` while the
+    /// source asked for a pause, `integration_timeout` when the pace alone
+    /// leaves no time.
+    fn take(&self, key: &str, deadline: Instant, timeout: Duration) -> Result<Instant, ProviderError> {
         let now = Instant::now();
         let mut slots = self.slots.lock().expect("the pacer's lock is never poisoned");
         if slots.len() >= PACER_KEYS_MAX {
             slots.retain(|_, slot| slot.next > now || slot.blocked_until.is_some_and(|until| until > now));
         }
         let slot = slots.entry(key.to_owned()).or_insert(Slot { next: now, blocked_until: None });
-        let turn = slot.next.max(now).max(slot.blocked_until.unwrap_or(now));
+        let blocked = slot.blocked_until.filter(|until| *until > now);
+        let turn = slot.next.max(now).max(blocked.unwrap_or(now));
         if turn > deadline {
-            let wait = turn.saturating_duration_since(now);
-            return Err(ProviderError::RateLimited {
-                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-                message: match slot.blocked_until {
-                    Some(until) if until > now => "the source asked tally to wait before the next request".into(),
-                    _ => "the source's request rate is used up for now".into(),
-                },
+            return Err(match blocked {
+                Some(until) => {
+                    let wait = until.saturating_duration_since(now);
+                    ProviderError::RateLimited {
+                        retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                        message: "it asked for a pause, and nothing is sent to it before the pause ends".into(),
+                    }
+                }
+                None => ProviderError::Timeout(timeout),
             });
         }
         slot.next = turn + self.interval;
         Ok(turn)
     }
 
-    /// Waits for `key`'s turn within `deadline`.
-    pub async fn wait(&self, key: &str, deadline: Instant) -> Result<(), ProviderError> {
-        let turn = self.take(key, deadline)?;
-        tokio::time::sleep_until(turn.into()).await;
-        Ok(())
+    /// Waits for `key`'s turn within `deadline` (`timeout` names it); a
+    /// pause asked for while it waited is honoured too.
+    pub async fn wait(&self, key: &str, deadline: Instant, timeout: Duration) -> Result<(), ProviderError> {
+        loop {
+            let turn = self.take(key, deadline, timeout)?;
+            tokio::time::sleep_until(turn.into()).await;
+            let blocked = {
+                let slots = self.slots.lock().expect("the pacer's lock is never poisoned");
+                slots.get(key).and_then(|slot| slot.blocked_until).is_some_and(|until| until > Instant::now())
+            };
+            if !blocked {
+                return Ok(());
+            }
+        }
     }
 
-    /// Holds `key` back for `wait` (the source answered 429).
+    /// Holds `key` back for `wait` (the source answered 429), at most
+    /// [`PAUSE_MAX`].
     pub fn block(&self, key: &str, wait: Duration) {
-        let until = Instant::now() + wait;
+        let until = Instant::now() + wait.min(PAUSE_MAX);
         let mut slots = self.slots.lock().expect("the pacer's lock is never poisoned");
         let slot = slots.entry(key.to_owned()).or_insert(Slot { next: until, blocked_until: None });
         slot.blocked_until = Some(slot.blocked_until.map_or(until, |earlier| earlier.max(until)));
     }
 }
+
+/// The longest pause a source's answer can impose (a larger Retry-After is
+/// read as this).
+pub const PAUSE_MAX: Duration = Duration::from_secs(3_600);
 
 /// An access token from a token endpoint, and where to use it.
 #[derive(Clone)]
@@ -214,7 +245,9 @@ impl Default for Tokens {
                 Some(token.lifetime)
             }
         }
-        Tokens { cache: Cache::builder().max_capacity(10_000).expire_after(Lifetime).build() }
+        let cache =
+            Cache::builder().max_capacity(10_000).expire_after(Lifetime).support_invalidation_closures().build();
+        Tokens { cache }
     }
 }
 
@@ -234,7 +267,9 @@ impl Tokens {
     /// Forgets every token of an integration (`member/integration`).
     pub fn forget_integration(&self, integration_key: &str) {
         let prefix = format!("{integration_key}/");
-        let _ = self.cache.invalidate_entries_if(move |key, _| key.starts_with(&prefix));
+        self.cache
+            .invalidate_entries_if(move |key, _| key.starts_with(&prefix))
+            .expect("the token cache is built with support_invalidation_closures");
     }
 }
 
@@ -249,17 +284,32 @@ pub fn left(deadline: Instant, timeout: Duration) -> Result<Duration, ProviderEr
     if left.is_zero() { Err(ProviderError::Timeout(timeout)) } else { Ok(left) }
 }
 
-/// A `Retry-After` header in seconds, when given as seconds.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
-    headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()
+/// A name (a spreadsheet, a range, a table) as one URL path segment; an
+/// empty one, `.` or `..` (a step up, even encoded) is refused.
+pub fn segment(field: &str, text: &str) -> Result<String, ProviderError> {
+    if text.is_empty() || text == "." || text == ".." {
+        return Err(ProviderError::invalid(field, format!("`{text}` is not a name")));
+    }
+    Ok(crate::query::segment(text))
 }
+
+/// A `Retry-After` header in seconds, when given as seconds, at most
+/// [`PAUSE_MAX`].
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let seconds: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(seconds.min(PAUSE_MAX.as_secs()))
+}
+
+/// Counts a source may report: larger ones are not believed.
+pub const API_USAGE_MAX: u64 = 1_000_000_000_000;
 
 /// Salesforce's `Sforce-Limit-Info: api-usage=25/15000`.
 pub fn api_usage(headers: &reqwest::header::HeaderMap) -> Option<ApiUsage> {
     let info = headers.get("sforce-limit-info")?.to_str().ok()?;
     let usage = info.split(',').find_map(|part| part.trim().strip_prefix("api-usage="))?;
     let (used, limit) = usage.split_once('/')?;
-    Some(ApiUsage { used: used.trim().parse().ok()?, limit: limit.trim().parse().ok()? })
+    let (used, limit): (u64, u64) = (used.trim().parse().ok()?, limit.trim().parse().ok()?);
+    (used <= API_USAGE_MAX && limit <= API_USAGE_MAX).then_some(ApiUsage { used, limit })
 }
 
 /// A service's text (an error message) fit to pass on: the call's secrets
@@ -385,23 +435,50 @@ mod tests {
         assert!(Language::Formula.check_template("f", "{Name} = '{{name}}'").is_err());
         assert!(Language::Formula.check_template("f", "FIND(\"{{x}}\", {Name})").is_err());
         assert!(Language::Formula.check_template("f", "AND({Name} = {{name}}, {Tag} = \"vip\")").is_ok());
+        assert!(Language::Formula.check_template("f", "{ {{f}} } = 1").is_err(), "no escape exists in {{…}}");
+        assert!(Language::Formula.check_template("f", "'a\\{{x}}'").is_err(), "not hidden by a backslash");
+        assert!(Language::Soql.check_template("soql", "WHERE Name = {{a}} AND Id = {{b}}").is_ok());
     }
 
     #[tokio::test]
     async fn the_pacer_spaces_requests_and_refuses_past_the_deadline() {
         let pacer = Pacer::new(Duration::from_millis(50));
         let deadline = Instant::now() + Duration::from_secs(5);
+        let timeout = Duration::from_secs(5);
         let started = Instant::now();
         for _ in 0..4 {
-            pacer.wait("base", deadline).await.unwrap();
+            pacer.wait("base", deadline, timeout).await.unwrap();
         }
         assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
         pacer.block("base", Duration::from_secs(30));
-        match pacer.wait("base", Instant::now() + Duration::from_secs(1)).await {
+        match pacer.wait("base", Instant::now() + Duration::from_secs(1), timeout).await {
             Err(ProviderError::RateLimited { retry_after_s, .. }) => assert!((29..=30).contains(&retry_after_s)),
             other => panic!("{other:?}"),
         }
-        assert!(pacer.wait("other", Instant::now() + Duration::from_secs(1)).await.is_ok(), "keys are apart");
+        assert!(pacer.wait("other", Instant::now() + Duration::from_secs(1), timeout).await.is_ok(), "keys are apart");
+        // The pace alone past the deadline is a timeout, not a pause.
+        let slow = Pacer::new(Duration::from_secs(10));
+        slow.wait("k", Instant::now() + Duration::from_secs(1), timeout).await.unwrap();
+        let late = slow.wait("k", Instant::now() + Duration::from_secs(1), timeout).await;
+        assert_eq!(late, Err(ProviderError::Timeout(timeout)));
+        // An absurd pause is capped, never an overflow.
+        slow.block("huge", Duration::MAX);
+        assert!(slow.wait("huge", Instant::now(), timeout).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_pause_asked_for_while_waiting_is_honoured() {
+        let pacer = Arc::new(Pacer::new(Duration::from_millis(100)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let timeout = Duration::from_secs(5);
+        pacer.wait("base", deadline, timeout).await.unwrap();
+        let waiting = tokio::spawn({
+            let pacer = pacer.clone();
+            async move { pacer.wait("base", Instant::now() + Duration::from_millis(500), timeout).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pacer.block("base", Duration::from_secs(30));
+        assert!(matches!(waiting.await.unwrap(), Err(ProviderError::RateLimited { .. })));
     }
 
     #[test]
@@ -411,5 +488,7 @@ mod tests {
         assert_eq!(api_usage(&headers), Some(ApiUsage { used: 25, limit: 15_000 }));
         headers.insert("Sforce-Limit-Info", "per-app-api-usage=1/2(appName=x), api-usage=7/100".parse().unwrap());
         assert_eq!(api_usage(&headers), Some(ApiUsage { used: 7, limit: 100 }));
+        headers.insert("Sforce-Limit-Info", "api-usage=18446744073709551615/15000".parse().unwrap());
+        assert_eq!(api_usage(&headers), None, "an absurd count is not believed");
     }
 }

@@ -23,11 +23,12 @@ use crate::form::{CredentialForm, Field, Form, Kind, When, field};
 use crate::http::Answer;
 use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows};
 use crate::query::QuerySpec;
-use crate::saas::{Language, Token, Tokens, api_usage, left};
+use crate::saas::{Language, Pacer, Token, Tokens, api_usage, left};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const LOGIN_URL_DEFAULT: &str = "https://login.salesforce.com";
@@ -132,16 +133,25 @@ fn is_version(text: &str) -> bool {
 }
 
 /// The error of a Salesforce answer: `[{"message", "errorCode"}]`.
-fn error_of(answer: &Answer, call: &Call<'_>) -> (String, String) {
+fn error_of(answer: &Answer) -> (String, String) {
     let body: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
     let first = body.get(0).unwrap_or(&body);
     let code = first["errorCode"].as_str().unwrap_or_default().to_owned();
-    (code, crate::saas::said(first["message"].as_str().unwrap_or_default(), call))
+    (code, first["message"].as_str().unwrap_or_default().to_owned())
 }
 
-#[derive(Default)]
 pub struct SalesforceProvider {
     tokens: Tokens,
+    /// Holds an integration back after REQUEST_LIMIT_EXCEEDED.
+    pacer: Pacer,
+    /// Each integration's last `Sforce-Limit-Info`, from any answer.
+    usage: Mutex<HashMap<String, ApiUsage>>,
+}
+
+impl Default for SalesforceProvider {
+    fn default() -> SalesforceProvider {
+        SalesforceProvider { tokens: Tokens::default(), pacer: Pacer::new(Duration::ZERO), usage: Mutex::default() }
+    }
 }
 
 impl SalesforceProvider {
@@ -185,7 +195,9 @@ impl SalesforceProvider {
     }
 
     /// A GET of `path` on the instance; a 401 `INVALID_SESSION_ID` drops
-    /// the token, fetches a new one and tries once more.
+    /// the token, fetches a new one and tries once more; a
+    /// `REQUEST_LIMIT_EXCEEDED` holds the integration back for
+    /// [`REQUEST_LIMIT_WAIT_S`] (nothing more is sent before).
     async fn get(
         &self,
         call: &Call<'_>,
@@ -196,7 +208,10 @@ impl SalesforceProvider {
         max_bytes: u64,
     ) -> Result<Answer, ProviderError> {
         let config = config_of(call.config)?;
-        for attempt in 0..2 {
+        let key = call.integration_key().to_owned();
+        let mut refreshed = false;
+        loop {
+            self.pacer.wait(&key, deadline, call.limits.timeout).await?;
             let token = self.token(call, &config, deadline).await?;
             let instance = token.instance_url.as_deref().unwrap_or_default();
             let bearer = crate::saas::bearer(token.access_token.expose_secret())?;
@@ -211,13 +226,20 @@ impl SalesforceProvider {
                 request = request.header(*name, value.as_str());
             }
             let answer = call.http.send(request, left(deadline, call.limits.timeout)?, max_bytes).await?;
-            if answer.status == 401 && attempt == 0 {
+            if let Some(usage) = api_usage(&answer.headers) {
+                self.usage.lock().expect("the usage lock is never poisoned").insert(key.clone(), usage);
+            }
+            if answer.status == 401 && !refreshed {
                 self.tokens.forget(&call.credential_key).await;
+                refreshed = true;
+                continue;
+            }
+            if answer.status == 403 && error_of(&answer).0 == "REQUEST_LIMIT_EXCEEDED" {
+                self.pacer.block(&key, Duration::from_secs(REQUEST_LIMIT_WAIT_S));
                 continue;
             }
             return Ok(answer);
         }
-        unreachable!("the loop returns on its second attempt")
     }
 }
 
@@ -226,8 +248,8 @@ fn check(answer: &Answer, call: &Call<'_>) -> Result<Value, ProviderError> {
     if let Some(json) = crate::saas::json_of(answer, "Salesforce") {
         return json;
     }
-    let (code, message) = error_of(answer, call);
-    let said = format!("Salesforce answered {} {code}: {message}", answer.status);
+    let (code, message) = error_of(answer);
+    let said = crate::saas::said(&format!("Salesforce answered {} {code}: {message}", answer.status), call);
     Err(match (answer.status, code.as_str()) {
         (_, "REQUEST_LIMIT_EXCEEDED") => {
             ProviderError::RateLimited { retry_after_s: REQUEST_LIMIT_WAIT_S, message: said }
@@ -246,6 +268,11 @@ impl Provider for SalesforceProvider {
 
     fn forget(&self, integration_key: &str) {
         self.tokens.forget_integration(integration_key);
+        self.usage.lock().expect("the usage lock is never poisoned").remove(integration_key);
+    }
+
+    fn last_usage(&self, integration_key: &str) -> Option<ApiUsage> {
+        self.usage.lock().expect("the usage lock is never poisoned").get(integration_key).copied()
     }
 
     fn validate_config(
@@ -315,6 +342,7 @@ impl Provider for SalesforceProvider {
             let data = format!("/services/data/v{}/", config.api_version);
             let mut rows = Rows::default();
             let mut next: Option<String> = None;
+            let mut seen = std::collections::HashSet::new();
             loop {
                 let budget = call.limits.max_bytes.saturating_sub(rows.bytes);
                 let answer = match &next {
@@ -324,11 +352,9 @@ impl Provider for SalesforceProvider {
                     }
                     Some(path) => self.get(call, path, &[], &options, deadline, budget).await?,
                 };
-                if let Some(usage) = api_usage(&answer.headers) {
-                    rows.usage = Some(usage);
-                }
                 let mut body = check(&answer, call)?;
                 let records = body.get_mut("records").and_then(Value::as_array_mut).map(std::mem::take);
+                let empty = records.as_ref().is_none_or(Vec::is_empty);
                 for mut record in records.into_iter().flatten() {
                     if rows.rows.len() == max_rows {
                         rows.truncated = true;
@@ -343,14 +369,22 @@ impl Provider for SalesforceProvider {
                 if rows.truncated || done {
                     break;
                 }
+                if empty {
+                    return Err(ProviderError::QueryFailed("Salesforce gave an empty batch that is not done".into()));
+                }
                 // The next batch is a path under the instance, never a host.
                 match body["nextRecordsUrl"].as_str() {
-                    Some(path) if path.starts_with(&data) && !path.contains("..") && !path.contains("//") => {
+                    Some(path)
+                        if path.starts_with(&data)
+                            && !path.contains("..")
+                            && !path.contains("//")
+                            && seen.insert(path.to_owned()) =>
+                    {
                         next = Some(path.to_owned());
                     }
                     _ => {
                         return Err(ProviderError::QueryFailed(
-                            "Salesforce's answer is not done but gives no nextRecordsUrl under the API".into(),
+                            "Salesforce's answer is not done but gives no new nextRecordsUrl under the API".into(),
                         ));
                     }
                 }

@@ -65,6 +65,20 @@ pub struct ApiUsage {
     pub limit: u64,
 }
 
+/// A count of API calls larger than this is no source's.
+pub const API_USAGE_MAX: u64 = 1_000_000_000_000;
+
+impl ApiUsage {
+    /// Both counts within [`API_USAGE_MAX`] (read models keep them as
+    /// SQLite integers).
+    pub fn validate(&self, field: &'static str) -> Result<(), DomainError> {
+        if self.used > API_USAGE_MAX || self.limit > API_USAGE_MAX {
+            return Err(DomainError::invalid(field, format!("counts are at most {API_USAGE_MAX}")));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IntegrationStatus {
@@ -399,6 +413,9 @@ pub fn decide_integration(
         }
         IntegrationCommand::RecordTest { ok, latency_ms, error_code, source, api_usage } => {
             validate::range("latency_ms", *latency_ms, 0, 3_600_000)?;
+            if let Some(usage) = api_usage {
+                usage.validate("api_usage")?;
+            }
             if let Some(code) = error_code {
                 validate::identifier("error_code", code)?;
                 if code.len() > ERROR_CODE_MAX {

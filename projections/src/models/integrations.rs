@@ -199,6 +199,13 @@ pub fn execution_status(status: QueryStatus, error_code: Option<&str>) -> &'stat
     }
 }
 
+/// A source's count as an SQLite integer: the ledger bounds it, and a
+/// count past `i64` (from a log written before it did) reads as the
+/// largest, never a panic of the projector.
+fn saturating(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// The histogram bucket of a duration.
 pub fn duration_bucket(duration_ms: i64) -> usize {
     DURATION_BUCKETS_MS.iter().position(|bound| duration_ms <= *bound).unwrap_or(DURATION_BUCKETS_MS.len())
@@ -256,8 +263,8 @@ impl Projector for IntegrationsProjector {
             tx.statement(API_USAGE)?.execute(params![
                 member_id,
                 execution.integration_id,
-                to_sql_integer(usage.used),
-                to_sql_integer(usage.limit),
+                saturating(usage.used),
+                saturating(usage.limit),
                 executed_at,
             ])?;
         }
@@ -371,8 +378,8 @@ impl Projector for IntegrationsProjector {
                     tx.statement(API_USAGE)?.execute(params![
                         member_id,
                         integration_id,
-                        to_sql_integer(usage.used),
-                        to_sql_integer(usage.limit),
+                        saturating(usage.used),
+                        saturating(usage.limit),
                         at,
                     ])?;
                 }

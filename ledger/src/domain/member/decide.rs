@@ -1001,6 +1001,9 @@ fn settle(
         if let Some(code) = &query.error_code {
             validate::identifier("query.error_code", code)?;
         }
+        if let Some(usage) = &query.api_usage {
+            usage.validate("query.api_usage")?;
+        }
     }
     let Some(reservation) = draft.state.reservations.get(reservation_id).cloned() else {
         return match closed_reservation(&draft.state, reservation_id)? {
