@@ -733,28 +733,19 @@ pub(crate) async fn probe(
         Err(error) => (false, Some(error.code().to_owned()), Some(error.to_string())),
     };
     // A source that asks for a pause is not unhealthy: nothing is recorded.
-    if matches!(outcome, Err(tally_integrations::ProviderError::RateLimited { .. })) {
-        return Ok(TestView {
-            object: "integration_test",
-            integration_id,
+    let (status, position) = if matches!(outcome, Err(tally_integrations::ProviderError::RateLimited { .. })) {
+        (current.status(), None)
+    } else {
+        let command = IntegrationCommand::RecordTest {
             ok,
             latency_ms,
-            error_code,
-            message,
-            status: current.status().as_str(),
+            error_code: error_code.clone(),
             api_usage,
-            position: None,
-        });
-    }
-    let command = IntegrationCommand::RecordTest {
-        ok,
-        latency_ms,
-        error_code: error_code.clone(),
-        api_usage,
-        source: tally_ledger::domain::TestSource::Probe,
+            source: tally_ledger::domain::TestSource::Probe,
+        };
+        let executed = execute(state, actor, &member_id, &integration_id, command, None).await?;
+        (load(state, &member_id, &integration_id).await?.status(), Some(executed.outcome.position))
     };
-    let executed = execute(state, actor, &member_id, &integration_id, command, None).await?;
-    let after = load(state, &member_id, &integration_id).await?;
     Ok(TestView {
         object: "integration_test",
         integration_id,
@@ -762,9 +753,9 @@ pub(crate) async fn probe(
         latency_ms,
         error_code,
         message,
-        status: after.status().as_str(),
+        status: status.as_str(),
         api_usage,
-        position: Some(executed.outcome.position),
+        position,
     })
 }
 
