@@ -193,6 +193,11 @@ impl Pacer {
     pub async fn wait(&self, key: &str, deadline: Instant, timeout: Duration) -> Result<(), ProviderError> {
         loop {
             let turn = self.take(key, deadline, timeout)?;
+            if turn <= Instant::now() {
+                // The timer wheel ticks by the millisecond: a turn that is
+                // already here must not wait for its next tick.
+                return Ok(());
+            }
             tokio::time::sleep_until(turn.into()).await;
             let blocked = {
                 let slots = self.slots.lock().expect("the pacer's lock is never poisoned");
