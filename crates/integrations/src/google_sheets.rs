@@ -225,32 +225,7 @@ impl SheetsProvider {
         config: &Config,
         deadline: Instant,
     ) -> Result<Arc<SecretString>, ProviderError> {
-        if let Some(token) = self.tokens.get(&call.credential_key).await {
-            return Ok(token.access_token);
-        }
-        let (token_uri, assertion) = {
-            // The key is unsealed for the signing only, and zeroed after.
-            let unreadable = || ProviderError::AuthFailed("the stored key file does not parse".into());
-            let secret = call.credential.ok_or_else(unreadable)?;
-            let key_file: KeyFile = serde_json::from_str(secret.expose_secret()).map_err(|_| unreadable())?;
-            let account = ServiceAccount::read(&key_file.service_account_json).map_err(|_| unreadable())?;
-            let token_uri = config
-                .token_uri
-                .clone()
-                .or_else(|| account.token_uri.clone())
-                .unwrap_or_else(|| TOKEN_URI_DEFAULT.to_owned());
-            let assertion = Zeroizing::new(assertion(&account, &token_uri, chrono::Utc::now().timestamp())?);
-            (token_uri, assertion)
-        };
-        let request =
-            call.http.client().post(&token_uri).form(&[("grant_type", JWT_BEARER), ("assertion", assertion.as_str())]);
-        let (body, access_token) = crate::saas::token_answer(call, request, deadline).await?;
-        let token = Token {
-            access_token: Arc::new(access_token),
-            instance_url: None,
-            lifetime: lifetime(body["expires_in"].as_u64(), Duration::from_secs(3_600)),
-        };
-        self.tokens.put(&call.credential_key, token.clone()).await;
+        let token = self.tokens.get_or_fetch(&call.credential_key, mint(call, config, deadline)).await?;
         Ok(token.access_token)
     }
 
@@ -293,6 +268,35 @@ impl SheetsProvider {
             }
         }
     }
+}
+
+/// A new access token of the service account: an assertion signed with
+/// its key (unsealed for the signing only, and zeroed after), exchanged at
+/// the token URI.
+async fn mint(call: &Call<'_>, config: &Config, deadline: Instant) -> Result<Token, ProviderError> {
+    let (token_uri, assertion) = {
+        // The key is unsealed for the signing only, and zeroed after.
+        let unreadable = || ProviderError::AuthFailed("the stored key file does not parse".into());
+        let secret = call.credential.ok_or_else(unreadable)?;
+        let key_file: KeyFile = serde_json::from_str(secret.expose_secret()).map_err(|_| unreadable())?;
+        let account = ServiceAccount::read(&key_file.service_account_json).map_err(|_| unreadable())?;
+        let token_uri = config
+            .token_uri
+            .clone()
+            .or_else(|| account.token_uri.clone())
+            .unwrap_or_else(|| TOKEN_URI_DEFAULT.to_owned());
+        let assertion = Zeroizing::new(assertion(&account, &token_uri, chrono::Utc::now().timestamp())?);
+        (token_uri, assertion)
+    };
+    let request =
+        call.http.client().post(&token_uri).form(&[("grant_type", JWT_BEARER), ("assertion", assertion.as_str())]);
+    let (body, access_token) = crate::saas::token_answer(call, request, deadline).await?;
+    let token = Token {
+        access_token: Arc::new(access_token),
+        instance_url: None,
+        lifetime: lifetime(body["expires_in"].as_u64(), Duration::from_secs(3_600)),
+    };
+    Ok(token)
 }
 
 /// Google's answer as JSON, or its error (`{"error": {"code", "message",

@@ -257,12 +257,15 @@ impl Default for Tokens {
 }
 
 impl Tokens {
-    pub async fn get(&self, key: &str) -> Option<Token> {
-        self.cache.get(key).await
-    }
-
-    pub async fn put(&self, key: &str, token: Token) {
-        self.cache.insert(key.to_owned(), token).await;
+    /// The kept token of `key`, or the one `fetch` gets: runs that miss at
+    /// once wait for one fetch (a single flight), and a failure is kept by
+    /// none of them.
+    pub async fn get_or_fetch(
+        &self,
+        key: &str,
+        fetch: impl std::future::Future<Output = Result<Token, ProviderError>>,
+    ) -> Result<Token, ProviderError> {
+        self.cache.try_get_with(key.to_owned(), fetch).await.map_err(|error| (*error).clone())
     }
 
     pub async fn forget(&self, key: &str) {
@@ -484,6 +487,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         pacer.block("base", Duration::from_secs(30));
         assert!(matches!(waiting.await.unwrap(), Err(ProviderError::RateLimited { .. })));
+    }
+
+    #[tokio::test]
+    async fn runs_that_miss_a_token_at_once_fetch_it_once() {
+        let tokens = Tokens::default();
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(Token {
+                access_token: Arc::new(SecretString::from("t".to_owned())),
+                instance_url: None,
+                lifetime: Duration::from_secs(60),
+            })
+        };
+        let (a, b) = tokio::join!(tokens.get_or_fetch("m/i/1", fetch()), tokens.get_or_fetch("m/i/1", fetch()));
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+        tokens.forget_integration("m/i");
+        let failed = tokens.get_or_fetch("m/i/1", async { Err(ProviderError::AuthFailed("no".into())) }).await;
+        assert!(failed.is_err(), "forgotten, fetched again, and the failure is not kept");
+        assert!(tokens.get_or_fetch("m/i/1", fetch()).await.is_ok());
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

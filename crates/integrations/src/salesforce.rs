@@ -158,40 +158,7 @@ impl SalesforceProvider {
     /// A token and the instance it is for: the kept one, or a new one
     /// from the login URL (its `instance_url` checked by the guard).
     async fn token(&self, call: &Call<'_>, config: &Config, deadline: Instant) -> Result<Token, ProviderError> {
-        if let Some(token) = self.tokens.get(&call.credential_key).await {
-            return Ok(token);
-        }
-        let fields = crate::rest::credential_fields(call)?;
-        let text = |name: &str| fields.get(name).and_then(Value::as_str).unwrap_or_default();
-        let mut form = vec![("client_id", text("client_id"))];
-        match config.flow {
-            Flow::ClientCredentials => {
-                form.push(("grant_type", "client_credentials"));
-                form.push(("client_secret", text("client_secret")));
-            }
-            Flow::RefreshToken => {
-                form.push(("grant_type", "refresh_token"));
-                form.push(("refresh_token", text("refresh_token")));
-                if !text("client_secret").is_empty() {
-                    form.push(("client_secret", text("client_secret")));
-                }
-            }
-        }
-        let url = format!("{}/services/oauth2/token", config.login_url.trim_end_matches('/'));
-        let request = call.http.client().post(&url).header(reqwest::header::ACCEPT, "application/json").form(&form);
-        let (body, access_token) = crate::saas::token_answer(call, request, deadline).await?;
-        let Some(instance_url) = body["instance_url"].as_str().filter(|url| !url.is_empty()) else {
-            return Err(ProviderError::AuthFailed("the token answer has no instance_url".into()));
-        };
-        // The instance is the token server's word: the guard decides.
-        call.http.guard().check_url(instance_url).map_err(ProviderError::from)?;
-        let token = Token {
-            access_token: Arc::new(access_token),
-            instance_url: Some(instance_url.trim_end_matches('/').to_owned()),
-            lifetime: TOKEN_KEPT,
-        };
-        self.tokens.put(&call.credential_key, token.clone()).await;
-        Ok(token)
+        self.tokens.get_or_fetch(&call.credential_key, fetch_token(call, config, deadline)).await
     }
 
     /// A GET of `path` on the instance; a 401 `INVALID_SESSION_ID` drops
@@ -241,6 +208,41 @@ impl SalesforceProvider {
             return Ok(answer);
         }
     }
+}
+
+/// A new token from the login URL, for the config's flow; its
+/// `instance_url` is checked by the guard before it is kept.
+async fn fetch_token(call: &Call<'_>, config: &Config, deadline: Instant) -> Result<Token, ProviderError> {
+    let fields = crate::rest::credential_fields(call)?;
+    let text = |name: &str| fields.get(name).and_then(Value::as_str).unwrap_or_default();
+    let mut form = vec![("client_id", text("client_id"))];
+    match config.flow {
+        Flow::ClientCredentials => {
+            form.push(("grant_type", "client_credentials"));
+            form.push(("client_secret", text("client_secret")));
+        }
+        Flow::RefreshToken => {
+            form.push(("grant_type", "refresh_token"));
+            form.push(("refresh_token", text("refresh_token")));
+            if !text("client_secret").is_empty() {
+                form.push(("client_secret", text("client_secret")));
+            }
+        }
+    }
+    let url = format!("{}/services/oauth2/token", config.login_url.trim_end_matches('/'));
+    let request = call.http.client().post(&url).header(reqwest::header::ACCEPT, "application/json").form(&form);
+    let (body, access_token) = crate::saas::token_answer(call, request, deadline).await?;
+    let Some(instance_url) = body["instance_url"].as_str().filter(|url| !url.is_empty()) else {
+        return Err(ProviderError::AuthFailed("the token answer has no instance_url".into()));
+    };
+    // The instance is the token server's word: the guard decides.
+    call.http.guard().check_url(instance_url).map_err(ProviderError::from)?;
+    let token = Token {
+        access_token: Arc::new(access_token),
+        instance_url: Some(instance_url.trim_end_matches('/').to_owned()),
+        lifetime: TOKEN_KEPT,
+    };
+    Ok(token)
 }
 
 /// Salesforce's answer as JSON, or its error in tally's terms.
