@@ -1,0 +1,9 @@
+//! tally's outbound notices (DESIGN.md §11), following the log like a
+//! projector. So far:
+//!
+//! - [`signature`]: webhook signatures as the Standard Webhooks spec
+//!   writes them (`webhook-id`, `webhook-timestamp`, `webhook-signature:
+//!   v1,<base64 HMAC-SHA256 of id.timestamp.body>`), with two secrets
+//!   signing during a rotation, and the verification a receiver does.
+
+pub mod signature;
