@@ -18,3 +18,4 @@ mod sources;
 mod stripe;
 mod support;
 mod upstream;
+mod webhooks;
