@@ -4,6 +4,9 @@
 //! - [`signature`]: webhook signatures as the Standard Webhooks spec
 //!   writes them (`webhook-id`, `webhook-timestamp`, `webhook-signature:
 //!   v1,<base64 HMAC-SHA256 of id.timestamp.body>`), with two secrets
-//!   signing during a rotation, and the verification a receiver does.
+//!   signing during a rotation, and the verification a receiver does;
+//! - [`schedule`]: when a failed delivery is tried again, and when an
+//!   endpoint that keeps failing is disabled.
 
+pub mod schedule;
 pub mod signature;
