@@ -6,7 +6,10 @@
 //!   v1,<base64 HMAC-SHA256 of id.timestamp.body>`), with two secrets
 //!   signing during a rotation, and the verification a receiver does;
 //! - [`schedule`]: when a failed delivery is tried again, and when an
-//!   endpoint that keeps failing is disabled.
+//!   endpoint that keeps failing is disabled;
+//! - [`rules`]: the alert rules, their installation defaults and a
+//!   member's overrides, checked.
 
+pub mod rules;
 pub mod schedule;
 pub mod signature;
