@@ -383,8 +383,20 @@ fn google_sheets_signs_in_as_a_service_account_and_reads_ranges() {
     let (status, private, _) = answers.run(&server, "sites", "private", json!({}));
     assert_eq!((status, &private["code"]), (502, &json!("integration_auth_failed")), "{private}");
 
-    // A 429: the integration is held back for Google's Retry-After; the
-    // next run sends nothing.
+    // A 429 asking for a second: the run waits it out within its timeout,
+    // and answers.
+    sheets.retry_after_s.store(1, Ordering::SeqCst);
+    sheets.rate_limits.store(1, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let (status, waited, _) = answers.run(&server, "sites", "raw", json!({"cells": "A1:A"}));
+    assert_eq!(status, 200, "{waited}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "the pause was kept: {:?}", started.elapsed());
+    let reads = sheets.fake.requests().into_iter().filter(|request| request.path.ends_with("Sheet1!A1:A")).count();
+    assert_eq!(reads, 2, "refused once, then read");
+
+    // A 429 asking for more than the run has: the integration is held back
+    // for Google's Retry-After; the next run sends nothing.
+    sheets.retry_after_s.store(42, Ordering::SeqCst);
     sheets.rate_limits.store(1, Ordering::SeqCst);
     let (status, limited, retry_after) = answers.run(&server, "sites", "raw", json!({"cells": "A1:C"}));
     assert_eq!(

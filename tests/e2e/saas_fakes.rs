@@ -416,6 +416,8 @@ pub struct FakeSheets {
     pub refused: Arc<Mutex<Vec<String>>>,
     /// Answer the next values requests with 429.
     pub rate_limits: Arc<AtomicU32>,
+    /// The Retry-After of those 429s, in seconds.
+    pub retry_after_s: Arc<AtomicU32>,
     /// Refuse every access token issued so far (as after a revocation).
     pub expire_tokens: Arc<AtomicBool>,
 }
@@ -426,6 +428,8 @@ impl FakeSheets {
         let issued = Arc::new(AtomicU32::new(0));
         let refused: Arc<Mutex<Vec<String>>> = Arc::default();
         let rate_limits = Arc::new(AtomicU32::new(0));
+        let retry_after_s = Arc::new(AtomicU32::new(42));
+        let pause = retry_after_s.clone();
         let expire_tokens = Arc::new(AtomicBool::new(false));
         let valid: Arc<Mutex<Vec<String>>> = Arc::default();
         let (count, refusals, limits, expire) =
@@ -485,7 +489,8 @@ impl FakeSheets {
             };
             if limits.load(Ordering::SeqCst) > 0 {
                 limits.fetch_sub(1, Ordering::SeqCst);
-                return reply(429, fixture("google_sheets/error_429.json")).with("Retry-After", "42");
+                let wait = pause.load(Ordering::SeqCst).to_string();
+                return reply(429, fixture("google_sheets/error_429.json")).with("Retry-After", &wait);
             }
             if range.starts_with("Doc!") {
                 return reply(200, fixture("google_sheets/values_get.json"));
@@ -505,7 +510,7 @@ impl FakeSheets {
             reply(200, body.to_string())
         });
         *port_cell.lock().unwrap() = fake.port;
-        FakeSheets { fake, issued, refused, rate_limits, expire_tokens }
+        FakeSheets { fake, issued, refused, rate_limits, retry_after_s, expire_tokens }
     }
 }
 
