@@ -13,7 +13,7 @@
 
 use crate::form::{CredentialForm, Field, Form, Kind, field};
 use crate::http::Answer;
-use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows, config_as};
 use crate::query::QuerySpec;
 use crate::saas::{Language, Pacer, left, retry_after};
 use serde::Deserialize;
@@ -70,10 +70,6 @@ struct Config {
 
 fn base_url_default() -> String {
     BASE_URL_DEFAULT.to_owned()
-}
-
-fn config_of(config: &Value) -> Result<Config, ProviderError> {
-    serde_json::from_value(config.clone()).map_err(|error| ProviderError::invalid("config", error.to_string()))
 }
 
 fn is_id(text: &str) -> bool {
@@ -160,7 +156,7 @@ impl Provider for AirtableProvider {
         _credential: Option<&Map<String, Value>>,
         guard: &crate::guard::Guard,
     ) -> Result<(), ProviderError> {
-        let parsed = config_of(config)?;
+        let parsed = config_as::<Config>(config)?;
         guard.check_url(&parsed.base_url).map_err(|error| crate::rest::url_refusal("config.base_url", error))?;
         if !is_id(&parsed.base_id) || !parsed.base_id.starts_with("app") {
             return Err(ProviderError::invalid("config.base_id", "an Airtable base id, `app` and letters or digits"));
@@ -211,7 +207,7 @@ impl Provider for AirtableProvider {
 
     fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             let base = config.base_url.trim_end_matches('/');
             let base_key = format!("{base}/{}", config.base_id);
@@ -234,7 +230,7 @@ impl Provider for AirtableProvider {
         params: &'a Map<String, Value>,
     ) -> BoxFuture<'a, Result<Rows, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             let plain = |text: &str| crate::query::render(text, params, str::to_owned);
             let base_id = query.base_id.as_deref().map_or_else(|| config.base_id.clone(), plain);

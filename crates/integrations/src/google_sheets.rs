@@ -18,7 +18,7 @@
 
 use crate::form::{CredentialForm, Field, Form, Kind, field};
 use crate::http::Answer;
-use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows, config_as};
 use crate::query::QuerySpec;
 use crate::saas::{Pacer, Token, Tokens, left, lifetime, retry_after};
 use secrecy::{ExposeSecret, SecretString};
@@ -102,10 +102,6 @@ struct Config {
 
 fn api_base_url_default() -> String {
     API_BASE_URL_DEFAULT.to_owned()
-}
-
-fn config_of(config: &Value) -> Result<Config, ProviderError> {
-    serde_json::from_value(config.clone()).map_err(|error| ProviderError::invalid("config", error.to_string()))
 }
 
 /// The fields of a service-account key file tally reads.
@@ -335,7 +331,7 @@ impl Provider for SheetsProvider {
         credential: Option<&Map<String, Value>>,
         guard: &crate::guard::Guard,
     ) -> Result<(), ProviderError> {
-        let parsed = config_of(config)?;
+        let parsed = config_as::<Config>(config)?;
         let refusal = crate::rest::url_refusal;
         guard.check_url(&parsed.api_base_url).map_err(|error| refusal("config.api_base_url", error))?;
         if let Some(token_uri) = &parsed.token_uri {
@@ -384,7 +380,7 @@ impl Provider for SheetsProvider {
 
     fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             let Some(spreadsheet) = &config.spreadsheet_id else {
                 return match credential_of(call)? {
@@ -413,7 +409,7 @@ impl Provider for SheetsProvider {
         params: &'a Map<String, Value>,
     ) -> BoxFuture<'a, Result<Rows, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             // Each rendered whole, then encoded as one path segment: a
             // sheet name may hold `/`, `?` or `#`.

@@ -204,6 +204,11 @@ impl Call<'_> {
     }
 }
 
+/// An integration's config as its provider reads it (checked when saved).
+pub fn config_as<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, ProviderError> {
+    serde_json::from_value(config.clone()).map_err(|error| ProviderError::invalid("config", error.to_string()))
+}
+
 /// `work` within `timeout`: past it, [`ProviderError::Timeout`].
 pub async fn within<T>(
     timeout: Duration,

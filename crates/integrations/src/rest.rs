@@ -478,5 +478,5 @@ impl Provider for RestProvider {
 
 /// A config already validated when it was saved.
 pub fn config_unchecked(config: &Value) -> Result<HttpConfig, ProviderError> {
-    serde_json::from_value(config.clone()).map_err(|error| ProviderError::invalid("config", error.to_string()))
+    crate::provider::config_as(config)
 }

@@ -21,7 +21,7 @@
 
 use crate::form::{CredentialForm, Field, Form, Kind, When, field};
 use crate::http::Answer;
-use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows};
+use crate::provider::{ApiUsage, BoxFuture, Call, Provider, ProviderError, Rows, config_as};
 use crate::query::QuerySpec;
 use crate::saas::{Language, Pacer, Token, Tokens, api_usage, left};
 use secrecy::ExposeSecret;
@@ -119,10 +119,6 @@ fn api_version_default() -> String {
     API_VERSION_DEFAULT.to_owned()
 }
 
-fn config_of(config: &Value) -> Result<Config, ProviderError> {
-    serde_json::from_value(config.clone()).map_err(|error| ProviderError::invalid("config", error.to_string()))
-}
-
 /// `NN.N`.
 fn is_version(text: &str) -> bool {
     text.split_once('.').is_some_and(|(major, minor)| {
@@ -174,7 +170,7 @@ impl SalesforceProvider {
         deadline: Instant,
         max_bytes: u64,
     ) -> Result<Answer, ProviderError> {
-        let config = config_of(call.config)?;
+        let config = config_as::<Config>(call.config)?;
         let key = call.integration_key().to_owned();
         let mut refreshed = false;
         loop {
@@ -283,7 +279,7 @@ impl Provider for SalesforceProvider {
         _credential: Option<&Map<String, Value>>,
         guard: &crate::guard::Guard,
     ) -> Result<(), ProviderError> {
-        let parsed = config_of(config)?;
+        let parsed = config_as::<Config>(config)?;
         guard.check_url(&parsed.login_url).map_err(|error| crate::rest::url_refusal("config.login_url", error))?;
         if !is_version(&parsed.api_version) {
             return Err(ProviderError::invalid("config.api_version", "a version `NN.N`, such as 66.0"));
@@ -312,7 +308,7 @@ impl Provider for SalesforceProvider {
 
     fn probe<'a>(&'a self, call: &'a Call<'a>) -> BoxFuture<'a, Result<Option<ApiUsage>, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             let answer = self.get(call, "/services/data/", &[], &[], deadline, 256 * 1024).await?;
             let body = check(&answer, call)?;
@@ -334,7 +330,7 @@ impl Provider for SalesforceProvider {
         params: &'a Map<String, Value>,
     ) -> BoxFuture<'a, Result<Rows, ProviderError>> {
         Box::pin(async move {
-            let config = config_of(call.config)?;
+            let config = config_as::<Config>(call.config)?;
             let deadline = Instant::now() + call.limits.timeout;
             let soql = Language::Soql.render(query.soql.as_deref().unwrap_or_default(), params);
             let max_rows = call.limits.max_rows;
