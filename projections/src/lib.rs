@@ -105,6 +105,7 @@ mod values;
 
 pub use digest::Digest;
 pub use error::ProjectionError;
+pub use models::alerts::{AlertCount, AlertFilter, AlertRow};
 pub use models::credits::{Balance, CreditTransaction, Grant, NextExpiry};
 pub use models::daily_usage::DailyUsage;
 pub use models::integrations::{

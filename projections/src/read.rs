@@ -15,6 +15,7 @@ use rusqlite::{CachedStatement, Connection};
 
 use crate::digest::{Digest, digest_read_model};
 use crate::error::ProjectionError;
+use crate::models::alerts::{self, AlertCount, AlertFilter, AlertRow};
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
 use crate::models::integrations::{self, ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
@@ -238,6 +239,16 @@ impl ReadModels {
     /// The last API usage a source reported for an integration.
     pub fn api_usage(&self, member_id: &str, integration_id: &str) -> Result<Option<ApiUsageRow>, ProjectionError> {
         self.snapshot(|snapshot| integrations::api_usage(snapshot, member_id, integration_id))
+    }
+
+    /// Alerts, one member's or every member's, by the position they opened at.
+    pub fn alerts(&self, filter: &AlertFilter, page: &PageRequest) -> Result<Page<AlertRow>, ProjectionError> {
+        self.snapshot(|snapshot| alerts::alerts(snapshot, filter, page))
+    }
+
+    /// Per rule, the episodes opened and those still open.
+    pub fn alert_counts(&self) -> Result<Vec<AlertCount>, ProjectionError> {
+        self.snapshot(alerts::counts)
     }
 
     /// Active integrations, least recently checked first.

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProjectionError;
 use crate::models::{
-    CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector, SubscriptionsProjector,
+    AlertsProjector, CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector,
+    SubscriptionsProjector,
 };
 use crate::projector::Projector;
 
@@ -22,10 +23,11 @@ pub enum ReadModel {
     Integrations,
     QueryExecutions,
     QueryStats,
+    Alerts,
 }
 
 impl ReadModel {
-    pub const ALL: [ReadModel; 8] = [
+    pub const ALL: [ReadModel; 9] = [
         ReadModel::CreditBalances,
         ReadModel::CreditTransactions,
         ReadModel::DailyUsageStats,
@@ -34,6 +36,7 @@ impl ReadModel {
         ReadModel::Integrations,
         ReadModel::QueryExecutions,
         ReadModel::QueryStats,
+        ReadModel::Alerts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl ReadModel {
             ReadModel::Integrations => "integrations",
             ReadModel::QueryExecutions => "query_executions",
             ReadModel::QueryStats => "query_stats",
+            ReadModel::Alerts => "alerts",
         }
     }
 
@@ -61,6 +65,7 @@ impl ReadModel {
             ReadModel::Integrations | ReadModel::QueryExecutions | ReadModel::QueryStats => {
                 crate::models::integrations::PROJECTOR_NAME
             }
+            ReadModel::Alerts => crate::models::alerts::PROJECTOR_NAME,
         }
     }
 
@@ -83,6 +88,7 @@ pub fn builtin_projectors() -> Vec<Arc<dyn Projector>> {
         Arc::new(InvoicesProjector),
         Arc::new(SubscriptionsProjector),
         Arc::new(IntegrationsProjector),
+        Arc::new(AlertsProjector),
     ]
 }
 

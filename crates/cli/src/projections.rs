@@ -49,9 +49,9 @@ pub struct StatusArgs {
 #[command(group = clap::ArgGroup::new("which").required(true).args(["name", "all"]))]
 pub struct RebuildArgs {
     /// A projector (credits, daily_usage, invoices, subscriptions,
-    /// integrations) or one of its read models (credit_balances,
+    /// integrations, alerts) or one of its read models (credit_balances,
     /// credit_transactions, daily_usage_stats, invoices, subscriptions,
-    /// integrations, query_executions, query_stats).
+    /// integrations, query_executions, query_stats, alerts).
     name: Option<String>,
     /// Rebuild every projector.
     #[arg(long)]

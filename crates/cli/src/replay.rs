@@ -416,6 +416,9 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
             }
             detail
         }
+        MemberEvent::AlertRulesChanged { .. } => "alert rules changed".to_owned(),
+        MemberEvent::AlertTriggered { alert_id, .. } => format!("alert {alert_id} raised"),
+        MemberEvent::AlertResolved { alert_id, .. } => format!("alert {alert_id} resolved"),
     }
 }
 

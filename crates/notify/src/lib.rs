@@ -8,8 +8,14 @@
 //! - [`schedule`]: when a failed delivery is tried again, and when an
 //!   endpoint that keeps failing is disabled;
 //! - [`rules`]: the alert rules, their installation defaults and a
-//!   member's overrides, checked.
+//!   member's overrides, checked;
+//! - [`alerts`]: when the rules' conditions hold, a pure function, and
+//!   how they become episodes;
+//! - [`reactor`]: the alert reactor, which follows the log and appends
+//!   the episodes exactly once.
 
+pub mod alerts;
+pub mod reactor;
 pub mod rules;
 pub mod schedule;
 pub mod signature;

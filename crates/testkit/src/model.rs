@@ -779,6 +779,11 @@ impl Member {
             MemberCommand::MarkInvoiceUncollectible { invoice_id } => self.mark_uncollectible(invoice_id),
             MemberCommand::AdvanceTime => Ok(()),
             MemberCommand::Stripe(_) => panic!("the reference model covers tally-billed members only"),
+            // Alerts and their settings move no credit and no money: the
+            // alert reference evaluator models them.
+            MemberCommand::SetAlertRules { .. } | MemberCommand::RaiseAlert(_) | MemberCommand::ResolveAlert(_) => {
+                Ok(())
+            }
         }
     }
 

@@ -42,3 +42,5 @@ pub const STRIPE_REFUNDS_MAX: usize = 100;
 /// Instants from Stripe (event `created`, periods) lie in these years.
 pub const STRIPE_YEAR_MIN: i32 = 1970;
 pub const STRIPE_YEAR_MAX: i32 = 9000;
+/// An alert's figures, a member's alert-rule overrides: small JSON objects.
+pub const ALERT_JSON_BYTES_MAX: usize = 4_096;

@@ -16,6 +16,6 @@ pub use error::DomainError;
 pub use intake::{IntakeEvent, STRIPE_INTAKE_STREAM};
 pub use integration::{
     ApiUsage, CredentialRef, IntegrationCommand, IntegrationEvent, IntegrationState, IntegrationStatus, TestSource,
-    integration_stream,
+    integration_stream, parse_integration_stream,
 };
 pub use member::*;

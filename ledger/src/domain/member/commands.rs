@@ -1,7 +1,7 @@
 //! What callers ask of a member. Commands are imperative; a decision turns
 //! one into events or a [`DomainError`](crate::domain::DomainError).
 
-use super::events::{Billing, GrantCategory, GrantSource, QueryExecution, Timestamp};
+use super::events::{AlertNotice, Billing, GrantCategory, GrantSource, QueryExecution, Timestamp};
 use crate::domain::amount::{Credits, MinorUnits};
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,16 @@ pub enum MemberCommand {
     MarkInvoiceUncollectible {
         invoice_id: String,
     },
+    /// Replace the member's overrides of the alert rules (checked against
+    /// the rules by the caller; the ledger keeps them as given).
+    SetAlertRules {
+        overrides: serde_json::Value,
+    },
+    /// Open an alert's episode; nothing when that episode (or a later one)
+    /// was already opened: a retried or replayed raise writes nothing.
+    RaiseAlert(AlertNotice),
+    /// Close an alert's episode; nothing when it is not open.
+    ResolveAlert(AlertNotice),
     /// Run whatever fell due up to `now`: nothing else.
     AdvanceTime,
     /// What a verified Stripe event means for this member.

@@ -579,6 +579,9 @@ fn decide_command(draft: &mut Draft, command: &MemberCommand, context: &Context)
         MemberCommand::RecordPaymentFailed { invoice_id, reason } => record_payment_failed(draft, invoice_id, reason),
         MemberCommand::VoidInvoice { invoice_id } => void_invoice(draft, invoice_id),
         MemberCommand::MarkInvoiceUncollectible { invoice_id } => mark_uncollectible(draft, invoice_id),
+        MemberCommand::SetAlertRules { overrides } => set_alert_rules(draft, overrides),
+        MemberCommand::RaiseAlert(notice) => raise_alert(draft, notice),
+        MemberCommand::ResolveAlert(notice) => resolve_alert(draft, notice),
         MemberCommand::AdvanceTime => Ok(()),
         MemberCommand::Stripe(command) => super::stripe::decide_stripe(draft, command, context.catalog),
     }
@@ -1125,5 +1128,58 @@ fn mark_uncollectible(draft: &mut Draft, invoice_id: &str) -> Result<(), DomainE
         return Err(invoice_status_error(record.status));
     }
     draft.emit_now(MemberEvent::InvoiceMarkedUncollectible { invoice_id: invoice_id.to_owned() });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Alerts
+// ---------------------------------------------------------------------------
+
+fn small_object(field: &'static str, value: &serde_json::Value, bytes_max: usize) -> Result<(), DomainError> {
+    if !value.is_object() {
+        return Err(DomainError::invalid(field, "must be a JSON object"));
+    }
+    if value.to_string().len() > bytes_max {
+        return Err(DomainError::invalid(field, format!("must be at most {bytes_max} bytes of JSON")));
+    }
+    Ok(())
+}
+
+fn set_alert_rules(draft: &mut Draft, overrides: &serde_json::Value) -> Result<(), DomainError> {
+    small_object("overrides", overrides, ALERT_JSON_BYTES_MAX)?;
+    let unchanged = match &draft.state.alert_rules {
+        Some(current) => current == overrides,
+        None => overrides.as_object().is_some_and(serde_json::Map::is_empty),
+    };
+    if !unchanged {
+        draft.emit_now(MemberEvent::AlertRulesChanged { overrides: overrides.clone() });
+    }
+    Ok(())
+}
+
+fn check_notice(notice: &AlertNotice) -> Result<(), DomainError> {
+    validate::identifier("rule", &notice.rule)?;
+    if let Some(subject) = &notice.subject {
+        validate::identifier("subject", subject)?;
+    }
+    validate::range("episode", i64::from(notice.episode), 1, i64::from(u32::MAX))?;
+    small_object("figures", &notice.figures, ALERT_JSON_BYTES_MAX)
+}
+
+fn raise_alert(draft: &mut Draft, notice: &AlertNotice) -> Result<(), DomainError> {
+    check_notice(notice)?;
+    let last = draft.state.alert_episodes.get(&notice.key()).copied().unwrap_or(0);
+    if notice.episode > last {
+        draft.emit_now(MemberEvent::AlertTriggered { alert_id: notice.alert_id(), notice: notice.clone() });
+    }
+    Ok(())
+}
+
+fn resolve_alert(draft: &mut Draft, notice: &AlertNotice) -> Result<(), DomainError> {
+    check_notice(notice)?;
+    let alert_id = notice.alert_id();
+    if draft.state.open_alerts.contains_key(&alert_id) {
+        draft.emit_now(MemberEvent::AlertResolved { alert_id, notice: notice.clone() });
+    }
     Ok(())
 }

@@ -165,6 +165,45 @@ pub struct QueryExecution {
     pub api_usage: Option<crate::domain::integration::ApiUsage>,
 }
 
+/// An alert of a member's rules (DESIGN.md §11) as the alert reactor
+/// raises or resolves it. One `(rule, subject)` has numbered episodes: an
+/// episode opens once and closes once, and its number never comes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertNotice {
+    /// `low_balance`, `usage_spike`, …
+    pub rule: String,
+    /// What the alert is about within the member, for rules that can fire
+    /// for several things at once: the integration, the invoice, the grant,
+    /// the webhook endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// From 1, per `(rule, subject)`.
+    pub episode: u32,
+    /// The figures that made the condition true (or false again): a small
+    /// JSON object of numbers, ids and instants; never a secret.
+    pub figures: serde_json::Value,
+}
+
+impl AlertNotice {
+    /// `rule` or `rule:subject`: what has episodes.
+    pub fn key(&self) -> String {
+        alert_key(&self.rule, self.subject.as_deref())
+    }
+
+    /// `rule:episode` or `rule:subject:episode`: one episode, unique in the
+    /// member.
+    pub fn alert_id(&self) -> String {
+        format!("{}:{}", self.key(), self.episode)
+    }
+}
+
+pub fn alert_key(rule: &str, subject: Option<&str>) -> String {
+    match subject {
+        Some(subject) => format!("{rule}:{subject}"),
+        None => rule.to_owned(),
+    }
+}
+
 fn is_zero_i64(value: &i64) -> bool {
     *value == 0
 }
@@ -462,6 +501,24 @@ pub enum MemberEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         synced: Option<StripeSynced>,
     },
+
+    /// The member's overrides of the installation's alert rules, whole: an
+    /// empty object goes back to the defaults.
+    AlertRulesChanged {
+        overrides: serde_json::Value,
+    },
+    /// An alert's condition became true: its episode opens.
+    AlertTriggered {
+        alert_id: String,
+        #[serde(flatten)]
+        notice: AlertNotice,
+    },
+    /// The condition cleared: the episode closes and the rule re-arms.
+    AlertResolved {
+        alert_id: String,
+        #[serde(flatten)]
+        notice: AlertNotice,
+    },
 }
 
 impl MemberEvent {
@@ -498,6 +555,9 @@ impl MemberEvent {
             MemberEvent::StripeEventApplied { .. } => "StripeEventApplied",
             MemberEvent::CheckoutPaymentFailed { .. } => "CheckoutPaymentFailed",
             MemberEvent::StripeRefundRecorded { .. } => "StripeRefundRecorded",
+            MemberEvent::AlertRulesChanged { .. } => "AlertRulesChanged",
+            MemberEvent::AlertTriggered { .. } => "AlertTriggered",
+            MemberEvent::AlertResolved { .. } => "AlertResolved",
         }
     }
 }

@@ -183,6 +183,18 @@ pub struct MemberState {
     /// Stripe payment → what Stripe said of its refunds, kept whether or
     /// not the payment is known yet (a refund may be delivered first).
     pub stripe_refunds: BTreeMap<String, StripeRefunds>,
+    /// The member's overrides of the installation's alert rules, as set
+    /// (`None`: the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_rules: Option<serde_json::Value>,
+    /// Open alert episodes by alert id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub open_alerts: BTreeMap<String, AlertNotice>,
+    /// Per `rule` or `rule:subject`, the last episode opened: a raise of
+    /// that episode or an earlier one writes nothing. One entry per thing
+    /// ever alerted on (rules × integrations, invoices, grants, endpoints).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alert_episodes: BTreeMap<String, u32>,
 }
 
 /// A grant bought with a Stripe payment: what a refund of it takes back.
@@ -567,6 +579,17 @@ impl MemberState {
                     self.debt.push(DebtEntry { credits: *debt, unit_price: *unit_price });
                 }
             }
+            MemberEvent::AlertRulesChanged { overrides } => {
+                let empty = overrides.as_object().is_some_and(serde_json::Map::is_empty);
+                self.alert_rules = (!empty).then(|| overrides.clone());
+            }
+            MemberEvent::AlertTriggered { alert_id, notice } => {
+                self.alert_episodes.insert(notice.key(), notice.episode);
+                self.open_alerts.insert(alert_id.clone(), notice.clone());
+            }
+            MemberEvent::AlertResolved { alert_id, .. } => {
+                self.open_alerts.remove(alert_id);
+            }
         }
     }
 
@@ -646,7 +669,14 @@ mod snapshot_format {
             stripe_checkout_sessions: _,
             stripe_paid_grants,
             stripe_refunds,
+            // Added without a bump: absent from every format-3 snapshot,
+            // and their defaults (no overrides, no alerts) are what those
+            // snapshots' members had.
+            alert_rules: _,
+            open_alerts,
+            alert_episodes: _,
         } = state;
+        for AlertNotice { rule: _, subject: _, episode: _, figures: _ } in open_alerts.values() {}
         for PaidGrant { grant_id: _, source: _, credits: _, price: _ } in stripe_paid_grants.values() {}
         for StripeRefunds { amount_refunded: _, refunds: _, refunded: _, taken_back: _ } in stripe_refunds.values() {}
         for Grant {

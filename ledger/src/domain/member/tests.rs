@@ -1755,3 +1755,57 @@ mod stripe_managed {
         assert!(life.state.invoices.is_empty());
     }
 }
+
+fn notice(rule: &str, subject: Option<&str>, episode: u32) -> AlertNotice {
+    AlertNotice {
+        rule: rule.to_owned(),
+        subject: subject.map(str::to_owned),
+        episode,
+        figures: serde_json::json!({"available": 40}),
+    }
+}
+
+#[test]
+fn an_alert_episode_opens_once_and_closes_once() {
+    let mut life = Life::new(at(2026, 1, 1));
+    assert_eq!(code(life.when(MemberCommand::RaiseAlert(notice("low_balance", None, 1))).unwrap_err()), "not_found");
+    life.run(grant(GrantSource::Purchase, 50));
+    let raised = life.when(MemberCommand::RaiseAlert(notice("low_balance", None, 1))).unwrap();
+    assert!(matches!(&raised[..], [MemberEvent::AlertTriggered { alert_id, .. }] if alert_id == "low_balance:1"));
+    assert!(life.when(MemberCommand::RaiseAlert(notice("low_balance", None, 1))).unwrap().is_empty());
+    assert_eq!(life.state.open_alerts.len(), 1);
+    let resolved = life.when(MemberCommand::ResolveAlert(notice("low_balance", None, 1))).unwrap();
+    assert!(matches!(&resolved[..], [MemberEvent::AlertResolved { alert_id, .. }] if alert_id == "low_balance:1"));
+    assert!(life.when(MemberCommand::ResolveAlert(notice("low_balance", None, 1))).unwrap().is_empty());
+    // A closed episode never opens again; the next one does.
+    assert!(life.when(MemberCommand::RaiseAlert(notice("low_balance", None, 1))).unwrap().is_empty());
+    assert_eq!(life.when(MemberCommand::RaiseAlert(notice("low_balance", None, 2))).unwrap().len(), 1);
+    // Subjects have episodes of their own.
+    let subject = life.when(MemberCommand::RaiseAlert(notice("integration_failing", Some("crm"), 1))).unwrap();
+    assert!(
+        matches!(&subject[..], [MemberEvent::AlertTriggered { alert_id, .. }] if alert_id == "integration_failing:crm:1")
+    );
+    assert_eq!(life.state.open_alerts.keys().collect::<Vec<_>>(), ["integration_failing:crm:1", "low_balance:2"]);
+}
+
+#[test]
+fn alert_notices_and_rule_overrides_are_checked() {
+    let mut life = Life::new(at(2026, 1, 1));
+    life.run(grant(GrantSource::Purchase, 50));
+    let mut bad = notice("low_balance", None, 0);
+    assert_eq!(field(life.when(MemberCommand::RaiseAlert(bad.clone())).unwrap_err()), Some("episode"));
+    bad.episode = 1;
+    bad.figures = serde_json::json!([1]);
+    assert_eq!(field(life.when(MemberCommand::RaiseAlert(bad.clone())).unwrap_err()), Some("figures"));
+    bad.figures = serde_json::json!({"note": "x".repeat(5_000)});
+    assert_eq!(field(life.when(MemberCommand::RaiseAlert(bad)).unwrap_err()), Some("figures"));
+    let rules = |overrides| MemberCommand::SetAlertRules { overrides };
+    assert_eq!(field(life.when(rules(serde_json::json!("all"))).unwrap_err()), Some("overrides"));
+    assert!(life.when(rules(serde_json::json!({}))).unwrap().is_empty(), "the defaults already");
+    let set = serde_json::json!({"low_balance": {"below_credits": 500}});
+    assert_eq!(life.when(rules(set.clone())).unwrap().len(), 1);
+    assert_eq!(life.state.alert_rules, Some(set.clone()));
+    assert!(life.when(rules(set)).unwrap().is_empty(), "unchanged");
+    assert_eq!(life.when(rules(serde_json::json!({}))).unwrap().len(), 1);
+    assert_eq!(life.state.alert_rules, None);
+}
