@@ -260,7 +260,30 @@ pub async fn metrics(state: Data<AppState>) -> HttpResponse {
         let worst = statuses.iter().map(|status| status.lag).max().unwrap_or(0);
         state.metrics.projection_lag_events.set(i64::try_from(worst).unwrap_or(i64::MAX));
     }
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(state.ledger.stats()))
+    let mut text = state.metrics.render(state.ledger.stats());
+    let projections = state.projections.clone();
+    if let Ok(Ok(counts)) = actix_web::web::block(move || projections.alert_counts()).await {
+        text.push_str(&alert_metrics(&counts));
+    }
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
+}
+
+/// Per rule, the alert episodes opened (a counter: the read model keeps
+/// every episode, so a rebuild gives the same count) and those open now.
+fn alert_metrics(counts: &[tally_projections::AlertCount]) -> String {
+    use std::fmt::Write;
+    let mut text = String::from(
+        "# HELP tally_alerts_triggered_total Alert episodes opened, by rule.\n\
+         # TYPE tally_alerts_triggered_total counter\n",
+    );
+    for count in counts {
+        let _ = writeln!(text, "tally_alerts_triggered_total{{rule=\"{}\"}} {}", count.rule, count.triggered);
+    }
+    text.push_str("# HELP tally_alerts_open Alert episodes open now, by rule.\n# TYPE tally_alerts_open gauge\n");
+    for count in counts {
+        let _ = writeln!(text, "tally_alerts_open{{rule=\"{}\"}} {}", count.rule, count.open);
+    }
+    text
 }
 
 #[get("/openapi.json")]

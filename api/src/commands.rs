@@ -278,7 +278,7 @@ pub(crate) struct Route {
     pub(crate) idempotency_required: bool,
     /// Whether a member key may call it on its own member (usage, check,
     /// reservations); everything else is admin only.
-    member_key_allowed: bool,
+    pub(crate) member_key_allowed: bool,
 }
 
 pub(crate) const ROUTE_MEMBER: Route = Route {

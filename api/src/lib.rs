@@ -19,6 +19,7 @@
 //! query functions.
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod batch;
 pub mod body;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub stripe: stripe::StripeSettings,
     /// The vault and the target guard (`serve --vault-key-file`, `TALLY_VAULT_KEY`).
     pub integrations: integrations::IntegrationSettings,
+    /// The installation's alert rules (`serve --alert-rules`).
+    pub alerts: alerts::AlertSettings,
     /// Usage batches running now, at most `batch::USAGE_BATCHES_CONCURRENT_MAX`.
     pub usage_batches: batch::BatchSlots,
     rates: Mutex<HashMap<String, (u32, Instant)>>,
@@ -85,6 +88,7 @@ impl AppState {
             rate_limits: ratelimit::RateLimits::default(),
             stripe: stripe::StripeSettings::new(),
             integrations: integrations::IntegrationSettings::default(),
+            alerts: alerts::AlertSettings::default(),
             usage_batches: batch::BatchSlots::default(),
             rates: Mutex::new(HashMap::new()),
         }
@@ -167,6 +171,10 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(reads::subscription)
         .service(reads::executions)
         .service(reads::audit)
+        .service(alerts::get_alert_rules)
+        .service(alerts::put_alert_rules)
+        .service(alerts::member_alerts)
+        .service(alerts::all_alerts)
         .service(admin::list_plans)
         .service(admin::issue_key)
         .service(admin::list_keys)

@@ -141,7 +141,7 @@ const MEMBER_EXAMPLE: &str = "acme";
 
 /// Write routes outside [`crate::commands::WRITE_ROUTES`] that take an
 /// optional `Idempotency-Key`.
-const IDEMPOTENCY_KEY_OPTIONAL: &[(&str, &str)] = &[("POST", "/v1/plans")];
+const IDEMPOTENCY_KEY_OPTIONAL: &[(&str, &str)] = &[("POST", "/v1/plans"), ("PUT", "/v1/members/{member}/alert-rules")];
 /// Write routes outside [`crate::commands::WRITE_ROUTES`] that require one.
 const IDEMPOTENCY_KEY_REQUIRED: &[(&str, &str)] = &[
     ("POST", "/v1/members/{member}/integrations/{integration}/queries/{query}/execute"),
@@ -325,6 +325,10 @@ impl Modify for Limits {
         crate::reads::subscription,
         crate::reads::executions,
         crate::reads::audit,
+        crate::alerts::get_alert_rules,
+        crate::alerts::put_alert_rules,
+        crate::alerts::member_alerts,
+        crate::alerts::all_alerts,
         crate::admin::list_plans,
         crate::admin::issue_key,
         crate::admin::list_keys,

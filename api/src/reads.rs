@@ -85,7 +85,7 @@ pub struct AuditQuery {
     pub min_position: Option<u64>,
 }
 
-fn projection_error(error: ProjectionError) -> ApiError {
+pub(crate) fn projection_error(error: ProjectionError) -> ApiError {
     match error {
         ProjectionError::Lagging { position, reached } => ApiError::ProjectionLagging(format!(
             "the read models reached position {reached}, not yet {position}; retry shortly"
@@ -102,7 +102,7 @@ fn projection_error(error: ProjectionError) -> ApiError {
 }
 
 /// Authorise, then run a blocking read after waiting for `min_position`.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     state: &AppState,
     principal: &Principal,
     member_id: &str,
@@ -130,7 +130,7 @@ fn not_found(member_id: &str) -> ApiError {
     ApiError::NotFound(format!("member `{member_id}` not found"))
 }
 
-fn page_request(cursor: Option<String>, limit: Option<usize>) -> Result<PageRequest, ApiError> {
+pub(crate) fn page_request(cursor: Option<String>, limit: Option<usize>) -> Result<PageRequest, ApiError> {
     let limit = limit.unwrap_or(PAGE_SIZE_DEFAULT);
     if limit == 0 || limit > PAGE_SIZE_MAX {
         return Err(ApiError::validation("limit", format!("must be between 1 and {PAGE_SIZE_MAX}")));
@@ -165,7 +165,7 @@ pub async fn balance(
 
 /// Credentials, then the right to the path's member, before anything of the
 /// request is parsed: a refused caller learns nothing from validation.
-fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal, ApiError> {
+pub(crate) fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal, ApiError> {
     let principal = authenticate(state, request)?;
     principal.require_member(request.match_info().get("member").unwrap_or_default())?;
     Ok(principal)
@@ -174,7 +174,7 @@ fn authorize_member(state: &AppState, request: &HttpRequest) -> Result<Principal
 /// A page of one member's rows as `{member_id, <list>: [...], next_cursor}`,
 /// plus `extra` fields; `not_found` when the member was never registered.
 #[allow(clippy::too_many_arguments)]
-async fn member_page<T: Serialize + Send + 'static>(
+pub(crate) async fn member_page<T: Serialize + Send + 'static>(
     state: &AppState,
     principal: &Principal,
     member_id: String,

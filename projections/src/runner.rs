@@ -46,6 +46,7 @@ use tally_ledger::store::{CHAIN_HASH_ZERO, EventReader, READ_PAGE_SIZE_MAX, Reco
 
 use crate::digest::Digest;
 use crate::error::ProjectionError;
+use crate::models::alerts::{AlertCount, AlertFilter, AlertRow};
 use crate::models::credits::{Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::DailyUsage;
 use crate::models::integrations::{ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
@@ -644,6 +645,14 @@ impl Projections {
 
     pub fn subscription(&self, member_id: &str) -> Result<Option<Subscription>, ProjectionError> {
         self.shared.read_models.subscription(member_id)
+    }
+
+    pub fn alerts(&self, filter: &AlertFilter, page: &PageRequest) -> Result<Page<AlertRow>, ProjectionError> {
+        self.shared.read_models.alerts(filter, page)
+    }
+
+    pub fn alert_counts(&self) -> Result<Vec<AlertCount>, ProjectionError> {
+        self.shared.read_models.alert_counts()
     }
 
     pub fn executions(

@@ -1,6 +1,7 @@
 //! End-to-end tests of tally through real SQLite files, real processes and
 //! real HTTP on loopback.
 
+mod alerts;
 mod answers;
 mod api;
 mod cli;

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub const EVENTS_FILE: &str = "events.db";
 pub const PROJECTIONS_FILE: &str = "projections.db";
 pub const KEYS_FILE: &str = "keys.db";
+/// The alert reactor's checkpoint, members' watches and outbox.
+const ALERTS_FILE: &str = "alerts.sqlite";
 /// Written by `serve` once it listens, removed when it stops: how the CLI
 /// finds the server that owns the projections.
 pub const SERVER_FILE: &str = "server.json";
@@ -63,6 +65,10 @@ impl DataDir {
 
     pub fn keys(&self) -> PathBuf {
         self.root.join(KEYS_FILE)
+    }
+
+    pub fn alerts(&self) -> PathBuf {
+        self.root.join(ALERTS_FILE)
     }
 
     pub fn server_file(&self) -> PathBuf {

@@ -67,7 +67,29 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_EXECUTIONS_MAX", default_value_t = tally_api::execution::EXECUTIONS_MAX_DEFAULT as u64,
         value_parser = clap::value_parser!(u64).range(1..=4096))]
     executions_max: u64,
+    /// The installation's alert rules: a JSON file of settings over the
+    /// built-in defaults, in the shape of `PUT /v1/members/{m}/alert-rules`
+    /// (`{"low_balance": {"below_credits": 500}, …}`). Members' own
+    /// overrides apply on top.
+    #[arg(long, env = "TALLY_ALERT_RULES")]
+    alert_rules: Option<std::path::PathBuf>,
 }
+
+/// The installation's alert rules: the built-in defaults, with the file's
+/// settings over them; a setting out of range stops the start, naming it.
+fn alert_defaults(file: Option<&Path>) -> Result<tally_notify::rules::RuleSet> {
+    let defaults = tally_notify::rules::RuleSet::default();
+    let Some(file) = file else { return Ok(defaults) };
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let overrides: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    defaults
+        .apply(&overrides)
+        .map_err(|error| anyhow::anyhow!("{}: alert rule setting `{}` {}", file.display(), error.field, error.message))
+}
+
+/// How long the alert reactor rests once it caught up with the log.
+const ALERTS_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Outbound {
@@ -163,6 +185,10 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let mut app_state = AppState::new(ledger.clone(), projections.clone(), Arc::new(keys), test_clock.clone());
     app_state.stripe = stripe_settings()?;
     app_state.integrations = integration_settings(&data_dir, &args, demo_upstream)?;
+    app_state.alerts.defaults = alert_defaults(args.alert_rules.as_deref())?;
+    let alert_reactor =
+        tally_notify::reactor::AlertReactor::open(&data_dir.alerts(), app_state.alerts.defaults.clone())
+            .context("cannot open the alert reactor's file")?;
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
@@ -195,6 +221,30 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
             }
         })
     });
+    // The alert reactor: follows the log, appends alert episodes.
+    let alerts = {
+        let ledger = ledger.clone();
+        let stop = stop_scheduler.clone();
+        let mut reactor = alert_reactor;
+        std::thread::spawn(move || {
+            loop {
+                let pass = reactor.run_once(&ledger).and_then(|mut report| {
+                    report.absorb(reactor.sweep(&ledger, ledger.now())?);
+                    Ok(report)
+                });
+                match pass {
+                    Ok(report) if !report.raised.is_empty() || !report.resolved.is_empty() => {
+                        tracing::info!(raised = ?report.raised, resolved = ?report.resolved, "alerts");
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "the alert reactor will try again"),
+                }
+                if stop.wait(ALERTS_INTERVAL) {
+                    break;
+                }
+            }
+        })
+    };
     let scheduler = (test_clock.is_none()).then(|| {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
@@ -280,6 +330,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     if let Some(health) = health {
         let _ = health.join();
     }
+    let _ = alerts.join();
     runner.stop();
     drop(ledger);
     Ok(())

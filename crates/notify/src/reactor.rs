@@ -22,8 +22,9 @@
 //! alert fires once per episode, and none is missed.
 //!
 //! A member's appends are runs of consecutive events of its stream with the
-//! same `recorded_at`: a command's events, with the effects of time run
-//! before it, are one append and share it.
+//! same `recorded_at` and idempotency key: a command's events, with the
+//! effects of time run before it, are one append and share both. (Two
+//! commands without keys in the same microsecond are evaluated together.)
 
 use crate::alerts::{self, Transition, Watch, local_day};
 use crate::rules::RuleSet;
@@ -73,7 +74,8 @@ pub struct ReactorReport {
 }
 
 impl ReactorReport {
-    fn absorb(&mut self, other: ReactorReport) {
+    /// Adds a later pass's counts; its position is the later one.
+    pub fn absorb(&mut self, other: ReactorReport) {
         self.events_read += other.events_read;
         self.members_evaluated += other.members_evaluated;
         for (rule, count) in other.raised {
@@ -208,7 +210,11 @@ impl AlertReactor {
             let end = start
                 + page[start..]
                     .iter()
-                    .take_while(|event| event.stream_id == first.stream_id && event.recorded_at == first.recorded_at)
+                    .take_while(|event| {
+                        event.stream_id == first.stream_id
+                            && event.recorded_at == first.recorded_at
+                            && event.metadata.idempotency_key == first.metadata.idempotency_key
+                    })
                     .count();
             let append = &page[start..end];
             start = end;
