@@ -154,7 +154,18 @@ impl AlertReactor {
     /// Sends what an earlier pass left in the outbox, then follows the log
     /// to its head.
     pub fn run_once(&mut self, ledger: &Ledger) -> Result<ReactorReport, ReactorError> {
-        let mut report = self.drain(ledger)?;
+        self.follow(ledger, true)
+    }
+
+    /// Follows the log to its head and commits what it decided, sending
+    /// nothing: what a process that stops right after its commits leaves
+    /// behind (for tests of a crash between the two steps).
+    pub fn evaluate_only(&mut self, ledger: &Ledger) -> Result<ReactorReport, ReactorError> {
+        self.follow(ledger, false)
+    }
+
+    fn follow(&mut self, ledger: &Ledger, send: bool) -> Result<ReactorReport, ReactorError> {
+        let mut report = if send { self.drain(ledger)? } else { ReactorReport::default() };
         loop {
             let page = ledger.reader()?.read_all(self.position, PAGE_EVENTS).map_err(LedgerError::from)?;
             let Some(last) = page.last().map(|event| event.position) else { break };
@@ -162,7 +173,9 @@ impl AlertReactor {
             self.evaluate_page(ledger, &page, &mut pending)?;
             self.commit(pending, Some(last), &mut report)?;
             report.events_read += page.len() as u64;
-            report.absorb(self.drain(ledger)?);
+            if send {
+                report.absorb(self.drain(ledger)?);
+            }
             self.trim_cache();
         }
         report.position = self.position;
@@ -188,6 +201,7 @@ impl AlertReactor {
             let mut pending = Pending::default();
             for member_id in &due {
                 self.load_member(ledger, member_id, self.position + 1)?;
+                self.load_watch(member_id)?;
                 self.evaluate_member(member_id, now, &mut pending);
             }
             self.commit(pending, None, &mut report)?;

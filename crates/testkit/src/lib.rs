@@ -37,6 +37,7 @@
 //! assert_eq!(model.apply("m2", &MemberCommand::AdvanceTime, now), Err("not_found"));
 //! ```
 
+pub mod alerts;
 pub mod executions;
 pub mod fuzz;
 pub mod model;
