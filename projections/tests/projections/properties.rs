@@ -105,6 +105,12 @@ enum Command {
         number: u32,
         action: InvoiceAction,
     },
+    /// An alert episode opened or closed (as the alert reactor would ask).
+    Alert {
+        subject: Option<&'static str>,
+        episode: u32,
+        resolve: bool,
+    },
     Sweep,
 }
 
@@ -161,6 +167,8 @@ fn command() -> impl Strategy<Value = Command> {
         2 => (0..RESERVATION_REFS).prop_map(|reservation| Command::Release { reservation }),
         3 => (1..=4u32, prop::sample::select(vec![InvoiceAction::Pay, InvoiceAction::Fail, InvoiceAction::Void, InvoiceAction::Uncollectible]))
             .prop_map(|(number, action)| Command::Invoice { number, action }),
+        2 => (prop::option::of(prop::sample::select(vec!["int1", "inv_1"])), 1..=3u32, any::<bool>())
+            .prop_map(|(subject, episode, resolve)| Command::Alert { subject, episode, resolve }),
         1 => Just(Command::Sweep),
     ]
 }
@@ -282,6 +290,15 @@ fn ledger_command(step: &Step, now: DateTime<Utc>, made: &Made) -> Option<Member
                 InvoiceAction::Void => MemberCommand::VoidInvoice { invoice_id },
                 InvoiceAction::Uncollectible => MemberCommand::MarkInvoiceUncollectible { invoice_id },
             }
+        }
+        Command::Alert { subject, episode, resolve } => {
+            let notice = tally_ledger::domain::AlertNotice {
+                rule: if subject.is_some() { "integration_failing" } else { "low_balance" }.to_owned(),
+                subject: subject.map(str::to_owned),
+                episode: *episode,
+                figures: serde_json::json!({"available": episode}),
+            };
+            if *resolve { MemberCommand::ResolveAlert(notice) } else { MemberCommand::RaiseAlert(notice) }
         }
         Command::Sweep => return None,
     })
