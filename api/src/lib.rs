@@ -36,6 +36,7 @@ pub mod ratelimit;
 pub mod reads;
 pub mod stripe;
 pub mod stripe_sync;
+pub mod webhooks;
 
 use actix_web::web::{self, Data};
 use actix_web::{HttpRequest, HttpResponse};
@@ -65,6 +66,8 @@ pub struct AppState {
     pub stripe: stripe::StripeSettings,
     /// The vault and the target guard (`serve --vault-key-file`, `TALLY_VAULT_KEY`).
     pub integrations: integrations::IntegrationSettings,
+    /// Outbound webhooks: the dispatcher and the sender's bell.
+    pub webhooks: webhooks::WebhookSettings,
     /// The installation's alert rules (`serve --alert-rules`).
     pub alerts: alerts::AlertSettings,
     /// Usage batches running now, at most `batch::USAGE_BATCHES_CONCURRENT_MAX`.
@@ -89,6 +92,7 @@ impl AppState {
             stripe: stripe::StripeSettings::new(),
             integrations: integrations::IntegrationSettings::default(),
             alerts: alerts::AlertSettings::default(),
+            webhooks: webhooks::WebhookSettings::default(),
             usage_batches: batch::BatchSlots::default(),
             rates: Mutex::new(HashMap::new()),
         }
@@ -175,6 +179,16 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(alerts::put_alert_rules)
         .service(alerts::member_alerts)
         .service(alerts::all_alerts)
+        .service(webhooks::list_event_types)
+        .service(webhooks::create_endpoint)
+        .service(webhooks::list_endpoints)
+        .service(webhooks::get_endpoint)
+        .service(webhooks::update_endpoint)
+        .service(webhooks::delete_endpoint)
+        .service(webhooks::rotate_secret)
+        .service(webhooks::deliveries)
+        .service(webhooks::redeliver)
+        .service(webhooks::test_endpoint)
         .service(admin::list_plans)
         .service(admin::issue_key)
         .service(admin::list_keys)

@@ -73,11 +73,28 @@ fn secrets_never_reach_the_logs_or_the_data_files() {
     let log = logs.path().join("stderr.log");
     let webhook_secret = "whsec_never_logged_7f3a9c";
     let server = Server::start_logged(
-        &["--test-clock", "--start", "2026-01-01T00:00:00Z"],
-        &[("TALLY_LOG", "debug"), ("TALLY_STRIPE_WEBHOOK_SECRET", webhook_secret)],
+        &["--test-clock", "--start", "2026-01-01T00:00:00Z", "--allow-private-targets", "127.0.0.1/32"],
+        &[
+            ("TALLY_LOG", "debug"),
+            ("TALLY_STRIPE_WEBHOOK_SECRET", webhook_secret),
+            ("TALLY_VAULT_KEY", "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc="),
+            ("TALLY_OUTBOUND", "allow-list"),
+        ],
         &log,
     );
     server.admin_post("/v1/members/m1/credits/grants", json!({"source": "promotional", "amount": 50}));
+    // An outbound endpoint's signing secret, then a rotation: shown once
+    // each, and nowhere else. (Port 9 on loopback: nothing listens.)
+    let (status, endpoint) =
+        server.admin_post("/v1/members/m1/webhook-endpoints", json!({"url": "http://127.0.0.1:9/hook"}));
+    assert_eq!(status, 201, "{endpoint}");
+    let endpoint_id = endpoint["endpoint_id"].as_str().unwrap();
+    let (_, rotated) =
+        server.admin_post(&format!("/v1/members/m1/webhook-endpoints/{endpoint_id}/rotate-secret"), json!({}));
+    let signing_secrets: Vec<String> = [&endpoint, &rotated]
+        .iter()
+        .map(|answer| answer["secret"].as_str().unwrap().trim_start_matches("whsec_").to_owned())
+        .collect();
     let (_, issued) = server.admin_post("/v1/members/m1/api-keys", json!({}));
     let member_key = issued["secret"].as_str().unwrap().to_owned();
     server.sync("m1");
@@ -107,13 +124,19 @@ fn secrets_never_reach_the_logs_or_the_data_files() {
     assert!(text.lines().count() > 5, "debug logging produced too little to be a test: {text}");
     let member_secret = member_key.rsplit('_').next().unwrap();
     let v1 = signature.split_once(",v1=").unwrap().1;
-    for secret in [ADMIN_KEY, member_key.as_str(), member_secret, wrong.as_str(), webhook_secret, v1] {
+    let outbound = [signing_secrets[0].as_str(), signing_secrets[1].as_str()];
+    for secret in
+        [ADMIN_KEY, member_key.as_str(), member_secret, wrong.as_str(), webhook_secret, v1].iter().chain(&outbound)
+    {
         assert!(!text.contains(secret), "a secret ({}…) is in the logs", &secret[..6]);
     }
     for entry in std::fs::read_dir(data_dir.path()).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue;
+        }
         let bytes = std::fs::read(&path).unwrap();
-        for secret in [member_secret, webhook_secret, ADMIN_KEY] {
+        for secret in [member_secret, webhook_secret, ADMIN_KEY].iter().chain(&outbound) {
             let found = bytes.windows(secret.len()).any(|window| window == secret.as_bytes());
             assert!(!found, "{} holds a secret", path.display());
         }

@@ -16,6 +16,8 @@ pub const PROJECTIONS_FILE: &str = "projections.db";
 pub const KEYS_FILE: &str = "keys.db";
 /// The alert reactor's checkpoint, members' watches and outbox.
 const ALERTS_FILE: &str = "alerts.sqlite";
+/// The webhook dispatcher's checkpoint, queues and delivery log.
+const WEBHOOKS_FILE: &str = "webhooks.sqlite";
 /// Written by `serve` once it listens, removed when it stops: how the CLI
 /// finds the server that owns the projections.
 pub const SERVER_FILE: &str = "server.json";
@@ -69,6 +71,10 @@ impl DataDir {
 
     pub fn alerts(&self) -> PathBuf {
         self.root.join(ALERTS_FILE)
+    }
+
+    pub fn webhooks(&self) -> PathBuf {
+        self.root.join(WEBHOOKS_FILE)
     }
 
     pub fn server_file(&self) -> PathBuf {

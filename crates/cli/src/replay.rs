@@ -419,6 +419,15 @@ fn describe(event: &MemberEvent, currency: &str) -> String {
         MemberEvent::AlertRulesChanged { .. } => "alert rules changed".to_owned(),
         MemberEvent::AlertTriggered { alert_id, .. } => format!("alert {alert_id} raised"),
         MemberEvent::AlertResolved { alert_id, .. } => format!("alert {alert_id} resolved"),
+        MemberEvent::WebhookEndpointCreated { endpoint_id, .. } => format!("webhook endpoint {endpoint_id} added"),
+        MemberEvent::WebhookEndpointChanged { endpoint_id, .. } => format!("webhook endpoint {endpoint_id} changed"),
+        MemberEvent::WebhookEndpointDisabled { endpoint_id, reason } => {
+            format!("webhook endpoint {endpoint_id} disabled: {reason}")
+        }
+        MemberEvent::WebhookSecretRotated { endpoint_id, .. } => {
+            format!("webhook endpoint {endpoint_id}'s signing secret rotated")
+        }
+        MemberEvent::WebhookEndpointDeleted { endpoint_id } => format!("webhook endpoint {endpoint_id} deleted"),
     }
 }
 

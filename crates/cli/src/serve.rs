@@ -88,6 +88,9 @@ fn alert_defaults(file: Option<&Path>) -> Result<tally_notify::rules::RuleSet> {
         .map_err(|error| anyhow::anyhow!("{}: alert rule setting `{}` {}", file.display(), error.field, error.message))
 }
 
+/// How long the webhook sender rests between rounds, unless woken.
+const WEBHOOKS_INTERVAL: Duration = Duration::from_millis(250);
+
 /// How long the alert reactor rests once it caught up with the log.
 const ALERTS_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -189,6 +192,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let alert_reactor =
         tally_notify::reactor::AlertReactor::open(&data_dir.alerts(), app_state.alerts.defaults.clone())
             .context("cannot open the alert reactor's file")?;
+    let dispatcher = tally_notify::webhooks::Dispatcher::open(&data_dir.webhooks())
+        .context("cannot open the webhook dispatcher's file")?;
+    app_state.webhooks.dispatcher = Some(Arc::new(Mutex::new(dispatcher)));
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
 
@@ -243,6 +249,21 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                     break;
                 }
             }
+        })
+    };
+    // The webhook sender: drains the dispatcher's queues.
+    let webhooks = {
+        let state = state.clone();
+        let stop = stop_scheduler.clone();
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async {
+                let client = tally_api::webhooks::client(&state);
+                let in_flight = Arc::new(tally_api::webhooks::InFlight::default());
+                while !stop.wait(Duration::ZERO) {
+                    tally_api::webhooks::send_round(&state, &client, &in_flight).await;
+                    let _ = actix_web::rt::time::timeout(WEBHOOKS_INTERVAL, state.webhooks.wake.notified()).await;
+                }
+            });
         })
     };
     let scheduler = (test_clock.is_none()).then(|| {
@@ -331,6 +352,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         let _ = health.join();
     }
     let _ = alerts.join();
+    let _ = webhooks.join();
     runner.stop();
     drop(ledger);
     Ok(())

@@ -50,6 +50,21 @@ impl GuardedHttp {
         &self.guard
     }
 
+    /// A client behind the same guard that follows no redirect (a webhook
+    /// receiver that redirects has failed), with `timeout` for the whole
+    /// exchange.
+    pub fn without_redirects(&self, timeout: Duration) -> reqwest::Client {
+        reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver { guard: self.guard.clone() }))
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds with a static configuration")
+    }
+
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }

@@ -237,6 +237,18 @@ pub fn evaluate(rules: &RuleSet, state: &MemberState, watch: &Watch, now: DateTi
         }
     }
 
+    if rules.webhook_endpoint_failing {
+        for (endpoint_id, endpoint) in &state.webhook_endpoints {
+            if let Some(reason) = &endpoint.disabled_reason {
+                findings.push(Finding {
+                    rule: "webhook_endpoint_failing",
+                    subject: Some(endpoint_id.clone()),
+                    figures: json!({"endpoint_id": endpoint_id, "url": endpoint.config.url, "reason": reason}),
+                });
+            }
+        }
+    }
+
     let debt = state.debt().0;
     if rules.overage_started && debt > 0 {
         findings.push(Finding { rule: "overage_started", subject: None, figures: json!({"debt": debt}) });

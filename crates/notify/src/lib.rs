@@ -12,10 +12,13 @@
 //! - [`alerts`]: when the rules' conditions hold, a pure function, and
 //!   how they become episodes;
 //! - [`reactor`]: the alert reactor, which follows the log and appends
-//!   the episodes exactly once.
+//!   the episodes exactly once;
+//! - [`webhooks`]: which events endpoints hear of, and the dispatcher's
+//!   durable per-endpoint queues with their delivery log.
 
 pub mod alerts;
 pub mod reactor;
 pub mod rules;
 pub mod schedule;
 pub mod signature;
+pub mod webhooks;

@@ -12,7 +12,7 @@
 //! | `payment_failed` | a payment fails | — |
 //! | `credits_expiring` | a grant with credits left expires within `within_days` | `within_days` |
 //! | `overage_started` | the member starts using credits beyond its allowance (debt) | — |
-//! | `webhook_endpoint_failing` | a webhook endpoint has failed for a day without a success | — |
+//! | `webhook_endpoint_failing` | a webhook endpoint was turned off after failing for 5 days (or answering 410 Gone) | — |
 //!
 //! Every rule has `enabled`.
 

@@ -779,11 +779,16 @@ impl Member {
             MemberCommand::MarkInvoiceUncollectible { invoice_id } => self.mark_uncollectible(invoice_id),
             MemberCommand::AdvanceTime => Ok(()),
             MemberCommand::Stripe(_) => panic!("the reference model covers tally-billed members only"),
-            // Alerts and their settings move no credit and no money: the
-            // alert reference evaluator models them.
-            MemberCommand::SetAlertRules { .. } | MemberCommand::RaiseAlert(_) | MemberCommand::ResolveAlert(_) => {
-                Ok(())
-            }
+            // Alerts, their settings and webhook endpoints move no credit
+            // and no money: the alert reference evaluator models alerts.
+            MemberCommand::SetAlertRules { .. }
+            | MemberCommand::RaiseAlert(_)
+            | MemberCommand::ResolveAlert(_)
+            | MemberCommand::CreateWebhookEndpoint { .. }
+            | MemberCommand::ChangeWebhookEndpoint { .. }
+            | MemberCommand::DisableWebhookEndpoint { .. }
+            | MemberCommand::RotateWebhookSecret { .. }
+            | MemberCommand::DeleteWebhookEndpoint { .. } => Ok(()),
         }
     }
 

@@ -55,6 +55,10 @@ pub enum DomainError {
     #[error("query `{query_id}` of integration `{integration_id}` not found")]
     QueryNotFound { integration_id: String, query_id: String },
 
+    /// No webhook endpoint with this id for the member. `not_found`.
+    #[error("webhook endpoint `{endpoint_id}` not found")]
+    WebhookEndpointNotFound { endpoint_id: String },
+
     /// The catalog already has a plan with this id: revise it instead.
     /// `validation_failed` on `plan_id`.
     #[error("plan `{plan_id}` already exists")]
@@ -74,7 +78,8 @@ impl DomainError {
             | DomainError::UsageNotFound { .. }
             | DomainError::InvoiceNotFound { .. }
             | DomainError::IntegrationNotFound { .. }
-            | DomainError::QueryNotFound { .. } => "not_found",
+            | DomainError::QueryNotFound { .. }
+            | DomainError::WebhookEndpointNotFound { .. } => "not_found",
             DomainError::ReservationExpired { .. } => "reservation_expired",
         }
     }

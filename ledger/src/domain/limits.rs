@@ -44,3 +44,9 @@ pub const STRIPE_YEAR_MIN: i32 = 1970;
 pub const STRIPE_YEAR_MAX: i32 = 9000;
 /// An alert's figures, a member's alert-rule overrides: small JSON objects.
 pub const ALERT_JSON_BYTES_MAX: usize = 4_096;
+/// Webhook endpoints one member may have.
+pub const WEBHOOK_ENDPOINTS_MAX: usize = 20;
+/// Event types one endpoint may name.
+pub const WEBHOOK_EVENT_TYPES_MAX: usize = 64;
+/// An endpoint's URL, in bytes.
+pub const WEBHOOK_URL_BYTES_MAX: usize = 2_048;

@@ -1,8 +1,11 @@
 //! What callers ask of a member. Commands are imperative; a decision turns
 //! one into events or a [`DomainError`](crate::domain::DomainError).
 
-use super::events::{AlertNotice, Billing, GrantCategory, GrantSource, QueryExecution, Timestamp};
+use super::events::{
+    AlertNotice, Billing, GrantCategory, GrantSource, QueryExecution, Timestamp, WebhookEndpointConfig,
+};
 use crate::domain::amount::{Credits, MinorUnits};
+use crate::domain::integration::CredentialRef;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +127,31 @@ pub enum MemberCommand {
     RaiseAlert(AlertNotice),
     /// Close an alert's episode; nothing when it is not open.
     ResolveAlert(AlertNotice),
+    /// A new webhook endpoint, its id and secret chosen (and the secret
+    /// sealed in the vault) by the caller.
+    CreateWebhookEndpoint {
+        endpoint_id: String,
+        config: WebhookEndpointConfig,
+        secret: CredentialRef,
+    },
+    /// The endpoint's whole config after the change; nothing when unchanged.
+    ChangeWebhookEndpoint {
+        endpoint_id: String,
+        config: WebhookEndpointConfig,
+    },
+    /// Turned off by the dispatcher; nothing when already off.
+    DisableWebhookEndpoint {
+        endpoint_id: String,
+        reason: String,
+    },
+    RotateWebhookSecret {
+        endpoint_id: String,
+        secret: CredentialRef,
+        previous_until: Timestamp,
+    },
+    DeleteWebhookEndpoint {
+        endpoint_id: String,
+    },
     /// Run whatever fell due up to `now`: nothing else.
     AdvanceTime,
     /// What a verified Stripe event means for this member.

@@ -582,6 +582,23 @@ fn decide_command(draft: &mut Draft, command: &MemberCommand, context: &Context)
         MemberCommand::SetAlertRules { overrides } => set_alert_rules(draft, overrides),
         MemberCommand::RaiseAlert(notice) => raise_alert(draft, notice),
         MemberCommand::ResolveAlert(notice) => resolve_alert(draft, notice),
+        MemberCommand::CreateWebhookEndpoint { endpoint_id, config, secret } => {
+            create_webhook_endpoint(draft, endpoint_id, config, secret)
+        }
+        MemberCommand::ChangeWebhookEndpoint { endpoint_id, config } => {
+            change_webhook_endpoint(draft, endpoint_id, config)
+        }
+        MemberCommand::DisableWebhookEndpoint { endpoint_id, reason } => {
+            disable_webhook_endpoint(draft, endpoint_id, reason)
+        }
+        MemberCommand::RotateWebhookSecret { endpoint_id, secret, previous_until } => {
+            rotate_webhook_secret(draft, endpoint_id, secret, *previous_until)
+        }
+        MemberCommand::DeleteWebhookEndpoint { endpoint_id } => {
+            webhook_endpoint(&draft.state, endpoint_id)?;
+            draft.emit_now(MemberEvent::WebhookEndpointDeleted { endpoint_id: endpoint_id.clone() });
+            Ok(())
+        }
         MemberCommand::AdvanceTime => Ok(()),
         MemberCommand::Stripe(command) => super::stripe::decide_stripe(draft, command, context.catalog),
     }
@@ -1181,5 +1198,108 @@ fn resolve_alert(draft: &mut Draft, notice: &AlertNotice) -> Result<(), DomainEr
     if draft.state.open_alerts.contains_key(&alert_id) {
         draft.emit_now(MemberEvent::AlertResolved { alert_id, notice: notice.clone() });
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Webhook endpoints
+// ---------------------------------------------------------------------------
+
+fn webhook_endpoint<'state>(
+    state: &'state MemberState,
+    endpoint_id: &str,
+) -> Result<&'state WebhookEndpoint, DomainError> {
+    state
+        .webhook_endpoints
+        .get(endpoint_id)
+        .ok_or_else(|| DomainError::WebhookEndpointNotFound { endpoint_id: endpoint_id.to_owned() })
+}
+
+/// What the ledger checks of a config: sizes and shapes. Whether the URL
+/// may be reached, and which event types exist, the API checks first.
+fn check_webhook_config(config: &WebhookEndpointConfig) -> Result<(), DomainError> {
+    if config.url.is_empty() || config.url.len() > WEBHOOK_URL_BYTES_MAX {
+        return Err(DomainError::invalid("url", format!("must be 1 to {WEBHOOK_URL_BYTES_MAX} bytes")));
+    }
+    if config.event_types.is_empty() || config.event_types.len() > WEBHOOK_EVENT_TYPES_MAX {
+        return Err(DomainError::invalid("event_types", format!("must name 1 to {WEBHOOK_EVENT_TYPES_MAX} types")));
+    }
+    for event_type in &config.event_types {
+        if event_type != "*" {
+            validate::identifier("event_types", event_type)?;
+        }
+    }
+    if let Some(description) = &config.description {
+        validate::text("description", description)?;
+    }
+    Ok(())
+}
+
+fn create_webhook_endpoint(
+    draft: &mut Draft,
+    endpoint_id: &str,
+    config: &WebhookEndpointConfig,
+    secret: &crate::domain::integration::CredentialRef,
+) -> Result<(), DomainError> {
+    validate::identifier("endpoint_id", endpoint_id)?;
+    check_webhook_config(config)?;
+    if draft.state.webhook_endpoints.contains_key(endpoint_id) {
+        return Err(DomainError::invalid("endpoint_id", "is already an endpoint of this member"));
+    }
+    if draft.state.webhook_endpoints.len() >= WEBHOOK_ENDPOINTS_MAX {
+        return Err(DomainError::invalid(
+            "url",
+            format!("a member has at most {WEBHOOK_ENDPOINTS_MAX} webhook endpoints; delete one first"),
+        ));
+    }
+    draft.emit_now(MemberEvent::WebhookEndpointCreated {
+        endpoint_id: endpoint_id.to_owned(),
+        config: config.clone(),
+        secret: secret.clone(),
+    });
+    Ok(())
+}
+
+fn change_webhook_endpoint(
+    draft: &mut Draft,
+    endpoint_id: &str,
+    config: &WebhookEndpointConfig,
+) -> Result<(), DomainError> {
+    check_webhook_config(config)?;
+    if &webhook_endpoint(&draft.state, endpoint_id)?.config != config {
+        draft.emit_now(MemberEvent::WebhookEndpointChanged {
+            endpoint_id: endpoint_id.to_owned(),
+            config: config.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn disable_webhook_endpoint(draft: &mut Draft, endpoint_id: &str, reason: &str) -> Result<(), DomainError> {
+    validate::text("reason", reason)?;
+    if webhook_endpoint(&draft.state, endpoint_id)?.config.enabled {
+        draft.emit_now(MemberEvent::WebhookEndpointDisabled {
+            endpoint_id: endpoint_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn rotate_webhook_secret(
+    draft: &mut Draft,
+    endpoint_id: &str,
+    secret: &crate::domain::integration::CredentialRef,
+    previous_until: Timestamp,
+) -> Result<(), DomainError> {
+    let endpoint = webhook_endpoint(&draft.state, endpoint_id)?;
+    if endpoint.secret.credential_id == secret.credential_id && endpoint.secret.version >= secret.version {
+        return Err(DomainError::invalid("secret", "must be a newer version"));
+    }
+    draft.emit_now(MemberEvent::WebhookSecretRotated {
+        endpoint_id: endpoint_id.to_owned(),
+        secret: secret.clone(),
+        previous_until,
+    });
     Ok(())
 }

@@ -204,6 +204,19 @@ pub fn alert_key(rule: &str, subject: Option<&str>) -> String {
     }
 }
 
+/// A member's outbound webhook endpoint (DESIGN.md §11), as its events
+/// describe it. The signing secret is in the vault; the log has its
+/// reference (id, version, keyed fingerprint), never the secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpointConfig {
+    pub url: String,
+    /// `["*"]` or event type names (`usage.recorded`, …).
+    pub event_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub enabled: bool,
+}
+
 fn is_zero_i64(value: &i64) -> bool {
     *value == 0
 }
@@ -519,6 +532,34 @@ pub enum MemberEvent {
         #[serde(flatten)]
         notice: AlertNotice,
     },
+
+    WebhookEndpointCreated {
+        endpoint_id: String,
+        #[serde(flatten)]
+        config: WebhookEndpointConfig,
+        secret: crate::domain::integration::CredentialRef,
+    },
+    /// The whole config after the change.
+    WebhookEndpointChanged {
+        endpoint_id: String,
+        #[serde(flatten)]
+        config: WebhookEndpointConfig,
+    },
+    /// Turned off because it kept failing (the delivery log says how).
+    WebhookEndpointDisabled {
+        endpoint_id: String,
+        reason: String,
+    },
+    /// A new signing secret; the previous one signs too until
+    /// `previous_until`.
+    WebhookSecretRotated {
+        endpoint_id: String,
+        secret: crate::domain::integration::CredentialRef,
+        previous_until: Timestamp,
+    },
+    WebhookEndpointDeleted {
+        endpoint_id: String,
+    },
 }
 
 impl MemberEvent {
@@ -558,6 +599,11 @@ impl MemberEvent {
             MemberEvent::AlertRulesChanged { .. } => "AlertRulesChanged",
             MemberEvent::AlertTriggered { .. } => "AlertTriggered",
             MemberEvent::AlertResolved { .. } => "AlertResolved",
+            MemberEvent::WebhookEndpointCreated { .. } => "WebhookEndpointCreated",
+            MemberEvent::WebhookEndpointChanged { .. } => "WebhookEndpointChanged",
+            MemberEvent::WebhookEndpointDisabled { .. } => "WebhookEndpointDisabled",
+            MemberEvent::WebhookSecretRotated { .. } => "WebhookSecretRotated",
+            MemberEvent::WebhookEndpointDeleted { .. } => "WebhookEndpointDeleted",
         }
     }
 }

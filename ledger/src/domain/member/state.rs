@@ -195,6 +195,20 @@ pub struct MemberState {
     /// ever alerted on (rules × integrations, invoices, grants, endpoints).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alert_episodes: BTreeMap<String, u32>,
+    /// Outbound webhook endpoints by id (deleted ones are gone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhook_endpoints: BTreeMap<String, WebhookEndpoint>,
+}
+
+/// A webhook endpoint as the member's state holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpoint {
+    pub config: WebhookEndpointConfig,
+    pub secret: crate::domain::integration::CredentialRef,
+    /// The secret before the last rotation and until when it still signs.
+    pub previous_secret: Option<(crate::domain::integration::CredentialRef, Timestamp)>,
+    /// Why the dispatcher turned it off, while it is off for that.
+    pub disabled_reason: Option<String>,
 }
 
 /// A grant bought with a Stripe payment: what a refund of it takes back.
@@ -590,6 +604,40 @@ impl MemberState {
             MemberEvent::AlertResolved { alert_id, .. } => {
                 self.open_alerts.remove(alert_id);
             }
+            MemberEvent::WebhookEndpointCreated { endpoint_id, config, secret } => {
+                self.webhook_endpoints.insert(
+                    endpoint_id.clone(),
+                    WebhookEndpoint {
+                        config: config.clone(),
+                        secret: secret.clone(),
+                        previous_secret: None,
+                        disabled_reason: None,
+                    },
+                );
+            }
+            MemberEvent::WebhookEndpointChanged { endpoint_id, config } => {
+                if let Some(endpoint) = self.webhook_endpoints.get_mut(endpoint_id) {
+                    endpoint.config = config.clone();
+                    if config.enabled {
+                        endpoint.disabled_reason = None;
+                    }
+                }
+            }
+            MemberEvent::WebhookEndpointDisabled { endpoint_id, reason } => {
+                if let Some(endpoint) = self.webhook_endpoints.get_mut(endpoint_id) {
+                    endpoint.config.enabled = false;
+                    endpoint.disabled_reason = Some(reason.clone());
+                }
+            }
+            MemberEvent::WebhookSecretRotated { endpoint_id, secret, previous_until } => {
+                if let Some(endpoint) = self.webhook_endpoints.get_mut(endpoint_id) {
+                    let previous = std::mem::replace(&mut endpoint.secret, secret.clone());
+                    endpoint.previous_secret = Some((previous, *previous_until));
+                }
+            }
+            MemberEvent::WebhookEndpointDeleted { endpoint_id } => {
+                self.webhook_endpoints.remove(endpoint_id);
+            }
         }
     }
 
@@ -675,7 +723,12 @@ mod snapshot_format {
             alert_rules: _,
             open_alerts,
             alert_episodes: _,
+            webhook_endpoints,
         } = state;
+        for WebhookEndpoint { config, secret: _, previous_secret: _, disabled_reason: _ } in webhook_endpoints.values()
+        {
+            let WebhookEndpointConfig { url: _, event_types: _, description: _, enabled: _ } = config;
+        }
         for AlertNotice { rule: _, subject: _, episode: _, figures: _ } in open_alerts.values() {}
         for PaidGrant { grant_id: _, source: _, credits: _, price: _ } in stripe_paid_grants.values() {}
         for StripeRefunds { amount_refunded: _, refunds: _, refunded: _, taken_back: _ } in stripe_refunds.values() {}
