@@ -17,10 +17,52 @@ use tally_notify::rules::RuleSet;
 use tally_projections::{AlertFilter, Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, PageRequest, ReadModel};
 use utoipa::IntoParams;
 
-/// The installation's alert settings (`serve --alert-rules`).
+/// The installation's alert settings (`serve --alert-rules`), and where
+/// the alert reactor stands.
 #[derive(Clone, Debug, Default)]
 pub struct AlertSettings {
     pub defaults: RuleSet,
+    pub progress: std::sync::Arc<ReactorProgress>,
+}
+
+/// Where the alert reactor stands, for operators (`GET /v1/admin/projections`)
+/// and for anyone who must wait until it has caught up; and its bell.
+#[derive(Debug, Default)]
+pub struct ReactorProgress {
+    /// The log position evaluated.
+    pub position: std::sync::atomic::AtomicU64,
+    /// Decisions not yet taken by the ledger.
+    pub outbox: std::sync::atomic::AtomicU64,
+    /// Passes completed (each follows the log to its head, then sweeps).
+    pub passes: std::sync::atomic::AtomicU64,
+    wake: std::sync::Mutex<bool>,
+    bell: std::sync::Condvar,
+}
+
+impl ReactorProgress {
+    /// Rings the bell: the reactor starts a pass now.
+    pub fn wake(&self) {
+        *self.wake.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.bell.notify_all();
+    }
+
+    /// Waits for the bell, or `timeout`.
+    pub fn wait(&self, timeout: std::time::Duration) {
+        let rung = self.wake.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut rung, _) = self
+            .bell
+            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *rung = false;
+    }
+
+    /// After a pass: where it got to.
+    pub fn passed(&self, position: u64, outbox: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.position.store(position, SeqCst);
+        self.outbox.store(outbox, SeqCst);
+        self.passes.fetch_add(1, SeqCst);
+    }
 }
 
 pub(crate) const ROUTE_ALERT_RULES: Route = Route {

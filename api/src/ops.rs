@@ -52,11 +52,30 @@ impl From<ProjectorStatus> for ProjectorView {
     }
 }
 
+/// A follower of the log that acts rather than projects.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReactorView {
+    /// `alerts` (the alert reactor) or `webhooks` (the dispatcher's fan-out).
+    pub name: String,
+    /// The last event it handled.
+    pub checkpoint: u64,
+    pub lag: u64,
+    /// What it decided and has not finished: alert commands not yet taken
+    /// by the ledger, or webhook deliveries waiting to be sent.
+    pub pending: u64,
+    /// Passes the alert reactor completed (it starts one when this route is
+    /// read): wait for two more to know it looked after you asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passes: Option<u64>,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ProjectionsView {
     /// The log's last position.
     pub head: u64,
     pub projectors: Vec<ProjectorView>,
+    #[serde(default)]
+    pub reactors: Vec<ReactorView>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
@@ -112,7 +131,35 @@ pub async fn projections_status(state: Data<AppState>, request: HttpRequest) -> 
     })
     .await??;
     let projectors = statuses.into_iter().map(ProjectorView::from).collect();
-    Ok(HttpResponse::Ok().json(ProjectionsView { head, projectors }))
+    let mut reactors = Vec::new();
+    let progress = &state.alerts.progress;
+    progress.wake();
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let checkpoint = progress.position.load(SeqCst);
+        reactors.push(ReactorView {
+            name: "alerts".to_owned(),
+            checkpoint,
+            lag: head.saturating_sub(checkpoint),
+            pending: progress.outbox.load(SeqCst),
+            passes: Some(progress.passes.load(SeqCst)),
+        });
+    }
+    if let Some(dispatcher) = state.webhooks.dispatcher.clone() {
+        let (checkpoint, pending) = actix_web::web::block(move || {
+            let dispatcher = dispatcher.lock().expect("dispatcher lock");
+            (dispatcher.position(), dispatcher.pending().unwrap_or(0))
+        })
+        .await?;
+        reactors.push(ReactorView {
+            name: "webhooks".to_owned(),
+            checkpoint,
+            lag: head.saturating_sub(checkpoint),
+            pending,
+            passes: None,
+        });
+    }
+    Ok(HttpResponse::Ok().json(ProjectionsView { head, projectors, reactors }))
 }
 
 /// Answers once the new generations are live; reads are served from the old

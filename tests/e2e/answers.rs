@@ -363,7 +363,7 @@ fn batch_usage_decides_each_record_on_its_own_and_answers_a_retry_the_same() {
     server.admin_post("/v1/members/m1/credits/grants", json!({"source": "promotional", "amount": 100}));
     let (_, issued) = server.admin_post("/v1/members/m1/api-keys", json!({}));
     let member_key = issued["secret"].as_str().unwrap().to_owned();
-    let head = server.head_position();
+    let head = server.written();
 
     let records = json!({"records": [
         usage_record("b1", 30),
@@ -408,11 +408,11 @@ fn batch_usage_decides_each_record_on_its_own_and_answers_a_retry_the_same() {
     assert_eq!(results[3]["balance"]["available"], 10);
     assert!(results[0]["burned"][0]["grant_id"].is_string());
     // Exactly the two distinct accepted records were written (usage + deduction each).
-    assert_eq!(server.head_position(), head + 4);
+    assert_eq!(server.written(), head + 4);
 
     // The retried batch answers the same and writes nothing.
     let retried: Value = server.post("/v1/members/m1/usage/batch", &member_key, &records, None).json().unwrap();
-    assert_eq!(server.head_position(), head + 4);
+    assert_eq!(server.written(), head + 4);
     for (before, after) in results.iter().zip(retried["results"].as_array().unwrap()) {
         for field in ["index", "usage_id", "accepted", "status", "position", "burned"] {
             assert_eq!(before[field], after[field], "{field}: {before} then {after}");
@@ -450,7 +450,7 @@ fn batch_usage_decides_each_record_on_its_own_and_answers_a_retry_the_same() {
     let (status, problem) = post_raw(&server, "/v1/members/m1/usage/batch", ADMIN_KEY, &json!({"records": huge}));
     assert_eq!((status, problem["code"].as_str()), (413, Some("payload_too_large")), "{problem}");
     assert!(problem["detail"].as_str().unwrap().contains("1048576"), "{problem}");
-    assert_eq!(server.head_position(), head + 4, "refused batches wrote nothing");
+    assert_eq!(server.written(), head + 4, "refused batches wrote nothing");
 }
 
 #[test]

@@ -147,8 +147,39 @@ impl Server {
         events.iter().filter(|event| event["event_type"] == event_type).map(|event| event["payload"].clone()).collect()
     }
 
+    /// [`Server::head_position`] less the alert reactor's own events: what
+    /// requests wrote, when a test's requests also raise alerts.
+    pub fn written(&self) -> u64 {
+        let head = self.head_position();
+        let alerts = (self.events_of_type("AlertTriggered").len() + self.events_of_type("AlertResolved").len()) as u64;
+        head - alerts
+    }
+
+    /// The log's head once the alert reactor has looked at all of it and
+    /// appended what it decided: a server at rest, whose head a test may
+    /// compare before and after a request.
     pub fn head_position(&self) -> u64 {
-        self.admin_get("/v1/events?limit=1").1["head"].as_u64().expect("head")
+        let alerts = |status: &Value| -> (u64, u64, u64, u64) {
+            let reactor = status["reactors"]
+                .as_array()
+                .and_then(|reactors| reactors.iter().find(|reactor| reactor["name"] == "alerts"))
+                .expect("the alert reactor's status");
+            let number = |field: &str| reactor[field].as_u64().expect("a number");
+            (status["head"].as_u64().expect("head"), number("lag"), number("pending"), number("passes"))
+        };
+        let (_, status) = self.admin_get("/v1/admin/projections");
+        let (_, _, _, first_pass) = alerts(&status);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, status) = self.admin_get("/v1/admin/projections");
+            let (head, lag, pending, passes) = alerts(&status);
+            // Two passes more: one began after the first look.
+            if passes >= first_pass + 2 && lag == 0 && pending == 0 {
+                return head;
+            }
+            assert!(std::time::Instant::now() < deadline, "the alert reactor never caught up: {status}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Ask the process to stop (SIGTERM), wait for it, and check it exited

@@ -197,6 +197,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     app_state.webhooks.dispatcher = Some(Arc::new(Mutex::new(dispatcher)));
     let stripe_api = app_state.stripe.api.clone();
     let state = web::Data::new(app_state);
+    let state_for_shutdown = state.clone();
 
     let stop_scheduler = Arc::new(StopSignal::default());
     // The Stripe outbox: overage of Stripe-managed members, as invoice items.
@@ -231,6 +232,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let alerts = {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
+        let progress = state.alerts.progress.clone();
         let mut reactor = alert_reactor;
         std::thread::spawn(move || {
             loop {
@@ -245,9 +247,11 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "the alert reactor will try again"),
                 }
-                if stop.wait(ALERTS_INTERVAL) {
+                progress.passed(reactor.position(), reactor.outbox_len().unwrap_or(0));
+                if stop.wait(Duration::ZERO) {
                     break;
                 }
+                progress.wait(ALERTS_INTERVAL);
             }
         })
     };
@@ -342,6 +346,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
 
     tracing::info!("shutting down: stopping the scheduler and the projection runner, flushing the writer");
     stop_scheduler.stop();
+    state_for_shutdown.alerts.progress.wake();
     if let Some(scheduler) = scheduler {
         let _ = scheduler.join();
     }
