@@ -91,6 +91,7 @@
 //!   read-your-writes wait of
 //!   [`runner::WAIT_FOR_POSITION_DEFAULT`] by default.
 
+pub mod cost;
 pub mod digest;
 pub mod error;
 pub mod models;
@@ -106,6 +107,7 @@ mod values;
 pub use digest::Digest;
 pub use error::ProjectionError;
 pub use models::alerts::{AlertCount, AlertFilter, AlertRow};
+pub use models::analytics::{AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 pub use models::credits::{Balance, CreditTransaction, Grant, NextExpiry};
 pub use models::daily_usage::DailyUsage;
 pub use models::integrations::{

@@ -16,6 +16,7 @@ use rusqlite::{CachedStatement, Connection};
 use crate::digest::{Digest, digest_read_model};
 use crate::error::ProjectionError;
 use crate::models::alerts::{self, AlertCount, AlertFilter, AlertRow};
+use crate::models::analytics::{self, AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
 use crate::models::integrations::{self, ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
@@ -249,6 +250,43 @@ impl ReadModels {
     /// Per rule, the episodes opened and those still open.
     pub fn alert_counts(&self) -> Result<Vec<AlertCount>, ProjectionError> {
         self.snapshot(alerts::counts)
+    }
+
+    /// A member's usage by dimension (`metric`, `integration`, `query`)
+    /// per day and key, over `[from, to]` (the member's days).
+    pub fn analytics_usage(
+        &self,
+        member_id: &str,
+        dimension: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<UsageRow>, ProjectionError> {
+        self.snapshot(|snapshot| analytics::usage(snapshot, member_id, dimension, from, to))
+    }
+
+    /// A member's usage by dimension over `[from, to]` per key, most
+    /// credits first: (key, credits, quantity, records).
+    pub fn analytics_breakdown(
+        &self,
+        member_id: &str,
+        dimension: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(String, i64, i64, i64)>, ProjectionError> {
+        self.snapshot(|snapshot| analytics::breakdown(snapshot, member_id, dimension, from, to))
+    }
+
+    /// A member's credit flow per day over `[from, to]`.
+    pub fn analytics_days(&self, member_id: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayRow>, ProjectionError> {
+        self.snapshot(|snapshot| analytics::days(snapshot, member_id, from, to))
+    }
+
+    pub fn analytics_member(&self, member_id: &str) -> Result<Option<MemberAnalytics>, ProjectionError> {
+        self.snapshot(|snapshot| analytics::member(snapshot, member_id))
+    }
+
+    pub fn analytics_totals(&self) -> Result<AnalyticsTotals, ProjectionError> {
+        self.snapshot(analytics::totals)
     }
 
     /// Active integrations, least recently checked first.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProjectionError;
 use crate::models::{
-    AlertsProjector, CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector,
+    AlertsProjector, AnalyticsProjector, CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector,
     SubscriptionsProjector,
 };
 use crate::projector::Projector;
@@ -24,10 +24,11 @@ pub enum ReadModel {
     QueryExecutions,
     QueryStats,
     Alerts,
+    Analytics,
 }
 
 impl ReadModel {
-    pub const ALL: [ReadModel; 9] = [
+    pub const ALL: [ReadModel; 10] = [
         ReadModel::CreditBalances,
         ReadModel::CreditTransactions,
         ReadModel::DailyUsageStats,
@@ -37,6 +38,7 @@ impl ReadModel {
         ReadModel::QueryExecutions,
         ReadModel::QueryStats,
         ReadModel::Alerts,
+        ReadModel::Analytics,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +52,7 @@ impl ReadModel {
             ReadModel::QueryExecutions => "query_executions",
             ReadModel::QueryStats => "query_stats",
             ReadModel::Alerts => "alerts",
+            ReadModel::Analytics => "analytics",
         }
     }
 
@@ -66,6 +69,7 @@ impl ReadModel {
                 crate::models::integrations::PROJECTOR_NAME
             }
             ReadModel::Alerts => crate::models::alerts::PROJECTOR_NAME,
+            ReadModel::Analytics => crate::models::analytics::PROJECTOR_NAME,
         }
     }
 
@@ -89,6 +93,7 @@ pub fn builtin_projectors() -> Vec<Arc<dyn Projector>> {
         Arc::new(SubscriptionsProjector),
         Arc::new(IntegrationsProjector),
         Arc::new(AlertsProjector),
+        Arc::new(AnalyticsProjector),
     ]
 }
 

@@ -47,6 +47,7 @@ use tally_ledger::store::{CHAIN_HASH_ZERO, EventReader, READ_PAGE_SIZE_MAX, Reco
 use crate::digest::Digest;
 use crate::error::ProjectionError;
 use crate::models::alerts::{AlertCount, AlertFilter, AlertRow};
+use crate::models::analytics::{AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 use crate::models::credits::{Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::DailyUsage;
 use crate::models::integrations::{ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
@@ -653,6 +654,38 @@ impl Projections {
 
     pub fn alert_counts(&self) -> Result<Vec<AlertCount>, ProjectionError> {
         self.shared.read_models.alert_counts()
+    }
+
+    pub fn analytics_usage(
+        &self,
+        member_id: &str,
+        dimension: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<UsageRow>, ProjectionError> {
+        self.shared.read_models.analytics_usage(member_id, dimension, from, to)
+    }
+
+    pub fn analytics_breakdown(
+        &self,
+        member_id: &str,
+        dimension: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<(String, i64, i64, i64)>, ProjectionError> {
+        self.shared.read_models.analytics_breakdown(member_id, dimension, from, to)
+    }
+
+    pub fn analytics_days(&self, member_id: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayRow>, ProjectionError> {
+        self.shared.read_models.analytics_days(member_id, from, to)
+    }
+
+    pub fn analytics_member(&self, member_id: &str) -> Result<Option<MemberAnalytics>, ProjectionError> {
+        self.shared.read_models.analytics_member(member_id)
+    }
+
+    pub fn analytics_totals(&self) -> Result<AnalyticsTotals, ProjectionError> {
+        self.shared.read_models.analytics_totals()
     }
 
     pub fn executions(

@@ -2,6 +2,7 @@
 //! tables, its `apply`, its row types and its query functions.
 
 pub mod alerts;
+pub mod analytics;
 pub mod credits;
 pub mod daily_usage;
 pub mod integrations;
@@ -9,6 +10,7 @@ pub mod invoices;
 pub mod subscriptions;
 
 pub use alerts::AlertsProjector;
+pub use analytics::AnalyticsProjector;
 pub use credits::CreditsProjector;
 pub use daily_usage::DailyUsageProjector;
 pub use integrations::IntegrationsProjector;
