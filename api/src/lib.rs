@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod analytics;
 pub mod auth;
 pub mod batch;
 pub mod body;
@@ -175,6 +176,11 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(reads::subscription)
         .service(reads::executions)
         .service(reads::audit)
+        .service(analytics::usage)
+        .service(analytics::resources)
+        .service(analytics::queries)
+        .service(analytics::cost)
+        .service(analytics::overview)
         .service(alerts::get_alert_rules)
         .service(alerts::put_alert_rules)
         .service(alerts::member_alerts)

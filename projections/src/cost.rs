@@ -141,7 +141,10 @@ fn day_start(day: NaiveDate, zone: Tz) -> DateTime<Utc> {
             let time = day.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minutes);
             zone.from_local_datetime(&time).earliest()
         })
-        .map_or_else(|| Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).expect("midnight")), |at| at.with_timezone(&Utc))
+        .map_or_else(
+            || Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).expect("midnight")),
+            |at| at.with_timezone(&Utc),
+        )
 }
 
 fn trailing(used: &BTreeMap<NaiveDate, i64>, today: NaiveDate, days: u64) -> i64 {
@@ -162,7 +165,8 @@ fn simulate(inputs: &CostInputs, rate: i64, until: DateTime<Utc>) -> Simulation 
     let zone = inputs.time_zone;
     let expiring_total: i64 = inputs.expiring.iter().map(|(_, credits)| *credits).sum();
     let mut lasting = (inputs.available - expiring_total).max(0);
-    let mut pools: Vec<(DateTime<Utc>, i64)> = inputs.expiring.iter().filter(|(at, _)| *at > inputs.now).copied().collect();
+    let mut pools: Vec<(DateTime<Utc>, i64)> =
+        inputs.expiring.iter().filter(|(at, _)| *at > inputs.now).copied().collect();
     pools.sort();
     let mut simulation = Simulation { shortfall: 0, first_short_day: None };
     let mut day = local_day(inputs.now, zone);
@@ -390,7 +394,10 @@ mod tests {
         // 16 days × 70 = 1,120 to come; 500 available: 620 of overage.
         assert_eq!(projection.projected_overage, Some(620));
         let invoice = projection.next_invoice_estimate.unwrap();
-        assert_eq!((invoice.fee, invoice.other_lines, invoice.overage_amount, invoice.total), (1_000, 2_000, 1_860, 4_860));
+        assert_eq!(
+            (invoice.fee, invoice.other_lines, invoice.overage_amount, invoice.total),
+            (1_000, 2_000, 1_860, 4_860)
+        );
         assert_eq!(projection.last_30_days.basis, "overage_unit_price");
     }
 
@@ -402,7 +409,10 @@ mod tests {
         member.purchased_credits = 2_000;
         member.purchase_price = 3_000;
         let projection = project(&member);
-        assert_eq!(projection.last_30_days, Value30 { credits_used: 300, value: Some(450), basis: "average_purchase_price" });
+        assert_eq!(
+            projection.last_30_days,
+            Value30 { credits_used: 300, value: Some(450), basis: "average_purchase_price" }
+        );
         assert_eq!(projection.projected_overage, None);
         assert_eq!(projection.exhaustion_date, Some(date(6, 18)), "1,000 at 10 a day: 100 days from March 10");
     }

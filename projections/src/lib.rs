@@ -111,10 +111,10 @@ pub use models::analytics::{AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 pub use models::credits::{Balance, CreditTransaction, Grant, NextExpiry};
 pub use models::daily_usage::DailyUsage;
 pub use models::integrations::{
-    ApiUsageRow, ExecutionFilter, ExecutionRow, HistogramBucket, ProbeCandidate, QueryStats,
+    ApiUsageRow, ExecutionFilter, ExecutionRow, FailingIntegration, HistogramBucket, ProbeCandidate, QueryStats,
 };
 pub use models::invoices::{Invoice, InvoiceLineView};
-pub use models::subscriptions::Subscription;
+pub use models::subscriptions::{PlanCount, Subscription};
 pub use page::{Cursor, Order, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Page, PageRequest};
 pub use projector::{ProjectedEvent, Projector, ProjectorTx, TableSpec};
 pub use read::ReadModels;

@@ -19,9 +19,11 @@ use crate::models::alerts::{self, AlertCount, AlertFilter, AlertRow};
 use crate::models::analytics::{self, AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 use crate::models::credits::{self, Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::{self, DailyUsage};
-use crate::models::integrations::{self, ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
+use crate::models::integrations::{
+    self, ApiUsageRow, ExecutionFilter, ExecutionRow, FailingIntegration, ProbeCandidate, QueryStats,
+};
 use crate::models::invoices::{self, Invoice};
-use crate::models::subscriptions::{self, Subscription};
+use crate::models::subscriptions::{self, PlanCount, Subscription};
 use crate::page::{Page, PageRequest};
 use crate::projector::render;
 use crate::registry::{ReadModel, Registry};
@@ -277,7 +279,12 @@ impl ReadModels {
     }
 
     /// A member's credit flow per day over `[from, to]`.
-    pub fn analytics_days(&self, member_id: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayRow>, ProjectionError> {
+    pub fn analytics_days(
+        &self,
+        member_id: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DayRow>, ProjectionError> {
         self.snapshot(|snapshot| analytics::days(snapshot, member_id, from, to))
     }
 
@@ -287,6 +294,26 @@ impl ReadModels {
 
     pub fn analytics_totals(&self) -> Result<AnalyticsTotals, ProjectionError> {
         self.snapshot(analytics::totals)
+    }
+
+    /// A member's queries over the UTC days `[from, to]`, by integration and query.
+    pub fn query_performance(
+        &self,
+        member_id: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<QueryStats>, ProjectionError> {
+        self.snapshot(|snapshot| integrations::query_performance(snapshot, member_id, from, to))
+    }
+
+    /// How many integrations are failing, and the first `limit`.
+    pub fn failing_integrations(&self, limit: usize) -> Result<(u64, Vec<FailingIntegration>), ProjectionError> {
+        self.snapshot(|snapshot| integrations::failing(snapshot, limit))
+    }
+
+    /// Subscriptions by plan, status and currency.
+    pub fn plan_counts(&self) -> Result<Vec<PlanCount>, ProjectionError> {
+        self.snapshot(subscriptions::plan_counts)
     }
 
     /// Active integrations, least recently checked first.

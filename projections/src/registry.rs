@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProjectionError;
 use crate::models::{
-    AlertsProjector, AnalyticsProjector, CreditsProjector, DailyUsageProjector, IntegrationsProjector, InvoicesProjector,
-    SubscriptionsProjector,
+    AlertsProjector, AnalyticsProjector, CreditsProjector, DailyUsageProjector, IntegrationsProjector,
+    InvoicesProjector, SubscriptionsProjector,
 };
 use crate::projector::Projector;
 

@@ -50,8 +50,11 @@ use crate::models::alerts::{AlertCount, AlertFilter, AlertRow};
 use crate::models::analytics::{AnalyticsTotals, DayRow, MemberAnalytics, UsageRow};
 use crate::models::credits::{Balance, CreditTransaction, Grant};
 use crate::models::daily_usage::DailyUsage;
-use crate::models::integrations::{ApiUsageRow, ExecutionFilter, ExecutionRow, ProbeCandidate, QueryStats};
+use crate::models::integrations::{
+    ApiUsageRow, ExecutionFilter, ExecutionRow, FailingIntegration, ProbeCandidate, QueryStats,
+};
 use crate::models::invoices::Invoice;
+use crate::models::subscriptions::PlanCount;
 use crate::models::subscriptions::Subscription;
 use crate::page::{Page, PageRequest};
 use crate::projector::{IntegrationProjected, ProjectedEvent, Projector, ProjectorTx, RenderedSql};
@@ -676,7 +679,12 @@ impl Projections {
         self.shared.read_models.analytics_breakdown(member_id, dimension, from, to)
     }
 
-    pub fn analytics_days(&self, member_id: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayRow>, ProjectionError> {
+    pub fn analytics_days(
+        &self,
+        member_id: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DayRow>, ProjectionError> {
         self.shared.read_models.analytics_days(member_id, from, to)
     }
 
@@ -686,6 +694,23 @@ impl Projections {
 
     pub fn analytics_totals(&self) -> Result<AnalyticsTotals, ProjectionError> {
         self.shared.read_models.analytics_totals()
+    }
+
+    pub fn query_performance(
+        &self,
+        member_id: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<QueryStats>, ProjectionError> {
+        self.shared.read_models.query_performance(member_id, from, to)
+    }
+
+    pub fn failing_integrations(&self, limit: usize) -> Result<(u64, Vec<FailingIntegration>), ProjectionError> {
+        self.shared.read_models.failing_integrations(limit)
+    }
+
+    pub fn plan_counts(&self) -> Result<Vec<PlanCount>, ProjectionError> {
+        self.shared.read_models.plan_counts()
     }
 
     pub fn executions(

@@ -2,6 +2,7 @@
 //! real HTTP on loopback.
 
 mod alerts;
+mod analytics;
 mod answers;
 mod api;
 mod cli;

@@ -157,11 +157,26 @@ impl BatchState for AnalyticsBatch {
             }
             let mut add = tx.statement(ADD_USAGE)?;
             for ((dimension, day, key), sums) in &member.usage {
-                add.execute(params![member_id, day_text(*day), dimension, key, sums.credits, sums.quantity, sums.records])?;
+                add.execute(params![
+                    member_id,
+                    day_text(*day),
+                    dimension,
+                    key,
+                    sums.credits,
+                    sums.quantity,
+                    sums.records
+                ])?;
             }
             let mut add = tx.statement(ADD_DAY)?;
             for (day, sums) in &member.days {
-                add.execute(params![member_id, day_text(*day), sums.used, sums.granted, sums.expired, sums.debt_incurred])?;
+                add.execute(params![
+                    member_id,
+                    day_text(*day),
+                    sums.used,
+                    sums.granted,
+                    sums.expired,
+                    sums.debt_incurred
+                ])?;
             }
         }
         Ok(())
@@ -217,7 +232,12 @@ impl MemberBatch {
         Ok(())
     }
 
-    fn add_day(&mut self, day: NaiveDate, position: u64, edit: impl FnOnce(&mut DaySums) -> Option<()>) -> Result<(), ProjectionError> {
+    fn add_day(
+        &mut self,
+        day: NaiveDate,
+        position: u64,
+        edit: impl FnOnce(&mut DaySums) -> Option<()>,
+    ) -> Result<(), ProjectionError> {
         let sums = self.days.entry(day).or_default();
         edit(sums).ok_or(ProjectionError::Inconsistent {
             projector: PROJECTOR_NAME,
@@ -298,8 +318,10 @@ impl Projector for AnalyticsProjector {
                 if terms.source == GrantSource::Purchase
                     && let Some(price) = terms.price.filter(|price| price.0 > 0)
                 {
-                    member.purchased_credits = checked(member.purchased_credits.checked_add(terms.amount.0), PROJECTOR_NAME, position)?;
-                    member.purchase_price = checked(member.purchase_price.checked_add(price.0), PROJECTOR_NAME, position)?;
+                    member.purchased_credits =
+                        checked(member.purchased_credits.checked_add(terms.amount.0), PROJECTOR_NAME, position)?;
+                    member.purchase_price =
+                        checked(member.purchase_price.checked_add(price.0), PROJECTOR_NAME, position)?;
                     member.dirty = true;
                 }
             }
@@ -373,7 +395,10 @@ fn check_dimension(dimension: &str) -> Result<(), ProjectionError> {
     if DIMENSIONS.contains(&dimension) {
         Ok(())
     } else {
-        Err(ProjectionError::InvalidArgument { field: "group_by", reason: "must be metric, integration or query".into() })
+        Err(ProjectionError::InvalidArgument {
+            field: "group_by",
+            reason: "must be metric, integration or query".into(),
+        })
     }
 }
 

@@ -19,7 +19,7 @@
 //!   their durations in fixed buckets ([`DURATION_BUCKETS_MS`]), so that
 //!   percentiles can be read without keeping every duration.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use tally_ledger::domain::integration::FAILING_AFTER;
@@ -630,7 +630,31 @@ pub(crate) fn query_stats(
         duration_ms_total, duration_ms_max, buckets, last_executed_at FROM {query_stats}
         WHERE member_id = ?1 AND integration_id = ?2 ORDER BY query_id, day";
     let mut statement = snapshot.statement(ReadModel::QueryStats, template)?;
-    let rows = statement.query_map(params![member_id, integration_id], |row| {
+    stats_of(&mut statement, params![member_id, integration_id])
+}
+
+/// The statistics of all a member's queries over the (UTC) days
+/// `[from, to]`, by integration and query.
+pub(crate) fn query_performance(
+    snapshot: &Snapshot<'_>,
+    member_id: &str,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<QueryStats>, ProjectionError> {
+    let template = "SELECT integration_id, query_id, executions, errors, timeouts, cache_hits, rows, bytes, credits,
+        duration_ms_total, duration_ms_max, buckets, last_executed_at FROM {query_stats}
+        WHERE member_id = ?1 AND day >= ?2 AND day <= ?3 ORDER BY integration_id, query_id, day";
+    let mut statement = snapshot.statement(ReadModel::QueryStats, template)?;
+    stats_of(&mut statement, params![member_id, day_text(from), day_text(to)])
+}
+
+/// Rows of `query_stats` ordered by (integration, query, day), summed per
+/// (integration, query).
+fn stats_of(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    parameters: impl rusqlite::Params,
+) -> Result<Vec<QueryStats>, ProjectionError> {
+    let rows = statement.query_map(parameters, |row| {
         let buckets: String = row.get(11)?;
         Ok((
             QueryStats {
@@ -665,7 +689,7 @@ pub(crate) fn query_stats(
             .map(|(index, count)| HistogramBucket { le_ms: DURATION_BUCKETS_MS.get(index).copied(), count: *count })
             .collect();
         match stats.last_mut() {
-            Some(last) if last.query_id == query.query_id => {
+            Some(last) if last.query_id == query.query_id && last.integration_id == query.integration_id => {
                 let query_id = query.query_id.clone();
                 *last = QueryStats { query_id, ..QueryStats::combined(&[last.clone(), query]).expect("two rows") };
             }
@@ -673,6 +697,39 @@ pub(crate) fn query_stats(
         }
     }
     Ok(stats)
+}
+
+/// An integration whose status is `failing`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailingIntegration {
+    pub member_id: String,
+    pub integration_id: String,
+    pub name: String,
+    pub provider: String,
+}
+
+/// How many integrations are failing, and the first `limit` of them.
+pub(crate) fn failing(
+    snapshot: &Snapshot<'_>,
+    limit: usize,
+) -> Result<(u64, Vec<FailingIntegration>), ProjectionError> {
+    let mut count =
+        snapshot.statement(ReadModel::Integrations, "SELECT count(*) FROM {integrations} WHERE status = 'failing'")?;
+    let total: i64 = count.query_row([], |row| row.get(0))?;
+    let mut statement = snapshot.statement(
+        ReadModel::Integrations,
+        "SELECT member_id, integration_id, name, provider FROM {integrations} WHERE status = 'failing'
+         ORDER BY member_id, integration_id LIMIT ?1",
+    )?;
+    let rows = statement.query_map(params![limit as i64], |row| {
+        Ok(FailingIntegration {
+            member_id: row.get(0)?,
+            integration_id: row.get(1)?,
+            name: row.get(2)?,
+            provider: row.get(3)?,
+        })
+    })?;
+    Ok((total as u64, rows.collect::<Result<_, _>>()?))
 }
 
 /// A source's last report of its API usage: calls used, the allowance,

@@ -344,3 +344,35 @@ pub(crate) fn subscription(snapshot: &Snapshot<'_>, member_id: &str) -> Result<O
         .optional()?;
     Ok(found)
 }
+
+/// Subscriptions of one plan in one status and currency, and what their
+/// fees add up to per period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanCount {
+    pub plan_id: String,
+    pub plan_name: String,
+    pub status: String,
+    pub currency: String,
+    pub subscriptions: u64,
+    /// The sum of their plans' prices, in minor units.
+    pub price_total: i64,
+}
+
+pub(crate) fn plan_counts(snapshot: &Snapshot<'_>) -> Result<Vec<PlanCount>, ProjectionError> {
+    let mut statement = snapshot.statement(
+        ReadModel::Subscriptions,
+        "SELECT plan_id, max(plan_name), status, currency, count(*), sum(price) FROM {subscriptions}
+         GROUP BY plan_id, status, currency ORDER BY plan_id, status, currency",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(PlanCount {
+            plan_id: row.get(0)?,
+            plan_name: row.get(1)?,
+            status: row.get(2)?,
+            currency: row.get(3)?,
+            subscriptions: u64_at(row, 4)?,
+            price_total: row.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
