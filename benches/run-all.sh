@@ -33,6 +33,9 @@ target/release/tally-sources | tee "$out/sources.md"
 echo "== SaaS presets beside rest, the Airtable pacer's floor (tally-saas)"
 target/release/tally-saas | tee "$out/saas.md"
 
+echo "== analytics on a 1M-event log, the usage route with and without the followers, webhook delivery (tally-followers)"
+target/release/tally-followers --tally target/release/tally | tee "$out/followers.md"
+
 echo "== HTTP on loopback: tally-load at fixed rates"
 http_dir="$(mktemp -d)"
 port=18282

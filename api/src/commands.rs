@@ -333,8 +333,10 @@ pub(crate) async fn execute_member(
     let member = member_id.clone();
     let executed = actix_web::web::block(move || ledger.execute(&member, ledger_request)).await??;
     state.metrics.command(route.name, executed.outcome.events.len());
-    // Wake the projection runner now rather than at its next poll.
+    // Wake the projection runner and the webhook sender now rather than at
+    // their next poll.
     state.projections.notify();
+    state.webhooks.wake.notify_one();
     Ok(command_view(route.object, Some(member_id), executed, route.status))
 }
 

@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// overrides apply on top.
     #[arg(long, env = "TALLY_ALERT_RULES")]
     alert_rules: Option<std::path::PathBuf>,
+    /// Run without the alert reactor (no alerts are raised; the routes
+    /// still answer). For benchmarks, and for a second process on a copy.
+    #[arg(long)]
+    no_alerts: bool,
+    /// Run without the webhook sender (deliveries wait in their queues).
+    #[arg(long)]
+    no_webhooks: bool,
 }
 
 /// The installation's alert rules: the built-in defaults, with the file's
@@ -90,6 +97,8 @@ fn alert_defaults(file: Option<&Path>) -> Result<tally_notify::rules::RuleSet> {
 
 /// How long the webhook sender rests between rounds, unless woken.
 const WEBHOOKS_INTERVAL: Duration = Duration::from_millis(250);
+/// The shortest time between two rounds of the webhook sender.
+const WEBHOOKS_ROUND_MIN: Duration = Duration::from_millis(5);
 
 /// How long the alert reactor rests once it caught up with the log.
 const ALERTS_INTERVAL: Duration = Duration::from_millis(500);
@@ -229,7 +238,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
         })
     });
     // The alert reactor: follows the log, appends alert episodes.
-    let alerts = {
+    let alerts = (!args.no_alerts).then(|| {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
         let progress = state.alerts.progress.clone();
@@ -254,9 +263,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                 progress.wait(ALERTS_INTERVAL);
             }
         })
-    };
+    });
     // The webhook sender: drains the dispatcher's queues.
-    let webhooks = {
+    let webhooks = (!args.no_webhooks).then(|| {
         let state = state.clone();
         let stop = stop_scheduler.clone();
         std::thread::spawn(move || {
@@ -266,10 +275,13 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
                 while !stop.wait(Duration::ZERO) {
                     tally_api::webhooks::send_round(&state, &client, &in_flight).await;
                     let _ = actix_web::rt::time::timeout(WEBHOOKS_INTERVAL, state.webhooks.wake.notified()).await;
+                    // Writes ring the bell at their own pace: a round at
+                    // most every few milliseconds takes them in together.
+                    actix_web::rt::time::sleep(WEBHOOKS_ROUND_MIN).await;
                 }
             });
         })
-    };
+    });
     let scheduler = (test_clock.is_none()).then(|| {
         let ledger = ledger.clone();
         let stop = stop_scheduler.clone();
@@ -356,8 +368,9 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<()> {
     if let Some(health) = health {
         let _ = health.join();
     }
-    let _ = alerts.join();
-    let _ = webhooks.join();
+    for follower in [alerts, webhooks].into_iter().flatten() {
+        let _ = follower.join();
+    }
     runner.stop();
     drop(ledger);
     Ok(())
