@@ -244,3 +244,35 @@ fn a_kill_loses_no_alert_and_repeats_none() {
     assert_eq!(unique.len(), seen.len(), "an episode was written twice: {seen:?}");
     assert_eq!(seen, expected);
 }
+
+/// `serve --demo` shows alerts at once: acme's spike today and its failing
+/// integration, globex's failed payment, initech low on its free credits;
+/// and the analytics have a month to show.
+#[test]
+fn the_demo_has_alerts_and_analytics_to_show() {
+    let server = Server::start(&["--demo"]);
+    let head = server.head_position();
+    let (status, open) = server.admin_get(&format!("/v1/alerts?state=open&limit=1000&min_position={head}"));
+    assert_eq!(status, 200, "{open}");
+    let open: Vec<(String, String)> = open["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|alert| (alert["member_id"].as_str().unwrap().to_owned(), alert["rule"].as_str().unwrap().to_owned()))
+        .collect();
+    for (member, rule) in [
+        ("acme", "usage_spike"),
+        ("acme", "integration_failing"),
+        ("globex", "payment_failed"),
+        ("initech", "low_balance"),
+    ] {
+        assert!(open.contains(&(member.to_owned(), rule.to_owned())), "{member} {rule} in {open:?}");
+    }
+    let (_, usage) = server.admin_get("/v1/members/acme/analytics/usage");
+    assert!(usage["total"]["credits"].as_i64().unwrap() > 2_500, "{usage}");
+    let (_, cost) = server.admin_get("/v1/members/acme/analytics/cost");
+    assert!(cost["burn_rate_per_day"]["d7"].as_i64().unwrap() > 0, "{cost}");
+    let (_, overview) = server.admin_get("/v1/analytics/overview");
+    assert_eq!(overview["members"], 3, "{overview}");
+    assert_eq!(overview["failing_integrations"]["count"], 1);
+}

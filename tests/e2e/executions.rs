@@ -268,7 +268,7 @@ fn a_crash_during_a_slow_execution_charges_nothing_and_leaves_no_phantom() {
 }
 
 /// The quickstart's query: `serve --demo` gives acme two working sources
-/// with saved queries and a week of history.
+/// with saved queries and a week of history (and a third that fails).
 #[test]
 fn the_demo_runs_a_query_against_its_own_source() {
     let server = Server::start(&["--demo"]);
@@ -280,7 +280,7 @@ fn the_demo_runs_a_query_against_its_own_source() {
         .iter()
         .map(|item| item["integration_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["catalog", "weather"]);
+    assert_eq!(ids, ["catalog", "legacy-crm", "weather"]);
     let position = server.head_position();
     let (_, history) = server.admin_get(&format!("/v1/members/acme/executions?min_position={position}&limit=1000"));
     let executions = history["executions"].as_array().unwrap();

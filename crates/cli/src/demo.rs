@@ -3,7 +3,11 @@
 //! a new user sees real balances, usage, rollovers and invoices at once;
 //! and for acme two integrations (REST `weather`, GraphQL `catalog`) on the
 //! demo upstream ([`crate::demo_upstream`]), with saved queries and a week
-//! of charged executions.
+//! of charged executions, and a third (`legacy-crm`) whose checks fail. So
+//! that the alerts and analytics show something at once, the history ends
+//! with a usage spike for acme today, initech below the low-balance floor
+//! its own alert rules set, globex's failed payment and the failing
+//! integration.
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Duration, DurationRound, Utc};
@@ -25,7 +29,7 @@ pub const INTEGRATIONS_MEMBER: &str = "acme";
 
 /// The demo's integrations: (id, provider, name, config on the upstream
 /// at `base`).
-fn demo_integrations(base: &str) -> [(&'static str, &'static str, &'static str, Value); 2] {
+fn demo_integrations(base: &str) -> [(&'static str, &'static str, &'static str, Value); 3] {
     [
         (
             "weather",
@@ -39,8 +43,20 @@ fn demo_integrations(base: &str) -> [(&'static str, &'static str, &'static str, 
             "Product catalog (demo)",
             json!({"endpoint": format!("{base}/graphql"), "auth": {"type": "none"}}),
         ),
+        (
+            "legacy-crm",
+            "rest",
+            "Legacy CRM (demo, failing)",
+            // Port 9 (discard) on loopback: nothing listens, every check fails.
+            json!({"base_url": "http://127.0.0.1:9", "auth": {"type": "none"}, "health_path": "/health"}),
+        ),
     ]
 }
+
+/// The demo integration whose checks fail (its upstream path is gone).
+const FAILING_INTEGRATION: &str = "legacy-crm";
+/// Acme's usage spike on the demo's last day, in credits.
+const SPIKE_CREDITS: i64 = 2_500;
 
 /// The demo's saved queries: (integration, query, spec).
 fn demo_queries() -> Result<Vec<(&'static str, &'static str, Value)>> {
@@ -153,14 +169,18 @@ fn register_integrations(ledger: &Ledger, base: &str) -> Result<()> {
         let put =
             IntegrationCommand::Put { provider: provider.to_owned(), name: name.to_owned(), config, credential: None };
         ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(put))?;
-        let test = IntegrationCommand::RecordTest {
-            ok: true,
-            latency_ms: 12,
-            api_usage: None,
-            error_code: None,
-            source: TestSource::Probe,
-        };
-        ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(test))?;
+        let failing = integration_id == FAILING_INTEGRATION;
+        // Checked once; the failing one three times, which makes it `failing`.
+        for _ in 0..if failing { tally_ledger::domain::integration::FAILING_AFTER } else { 1 } {
+            let test = IntegrationCommand::RecordTest {
+                ok: !failing,
+                latency_ms: 12,
+                api_usage: None,
+                error_code: failing.then(|| "integration_query_failed".to_owned()),
+                source: TestSource::Probe,
+            };
+            ledger.execute_integration(INTEGRATIONS_MEMBER, integration_id, admin(test))?;
+        }
     }
     for (integration_id, query_id, spec) in demo_queries()? {
         let save = IntegrationCommand::SaveQuery { query_id: query_id.to_owned(), spec };
@@ -308,6 +328,20 @@ pub fn load(events_path: &Path, now: DateTime<Utc>, upstream_base: &str) -> Resu
         reason: Some("card_declined".to_owned()),
     };
     accepted(ledger.execute("globex", admin(failed)))?;
+    // Initech's own alert rules: a low balance below 1,000 credits.
+    let rules = MemberCommand::SetAlertRules { overrides: json!({"low_balance": {"below_credits": 1_000}}) };
+    ledger.execute("initech", admin(rules))?;
+    // A spike: acme uses several days' worth of credits today.
+    let spike = RecordUsage {
+        usage_id: "demo-spike".to_owned(),
+        metric: "exports".to_owned(),
+        quantity: 50,
+        credits: Credits(SPIKE_CREDITS),
+        occurred_at: None,
+        integration_id: None,
+        query_id: None,
+    };
+    accepted(ledger.execute(INTEGRATIONS_MEMBER, admin(MemberCommand::RecordUsage(spike))))?;
     ledger.shutdown();
     Ok(true)
 }
