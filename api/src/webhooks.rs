@@ -654,6 +654,23 @@ async fn record(state: &AppState, due: Due, attempt: Attempt) {
     }
 }
 
+/// The head of one endpoint's queue, if due now.
+async fn due_of(state: &AppState, member_id: &str, endpoint_id: &str) -> Option<Due> {
+    let dispatcher = dispatcher(state).ok()?;
+    let (member, endpoint, now) = (member_id.to_owned(), endpoint_id.to_owned(), state.ledger.now());
+    let head =
+        actix_web::web::block(move || dispatcher.lock().expect("dispatcher lock").due_of(&member, &endpoint, now))
+            .await;
+    head.ok()?.ok()?
+}
+
+async fn still_due(state: &AppState, due: &Due) -> bool {
+    let Ok(dispatcher) = dispatcher(state) else { return false };
+    let due = due.clone();
+    let checked = actix_web::web::block(move || dispatcher.lock().expect("dispatcher lock").still_due(&due)).await;
+    matches!(checked, Ok(Ok(true)))
+}
+
 /// Endpoints with a delivery being sent now: their queues wait for it.
 #[derive(Default)]
 pub struct InFlight(Mutex<HashSet<(String, String)>>);
@@ -691,10 +708,23 @@ pub async fn send_round(state: &Data<AppState>, client: &reqwest::Client, in_fli
         started += 1;
         let (state, client, in_flight) = (state.clone(), client.clone(), in_flight.clone());
         actix_web::rt::spawn(async move {
-            let attempt = send(&state, &client, &due).await;
-            record(&state, due, attempt).await;
+            // The endpoint's queue, one delivery after the other while they
+            // are due; the round that started it read its head before the
+            // slot was taken, so it is checked again first.
+            let mut next = Some(due);
+            while let Some(due) = next.take() {
+                if !still_due(&state, &due).await {
+                    break;
+                }
+                let attempt = send(&state, &client, &due).await;
+                let delivered = attempt.succeeded();
+                let (member_id, endpoint_id) = (due.endpoint.member_id.clone(), due.endpoint.endpoint_id.clone());
+                record(&state, due, attempt).await;
+                if delivered {
+                    next = due_of(&state, &member_id, &endpoint_id).await;
+                }
+            }
             in_flight.0.lock().expect("in-flight lock").remove(&key);
-            state.webhooks.wake.notify_one();
         });
     }
     started

@@ -98,7 +98,7 @@ fn alert_defaults(file: Option<&Path>) -> Result<tally_notify::rules::RuleSet> {
 /// How long the webhook sender rests between rounds, unless woken.
 const WEBHOOKS_INTERVAL: Duration = Duration::from_millis(250);
 /// The shortest time between two rounds of the webhook sender.
-const WEBHOOKS_ROUND_MIN: Duration = Duration::from_millis(5);
+const WEBHOOKS_ROUND_MIN: Duration = Duration::from_millis(25);
 
 /// How long the alert reactor rests once it caught up with the log.
 const ALERTS_INTERVAL: Duration = Duration::from_millis(500);

@@ -341,6 +341,59 @@ impl Dispatcher {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The head of one endpoint's queue, if it is due at `now`.
+    pub fn due_of(
+        &self,
+        member_id: &str,
+        endpoint_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Due>, DispatcherError> {
+        let sql = format!(
+            "SELECT d.seq, d.message_id, d.body, d.attempts, {columns}, d.next_attempt_at
+             FROM deliveries AS d JOIN endpoints AS e ON e.member_id = d.member_id AND e.endpoint_id = d.endpoint_id
+             WHERE d.member_id = ?1 AND d.endpoint_id = ?2 AND d.state = 'pending' AND e.enabled = 1
+             ORDER BY d.seq LIMIT 1",
+            columns = ENDPOINT_COLUMNS
+                .split(", ")
+                .map(|column| format!("e.{}", column.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let head = self
+            .connection
+            .prepare_cached(&sql)?
+            .query_row(params![member_id, endpoint_id], |row| {
+                let next: Option<String> = row.get(14)?;
+                Ok((
+                    Due {
+                        seq: row.get(0)?,
+                        message_id: row.get(1)?,
+                        body: row.get(2)?,
+                        attempts: row.get(3)?,
+                        endpoint: endpoint_at(row, 4)?,
+                    },
+                    next,
+                ))
+            })
+            .optional()?;
+        Ok(head.and_then(|(due, next)| {
+            let at = next.as_deref().and_then(|text| instant_of(text).ok());
+            at.is_some_and(|at| at <= now).then_some(due)
+        }))
+    }
+
+    /// Whether `due` is still to be sent as it was read: pending, with the
+    /// same attempts (a round that read it before an attempt was recorded
+    /// must not send it again).
+    pub fn still_due(&self, due: &Due) -> Result<bool, DispatcherError> {
+        let row: Option<(String, u32)> = self
+            .connection
+            .prepare_cached("SELECT state, attempts FROM deliveries WHERE seq = ?1")?
+            .query_row(params![due.seq], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        Ok(row.is_some_and(|(state, attempts)| state == "pending" && attempts == due.attempts))
+    }
+
     /// The next instant a delivery falls due, if any is waiting.
     pub fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, DispatcherError> {
         let next: Option<String> = self.connection.query_row(

@@ -64,6 +64,9 @@ struct Args {
     /// Small sizes, for CI; fails on any unexpected answer.
     #[arg(long)]
     smoke: bool,
+    /// Skip the analytics phase.
+    #[arg(long)]
+    skip_analytics: bool,
 }
 
 fn client() -> Client {
@@ -218,7 +221,10 @@ fn analytics(args: &Args) -> Result<()> {
 struct Receiver {
     url: String,
     delays: Arc<Mutex<Vec<Duration>>>,
+    /// Distinct deliveries (by `webhook-id`).
     received: Arc<AtomicU64>,
+    /// Arrivals of a `webhook-id` already seen.
+    repeats: Arc<AtomicU64>,
 }
 
 impl Receiver {
@@ -227,10 +233,13 @@ impl Receiver {
         let url = format!("http://{}/hook", listener.local_addr()?);
         let delays = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(AtomicU64::new(0));
-        let (delays_in, received_in) = (delays.clone(), received.clone());
+        let repeats = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let (delays_in, received_in, repeats_in) = (delays.clone(), received.clone(), repeats.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (delays, received) = (delays_in.clone(), received_in.clone());
+                let (delays, received, repeats, seen) =
+                    (delays_in.clone(), received_in.clone(), repeats_in.clone(), seen.clone());
                 std::thread::spawn(move || {
                     let mut writer = stream.try_clone().expect("a stream");
                     let mut reader = BufReader::new(stream);
@@ -240,6 +249,7 @@ impl Receiver {
                             return;
                         }
                         let mut length = 0usize;
+                        let mut id = String::new();
                         loop {
                             let mut header = String::new();
                             if reader.read_line(&mut header).unwrap_or(0) == 0 {
@@ -248,10 +258,12 @@ impl Receiver {
                             if header.trim().is_empty() {
                                 break;
                             }
-                            if let Some((name, value)) = header.split_once(':')
-                                && name.eq_ignore_ascii_case("content-length")
-                            {
-                                length = value.trim().parse().unwrap_or(0);
+                            if let Some((name, value)) = header.split_once(':') {
+                                if name.eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap_or(0);
+                                } else if name.eq_ignore_ascii_case("webhook-id") {
+                                    id = value.trim().to_owned();
+                                }
                             }
                         }
                         let mut body = vec![0; length];
@@ -259,14 +271,19 @@ impl Receiver {
                             return;
                         }
                         let arrived = chrono::Utc::now();
-                        if let Ok(body) = serde_json::from_slice::<Value>(&body)
-                            && let Some(created) = body["created_at"].as_str()
-                            && let Ok(created) = chrono::DateTime::parse_from_rfc3339(created)
-                        {
-                            let delay = (arrived - created.with_timezone(&chrono::Utc)).to_std().unwrap_or_default();
-                            delays.lock().expect("delays").push(delay);
+                        if !seen.lock().expect("seen").insert(id) {
+                            repeats.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            if let Ok(body) = serde_json::from_slice::<Value>(&body)
+                                && let Some(created) = body["created_at"].as_str()
+                                && let Ok(created) = chrono::DateTime::parse_from_rfc3339(created)
+                            {
+                                let delay =
+                                    (arrived - created.with_timezone(&chrono::Utc)).to_std().unwrap_or_default();
+                                delays.lock().expect("delays").push(delay);
+                            }
+                            received.fetch_add(1, Ordering::SeqCst);
                         }
-                        received.fetch_add(1, Ordering::SeqCst);
                         if writer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err() {
                             return;
                         }
@@ -274,13 +291,35 @@ impl Receiver {
                 });
             }
         });
-        Ok(Receiver { url, delays, received })
+        Ok(Receiver { url, delays, received, repeats })
     }
 }
 
-fn usage_server(args: &Args, name: &str, followers: bool, receiver: &Receiver) -> Result<(TallyServer, Vec<String>)> {
-    let extra: Vec<String> =
-        if followers { Vec::new() } else { vec!["--no-alerts".to_owned(), "--no-webhooks".to_owned()] };
+/// Which followers a server of the comparison runs, and what its
+/// endpoints ask for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Followers {
+    None,
+    /// Both, the endpoints asking for alerts only: no usage is delivered.
+    AlertsOnlyDelivered,
+    /// Both, every usage delivered.
+    Both,
+}
+
+fn usage_server(
+    args: &Args,
+    name: &str,
+    followers: Followers,
+    receiver: &Receiver,
+) -> Result<(TallyServer, Vec<String>)> {
+    let extra: Vec<String> = match followers {
+        Followers::None => vec!["--no-alerts".to_owned(), "--no-webhooks".to_owned()],
+        _ => Vec::new(),
+    };
+    let event_types = match followers {
+        Followers::Both => json!(["usage.recorded"]),
+        _ => json!(["alert.triggered", "alert.resolved"]),
+    };
     let server = start_tally(&args.tally, name, ADMIN_KEY, VAULT_KEY, &extra)?;
     let client = client();
     let members: Vec<String> = (0..args.endpoints).map(|index| format!("w{index}")).collect();
@@ -294,7 +333,7 @@ fn usage_server(args: &Args, name: &str, followers: bool, receiver: &Receiver) -
         post(
             &client,
             &format!("{}/v1/members/{member}/webhook-endpoints", server.base),
-            &json!({"url": receiver.url, "event_types": ["usage.recorded"]}),
+            &json!({"url": receiver.url, "event_types": event_types}),
             None,
         )?;
     }
@@ -380,19 +419,39 @@ fn usage_and_delivery(args: &Args) -> Result<()> {
     let seconds = if args.smoke { 1 } else { args.seconds };
     let clients = if args.smoke { 4 } else { args.clients };
     let receiver = Receiver::start()?;
-    let (bare, members) = usage_server(args, "tally-followers-bare", false, &receiver)?;
-    let without = closed_loop(&bare.base, &members, clients, seconds, "bare")?;
-    drop(bare);
-    let (full, members) = usage_server(args, "tally-followers-full", true, &receiver)?;
+    // The three servers run side by side and take the load in turns, a
+    // round each, three rounds: drift of the machine falls on all three.
+    let (bare, members) = usage_server(args, "tally-followers-bare", Followers::None, &receiver)?;
+    let (quiet, _) = usage_server(args, "tally-followers-quiet", Followers::AlertsOnlyDelivered, &receiver)?;
+    let (full, _) = usage_server(args, "tally-followers-full", Followers::Both, &receiver)?;
     let before = receiver.received.load(Ordering::SeqCst);
-    let with = closed_loop(&full.base, &members, clients, seconds, "full")?;
-    let ratio = with as f64 / without.max(1) as f64;
+    let rounds = if args.smoke { 1 } else { 3 };
+    let (mut without, mut running, mut with) = (0, 0, 0);
+    for round in 0..rounds {
+        without += closed_loop(&bare.base, &members, clients, seconds, &format!("bare{round}"))?;
+        running += closed_loop(&quiet.base, &members, clients, seconds, &format!("quiet{round}"))?;
+        with += closed_loop(&full.base, &members, clients, seconds, &format!("full{round}"))?;
+    }
+    drop(bare);
+    drop(quiet);
+    let per_second = |total: u64| thousands(total / (seconds * rounds));
     println!();
-    println!("| usage route, {clients} clients, {seconds} s, {} members | commands/s |", members.len());
-    println!("| --- | ---: |");
-    println!("| without the alert reactor and the webhook sender | {} |", thousands(without / seconds));
-    println!("| with both, an endpoint a member | {} |", thousands(with / seconds));
-    println!("| ratio | {:.3} |", ratio);
+    println!(
+        "| usage route, {clients} clients, {rounds} rounds of {seconds} s in turns, {} members | commands/s | ratio |",
+        members.len()
+    );
+    println!("| --- | ---: | ---: |");
+    println!("| without the alert reactor and the webhook sender | {} | 1 |", per_second(without));
+    println!(
+        "| with both running, an endpoint a member asking for alerts | {} | {:.3} |",
+        per_second(running),
+        running as f64 / without.max(1) as f64
+    );
+    println!(
+        "| with both running, every usage delivered to its member's endpoint | {} | {:.3} |",
+        per_second(with),
+        with as f64 / without.max(1) as f64
+    );
     // Every usage of the closed loop is delivered.
     let deadline = Instant::now() + Duration::from_secs(600);
     while receiver.received.load(Ordering::SeqCst) < before + with {
@@ -423,6 +482,7 @@ fn usage_and_delivery(args: &Args) -> Result<()> {
     println!("| delay p50, ms | {} |", ms(percentile(&delays, 0.5)));
     println!("| delay p99, ms | {} |", ms(percentile(&delays, 0.99)));
     println!("| delay max, ms | {} |", ms(*delays.last().unwrap_or(&Duration::ZERO)));
+    println!("| repeated arrivals (same `webhook-id`), whole run | {} |", receiver.repeats.load(Ordering::SeqCst));
     if args.smoke && (delays.len() as u64) < sent {
         bail!("{} deliveries for {sent} usage commands", delays.len());
     }
@@ -436,7 +496,9 @@ fn main() -> Result<()> {
         args.events = 4_000;
     }
     ensure!(args.tally.exists(), "{} does not exist: build it first", args.tally.display());
-    analytics(&args)?;
+    if !args.skip_analytics {
+        analytics(&args)?;
+    }
     usage_and_delivery(&args)?;
     Ok(())
 }
