@@ -71,32 +71,39 @@ pub fn is_event_type(event_type: &str) -> bool {
 
 /// The public type of a member event, if endpoints hear of it.
 pub fn member_event_type(event: &MemberEvent) -> Option<&'static str> {
-    Some(match event {
-        MemberEvent::UsageRecorded { .. } => "usage.recorded",
-        MemberEvent::UsageReversed { .. } => "usage.reversed",
-        MemberEvent::CreditsGranted { .. } => "credits.granted",
-        MemberEvent::CreditsDebited { .. } => "credits.debited",
-        MemberEvent::CreditsExpired { .. } => "credits.expired",
-        MemberEvent::SubscriptionStarted { .. } => "subscription.started",
-        MemberEvent::SubscriptionPlanChanged { .. } => "subscription.plan_changed",
-        MemberEvent::SubscriptionDowngradeScheduled { .. } | MemberEvent::SubscriptionCancelScheduled { .. } => {
-            "subscription.change_scheduled"
-        }
-        MemberEvent::SubscriptionRenewed { .. } => "subscription.renewed",
-        MemberEvent::SubscriptionPastDue { .. } => "subscription.past_due",
-        MemberEvent::SubscriptionCanceled { .. } => "subscription.canceled",
-        MemberEvent::SubscriptionReactivated { .. } => "subscription.reactivated",
-        MemberEvent::InvoiceIssued { .. } => "invoice.issued",
-        MemberEvent::InvoiceVoided { .. } => "invoice.voided",
-        MemberEvent::InvoiceMarkedUncollectible { .. } => "invoice.uncollectible",
-        MemberEvent::PaymentSucceeded { .. } => "payment.succeeded",
-        MemberEvent::PaymentFailed { .. } => "payment.failed",
-        MemberEvent::QueryExecuted { .. } => "query.executed",
-        MemberEvent::AlertTriggered { .. } => "alert.triggered",
-        MemberEvent::AlertResolved { .. } => "alert.resolved",
+    public_type(event.event_type())
+}
+
+/// The public type of a member event by its stored type name: the
+/// dispatcher reads it without decoding the payload.
+pub fn public_type(event_type: &str) -> Option<&'static str> {
+    Some(match event_type {
+        "UsageRecorded" => "usage.recorded",
+        "UsageReversed" => "usage.reversed",
+        "CreditsGranted" => "credits.granted",
+        "CreditsDebited" => "credits.debited",
+        "CreditsExpired" => "credits.expired",
+        "SubscriptionStarted" => "subscription.started",
+        "SubscriptionPlanChanged" => "subscription.plan_changed",
+        "SubscriptionDowngradeScheduled" | "SubscriptionCancelScheduled" => "subscription.change_scheduled",
+        "SubscriptionRenewed" => "subscription.renewed",
+        "SubscriptionPastDue" => "subscription.past_due",
+        "SubscriptionCanceled" => "subscription.canceled",
+        "SubscriptionReactivated" => "subscription.reactivated",
+        "InvoiceIssued" => "invoice.issued",
+        "InvoiceVoided" => "invoice.voided",
+        "InvoiceMarkedUncollectible" => "invoice.uncollectible",
+        "PaymentSucceeded" => "payment.succeeded",
+        "PaymentFailed" => "payment.failed",
+        "QueryExecuted" => "query.executed",
+        "AlertTriggered" => "alert.triggered",
+        "AlertResolved" => "alert.resolved",
         _ => return None,
     })
 }
+
+/// The integration event types endpoints hear of.
+const INTEGRATION_EVENT_TYPES: [&str; 3] = ["IntegrationTested", "IntegrationDisabled", "IntegrationEnabled"];
 
 /// The public type and data of an integration event, if endpoints hear of
 /// it: never its config or credential.
@@ -606,24 +613,22 @@ impl Dispatcher {
 }
 
 /// Applies one event: endpoints from the member's webhook events, and
-/// deliveries for the member's endpoints that want it.
+/// deliveries for the member's endpoints that want it. Only what is
+/// delivered, or changes an endpoint, is decoded.
 fn apply(transaction: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> Result<u64, DispatcherError> {
-    let (member_id, event_type, data) = if let Some(member_id) = recorded.stream_id.strip_prefix("member-") {
-        let event = codec::decode_member(recorded).map_err(LedgerError::from)?;
-        if keep_endpoints(transaction, member_id, &event)? {
+    let (member_id, event_type) = if let Some(member_id) = recorded.stream_id.strip_prefix("member-") {
+        if recorded.event_type.starts_with("Webhook") {
+            let event = codec::decode_member(recorded).map_err(LedgerError::from)?;
+            keep_endpoints(transaction, member_id, &event)?;
             return Ok(0);
         }
-        let Some(event_type) = member_event_type(&event) else { return Ok(0) };
-        let mut data: Map<String, Value> =
-            serde_json::from_str(&recorded.payload).map_err(|error| DispatcherError::Corrupt(error.to_string()))?;
-        data.remove("type");
-        data.insert("member_id".to_owned(), member_id.into());
-        (member_id, event_type, Value::Object(data))
-    } else if let Some((member_id, integration_id)) = parse_integration_stream(&recorded.stream_id) {
-        let event = codec::decode_integration(recorded).map_err(LedgerError::from)?;
-        let Some((event_type, mut data)) = integration_event(integration_id, &event) else { return Ok(0) };
-        data["member_id"] = member_id.into();
-        (member_id, event_type, data)
+        let Some(event_type) = public_type(&recorded.event_type) else { return Ok(0) };
+        (member_id, event_type)
+    } else if let Some((member_id, _)) = parse_integration_stream(&recorded.stream_id) {
+        if !INTEGRATION_EVENT_TYPES.contains(&recorded.event_type.as_str()) {
+            return Ok(0);
+        }
+        (member_id, "integration")
     } else {
         return Ok(0);
     };
@@ -632,6 +637,25 @@ fn apply(transaction: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> R
         let mut statement = transaction.prepare_cached(&sql)?;
         let rows = statement.query_map(params![member_id], |row| endpoint_at(row, 0))?;
         rows.collect::<Result<_, _>>()?
+    };
+    if !endpoints.iter().any(|endpoint| endpoint.enabled) {
+        return Ok(0);
+    }
+    let (event_type, data) = if event_type == "integration" {
+        let (_, integration_id) = parse_integration_stream(&recorded.stream_id).expect("an integration stream");
+        let event = codec::decode_integration(recorded).map_err(LedgerError::from)?;
+        let Some((event_type, mut data)) = integration_event(integration_id, &event) else { return Ok(0) };
+        data["member_id"] = member_id.into();
+        (event_type, data)
+    } else {
+        if !endpoints.iter().any(|endpoint| endpoint.wants(event_type)) {
+            return Ok(0);
+        }
+        let mut data: Map<String, Value> =
+            serde_json::from_str(&recorded.payload).map_err(|error| DispatcherError::Corrupt(error.to_string()))?;
+        data.remove("type");
+        data.insert("member_id".to_owned(), member_id.into());
+        (event_type, Value::Object(data))
     };
     let message_id = format!("msg_{}", recorded.event_id.simple());
     let body = body(event_type, &message_id, recorded.recorded_at, data);
@@ -725,6 +749,38 @@ fn keep_endpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_public_type_is_listed_and_named_by_a_stored_type() {
+        let mapped: std::collections::BTreeSet<&str> = [
+            "UsageRecorded",
+            "UsageReversed",
+            "CreditsGranted",
+            "CreditsDebited",
+            "CreditsExpired",
+            "SubscriptionStarted",
+            "SubscriptionPlanChanged",
+            "SubscriptionDowngradeScheduled",
+            "SubscriptionRenewed",
+            "SubscriptionPastDue",
+            "SubscriptionCanceled",
+            "SubscriptionReactivated",
+            "InvoiceIssued",
+            "InvoiceVoided",
+            "InvoiceMarkedUncollectible",
+            "PaymentSucceeded",
+            "PaymentFailed",
+            "QueryExecuted",
+            "AlertTriggered",
+            "AlertResolved",
+        ]
+        .into_iter()
+        .filter_map(public_type)
+        .collect();
+        let listed: std::collections::BTreeSet<&str> =
+            EVENT_TYPES.iter().map(|(name, _)| *name).filter(|name| !name.starts_with("integration.")).collect();
+        assert_eq!(mapped, listed);
+    }
 
     #[test]
     fn every_public_type_is_listed_once() {
