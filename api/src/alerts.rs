@@ -84,7 +84,8 @@ fn rules_view(settings: &AlertSettings, member_id: &str, state: &MemberState) ->
         "defaults": settings.defaults.document()})
 }
 
-async fn member_state(state: &AppState, member_id: &str) -> Result<MemberState, ApiError> {
+/// The member's state as the writer holds it; `not_found` for a member never registered.
+pub(crate) async fn member_state(state: &AppState, member_id: &str) -> Result<MemberState, ApiError> {
     let ledger = state.ledger.clone();
     let member = member_id.to_owned();
     let current = actix_web::web::block(move || ledger.member_state(&member)).await??;

@@ -6,6 +6,7 @@
 
 use crate::AppState;
 use crate::admin::query;
+use crate::alerts::member_state;
 use crate::auth::Principal;
 use crate::commands::{Object, Route, execute_member, member_path};
 use crate::error::{ApiError, Problem};
@@ -130,16 +131,6 @@ fn check_event_types(event_types: &[String]) -> Result<(), ApiError> {
         }
     }
     Ok(())
-}
-
-async fn member_state(state: &AppState, member_id: &str) -> Result<MemberState, ApiError> {
-    let ledger = state.ledger.clone();
-    let member = member_id.to_owned();
-    let current = actix_web::web::block(move || ledger.member_state(&member)).await??;
-    if !current.is_registered() {
-        return Err(ApiError::NotFound(format!("member `{member_id}` not found")));
-    }
-    Ok(current)
 }
 
 fn endpoint_of<'state>(current: &'state MemberState, endpoint_id: &str) -> Result<&'state WebhookEndpoint, ApiError> {
