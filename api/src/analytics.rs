@@ -43,8 +43,16 @@ pub struct RangeQuery {
     pub top: Option<usize>,
 }
 
+/// Days analytics cover: with these bounds a range and the period before
+/// it stay far inside what a date can be.
+pub const YEAR_MIN: i32 = 1970;
+pub const YEAR_MAX: i32 = 9999;
+
 fn date(field: &'static str, text: &str) -> Result<NaiveDate, ApiError> {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| ApiError::validation(field, "must be a date YYYY-MM-DD"))
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .filter(|day| (YEAR_MIN..=YEAR_MAX).contains(&day.year()) && text.len() == 10)
+        .ok_or_else(|| ApiError::validation(field, format!("must be a date YYYY-MM-DD from {YEAR_MIN} to {YEAR_MAX}")))
 }
 
 /// The member's time zone and today, from the read models and the ledger's clock.
@@ -154,6 +162,8 @@ async fn member_read<T: Send + 'static>(
         (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
 #[get("/v1/members/{member}/analytics/usage")]
 pub async fn usage(state: Data<AppState>, request: HttpRequest, path: Path<String>) -> Result<HttpResponse, ApiError> {
+    // Credentials and the right to the member before anything is parsed.
+    authorize_member(&state, &request)?;
     let params: RangeQuery = query(&request)?;
     let member_id = path.into_inner();
     let dimension = group_by(&params)?;
@@ -207,6 +217,8 @@ pub async fn resources(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    // Credentials and the right to the member before anything is parsed.
+    authorize_member(&state, &request)?;
     let params: RangeQuery = query(&request)?;
     let member_id = path.into_inner();
     let dimension = group_by(&params)?;
@@ -275,6 +287,8 @@ pub async fn queries(
     request: HttpRequest,
     path: Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    // Credentials and the right to the member before anything is parsed.
+    authorize_member(&state, &request)?;
     let params: RangeQuery = query(&request)?;
     let member_id = path.into_inner();
     for (given, field) in [
@@ -315,6 +329,8 @@ pub async fn queries(
         (status = 404, body = Problem)), security(("bearer" = [])))]
 #[get("/v1/members/{member}/analytics/cost")]
 pub async fn cost(state: Data<AppState>, request: HttpRequest, path: Path<String>) -> Result<HttpResponse, ApiError> {
+    // Credentials and the right to the member before anything is parsed.
+    authorize_member(&state, &request)?;
     let params: crate::reads::ReadQuery = query(&request)?;
     let member_id = path.into_inner();
     let now = state.ledger.now();

@@ -42,6 +42,21 @@ pub const ACTOR: &str = "webhooks";
 pub struct WebhookSettings {
     pub dispatcher: Option<Arc<Mutex<Dispatcher>>>,
     pub wake: Arc<tokio::sync::Notify>,
+    /// Endpoints whose secret is being rotated now: one rotation at a time,
+    /// since two would seal the same version.
+    pub rotating: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+/// Holds an endpoint's rotation slot until dropped.
+struct Rotating {
+    slots: Arc<Mutex<HashSet<(String, String)>>>,
+    key: (String, String),
+}
+
+impl Drop for Rotating {
+    fn drop(&mut self) {
+        self.slots.lock().expect("rotation lock").remove(&self.key);
+    }
 }
 
 const ROUTE_ENDPOINTS: Route = Route {
@@ -387,6 +402,14 @@ pub async fn rotate_secret(
 ) -> Result<HttpResponse, ApiError> {
     let principal = authorize_member(&state, &request)?;
     let member_id = member_path(&path.member)?;
+    let key = (member_id.clone(), path.endpoint.clone());
+    if !state.webhooks.rotating.lock().expect("rotation lock").insert(key.clone()) {
+        return Err(ApiError::from(tally_ledger::LedgerError::VersionConflict {
+            stream_id: format!("member-{member_id}"),
+            attempts: 1,
+        }));
+    }
+    let _rotating = Rotating { slots: state.webhooks.rotating.clone(), key };
     let current = member_state(&state, &member_id).await?;
     let version = endpoint_of(&current, &path.endpoint)?.secret.version + 1;
     let (secret, reference) = seal_secret(&state, &member_id, &path.endpoint, version)?;

@@ -90,6 +90,16 @@ fn next_local_midnight(state: &MemberState, instant: DateTime<Utc>) -> DateTime<
 }
 
 impl Watch {
+    /// A watch for a member first seen with this state: the stream's open
+    /// alerts and last episodes.
+    pub fn seeded(state: &MemberState) -> Watch {
+        Watch {
+            open: state.open_alerts.values().map(|notice| (notice.key(), notice.clone())).collect(),
+            episodes: state.alert_episodes.clone(),
+            ..Watch::default()
+        }
+    }
+
     /// Count `credits` used on `day`; days before the trailing window of
     /// `today` are forgotten.
     pub fn add_use(&mut self, day: NaiveDate, credits: i64, today: NaiveDate) {
@@ -243,7 +253,8 @@ pub fn evaluate(rules: &RuleSet, state: &MemberState, watch: &Watch, now: DateTi
                 findings.push(Finding {
                     rule: "webhook_endpoint_failing",
                     subject: Some(endpoint_id.clone()),
-                    figures: json!({"endpoint_id": endpoint_id, "url": endpoint.config.url, "reason": reason}),
+                    // The URL's host only: a path may hold a token.
+                    figures: json!({"endpoint_id": endpoint_id, "host": host_of(&endpoint.config.url), "reason": reason}),
                 });
             }
         }
@@ -254,6 +265,15 @@ pub fn evaluate(rules: &RuleSet, state: &MemberState, watch: &Watch, now: DateTi
         findings.push(Finding { rule: "overage_started", subject: None, figures: json!({"debt": debt}) });
     }
     findings
+}
+
+/// The host of a URL (`https://hooks.example.com:8443/x?token=…` →
+/// `hooks.example.com:8443`), nothing of its path or query.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    authority.rsplit_once('@').map_or(authority, |(_, host)| host)
 }
 
 /// The next instant after `now` at which time alone may change what
@@ -374,6 +394,13 @@ mod tests {
             if notice.alert_id() == "low_balance:1" && notice.figures["available"] == 500));
         let again = watch.step(evaluate(&defaults, &low, &watch, at(10, 3)), &low, at(10, 3));
         assert!(matches!(&again[..], [Transition::Raise { notice }] if notice.alert_id() == "low_balance:2"));
+    }
+
+    #[test]
+    fn only_a_urls_host_goes_into_figures() {
+        assert_eq!(host_of("https://hooks.example.com/t/SECRET?x=1"), "hooks.example.com");
+        assert_eq!(host_of("http://user:pw@127.0.0.1:9000/hook"), "127.0.0.1:9000");
+        assert_eq!(host_of("hooks.example.com"), "hooks.example.com");
     }
 
     #[test]

@@ -157,20 +157,42 @@ impl AlertReactor {
     /// Sends what an earlier pass left in the outbox, then follows the log
     /// to its head.
     pub fn run_once(&mut self, ledger: &Ledger) -> Result<ReactorReport, ReactorError> {
-        self.follow(ledger, true)
+        let result = self.follow(ledger, true);
+        self.forget_on_error(result)
+    }
+
+    /// A pass that failed may have moved the cached states past its
+    /// checkpoint: they are read again from the log.
+    fn forget_on_error<T>(&mut self, result: Result<T, ReactorError>) -> Result<T, ReactorError> {
+        if result.is_err() {
+            self.members.clear();
+            self.integrations.clear();
+            self.watches.clear();
+        }
+        result
     }
 
     /// Follows the log to its head and commits what it decided, sending
     /// nothing: what a process that stops right after its commits leaves
     /// behind (for tests of a crash between the two steps).
     pub fn evaluate_only(&mut self, ledger: &Ledger) -> Result<ReactorReport, ReactorError> {
-        self.follow(ledger, false)
+        let result = self.follow(ledger, false);
+        self.forget_on_error(result)
     }
 
     fn follow(&mut self, ledger: &Ledger, send: bool) -> Result<ReactorReport, ReactorError> {
         let mut report = if send { self.drain(ledger)? } else { ReactorReport::default() };
         loop {
-            let page = ledger.reader()?.read_all(self.position, PAGE_EVENTS).map_err(LedgerError::from)?;
+            let mut page = ledger.reader()?.read_all(self.position, PAGE_EVENTS).map_err(LedgerError::from)?;
+            // A full page may end inside an append: its last run waits for
+            // the next page (unless it is the whole page).
+            if page.len() == PAGE_EVENTS {
+                let tail = page.last().expect("a full page").clone();
+                let run = page.iter().rev().take_while(|event| same_append(event, &tail)).count();
+                if run < page.len() {
+                    page.truncate(page.len() - run);
+                }
+            }
             let Some(last) = page.last().map(|event| event.position) else { break };
             let mut pending = Pending::default();
             self.evaluate_page(ledger, &page, &mut pending)?;
@@ -189,6 +211,11 @@ impl AlertReactor {
     /// have changed by then (a grant entering its expiry window, a new
     /// local day). Call it once [`AlertReactor::run_once`] reached the head.
     pub fn sweep(&mut self, ledger: &Ledger, now: DateTime<Utc>) -> Result<ReactorReport, ReactorError> {
+        let result = self.sweep_due(ledger, now);
+        self.forget_on_error(result)
+    }
+
+    fn sweep_due(&mut self, ledger: &Ledger, now: DateTime<Utc>) -> Result<ReactorReport, ReactorError> {
         let mut report = ReactorReport::default();
         loop {
             let due: Vec<String> = {
@@ -224,15 +251,7 @@ impl AlertReactor {
         let mut start = 0;
         while start < page.len() {
             let first = &page[start];
-            let end = start
-                + page[start..]
-                    .iter()
-                    .take_while(|event| {
-                        event.stream_id == first.stream_id
-                            && event.recorded_at == first.recorded_at
-                            && event.metadata.idempotency_key == first.metadata.idempotency_key
-                    })
-                    .count();
+            let end = start + page[start..].iter().take_while(|event| same_append(event, first)).count();
             let append = &page[start..end];
             start = end;
             if let Some(member_id) = first.stream_id.strip_prefix(MEMBER_PREFIX) {
@@ -298,6 +317,7 @@ impl AlertReactor {
         }
         let failing = state.live && state.status() == IntegrationStatus::Failing;
         let integration_id = parse_integration_stream(&stream_id).expect("an integration stream").1.to_owned();
+        self.load_member(ledger, member_id, first.position)?;
         self.load_watch(member_id)?;
         let watch = self.watches.get_mut(member_id).expect("loaded");
         let changed = if failing {
@@ -306,7 +326,6 @@ impl AlertReactor {
             watch.failing_integrations.remove(&integration_id)
         };
         if changed {
-            self.load_member(ledger, member_id, first.position)?;
             self.evaluate_member(member_id, first.recorded_at, pending);
         }
         Ok(())
@@ -346,7 +365,9 @@ impl AlertReactor {
             .optional()?;
         let watch = match text {
             Some(text) => serde_json::from_str(&text).map_err(|error| ReactorError::Corrupt(error.to_string()))?,
-            None => Watch::default(),
+            // A member this file never saw: its episodes so far are the
+            // stream's, so numbering goes on from them.
+            None => self.members.get(member_id).map(Watch::seeded).unwrap_or_default(),
         };
         self.watches.insert(member_id.to_owned(), watch);
         Ok(())
@@ -438,6 +459,14 @@ impl AlertReactor {
             self.watches.clear();
         }
     }
+}
+
+/// Whether two events belong to one append: one stream, one
+/// `recorded_at`, one idempotency key.
+fn same_append(event: &RecordedEvent, other: &RecordedEvent) -> bool {
+    event.stream_id == other.stream_id
+        && event.recorded_at == other.recorded_at
+        && event.metadata.idempotency_key == other.metadata.idempotency_key
 }
 
 /// The rules in force for a member: the installation's defaults with the

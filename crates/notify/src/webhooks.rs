@@ -391,14 +391,20 @@ impl Dispatcher {
 
     /// Whether `due` is still to be sent as it was read: pending, with the
     /// same attempts (a round that read it before an attempt was recorded
-    /// must not send it again).
+    /// must not send it again), to an endpoint still on and at the same URL.
     pub fn still_due(&self, due: &Due) -> Result<bool, DispatcherError> {
-        let row: Option<(String, u32)> = self
+        let row: Option<(String, u32, bool, String)> = self
             .connection
-            .prepare_cached("SELECT state, attempts FROM deliveries WHERE seq = ?1")?
-            .query_row(params![due.seq], |row| Ok((row.get(0)?, row.get(1)?)))
+            .prepare_cached(
+                "SELECT d.state, d.attempts, e.enabled, e.url FROM deliveries AS d
+                 JOIN endpoints AS e ON e.member_id = d.member_id AND e.endpoint_id = d.endpoint_id
+                 WHERE d.seq = ?1",
+            )?
+            .query_row(params![due.seq], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
             .optional()?;
-        Ok(row.is_some_and(|(state, attempts)| state == "pending" && attempts == due.attempts))
+        Ok(row.is_some_and(|(state, attempts, enabled, url)| {
+            state == "pending" && attempts == due.attempts && enabled && url == due.endpoint.url
+        }))
     }
 
     /// The next instant a delivery falls due, if any is waiting.
@@ -474,9 +480,9 @@ impl Dispatcher {
             };
             let gone = attempt.status == Some(410);
             if gone || schedule::should_disable(failing_since.timestamp(), now.timestamp()) {
-                // Off at once here; the ledger's event follows.
-                transaction
-                    .execute("UPDATE endpoints SET enabled = 0 WHERE member_id = ?1 AND endpoint_id = ?2", key)?;
+                // The ledger's `WebhookEndpointDisabled` turns it off here
+                // when the fan-out reads it. Until then (or if asking the
+                // ledger failed) its next failure asks again.
                 let reason = if gone {
                     "the receiver answered 410 Gone".to_owned()
                 } else {
@@ -566,8 +572,10 @@ impl Dispatcher {
         Ok((rows.into_iter().map(|(_, view)| view).collect(), next))
     }
 
-    /// Puts a delivery back in its queue to be sent at `now` (its attempts
-    /// go on counting). `Ok(false)` when the endpoint has no such delivery.
+    /// Puts a delivery back in its queue to be sent at `now`. Its attempts
+    /// go on counting (the log keeps every one): a redelivery that fails
+    /// is retried only while the schedule has retries left.
+    /// `Ok(false)` when the endpoint has no such delivery.
     pub fn redeliver(
         &mut self,
         member_id: &str,
@@ -576,7 +584,7 @@ impl Dispatcher {
         now: DateTime<Utc>,
     ) -> Result<bool, DispatcherError> {
         let changed = self.connection.execute(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = ?4, attempts = 0
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = ?4
              WHERE member_id = ?1 AND endpoint_id = ?2 AND message_id = ?3",
             params![member_id, endpoint_id, message_id, instant_text(now)],
         )?;
