@@ -423,9 +423,9 @@ fn rebuilds_run_in_the_server_while_it_serves_reads() {
     let reads = reader.join().expect("the reader thread");
     assert_eq!(rebuilt.code, 0, "{}", rebuilt.stderr);
     assert!(
-        rebuilt
-            .stdout
-            .contains("rebuilt credits, daily_usage, invoices, subscriptions, integrations, alerts (by the server"),
+        rebuilt.stdout.contains(
+            "rebuilt credits, daily_usage, invoices, subscriptions, integrations, alerts, analytics (by the server"
+        ),
         "{}",
         rebuilt.stdout
     );
@@ -448,7 +448,9 @@ fn rebuilds_run_in_the_server_while_it_serves_reads() {
     let rebuilt = tally(data_dir.path(), &["projections", "rebuild", "--all"]);
     assert_eq!(rebuilt.code, 0, "{}", rebuilt.stderr);
     assert!(
-        rebuilt.stdout.starts_with("rebuilt credits, daily_usage, invoices, subscriptions, integrations, alerts: "),
+        rebuilt
+            .stdout
+            .starts_with("rebuilt credits, daily_usage, invoices, subscriptions, integrations, alerts, analytics: "),
         "{}",
         rebuilt.stdout
     );

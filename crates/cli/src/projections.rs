@@ -49,9 +49,10 @@ pub struct StatusArgs {
 #[command(group = clap::ArgGroup::new("which").required(true).args(["name", "all"]))]
 pub struct RebuildArgs {
     /// A projector (credits, daily_usage, invoices, subscriptions,
-    /// integrations, alerts) or one of its read models (credit_balances,
-    /// credit_transactions, daily_usage_stats, invoices, subscriptions,
-    /// integrations, query_executions, query_stats, alerts).
+    /// integrations, alerts, analytics) or one of its read models
+    /// (credit_balances, credit_transactions, daily_usage_stats, invoices,
+    /// subscriptions, integrations, query_executions, query_stats, alerts,
+    /// analytics).
     name: Option<String>,
     /// Rebuild every projector.
     #[arg(long)]
