@@ -238,7 +238,8 @@ fn deliveries_are_signed_in_order_and_verify_through_a_rotation() {
     let head = server.head_position();
     for (body, field) in [
         (json!({"url": "http://hooks.example.com/tally"}), "url"),
-        (json!({"url": "https://10.1.2.3/tally"}), "url"),
+        // Loopback, but off the allow-list (127.0.0.1/32): refused, never reached.
+        (json!({"url": "https://127.0.0.2/tally"}), "url"),
         (json!({"url": receiver.url(), "event_types": ["usage.recorded", "usage.deleted"]}), "event_types[1]"),
         (json!({"url": receiver.url(), "event_types": []}), "event_types"),
     ] {

@@ -31,7 +31,7 @@ use crate::rules::RuleSet;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tally_ledger::domain::{
     IntegrationState, IntegrationStatus, MemberCommand, MemberEvent, MemberState, parse_integration_stream,
@@ -482,36 +482,35 @@ pub fn rules_of(defaults: &RuleSet, state: &MemberState) -> RuleSet {
     }
 }
 
-/// A member's state folded from its events before `position`.
-fn member_before(ledger: &Ledger, member_id: &str, position: u64) -> Result<MemberState, ReactorError> {
+/// A stream's state folded from its events before `position`.
+fn fold_before<S: Default>(
+    ledger: &Ledger,
+    stream_id: &str,
+    position: u64,
+    mut apply: impl FnMut(&mut S, &RecordedEvent) -> Result<(), LedgerError>,
+) -> Result<S, ReactorError> {
     let reader = ledger.reader()?;
-    let mut state = MemberState::default();
-    for recorded in reader.stream_events(&format!("{MEMBER_PREFIX}{member_id}"), None, 1_000) {
-        let recorded = recorded.map_err(LedgerError::from)?;
-        if recorded.position >= position {
-            break;
-        }
-        state.apply(&codec::decode_member(&recorded).map_err(LedgerError::from)?);
-    }
-    Ok(state)
-}
-
-fn integration_before(ledger: &Ledger, stream_id: &str, position: u64) -> Result<IntegrationState, ReactorError> {
-    let reader = ledger.reader()?;
-    let mut state = IntegrationState::default();
+    let mut state = S::default();
     for recorded in reader.stream_events(stream_id, None, 1_000) {
         let recorded = recorded.map_err(LedgerError::from)?;
         if recorded.position >= position {
             break;
         }
-        state.apply(&codec::decode_integration(&recorded).map_err(LedgerError::from)?, recorded.recorded_at);
+        apply(&mut state, &recorded)?;
     }
     Ok(state)
 }
 
-/// Ids of members with a watch, for tests and operators.
-pub fn watched_members(reactor: &AlertReactor) -> Result<BTreeSet<String>, ReactorError> {
-    let mut statement = reactor.connection.prepare("SELECT member_id FROM watches")?;
-    let rows = statement.query_map([], |row| row.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+fn member_before(ledger: &Ledger, member_id: &str, position: u64) -> Result<MemberState, ReactorError> {
+    fold_before(ledger, &format!("{MEMBER_PREFIX}{member_id}"), position, |state: &mut MemberState, recorded| {
+        state.apply(&codec::decode_member(recorded)?);
+        Ok(())
+    })
+}
+
+fn integration_before(ledger: &Ledger, stream_id: &str, position: u64) -> Result<IntegrationState, ReactorError> {
+    fold_before(ledger, stream_id, position, |state: &mut IntegrationState, recorded| {
+        state.apply(&codec::decode_integration(recorded)?, recorded.recorded_at);
+        Ok(())
+    })
 }

@@ -407,18 +407,6 @@ impl Dispatcher {
         }))
     }
 
-    /// The next instant a delivery falls due, if any is waiting.
-    pub fn next_due_at(&self) -> Result<Option<DateTime<Utc>>, DispatcherError> {
-        let next: Option<String> = self.connection.query_row(
-            "SELECT min(d.next_attempt_at) FROM deliveries AS d JOIN endpoints AS e
-                ON e.member_id = d.member_id AND e.endpoint_id = d.endpoint_id
-             WHERE d.state = 'pending' AND e.enabled = 1",
-            [],
-            |row| row.get(0),
-        )?;
-        next.as_deref().map(instant_of).transpose().map_err(DispatcherError::from)
-    }
-
     /// Records what an attempt of `due` came to at `now`; `jitter` in
     /// 0..1000 spreads the retry.
     pub fn record(
